@@ -1,0 +1,1 @@
+"""shelf: the Spark side. One module per pipeline step, shared machinery in `pipelines.core`."""

@@ -1,0 +1,1 @@
+"""Shared machinery: config, Spark session, schemas, table I/O, logging, CLI."""

@@ -1,0 +1,243 @@
+"""Typed configuration: `conf/base.yaml` deep-merged with an overlay and `--set key.path=value` overrides.
+
+Every section is a frozen pydantic model that rejects unknown keys, so a typo fails at start-up
+with the key's full path and the file it came from instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.core.errors import ConfigError
+
+BASE_FILE = "base.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparkConfig(_Section):
+    master: str | None = "local[*]"
+    app_name: str = "shelf"
+    shuffle_partitions: int | None = None  # None: 2 x the cores Spark sees
+    driver_memory: str = "4g"
+    jars_dir: str = ".jars"
+    checkpoint_dir: str | None = None  # None: <storage.root>/_checkpoints
+    log_level: str = "ERROR"
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class StorageConfig(_Section):
+    root: str = ".data/tables"
+    catalog: str | None = None  # e.g. "main.shelf": tables by name <catalog>.<layer>_<table>
+    report_dir: str | None = None  # None: <root>/../reports
+
+
+class ColumnMapping(_Section):
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    event_type: str = "event_type"
+    event_ts: str = "event_ts"
+    value: str | None = "value"
+    session_id: str | None = "session_id"
+
+
+class CatalogMapping(_Section):
+    item_id: str = "item_id"
+    category: str | None = "category"
+    price: str | None = "price"
+    in_stock: str | None = "in_stock"
+    promo: str | None = "promo"
+    launched_at: str | None = "launched_at"
+    title: str | None = "title"
+
+
+class SourceConfig(_Section):
+    preset: Literal["synthetic", "online_retail", "movielens", "generic"] = "synthetic"
+    path: str = ".data/demo/events"
+    format: Literal["csv", "json", "parquet", "delta"] = "csv"
+    header: bool = True
+    delimiter: str = ","
+    timestamp_format: str | None = None  # None: ISO-8601 / Spark's default parser
+    columns: ColumnMapping = ColumnMapping()
+    event_types: dict[str, str] = Field(
+        default_factory=lambda: {
+            "view": "view",
+            "add_to_cart": "add_to_cart",
+            "purchase": "purchase",
+            "rating": "rating",
+        }
+    )
+    catalog_path: str | None = ".data/demo/catalog"
+    catalog_format: Literal["csv", "json", "parquet", "delta"] = "csv"
+    catalog_columns: CatalogMapping = CatalogMapping()
+
+
+class DirtyRates(_Section):
+    null_user: float = 0.004
+    bad_timestamp: float = 0.003
+    future_timestamp: float = 0.002
+    unknown_event_type: float = 0.003
+    negative_value: float = 0.002
+    duplicate: float = 0.01
+
+
+class GenerateConfig(_Section):
+    seed: int = 42
+    users: int = 2000
+    items: int = 800
+    categories: int = 12
+    sessions_per_user: float = 6.0
+    days: int = 60
+    end: str = "2026-11-01T00:00:00"  # last generated instant; as_of is usually this
+    new_item_share: float = 0.1
+    promo_share: float = 0.08
+    out_of_stock_share: float = 0.05
+    popularity_exponent: float = 1.1
+    taste_strength: float = 4.0
+    bots: int = 3
+    bot_events: int = 3000
+    format: Literal["csv", "parquet"] = "csv"
+    dirty: DirtyRates = DirtyRates()
+
+
+class CleanConfig(_Section):
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0, "rating": 1.0}
+    )
+    half_life_days: float = 30.0
+    window_days: int = 3650
+    future_tolerance_hours: float = 1.0
+    min_user_events: int = 2
+    min_item_events: int = 2
+    bot_max_events_per_day: float = 500.0
+    max_value: float = 1.0e6
+    max_quarantine_rate: float = 0.2
+    max_user_share: float = 0.2
+
+
+class TrainConfig(_Section):
+    rank: int = 32
+    reg_param: float = 0.05
+    alpha: float = 10.0
+    max_iter: int = 10
+    nonnegative: bool = False
+    seed: int = 42
+    checkpoint_interval: int = 5
+    num_blocks: int | None = None  # None: the session's default parallelism, capped at 4
+    confidence: Literal["raw", "log1p"] = "log1p"
+    tune: bool = False
+
+
+class RecommendConfig(_Section):
+    top_k: int = 10
+    candidates_k: int = 200
+
+
+class ShelfConfig(_Section):
+    env: str = "local"
+    spark: SparkConfig = SparkConfig()
+    storage: StorageConfig = StorageConfig()
+    source: SourceConfig = SourceConfig()
+    generate: GenerateConfig = GenerateConfig()
+    clean: CleanConfig = CleanConfig()
+    train: TrainConfig = TrainConfig()
+    recommend: RecommendConfig = RecommendConfig()
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` with `overlay` merged in: nested dicts merge, everything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _origins(tree: dict[str, Any], origin: str, prefix: str = "") -> dict[str, str]:
+    """Map every key path in `tree` to the file (or flag) it came from."""
+    found: dict[str, str] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        found[path] = origin
+        if isinstance(value, dict):
+            found.update(_origins(value, origin, f"{path}."))
+    return found
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist; pass an existing file with --conf.")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of sections at the top level.")
+    return loaded
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value` into (["a", "b", "c"], value), the value read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' is not KEY=VALUE; write it like --set recommend.top_k=20.")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"Override '{text}' has an empty key; write it like --set recommend.top_k=20.")
+    return parts, yaml.safe_load(raw) if raw != "" else ""
+
+
+def _nest(parts: list[str], value: Any) -> dict[str, Any]:
+    tree: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        tree = {part: tree}
+    return tree
+
+
+def load_config(conf: str | Path | None = None, overrides: list[str] | None = None) -> ShelfConfig:
+    """Load `conf/base.yaml` + the overlay `conf` + `--set` overrides into a validated ShelfConfig.
+
+    Args:
+        conf: the overlay file (e.g. conf/local.yaml); base.yaml is read from the same folder.
+        overrides: `key.path=value` strings, applied last.
+
+    Raises:
+        ConfigError: a file is missing or invalid, or a key is unknown or has the wrong type.
+    """
+    overlay_path = Path(conf) if conf is not None else Path("conf/local.yaml")
+    base_path = overlay_path.parent / BASE_FILE
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if base_path.is_file():
+        layers.append((str(base_path), _read_yaml(base_path)))
+    if overlay_path.resolve() != base_path.resolve():
+        layers.append((str(overlay_path), _read_yaml(overlay_path)))
+    elif not base_path.is_file():
+        _read_yaml(overlay_path)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        layers.append((f"--set {text}", _nest(parts, value)))
+    for origin, tree in layers:
+        merged = deep_merge(merged, tree)
+        origins.update(_origins(tree, origin))
+    try:
+        return ShelfConfig.model_validate(merged)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        path = ".".join(str(p) for p in error["loc"])
+        origin = origins.get(path, origins.get(path.rsplit(".", 1)[0], str(overlay_path)))
+        if error["type"] == "extra_forbidden":
+            raise ConfigError(f"Unknown config key '{path}' in {origin}; remove it or correct its spelling.") from exc
+        raise ConfigError(
+            f"Config key '{path}' in {origin} is invalid ({error['msg']}, got {error.get('input')!r}); fix its value."
+        ) from exc

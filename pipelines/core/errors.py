@@ -1,0 +1,33 @@
+"""Exceptions for mistakes a user can fix. Their message is one sentence: what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class ShelfError(Exception):
+    """Base class: the CLI prints the message (no stack trace) and exits non-zero."""
+
+    exit_code = 2
+
+
+class ConfigError(ShelfError):
+    """A config file, key or value is wrong."""
+
+
+class EnvironmentSetupError(ShelfError):
+    """Java, Delta jars or another prerequisite is missing."""
+
+
+class InputDataError(ShelfError):
+    """A source file is missing, unreadable or lacks a mapped column."""
+
+
+class QualityGateError(ShelfError):
+    """The data-quality gate failed: nothing downstream is written."""
+
+    exit_code = 3
+
+
+class ReconciliationError(ShelfError):
+    """Row counts do not reconcile: input != accepted + quarantined + duplicates removed."""
+
+    exit_code = 4

@@ -1,0 +1,127 @@
+"""Column names and table schemas: the contract between steps. Ids are dense ints inside the
+pipeline (`user_idx`, `item_idx`) and the source's strings at the edges (`user_id`, `item_id`)."""
+
+from __future__ import annotations
+
+from pyspark.sql.types import (
+    BooleanType,
+    DoubleType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+USER_IDX = "user_idx"
+ITEM_IDX = "item_idx"
+EVENT_TYPE = "event_type"
+EVENT_TS = "event_ts"
+VALUE = "value"
+SESSION_ID = "session_id"
+WEIGHT = "weight"
+DECAY = "decay"
+RUN_ID = "run_id"
+AS_OF = "as_of"
+SOURCE_FILE = "source_file"
+RAW = "raw"
+REASON = "reason"
+STEP = "step"
+CATEGORY = "category"
+PRICE = "price"
+IN_STOCK = "in_stock"
+PROMO = "promo"
+LAUNCHED_AT = "launched_at"
+TITLE = "title"
+
+EVENT_TYPES = ("view", "add_to_cart", "purchase", "rating")
+
+# Reason codes of quarantine.events.
+NULL_USER = "null_user"
+NULL_ITEM = "null_item"
+BAD_TIMESTAMP = "bad_timestamp"
+FUTURE_TIMESTAMP = "future_timestamp"
+STALE_TIMESTAMP = "stale_timestamp"
+UNKNOWN_EVENT_TYPE = "unknown_event_type"
+NEGATIVE_VALUE = "negative_value"
+BAD_VALUE = "bad_value"
+BOT_USER = "bot_user"
+UNPARSEABLE_ROW = "unparseable_row"
+NON_PRODUCT = "non_product"
+CANCELLED = "cancelled"
+REASON_CODES = (
+    NULL_USER, NULL_ITEM, BAD_TIMESTAMP, FUTURE_TIMESTAMP, STALE_TIMESTAMP, UNKNOWN_EVENT_TYPE,
+    NEGATIVE_VALUE, BAD_VALUE, BOT_USER, UNPARSEABLE_ROW, NON_PRODUCT, CANCELLED,
+)
+
+RAW_EVENT_SCHEMA = StructType(
+    [StructField(c, StringType(), True) for c in (USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS, VALUE, SESSION_ID)]
+)
+
+BRONZE_EVENTS_SCHEMA = StructType(
+    [
+        StructField(USER_ID, StringType(), False),
+        StructField(ITEM_ID, StringType(), False),
+        StructField(EVENT_TYPE, StringType(), False),
+        StructField(EVENT_TS, TimestampType(), False),
+        StructField(VALUE, DoubleType(), True),
+        StructField(SESSION_ID, StringType(), True),
+        StructField(SOURCE_FILE, StringType(), True),
+        StructField(RUN_ID, StringType(), False),
+        StructField(AS_OF, TimestampType(), False),
+    ]
+)
+
+QUARANTINE_SCHEMA = StructType(
+    [
+        StructField(RAW, StringType(), True),
+        StructField(SOURCE_FILE, StringType(), True),
+        StructField(STEP, StringType(), False),
+        StructField(REASON, StringType(), False),
+        StructField(RUN_ID, StringType(), False),
+        StructField(AS_OF, TimestampType(), False),
+    ]
+)
+
+INTERACTIONS_SCHEMA = StructType(
+    [
+        StructField(USER_IDX, IntegerType(), False),
+        StructField(ITEM_IDX, IntegerType(), False),
+        StructField(EVENT_TYPE, StringType(), False),
+        StructField(EVENT_TS, TimestampType(), False),
+        StructField(VALUE, DoubleType(), True),
+        StructField(WEIGHT, DoubleType(), False),
+        StructField(DECAY, DoubleType(), False),
+        StructField(RUN_ID, StringType(), False),
+        StructField(AS_OF, TimestampType(), False),
+    ]
+)
+
+CATALOG_SCHEMA = StructType(
+    [
+        StructField(ITEM_ID, StringType(), False),
+        StructField(CATEGORY, StringType(), True),
+        StructField(PRICE, DoubleType(), True),
+        StructField(IN_STOCK, BooleanType(), True),
+        StructField(PROMO, BooleanType(), True),
+        StructField(LAUNCHED_AT, TimestampType(), True),
+        StructField(TITLE, StringType(), True),
+    ]
+)
+
+INDEX_SCHEMA_USER = StructType([StructField(USER_ID, StringType(), False), StructField(USER_IDX, IntegerType(), False)])
+INDEX_SCHEMA_ITEM = StructType([StructField(ITEM_ID, StringType(), False), StructField(ITEM_IDX, IntegerType(), False)])
+
+RUN_METRICS_SCHEMA = StructType(
+    [
+        StructField(RUN_ID, StringType(), False),
+        StructField(STEP, StringType(), False),
+        StructField("metric", StringType(), False),
+        StructField("value", DoubleType(), False),
+    ]
+)
+
+__all__ = ["LongType"]

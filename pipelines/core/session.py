@@ -1,0 +1,127 @@
+"""The one place that builds a SparkSession.
+
+On a cluster or Databricks an active session already exists and is reused as it is (its Delta
+and BLAS are the platform's). Locally it configures Delta (jars from `spark.jars_dir` when the
+set-up command fetched them, else `spark.jars.packages` through delta-spark's pip helper), UTC,
+a checkpoint directory, shuffle partitions sized for the machine, and quiet logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from pipelines.core.config import ShelfConfig
+from pipelines.core.errors import EnvironmentSetupError
+from pipelines.core.jars import delta_jars
+
+log = logging.getLogger("shelf.session")
+
+MIN_JAVA = 17
+
+
+def java_major_version() -> int | None:
+    """The major version of the `java` Spark will start, or None when there is none."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if not java or not Path(java).exists():
+        return None
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not match:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
+def check_java() -> None:
+    """Raise one clear sentence when Java is missing or older than Spark 4 needs."""
+    major = java_major_version()
+    if major is None:
+        raise EnvironmentSetupError(
+            "Java was not found; install a JDK 17 or 21 (Debian: apt-get install openjdk-17-jdk-headless) "
+            "or set JAVA_HOME."
+        )
+    if major < MIN_JAVA:
+        raise EnvironmentSetupError(
+            f"Java {major} is too old for Spark 4; install a JDK 17 or 21 and point JAVA_HOME at it."
+        )
+
+
+def get_spark(config: ShelfConfig) -> SparkSession:
+    """Return the active session (cluster, Databricks, notebook) or build a local Delta-enabled one."""
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    if config.spark.master is None:
+        # spark-submit on a cluster: the launcher configured master and packages.
+        spark = SparkSession.builder.appName(config.spark.app_name).getOrCreate()
+        _tune(spark, config)
+        return spark
+    check_java()
+    # Workers must run this interpreter (the venv's), or they start the system python3 without pyarrow.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = (
+        SparkSession.builder.master(config.spark.master)
+        .appName(config.spark.app_name)
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.memory", config.spark.driver_memory)
+        .config("spark.pyspark.python", sys.executable)
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.databricks.delta.snapshotPartitions", "2")
+        .config("spark.sql.warehouse.dir", str(Path(config.storage.root).resolve() / "_warehouse"))
+        .config("spark.driver.extraJavaOptions", "-Dderby.system.home=" + str(Path(config.storage.root).resolve()))
+    )
+    for key, value in config.spark.extra.items():
+        builder = builder.config(key, value)
+    jars = delta_jars(config.spark.jars_dir)
+    if jars:
+        builder = builder.config("spark.jars", ",".join(str(p.resolve()) for p in jars))
+    else:
+        from delta import configure_spark_with_delta_pip
+
+        builder = configure_spark_with_delta_pip(builder)
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:  # the JVM died: almost always the Delta jars could not be resolved
+        raise EnvironmentSetupError(
+            "Spark could not start with Delta Lake (the Delta jars could not be resolved); run "
+            f"'python -m pipelines.core.jars {config.spark.jars_dir}' to fetch them with Maven, then retry."
+        ) from exc
+    _tune(spark, config)
+    return spark
+
+
+def _tune(spark: SparkSession, config: ShelfConfig) -> None:
+    spark.sparkContext.setLogLevel(config.spark.log_level)
+    cores = spark.sparkContext.defaultParallelism
+    partitions = config.spark.shuffle_partitions or max(2, 2 * cores)
+    spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
+    checkpoint = config.spark.checkpoint_dir or str(Path(config.storage.root) / "_checkpoints")
+    if config.spark.master is not None:
+        Path(checkpoint).mkdir(parents=True, exist_ok=True)
+    spark.sparkContext.setCheckpointDir(checkpoint)
+    log.info("spark %s, master %s, %d cores, %d shuffle partitions, blas %s",
+             spark.version, spark.sparkContext.master, cores, partitions, blas_in_use(spark))
+
+
+def blas_in_use(spark: SparkSession) -> str:
+    """Name of the BLAS MLlib uses (native OpenBLAS vs the pure-JVM fallback)."""
+    try:
+        jvm = spark.sparkContext._jvm
+        assert jvm is not None
+        return str(jvm.dev.ludovic.netlib.blas.BLAS.getInstance().getClass().getName())
+    except Exception:  # noqa: BLE001 - best effort, only for the log line
+        return "unknown"
