@@ -31,3 +31,23 @@ def test_run_mode_is_idempotent_per_run_id(spark: SparkSession, config: ShelfCon
         tables.write(r2, config, "gold", "acc", "r2", mode="run")
     rows = sorted((r.id, r.run_id) for r in tables.read(spark, config, "gold", "acc").collect())
     assert rows == [(1, "r1"), (2, "r2"), (3, "r2")]
+
+
+def test_missing_java_is_one_clear_sentence(tmp_path: Path, monkeypatch: "pytest.MonkeyPatch") -> None:
+    import pytest
+
+    from pipelines.core.errors import EnvironmentSetupError
+    from pipelines.core.session import check_java
+
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
+    with pytest.raises(EnvironmentSetupError, match=r"^Java was not found; install a JDK 17"):
+        check_java()
+
+
+def test_delta_jar_coordinates_match_installed_packages() -> None:
+    import pyspark
+
+    from pipelines.core.jars import delta_artifacts
+
+    spark_minor = ".".join(pyspark.__version__.split(".")[:2])
+    assert delta_artifacts()[0].startswith(f"io.delta:delta-spark_{spark_minor}_2.13:")

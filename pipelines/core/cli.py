@@ -69,6 +69,11 @@ def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
     from pipelines.core.session import get_spark
 
     log = logging.getLogger("shelf")
+    if command in TOOLS:  # generating demo data needs no Spark
+        fn = step_function(command)
+        assert fn is not None
+        fn(None, config, ctx)
+        return 0
     spark = get_spark(config)
     if command == "run":
         from pathlib import Path

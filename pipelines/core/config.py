@@ -122,6 +122,13 @@ class CleanConfig(_Section):
     max_user_share: float = 0.2
 
 
+class TuneGrid(_Section):
+    rank: list[int] = Field(default_factory=lambda: [16, 32])
+    reg_param: list[float] = Field(default_factory=lambda: [0.01, 0.1])
+    alpha: list[float] = Field(default_factory=lambda: [1.0, 10.0])
+    confidence: list[Literal["raw", "log1p"]] = Field(default_factory=lambda: ["log1p"])
+
+
 class TrainConfig(_Section):
     rank: int = 32
     reg_param: float = 0.05
@@ -133,11 +140,47 @@ class TrainConfig(_Section):
     num_blocks: int | None = None  # None: the session's default parallelism, capped at 4
     confidence: Literal["raw", "log1p"] = "log1p"
     tune: bool = False
+    grid: TuneGrid = TuneGrid()
+    tune_k: int = 10  # tuning scores NDCG@tune_k on a per-user leave-last-N validation split
+    validation_last_n: int = 1
+
+
+class EvaluateConfig(_Section):
+    protocol: Literal["temporal", "random_user", "random_item", "leave_last"] = "temporal"
+    k: int = 10
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])  # metric-vs-k plot
+    holdout_days: float = 7.0  # temporal: test = events in [as_of - holdout_days, as_of)
+    test_ratio: float = 0.25  # random_user / random_item: the MovieLens 75/25 protocol
+    leave_last_n: int = 1
+    seed: int = 42
+    recent_days: float = 7.0  # recent popularity counts the last days of the training data
+    knn_recent_items: int = 20  # item-kNN: each user's most recent items, bounds the self-join
+    knn_neighbours: int = 50
+    models: list[Literal["popularity", "recent_popularity", "item_knn", "als"]] = Field(
+        default_factory=lambda: ["popularity", "recent_popularity", "item_knn", "als"]
+    )
+
+
+class SimilarityConfig(_Section):
+    top_n: int = 50  # neighbours kept per item and source
+    # als: cosine of item factors; cooccurrence: users in common; both: rows of each source; blend: one mix
+    method: Literal["als", "cooccurrence", "both", "blend"] = "both"
+    cooccurrence_measure: Literal["cosine", "jaccard"] = "cosine"
+    min_support: int = 2  # users an item pair must share to get a co-occurrence score
+    max_items_per_user: int = 50  # bounds the self-join on user: each user's most recent/heaviest items
+    blend_als_weight: float = 0.5  # blend score = w * als + (1 - w) * cooccurrence
+    block_rows: int = 256  # query rows per GEMM block
+    block_items: int = 2048  # catalogue columns per GEMM block (block_rows x block_items floats stay in cache)
 
 
 class RecommendConfig(_Section):
     top_k: int = 10
     candidates_k: int = 200
+    owned_event_types: list[str] = Field(default_factory=lambda: ["purchase"])  # never recommended again
+    recent_items: int = 5  # a user's most recently touched items whose neighbours become candidates
+    neighbours_per_item: int = 10
+    popular_k: int = 100  # popularity fallback for users without ALS factors
+    max_candidates: int = 300  # cap per user after the union
 
 
 class ShelfConfig(_Section):
@@ -148,6 +191,8 @@ class ShelfConfig(_Section):
     generate: GenerateConfig = GenerateConfig()
     clean: CleanConfig = CleanConfig()
     train: TrainConfig = TrainConfig()
+    similarities: SimilarityConfig = SimilarityConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     recommend: RecommendConfig = RecommendConfig()
 
 

@@ -128,3 +128,30 @@ def read_source(
             f"Source {path} could not be read as {fmt} ({exc.__class__.__name__}); check {config_key} "
             "and the source format."
         ) from exc
+
+
+def write_replacing(
+    df: DataFrame,
+    config: ShelfConfig,
+    layer: str,
+    name: str,
+    run_id: str,
+    keys: dict[str, str],
+) -> None:
+    """Write `df` as one Delta commit that replaces only the rows matching `keys` (column -> value).
+
+    Used where several steps of one run share a table (quarantine.events, ops.run_metrics): keyed by
+    run id and step, a rerun of one step replaces its own rows and leaves the other steps' rows alone.
+    """
+    where = location(config, layer, name)
+    spark = df.sparkSession
+    writer = df.write.format("delta").option("userMetadata", f"run_id={run_id}").mode("overwrite")
+    if exists(spark, config, layer, name):
+        predicate = " AND ".join(f"{col} = '{value.replace(chr(39), '')}'" for col, value in keys.items())
+        writer = writer.option("replaceWhere", predicate)
+    else:
+        writer = writer.option("overwriteSchema", "true")
+    if _is_path(config):
+        writer.save(where)
+    else:
+        writer.saveAsTable(where)

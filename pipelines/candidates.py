@@ -1,0 +1,247 @@
+"""`shelf candidates`: per-user candidate items for re-ranking.
+
+Reads gold.user_factors, gold.item_factors, gold.item_similarities and silver.interactions; writes
+gold.candidates with one row per (user_idx, item_idx): als_score (double, null when ALS did not
+propose the item), sources (sorted array of "als", "neighbours", "popular"), run_id.
+
+- als: top `candidates_k` items by p_u . q_i, skipping items the user owns (event types in
+  `recommend.owned_event_types`). Users' factors and owned-item lists are grouped per user and
+  scored in blocks inside `mapInPandas` against a broadcast of the item factor matrix (the model:
+  items x rank floats collected once on the driver, never anything that grows with users).
+- neighbours: the top `neighbours_per_item` neighbours of each user's `recent_items` most recently
+  touched items (from gold.item_similarities, any source).
+- popular: the `popular_k` items with most distinct users, for cold-start users (in
+  silver.interactions but without factors).
+Owned items never appear. Each user keeps at most `max_candidates` rows, preferring items proposed
+by more sources, then higher ALS score, then higher neighbour similarity, then popularity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark import Broadcast
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
+
+from pipelines.core import tables
+from pipelines.core.cli import step_main
+from pipelines.core.config import RecommendConfig, ShelfConfig, SimilarityConfig
+from pipelines.core.errors import InputDataError
+from pipelines.core.runs import RunContext, step_log
+from pipelines.core.schemas import EVENT_TS, EVENT_TYPE, ITEM_IDX, RUN_ID, USER_IDX
+from udfs.topk import csr_from_lists, to_long, top_n_dot
+
+STEP = "candidates"
+FEATURES = "features"
+OWNED = "owned"
+ALS_SCORE = "als_score"
+SOURCES = "sources"
+ALS = "als"
+NEIGHBOURS = "neighbours"
+POPULAR = "popular"
+NEIGHBOUR_IDX = "neighbour_idx"
+SIM_SCORE = "_sim"
+POP_RANK = "_pop_rank"
+
+CANDIDATES_SCHEMA = StructType(
+    [
+        StructField(USER_IDX, IntegerType(), False),
+        StructField(ITEM_IDX, IntegerType(), False),
+        StructField(ALS_SCORE, DoubleType(), True),
+        StructField(SOURCES, ArrayType(StringType(), False), False),
+        StructField(RUN_ID, StringType(), False),
+    ]
+)
+_ALS_SCHEMA = StructType(
+    [
+        StructField(USER_IDX, IntegerType(), False),
+        StructField(ITEM_IDX, IntegerType(), False),
+        StructField(ALS_SCORE, DoubleType(), False),
+    ]
+)
+
+
+def factors_of_run(factors: DataFrame, run_id: str) -> DataFrame:
+    """The factor rows of `run_id` when the table holds several runs, else the table as it is.
+
+    Raises:
+        InputDataError: the table holds several runs and none is `run_id`.
+    """
+    runs = sorted(r[0] for r in factors.select(RUN_ID).distinct().collect())  # one row per run
+    if len(runs) <= 1:
+        return factors
+    if run_id not in runs:
+        raise InputDataError(
+            f"The factor table holds runs {runs} but not {run_id}; pass --run-id of the train run to use."
+        )
+    return factors.filter(F.col(RUN_ID) == run_id)
+
+
+def item_factor_matrix(item_factors: DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Collect item factors to (ids (n,) int64 sorted, matrix (n, d) float32): the model, bounded by items.
+
+    Raises:
+        InputDataError: the table is empty.
+    """
+    pdf = item_factors.select(ITEM_IDX, FEATURES).orderBy(ITEM_IDX).toPandas()
+    if pdf.empty:
+        raise InputDataError("gold.item_factors is empty; run 'shelf train' on non-empty interactions first.")
+    matrix = np.stack([np.asarray(v, dtype=np.float32) for v in pdf[FEATURES]])
+    return pdf[ITEM_IDX].to_numpy(dtype=np.int64), matrix
+
+
+def to_owned(interactions: DataFrame, owned_event_types: list[str]) -> DataFrame:
+    """One row per (user_idx, item_idx) the user owns (e.g. bought)."""
+    return interactions.filter(F.col(EVENT_TYPE).isin(owned_event_types)).select(USER_IDX, ITEM_IDX).distinct()
+
+
+def als_batches(
+    batches: Iterator[pd.DataFrame],
+    catalogue: Broadcast[tuple[np.ndarray, np.ndarray]],
+    k: int,
+    block_rows: int,
+    block_items: int,
+) -> Iterator[pd.DataFrame]:
+    """pandas adapter: users' (features, owned) -> top-k unowned items by dot product (dtypes of _ALS_SCHEMA)."""
+    ids, matrix = catalogue.value
+    for batch in batches:
+        if batch.empty:
+            continue
+        users = batch[USER_IDX].to_numpy(dtype=np.int64)
+        queries = np.stack([np.asarray(v, dtype=np.float32) for v in batch[FEATURES]])
+        indptr, indices = csr_from_lists(list(batch[OWNED]))
+        result = top_n_dot(
+            queries, matrix, k, ids, exclude_indptr=indptr, exclude_indices=indices,
+            block_rows=block_rows, block_items=block_items,
+        )
+        keys, items, scores, _ = to_long(users, result)
+        yield pd.DataFrame(
+            {USER_IDX: keys.astype(np.int32), ITEM_IDX: items.astype(np.int32), ALS_SCORE: scores.astype(np.float64)}
+        )
+
+
+def to_als_candidates(
+    spark: SparkSession,
+    user_factors: DataFrame,
+    item_factors: DataFrame,
+    owned: DataFrame,
+    k: int,
+    blocks: SimilarityConfig,
+) -> DataFrame:
+    """Top-k unowned items per user with factors: user_idx, item_idx, als_score."""
+    ids, matrix = item_factor_matrix(item_factors)
+    catalogue = spark.sparkContext.broadcast((ids, matrix))
+    owned_lists = owned.groupBy(USER_IDX).agg(F.collect_list(ITEM_IDX).alias(OWNED))
+    users = user_factors.select(USER_IDX, FEATURES).join(owned_lists, on=USER_IDX, how="left")
+    block_rows, block_items = blocks.block_rows, blocks.block_items
+    return users.mapInPandas(lambda it: als_batches(it, catalogue, k, block_rows, block_items), _ALS_SCHEMA)
+
+
+def to_recent_items(interactions: DataFrame, recent_items: int) -> DataFrame:
+    """Each user's `recent_items` most recently touched items: user_idx, item_idx."""
+    last = interactions.groupBy(USER_IDX, ITEM_IDX).agg(F.max(EVENT_TS).alias(EVENT_TS))
+    latest = Window.partitionBy(USER_IDX).orderBy(F.col(EVENT_TS).desc(), F.col(ITEM_IDX).asc())
+    return last.withColumn("_n", F.row_number().over(latest)).filter(F.col("_n") <= recent_items).select(USER_IDX, ITEM_IDX)
+
+
+def to_neighbour_candidates(recent: DataFrame, similarities: DataFrame, per_item: int) -> DataFrame:
+    """Neighbours of the users' recent items: user_idx, item_idx, _sim (best similarity)."""
+    neighbours = similarities.filter(F.col("rank") <= per_item).select(ITEM_IDX, NEIGHBOUR_IDX, F.col("score"))
+    return (
+        recent.join(neighbours, on=ITEM_IDX, how="inner")
+        .groupBy(USER_IDX, F.col(NEIGHBOUR_IDX).alias(ITEM_IDX))
+        .agg(F.max("score").alias(SIM_SCORE))
+    )
+
+
+def to_popular_candidates(interactions: DataFrame, user_factors: DataFrame, popular_k: int) -> DataFrame:
+    """The popular_k most-used items for every cold-start user: user_idx, item_idx, _pop_rank."""
+    popularity = interactions.groupBy(ITEM_IDX).agg(F.countDistinct(USER_IDX).alias("_users"))
+    top = Window.orderBy(F.col("_users").desc(), F.col(ITEM_IDX).asc())  # popular_k rows: one partition is fine
+    popular = popularity.withColumn(POP_RANK, F.row_number().over(top)).filter(F.col(POP_RANK) <= popular_k)
+    cold = interactions.select(USER_IDX).distinct().join(user_factors.select(USER_IDX), on=USER_IDX, how="left_anti")
+    # A cross join with a constant-size (popular_k) broadcast table: linear in cold users.
+    return cold.crossJoin(F.broadcast(popular.select(ITEM_IDX, POP_RANK)))
+
+
+def to_candidates(
+    als: DataFrame, neighbours: DataFrame, popular: DataFrame, owned: DataFrame, max_candidates: int, run_id: str
+) -> DataFrame:
+    """Union the sources, drop owned items, tag sources, cap per user."""
+    keys = [USER_IDX, ITEM_IDX]
+    tagged = (
+        als.select(*keys, F.col(ALS_SCORE), F.lit(None).cast("double").alias(SIM_SCORE), F.lit(None).cast("int").alias(POP_RANK), F.lit(ALS).alias("_source"))
+        .unionByName(neighbours.select(*keys, F.lit(None).cast("double").alias(ALS_SCORE), F.col(SIM_SCORE), F.lit(None).cast("int").alias(POP_RANK), F.lit(NEIGHBOURS).alias("_source")))
+        .unionByName(popular.select(*keys, F.lit(None).cast("double").alias(ALS_SCORE), F.lit(None).cast("double").alias(SIM_SCORE), F.col(POP_RANK), F.lit(POPULAR).alias("_source")))
+    )
+    merged = (
+        tagged.join(owned, on=keys, how="left_anti")
+        .groupBy(*keys)
+        .agg(
+            F.max(ALS_SCORE).alias(ALS_SCORE),
+            F.max(SIM_SCORE).alias(SIM_SCORE),
+            F.min(POP_RANK).alias(POP_RANK),
+            F.array_sort(F.collect_set("_source")).alias(SOURCES),
+        )
+    )
+    order = Window.partitionBy(USER_IDX).orderBy(
+        F.size(SOURCES).desc(),
+        F.col(ALS_SCORE).desc_nulls_last(),
+        F.col(SIM_SCORE).desc_nulls_last(),
+        F.col(POP_RANK).asc_nulls_last(),
+        F.col(ITEM_IDX).asc(),
+    )
+    capped = merged.withColumn("_n", F.row_number().over(order)).filter(F.col("_n") <= max_candidates)
+    return capped.select(
+        F.col(USER_IDX).cast("int"),
+        F.col(ITEM_IDX).cast("int"),
+        F.col(ALS_SCORE).cast("double"),
+        F.col(SOURCES),
+        F.lit(run_id).alias(RUN_ID),
+    )
+
+
+def build_candidates(
+    spark: SparkSession,
+    user_factors: DataFrame,
+    item_factors: DataFrame,
+    similarities: DataFrame,
+    interactions: DataFrame,
+    recommend: RecommendConfig,
+    blocks: SimilarityConfig,
+    run_id: str,
+) -> DataFrame:
+    """All candidate sources for one run, as gold.candidates rows."""
+    owned = to_owned(interactions, recommend.owned_event_types).cache()
+    als = to_als_candidates(spark, user_factors, item_factors, owned, recommend.candidates_k, blocks)
+    recent = to_recent_items(interactions, recommend.recent_items)
+    neighbours = to_neighbour_candidates(recent, similarities, recommend.neighbours_per_item)
+    popular = to_popular_candidates(interactions, user_factors, recommend.popular_k)
+    return to_candidates(als, neighbours, popular, owned, recommend.max_candidates, run_id)
+
+
+def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
+    """Read factors, similarities and interactions; write gold.candidates."""
+    with step_log(STEP, ctx) as counts:
+        user_factors = factors_of_run(tables.read(spark, config, "gold", "user_factors"), ctx.run_id)
+        item_factors = factors_of_run(tables.read(spark, config, "gold", "item_factors"), ctx.run_id)
+        similarities = factors_of_run(tables.read(spark, config, "gold", "item_similarities"), ctx.run_id)
+        interactions = tables.read(spark, config, "silver", "interactions")
+        result = build_candidates(
+            spark, user_factors, item_factors, similarities, interactions,
+            config.recommend, config.similarities, ctx.run_id,
+        )
+        tables.write(result, config, "gold", "candidates", ctx.run_id, mode="run",
+                     comment="candidate items per user with their sources")
+        written = tables.read(spark, config, "gold", "candidates").filter(F.col(RUN_ID) == ctx.run_id)
+        stats = written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct(USER_IDX).alias("users")).first()
+        assert stats is not None
+        counts["rows"] = stats["rows"]
+        counts["users"] = stats["users"]
+
+
+main = step_main(STEP)

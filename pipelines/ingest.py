@@ -1,0 +1,512 @@
+"""`shelf ingest`: source events -> bronze.events (typed rows) + quarantine.events (rejected rows).
+
+Reads `source.path` with the preset's layout and writes
+- bronze.events: one row per accepted source row (BRONZE_EVENTS_SCHEMA), a snapshot per run;
+- quarantine.events: one row per rejected source row with its raw text and a reason code, keyed by
+  (run_id, step) so a rerun replaces its own rows;
+- ops.run_metrics: input, accepted and quarantined counts per reason, keyed by (run_id, step).
+Input rows must equal accepted + quarantined (ingest removes no duplicates), else ReconciliationError.
+
+Text sources (csv and json lines) are read as lines and parsed with `from_csv` / `from_json`, so
+every row keeps its raw text and a line with the wrong number of fields is quarantined as
+`unparseable_row` instead of being silently padded or truncated (Spark's PERMISSIVE parser puts such
+lines in the corrupt-record column). Quoted fields spanning lines are not supported. Parquet and
+Delta rows are typed already; their raw text is the row as JSON.
+
+Reason codes, first match wins: unparseable_row, null_user, null_item, (preset rules), unknown_event_type,
+bad_timestamp, future_timestamp (after as_of + clean.future_tolerance_hours), stale_timestamp
+(before as_of - clean.window_days), bad_value (not a number, NaN, infinite or above clean.max_value),
+negative_value.
+
+Presets:
+- generic / synthetic: `source.columns` maps the canonical columns to the source's, `source.event_types`
+  maps source values to view/add_to_cart/purchase/rating, `source.timestamp_format` is a Spark datetime
+  pattern (None: ISO-8601) or `epoch_seconds`. synthetic is generic with the default mapping.
+- movielens: u.data (tab, no header), ratings.dat (`::`, no header) or ratings.csv (header): rating
+  events, value = rating, epoch-second timestamps. The file is chosen by its name.
+- online_retail (UCI Online Retail as published): one purchase per invoice line, user = CustomerID,
+  item = StockCode, value = Quantity, session = InvoiceNo. Choices:
+  * rows without CustomerID -> null_user (nobody to recommend to);
+  * stock codes that are not products (POST, DOT, M, C2, D, S, BANK CHARGES, AMAZONFEE, CRUK, PADS,
+    B, DCGS..., gift_...) -> non_product: a product code is five digits plus optional letters;
+  * invoices starting with C are cancellations -> cancelled (a return is not interest). Their quantity
+    nets out the same customer's purchases of the same stock code, most recent purchase first:
+    a purchase line cancelled completely -> netted_out, a partly cancelled one keeps the rest
+    as its value. Cancellations without a matching purchase in the file net out nothing;
+  * UnitPrice 0 -> zero_price (free samples and manual fixes), a negative price -> negative_value,
+    Quantity <= 0 on a non-cancellation -> negative_value (stock adjustments).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import PurePath
+
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from pipelines.core import tables
+from pipelines.core.cli import step_main
+from pipelines.core.config import ShelfConfig, SourceConfig
+from pipelines.core.errors import InputDataError
+from pipelines.core.quality import reconcile, run_metrics_frame, ts_lit, window
+from pipelines.core.runs import RunContext, step_log
+from pipelines.core.schemas import (
+    AS_OF,
+    BAD_TIMESTAMP,
+    BAD_VALUE,
+    BRONZE_EVENTS_SCHEMA,
+    CANCELLED,
+    EVENT_TS,
+    EVENT_TYPE,
+    FUTURE_TIMESTAMP,
+    ITEM_ID,
+    NEGATIVE_VALUE,
+    NETTED_OUT,
+    NON_PRODUCT,
+    NULL_ITEM,
+    NULL_USER,
+    QUARANTINE_SCHEMA,
+    RAW,
+    REASON,
+    RUN_ID,
+    SESSION_ID,
+    SOURCE_FILE,
+    STALE_TIMESTAMP,
+    STEP,
+    UNKNOWN_EVENT_TYPE,
+    UNPARSEABLE_ROW,
+    USER_ID,
+    VALUE,
+    ZERO_PRICE,
+)
+
+log = logging.getLogger("shelf.ingest")
+
+STEP_NAME = "ingest"
+PATH_KEY = "source.path"
+EPOCH_SECONDS = "epoch_seconds"
+
+# Working columns between parsing and validation (strings as read, before typing).
+_CORRUPT = "_corrupt"
+_EVENT_TYPE_RAW = "_event_type_raw"
+_EVENT_TS_RAW = "_event_ts_raw"
+_VALUE_RAW = "_value_raw"
+_PRESET_REASON = "_preset_reason"
+_CANCEL_QTY = "_cancel_qty"
+
+RETAIL_COLUMNS = (
+    "InvoiceNo",
+    "StockCode",
+    "Description",
+    "Quantity",
+    "InvoiceDate",
+    "UnitPrice",
+    "CustomerID",
+    "Country",
+)
+RETAIL_PRODUCT_CODE = r"^[0-9]{5}[A-Za-z]*$"
+MOVIELENS_COLUMNS = ("userId", "movieId", "rating", "timestamp")
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """How to split a text source into fields: separator, whether files start with a header, field names."""
+
+    sep: str
+    header: bool
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Row-level acceptance rules for one run."""
+
+    event_types: dict[str, str]
+    timestamp_format: str | None
+    earliest: datetime
+    latest: datetime
+    max_value: float
+
+
+def rules_for(config: ShelfConfig, as_of: datetime) -> Rules:
+    earliest, latest = window(as_of, config.clean.window_days, config.clean.future_tolerance_hours)
+    source = config.source
+    fmt = source.timestamp_format
+    if source.preset == "movielens":
+        return Rules({"rating": "rating"}, EPOCH_SECONDS, earliest, latest, config.clean.max_value)
+    if source.preset == "online_retail":
+        return Rules(
+            {"purchase": "purchase"}, fmt or "yyyy-MM-dd HH:mm:ss", earliest, latest, config.clean.max_value
+        )
+    return Rules(dict(source.event_types), fmt, earliest, latest, config.clean.max_value)
+
+
+# ---------------------------------------------------------------- parsing: lines -> canonical strings
+
+
+def _blank_to_null(col: Column) -> Column:
+    trimmed = F.trim(col)
+    return F.when(trimmed == "", None).otherwise(trimmed)
+
+
+def with_csv_fields(lines: DataFrame, layout: TextLayout) -> DataFrame:
+    """Parse each `raw` line into a `fields` struct of strings; wrong field counts set `_corrupt`."""
+    schema = ", ".join(f"`{c}` string" for c in [*layout.columns, _CORRUPT])
+    options = {"sep": layout.sep, "mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}
+    return lines.withColumn("fields", F.from_csv(F.col(RAW), schema, options))
+
+
+def with_json_fields(lines: DataFrame, columns: tuple[str, ...]) -> DataFrame:
+    schema = ", ".join(f"`{c}` string" for c in [*columns, _CORRUPT])
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}
+    return lines.withColumn("fields", F.from_json(F.col(RAW), schema, options))
+
+
+def filter_header_lines(parsed: DataFrame, layout: TextLayout) -> DataFrame:
+    """Drop each file's header line: the line whose fields are exactly the column names."""
+    if not layout.header:
+        return parsed
+    is_header = F.lit(True)
+    for name in layout.columns:
+        is_header = is_header & F.coalesce(F.col(f"fields.`{name}`") == F.lit(name), F.lit(False))
+    return parsed.filter(~is_header)
+
+
+def with_corrupt_flag(parsed: DataFrame) -> DataFrame:
+    """Blank lines and lines the parser could not split into the schema's fields are unparseable."""
+    corrupt = F.col(f"fields.{_CORRUPT}").isNotNull() | (F.trim(F.col(RAW)) == "") | F.col("fields").isNull()
+    return parsed.withColumn(_CORRUPT, corrupt)
+
+
+def to_canonical(parsed: DataFrame, source: SourceConfig) -> DataFrame:
+    """Map the source's columns (`source.columns`) onto the canonical string columns."""
+    mapping = source.columns
+
+    def field(name: str | None) -> Column:
+        return F.lit(None).cast("string") if name is None else _blank_to_null(F.col(f"fields.`{name}`"))
+
+    return parsed.select(
+        RAW,
+        SOURCE_FILE,
+        _CORRUPT,
+        field(mapping.user_id).alias(USER_ID),
+        field(mapping.item_id).alias(ITEM_ID),
+        field(mapping.event_type).alias(_EVENT_TYPE_RAW),
+        field(mapping.event_ts).alias(_EVENT_TS_RAW),
+        field(mapping.value).alias(_VALUE_RAW),
+        field(mapping.session_id).alias(SESSION_ID),
+        F.lit(None).cast("string").alias(_PRESET_REASON),
+        F.lit(None).cast("double").alias(_CANCEL_QTY),
+    )
+
+
+def to_movielens_canonical(parsed: DataFrame) -> DataFrame:
+    user, item, rating, ts = (_blank_to_null(F.col(f"fields.`{c}`")) for c in MOVIELENS_COLUMNS)
+    return parsed.select(
+        RAW,
+        SOURCE_FILE,
+        _CORRUPT,
+        user.alias(USER_ID),
+        item.alias(ITEM_ID),
+        F.lit("rating").alias(_EVENT_TYPE_RAW),
+        ts.alias(_EVENT_TS_RAW),
+        rating.alias(_VALUE_RAW),
+        F.lit(None).cast("string").alias(SESSION_ID),
+        F.lit(None).cast("string").alias(_PRESET_REASON),
+        F.lit(None).cast("double").alias(_CANCEL_QTY),
+    )
+
+
+def to_retail_canonical(parsed: DataFrame) -> DataFrame:
+    """Online Retail invoice lines -> canonical purchases plus the preset's own reason codes."""
+    invoice, stock, _, quantity, date, price, customer, _ = (
+        _blank_to_null(F.col(f"fields.`{c}`")) for c in RETAIL_COLUMNS
+    )
+    # CustomerID is published as "17850" (or "17850.0" in some exports): keep the integer text.
+    user = F.regexp_replace(customer, r"\.0+$", "")
+    price_value = price.try_cast("double")
+    qty_value = quantity.try_cast("double")
+    is_cancel = F.coalesce(invoice.startswith("C"), F.lit(False))
+    reason = (
+        F.when(user.isNull(), F.lit(NULL_USER))
+        .when(stock.isNull(), F.lit(NULL_ITEM))
+        .when(~stock.rlike(RETAIL_PRODUCT_CODE), F.lit(NON_PRODUCT))
+        .when(is_cancel, F.lit(CANCELLED))
+        .when(price.isNotNull() & price_value.isNull(), F.lit(BAD_VALUE))
+        .when(price_value == 0, F.lit(ZERO_PRICE))
+        .when(price_value < 0, F.lit(NEGATIVE_VALUE))
+        .when(qty_value <= 0, F.lit(NEGATIVE_VALUE))
+    )
+    return parsed.select(
+        RAW,
+        SOURCE_FILE,
+        _CORRUPT,
+        user.alias(USER_ID),
+        stock.alias(ITEM_ID),
+        F.lit("purchase").alias(_EVENT_TYPE_RAW),
+        date.alias(_EVENT_TS_RAW),
+        quantity.alias(_VALUE_RAW),
+        invoice.alias(SESSION_ID),
+        reason.alias(_PRESET_REASON),
+        F.when(is_cancel, -qty_value).alias(_CANCEL_QTY),
+    )
+
+
+def to_canonical_from_table(df: DataFrame, source: SourceConfig) -> DataFrame:
+    """Parquet / Delta rows: typed already; raw text is the row as JSON, every mapped column as a string."""
+    data_columns = [c for c in df.columns if c != "_source_file"]
+    lines = df.select(
+        F.to_json(F.struct(*[F.col(f"`{c}`") for c in data_columns])).alias(RAW),
+        F.col("_source_file").alias(SOURCE_FILE),
+        F.struct(*[F.col(f"`{c}`").cast("string").alias(c) for c in data_columns]).alias("fields"),
+    )
+    return lines.withColumn(_CORRUPT, F.lit(False)).transform(lambda d: to_canonical(d, source))
+
+
+# ---------------------------------------------------------------- typing and validation
+
+
+def _parse_timestamp(raw: Column, fmt: str | None) -> Column:
+    if fmt == EPOCH_SECONDS:
+        seconds = raw.try_cast("double")
+        return F.when(F.abs(seconds) < 1e11, F.timestamp_seconds(seconds.cast("long")))
+    if fmt:
+        return F.try_to_timestamp(raw, F.lit(fmt))
+    return F.try_to_timestamp(raw)
+
+
+def with_typed_columns(df: DataFrame, rules: Rules) -> DataFrame:
+    """Add typed event_type (mapped), event_ts and value; unparseable values become null."""
+    mapping = F.create_map(*[F.lit(x) for pair in sorted(rules.event_types.items()) for x in pair])
+    return (
+        df.withColumn(EVENT_TYPE, mapping[F.col(_EVENT_TYPE_RAW)])
+        .withColumn(EVENT_TS, _parse_timestamp(F.col(_EVENT_TS_RAW), rules.timestamp_format))
+        .withColumn(VALUE, F.col(_VALUE_RAW).try_cast("double"))
+    )
+
+
+def with_reason(df: DataFrame, rules: Rules) -> DataFrame:
+    """The first rule a row breaks, as a reason code; null for an accepted row."""
+    value = F.col(VALUE)
+    bad_value = (
+        (F.col(_VALUE_RAW).isNotNull() & value.isNull()) | F.isnan(value) | (F.abs(value) > rules.max_value)
+    )
+    reason = (
+        F.when(F.col(_CORRUPT), F.lit(UNPARSEABLE_ROW))
+        .when(F.col(USER_ID).isNull(), F.lit(NULL_USER))
+        .when(F.col(ITEM_ID).isNull(), F.lit(NULL_ITEM))
+        .when(F.col(_PRESET_REASON).isNotNull(), F.col(_PRESET_REASON))
+        .when(F.col(EVENT_TYPE).isNull(), F.lit(UNKNOWN_EVENT_TYPE))
+        .when(F.col(EVENT_TS).isNull(), F.lit(BAD_TIMESTAMP))
+        .when(F.col(EVENT_TS) > ts_lit(rules.latest), F.lit(FUTURE_TIMESTAMP))
+        .when(F.col(EVENT_TS) < ts_lit(rules.earliest), F.lit(STALE_TIMESTAMP))
+        .when(F.coalesce(bad_value, F.lit(False)), F.lit(BAD_VALUE))
+        .when(F.coalesce(value < 0, F.lit(False)), F.lit(NEGATIVE_VALUE))
+    )
+    return df.withColumn(REASON, reason)
+
+
+def with_cancellations_netted(df: DataFrame) -> DataFrame:
+    """Net cancelled quantities out of the same (user, item)'s accepted purchases, most recent first.
+
+    A purchase whose whole quantity is cancelled gets reason netted_out; a partly cancelled one keeps
+    the rest as its value. Only cancellations with a valid customer and product code take part.
+    """
+    key = [USER_ID, ITEM_ID]
+    cancels = (
+        df.filter(F.col(REASON) == CANCELLED)
+        .groupBy(*key)
+        .agg(F.sum(F.coalesce(F.col(_CANCEL_QTY), F.lit(0.0))).alias("_cancelled"))
+    )
+    latest_first = (
+        Window.partitionBy(*key)
+        .orderBy(F.col(EVENT_TS).desc(), F.col(SESSION_ID).desc(), F.col(RAW).desc())
+        .rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    )
+    accepted = F.col(REASON).isNull()
+    cumulative = F.sum(F.when(accepted, F.col(VALUE)).otherwise(0.0)).over(latest_first)
+    remaining = F.col("_cum") - F.col("_cancelled")
+    return (
+        df.join(cancels, on=key, how="left")
+        .withColumn("_cancelled", F.coalesce(F.col("_cancelled"), F.lit(0.0)))
+        .withColumn("_cum", cumulative)
+        .withColumn(
+            REASON,
+            F.when(accepted & (F.col("_cancelled") > 0) & (remaining <= 0), F.lit(NETTED_OUT)).otherwise(
+                F.col(REASON)
+            ),
+        )
+        .withColumn(
+            VALUE,
+            F.when(
+                accepted & (F.col("_cancelled") > 0) & (remaining > 0) & (remaining < F.col(VALUE)), remaining
+            ).otherwise(F.col(VALUE)),
+        )
+        .drop("_cancelled", "_cum")
+    )
+
+
+def classify(canonical: DataFrame, rules: Rules, net_cancellations: bool = False) -> DataFrame:
+    """Canonical string rows -> typed rows with a `reason` (null: accepted). Pure transform."""
+    typed = canonical.transform(lambda d: with_typed_columns(d, rules)).transform(
+        lambda d: with_reason(d, rules)
+    )
+    if net_cancellations:
+        typed = typed.transform(with_cancellations_netted)
+    return typed.select(RAW, SOURCE_FILE, USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS, VALUE, SESSION_ID, REASON)
+
+
+def to_bronze(classified: DataFrame, run_id: str, as_of: datetime) -> DataFrame:
+    return (
+        classified.filter(F.col(REASON).isNull())
+        .withColumn(RUN_ID, F.lit(run_id))
+        .withColumn(AS_OF, ts_lit(as_of))
+        .select(*[F.col(f.name).cast(f.dataType) for f in BRONZE_EVENTS_SCHEMA.fields])
+    )
+
+
+def to_quarantine(classified: DataFrame, step: str, run_id: str, as_of: datetime) -> DataFrame:
+    return (
+        classified.filter(F.col(REASON).isNotNull())
+        .withColumn(STEP, F.lit(step))
+        .withColumn(RUN_ID, F.lit(run_id))
+        .withColumn(AS_OF, ts_lit(as_of))
+        .select(*[F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields])
+    )
+
+
+# ---------------------------------------------------------------- reading
+
+
+def text_layout(spark: SparkSession, source: SourceConfig) -> TextLayout:
+    """Separator, header and field names of a text source; header names come from the file itself."""
+    if source.preset == "movielens":
+        name = PurePath(source.path).name
+        if name.endswith(".dat"):
+            return TextLayout("::", False, MOVIELENS_COLUMNS)
+        if name.endswith(".data"):
+            return TextLayout("\t", False, MOVIELENS_COLUMNS)
+        header = _header_columns(spark, source.path, ",")
+        _require_columns(header, MOVIELENS_COLUMNS, source.path, PATH_KEY)
+        return TextLayout(",", True, header)
+    if source.preset == "online_retail":
+        header = _header_columns(spark, source.path, ",")
+        _require_columns(header, RETAIL_COLUMNS, source.path, PATH_KEY)
+        return TextLayout(",", True, header)
+    sep = source.delimiter
+    if source.header:
+        columns = _header_columns(spark, source.path, sep)
+    else:
+        width = len(_header_columns(spark, source.path, sep, header=False))
+        columns = tuple(f"_c{i}" for i in range(width))
+    _require_columns(columns, _mapped_columns(source), source.path, "source.columns")
+    return TextLayout(sep, source.header, columns)
+
+
+def _header_columns(spark: SparkSession, path: str, sep: str, header: bool = True) -> tuple[str, ...]:
+    options = {"header": str(header).lower(), "sep": sep, "inferSchema": "false"}
+    df = tables.read_source(spark, path, "csv", PATH_KEY, options=options)
+    return tuple(c for c in df.columns if c != "_source_file")
+
+
+def _mapped_columns(source: SourceConfig) -> tuple[str, ...]:
+    mapping = source.columns
+    names = (
+        mapping.user_id,
+        mapping.item_id,
+        mapping.event_type,
+        mapping.event_ts,
+        mapping.value,
+        mapping.session_id,
+    )
+    return tuple(n for n in names if n is not None)
+
+
+def _require_columns(found: tuple[str, ...], wanted: tuple[str, ...], path: str, key: str) -> None:
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise InputDataError(
+            f"Source {path} has no column '{missing[0]}' (it has {', '.join(found) or 'none'}); "
+            f"fix {key} or the source file."
+        )
+
+
+def read_canonical(spark: SparkSession, source: SourceConfig) -> DataFrame:
+    """Read `source.path` with its preset's layout into canonical string columns (see module docstring)."""
+    if source.preset in ("generic", "synthetic") and source.format in ("parquet", "delta"):
+        df = tables.read_source(spark, source.path, source.format, PATH_KEY)
+        _require_columns(tuple(df.columns), _mapped_columns(source), source.path, "source.columns")
+        return to_canonical_from_table(df, source)
+    lines = tables.read_source(spark, source.path, "text", PATH_KEY).select(
+        F.col("value").alias(RAW), F.col("_source_file").alias(SOURCE_FILE)
+    )
+    if source.preset in ("generic", "synthetic") and source.format == "json":
+        columns = _mapped_columns(source)
+        parsed = lines.transform(lambda d: with_json_fields(d, columns))
+        return parsed.transform(with_corrupt_flag).transform(lambda d: to_canonical(d, source))
+    layout = text_layout(spark, source)
+    parsed = (
+        lines.transform(lambda d: with_csv_fields(d, layout))
+        .transform(lambda d: filter_header_lines(d, layout))
+        .transform(with_corrupt_flag)
+    )
+    if source.preset == "online_retail":
+        return to_retail_canonical(parsed)
+    if source.preset == "movielens":
+        return to_movielens_canonical(parsed)
+    return to_canonical(parsed, source)
+
+
+def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
+    """Read the source, classify every row, check reconciliation, write bronze, quarantine and metrics."""
+    with step_log(STEP_NAME, ctx) as counts:
+        canonical = read_canonical(spark, config.source)
+        rules = rules_for(config, ctx.as_of)
+        classified = classify(
+            canonical, rules, net_cancellations=config.source.preset == "online_retail"
+        ).persist()
+        try:
+            by_reason = {
+                (row[REASON] or "accepted"): int(row["count"])
+                for row in classified.groupBy(REASON).count().collect()  # one row per reason code
+            }
+            input_rows = sum(by_reason.values())
+            if input_rows == 0:
+                raise InputDataError(f"Source {config.source.path} has no data rows; check {PATH_KEY}.")
+            accepted = by_reason.pop("accepted", 0)
+            quarantined = sum(by_reason.values())
+            counts.update(
+                {
+                    "input_rows": input_rows,
+                    "accepted": accepted,
+                    "quarantined": quarantined,
+                    "duplicates_removed": 0,
+                }
+            )
+            counts.update({f"quarantined.{reason}": n for reason, n in by_reason.items()})
+            reconcile(STEP_NAME, input_rows, accepted, quarantined, 0)
+            tables.write(to_bronze(classified, ctx.run_id, ctx.as_of), config, "bronze", "events", ctx.run_id)
+            tables.write_replacing(
+                to_quarantine(classified, STEP_NAME, ctx.run_id, ctx.as_of),
+                config,
+                "quarantine",
+                "events",
+                ctx.run_id,
+                {RUN_ID: ctx.run_id, STEP: STEP_NAME},
+            )
+            tables.write_replacing(
+                run_metrics_frame(spark, ctx.run_id, STEP_NAME, counts),
+                config,
+                "ops",
+                "run_metrics",
+                ctx.run_id,
+                {RUN_ID: ctx.run_id, STEP: STEP_NAME},
+            )
+        finally:
+            classified.unpersist()
+
+
+main = step_main(STEP_NAME)

@@ -1,0 +1,233 @@
+"""`shelf similarities`: top-N neighbours per item, from ALS item factors and from co-occurrence.
+
+Reads gold.item_factors (item_idx, features, run_id) and silver.interactions; writes
+gold.item_similarities with one row per (item_idx, source, rank): item_idx, neighbour_idx, score,
+rank (1 = most similar), source ("als", "cooccurrence" or "blend"), run_id.
+
+- als: cosine of the item factors. The factor matrix is the model (items x rank floats, not
+  growing with users), so the driver collects it once, normalises it and broadcasts the numpy
+  array; item blocks are scored inside `mapInPandas` with the blocked GEMM kernel `udfs.topk`.
+- cooccurrence: users in common, as cosine or Jaccard, for pairs shared by at least `min_support`
+  users. There is no item x item cross join: pairs come from a self-join on user restricted to each
+  user's `max_items_per_user` most recent (then heaviest) items, so work is bounded by users x M^2.
+- `similarities.method` picks one source, "both" (rows of each), or "blend" (w * als + (1 - w) *
+  cooccurrence over the union of both sources' pairs, a missing side counting 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark import Broadcast
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
+
+from pipelines.core import tables
+from pipelines.core.cli import step_main
+from pipelines.core.config import ShelfConfig, SimilarityConfig
+from pipelines.core.errors import InputDataError
+from pipelines.core.runs import RunContext, step_log
+from pipelines.core.schemas import EVENT_TS, ITEM_IDX, RUN_ID, USER_IDX, WEIGHT
+from udfs.topk import normalise_rows, to_long, top_n_dot
+
+STEP = "similarities"
+FEATURES = "features"
+NEIGHBOUR_IDX = "neighbour_idx"
+SCORE = "score"
+RANK = "rank"
+SOURCE = "source"
+ALS = "als"
+COOCCURRENCE = "cooccurrence"
+BLEND = "blend"
+
+ITEM_SIMILARITIES_SCHEMA = StructType(
+    [
+        StructField(ITEM_IDX, IntegerType(), False),
+        StructField(NEIGHBOUR_IDX, IntegerType(), False),
+        StructField(SCORE, DoubleType(), False),
+        StructField(RANK, IntegerType(), False),
+        StructField(SOURCE, StringType(), False),
+        StructField(RUN_ID, StringType(), False),
+    ]
+)
+_NEIGHBOURS_SCHEMA = StructType(ITEM_SIMILARITIES_SCHEMA.fields[:4])
+
+
+def factors_of_run(factors: DataFrame, run_id: str) -> DataFrame:
+    """The factor rows of `run_id` when the table holds several runs, else the table as it is.
+
+    Raises:
+        InputDataError: the table holds several runs and none is `run_id`.
+    """
+    runs = sorted(r[0] for r in factors.select(RUN_ID).distinct().collect())  # one row per run
+    if len(runs) <= 1:
+        return factors
+    if run_id not in runs:
+        raise InputDataError(
+            f"The factor table holds runs {runs} but not {run_id}; pass --run-id of the train run to use."
+        )
+    return factors.filter(F.col(RUN_ID) == run_id)
+
+
+def factor_matrix(factors: DataFrame, id_col: str = ITEM_IDX) -> tuple[np.ndarray, np.ndarray]:
+    """Collect a factor table to (ids (n,) int64 sorted, matrix (n, d) float32) on the driver.
+
+    Only for item factors: the catalogue's model, bounded by items x rank, never by users.
+
+    Raises:
+        InputDataError: the table is empty.
+    """
+    pdf = factors.select(id_col, FEATURES).orderBy(id_col).toPandas()
+    if pdf.empty:
+        raise InputDataError("gold.item_factors is empty; run 'shelf train' on non-empty interactions first.")
+    ids = pdf[id_col].to_numpy(dtype=np.int64)
+    matrix = np.stack([np.asarray(v, dtype=np.float32) for v in pdf[FEATURES]])
+    return ids, matrix
+
+
+def neighbours_batches(
+    batches: Iterator[pd.DataFrame],
+    catalogue: Broadcast[tuple[np.ndarray, np.ndarray]],
+    top_n: int,
+    block_rows: int,
+    block_items: int,
+) -> Iterator[pd.DataFrame]:
+    """pandas adapter: a batch of item ids -> their top-N cosine neighbours (dtypes of _NEIGHBOURS_SCHEMA)."""
+    ids, unit = catalogue.value
+    for batch in batches:
+        query_ids = batch[ITEM_IDX].to_numpy(dtype=np.int64)
+        rows = np.searchsorted(ids, query_ids)
+        result = top_n_dot(
+            unit[rows], unit, top_n, ids, query_ids=query_ids, exclude_self=True,
+            block_rows=block_rows, block_items=block_items,
+        )
+        keys, neighbours, scores, ranks = to_long(query_ids, result)
+        yield pd.DataFrame(
+            {
+                ITEM_IDX: keys.astype(np.int32),
+                NEIGHBOUR_IDX: neighbours.astype(np.int32),
+                SCORE: scores.astype(np.float64),
+                RANK: ranks.astype(np.int32),
+            }
+        )
+
+
+def to_als_neighbours(spark: SparkSession, item_factors: DataFrame, config: SimilarityConfig) -> DataFrame:
+    """Top-N cosine neighbours per item of the factor table: item_idx, neighbour_idx, score, rank."""
+    ids, matrix = factor_matrix(item_factors)
+    catalogue = spark.sparkContext.broadcast((ids, normalise_rows(matrix)))
+    parts = max(1, min(spark.sparkContext.defaultParallelism * 2, -(-len(ids) // config.block_rows)))
+    queries = item_factors.select(ITEM_IDX).repartitionByRange(parts, ITEM_IDX)
+    top_n, block_rows, block_items = config.top_n, config.block_rows, config.block_items
+    return queries.mapInPandas(
+        lambda it: neighbours_batches(it, catalogue, top_n, block_rows, block_items), _NEIGHBOURS_SCHEMA
+    )
+
+
+def with_recent_items(interactions: DataFrame, max_items_per_user: int) -> DataFrame:
+    """One row per (user, item) kept among the user's `max_items_per_user` most recent, then heaviest, items."""
+    per_item = interactions.groupBy(USER_IDX, ITEM_IDX).agg(
+        F.max(EVENT_TS).alias(EVENT_TS), F.sum(WEIGHT).alias(WEIGHT)
+    )
+    latest = Window.partitionBy(USER_IDX).orderBy(F.col(EVENT_TS).desc(), F.col(WEIGHT).desc(), F.col(ITEM_IDX).asc())
+    return (
+        per_item.withColumn("_n", F.row_number().over(latest))
+        .filter(F.col("_n") <= max_items_per_user)
+        .select(USER_IDX, ITEM_IDX)
+    )
+
+
+def rank_neighbours(pairs: DataFrame, top_n: int) -> DataFrame:
+    """Keep each item's top_n pairs by score desc, neighbour asc, numbered from 1."""
+    order = Window.partitionBy(ITEM_IDX).orderBy(F.col(SCORE).desc(), F.col(NEIGHBOUR_IDX).asc())
+    return (
+        pairs.withColumn(RANK, F.row_number().over(order))
+        .filter(F.col(RANK) <= top_n)
+        .select(
+            F.col(ITEM_IDX).cast("int"), F.col(NEIGHBOUR_IDX).cast("int"),
+            F.col(SCORE).cast("double"), F.col(RANK).cast("int"),
+        )
+    )
+
+
+def to_cooccurrence_neighbours(interactions: DataFrame, config: SimilarityConfig) -> DataFrame:
+    """Top-N co-occurrence neighbours per item (binary users-in-common cosine or Jaccard)."""
+    baskets = with_recent_items(interactions, config.max_items_per_user).cache()
+    support = baskets.groupBy(ITEM_IDX).agg(F.count(F.lit(1)).alias("_users"))
+    left, right = baskets.alias("a"), baskets.alias("b")
+    pairs = (
+        left.join(right, on=[F.col(f"a.{USER_IDX}") == F.col(f"b.{USER_IDX}"), F.col(f"a.{ITEM_IDX}") < F.col(f"b.{ITEM_IDX}")], how="inner")
+        .groupBy(F.col(f"a.{ITEM_IDX}").alias("i"), F.col(f"b.{ITEM_IDX}").alias("j"))
+        .agg(F.count(F.lit(1)).alias("_both"))
+        .filter(F.col("_both") >= config.min_support)
+    )
+    si, sj = support.alias("si"), support.alias("sj")
+    scored = (
+        pairs.join(F.broadcast(si), on=F.col("i") == F.col(f"si.{ITEM_IDX}"), how="inner")
+        .join(F.broadcast(sj), on=F.col("j") == F.col(f"sj.{ITEM_IDX}"), how="inner")
+        .select("i", "j", "_both", F.col("si._users").alias("_ni"), F.col("sj._users").alias("_nj"))
+    )
+    if config.cooccurrence_measure == "jaccard":
+        score = F.col("_both") / (F.col("_ni") + F.col("_nj") - F.col("_both"))
+    else:
+        score = F.col("_both") / F.sqrt(F.col("_ni") * F.col("_nj"))
+    scored = scored.withColumn(SCORE, score.cast("double"))
+    both_ways = scored.select(F.col("i").alias(ITEM_IDX), F.col("j").alias(NEIGHBOUR_IDX), SCORE).unionByName(
+        scored.select(F.col("j").alias(ITEM_IDX), F.col("i").alias(NEIGHBOUR_IDX), SCORE)
+    )
+    return rank_neighbours(both_ways, config.top_n)
+
+
+def to_blend(als: DataFrame, cooc: DataFrame, config: SimilarityConfig) -> DataFrame:
+    """w * als + (1 - w) * cooccurrence over the union of both sources' pairs, re-ranked."""
+    keys = [ITEM_IDX, NEIGHBOUR_IDX]
+    w = config.blend_als_weight
+    joined = als.select(*keys, F.col(SCORE).alias("_als")).join(
+        cooc.select(*keys, F.col(SCORE).alias("_cooc")), on=keys, how="full_outer"
+    )
+    blended = joined.withColumn(
+        SCORE, F.lit(w) * F.coalesce(F.col("_als"), F.lit(0.0)) + F.lit(1.0 - w) * F.coalesce(F.col("_cooc"), F.lit(0.0))
+    )
+    return rank_neighbours(blended, config.top_n)
+
+
+def to_item_similarities(
+    spark: SparkSession, item_factors: DataFrame, interactions: DataFrame, config: SimilarityConfig, run_id: str
+) -> DataFrame:
+    """The gold.item_similarities rows of one run for `config.method`."""
+    parts: list[tuple[str, DataFrame]] = []
+    als = to_als_neighbours(spark, item_factors, config) if config.method != COOCCURRENCE else None
+    cooc = to_cooccurrence_neighbours(interactions, config) if config.method != ALS else None
+    if config.method == "blend":
+        assert als is not None and cooc is not None
+        parts.append((BLEND, to_blend(als, cooc, config)))
+    else:
+        if als is not None:
+            parts.append((ALS, als))
+        if cooc is not None:
+            parts.append((COOCCURRENCE, cooc))
+    out: DataFrame | None = None
+    for source, df in parts:
+        tagged = df.withColumn(SOURCE, F.lit(source)).withColumn(RUN_ID, F.lit(run_id))
+        out = tagged if out is None else out.unionByName(tagged)
+    assert out is not None
+    return out.select(*[F.col(f.name).cast(f.dataType) for f in ITEM_SIMILARITIES_SCHEMA.fields])
+
+
+def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
+    """Read item factors and interactions, compute neighbours, write gold.item_similarities."""
+    with step_log(STEP, ctx) as counts:
+        item_factors = factors_of_run(tables.read(spark, config, "gold", "item_factors"), ctx.run_id)
+        interactions = tables.read(spark, config, "silver", "interactions")
+        result = to_item_similarities(spark, item_factors, interactions, config.similarities, ctx.run_id)
+        tables.write(result, config, "gold", "item_similarities", ctx.run_id, mode="run",
+                     comment="top-N neighbours per item and source")
+        written = tables.read(spark, config, "gold", "item_similarities").filter(F.col(RUN_ID) == ctx.run_id)
+        for row in written.groupBy(SOURCE).count().collect():  # one row per source
+            counts[f"rows_{row[SOURCE]}"] = row["count"]
+
+
+main = step_main(STEP)

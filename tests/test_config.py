@@ -1,0 +1,64 @@
+"""Every conf file loads; typos and wrong types fail with the key's path and its file; --set wins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.core.config import load_config
+from pipelines.core.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_conf_file_loads(path: Path) -> None:
+    config = load_config(path)
+    assert config.env == path.stem
+
+
+def test_required_keys_exist_with_their_names() -> None:
+    config = load_config(CONF / "local.yaml")
+    assert config.source.preset == "synthetic"
+    assert config.source.path and config.storage.root and config.recommend.top_k == 10
+
+
+def test_overlay_deep_merges_over_base() -> None:
+    config = load_config(CONF / "test.yaml")
+    assert config.train.rank == 8  # from test.yaml
+    assert config.train.reg_param == 0.05  # from base.yaml, untouched by the overlay
+    assert config.spark.master == "local[2]"
+    assert load_config(CONF / "cluster.yaml").spark.master is None
+
+
+def test_set_overrides_win() -> None:
+    config = load_config(CONF / "test.yaml", ["recommend.top_k=25", "source.preset=movielens", "train.tune=true"])
+    assert (config.recommend.top_k, config.source.preset, config.train.tune) == (25, "movielens", True)
+
+
+def test_misspelled_key_names_full_path_and_file(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text((CONF / "base.yaml").read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recommend:\n  topk: 5\n")
+    with pytest.raises(ConfigError, match=r"Unknown config key 'recommend\.topk' in .*bad\.yaml"):
+        load_config(bad)
+
+
+def test_wrong_type_names_path_and_file(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text((CONF / "base.yaml").read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  rank: lots\n")
+    with pytest.raises(ConfigError, match=r"'train\.rank' in .*bad\.yaml is invalid"):
+        load_config(bad)
+
+
+def test_bad_override_and_missing_file_are_one_sentence() -> None:
+    with pytest.raises(ConfigError, match=r"Unknown config key 'source\.nope' in --set source\.nope=1"):
+        load_config(CONF / "test.yaml", ["source.nope=1"])
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        load_config(CONF / "test.yaml", ["recommend.top_k"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(CONF / "missing.yaml")
+    with pytest.raises(ConfigError, match="source.preset"):
+        load_config(CONF / "test.yaml", ["source.preset=shopify"])

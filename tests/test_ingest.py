@@ -1,0 +1,230 @@
+"""`shelf ingest` on hand-written sources: every reason code, presets, mapping, errors, idempotence."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from chispa import assert_df_equality
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines import ingest
+from pipelines.core import tables
+from pipelines.core.config import ShelfConfig
+from pipelines.core.errors import InputDataError
+from pipelines.core.runs import RunContext
+from tests.conftest import test_config as make_config
+
+AS_OF = datetime(2026, 11, 1)
+HEADER = "user_id,item_id,event_type,event_ts,value,session_id"
+
+
+def write_text(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_ingest(spark: SparkSession, config: ShelfConfig, run_id: str = "r1") -> RunContext:
+    ctx = RunContext(run_id=run_id, as_of=AS_OF)
+    ingest.run(spark, config, ctx)
+    return ctx
+
+
+def quarantine(spark: SparkSession, config: ShelfConfig, run_id: str = "r1") -> DataFrame:
+    return tables.read(spark, config, "quarantine", "events").filter(F.col("run_id") == run_id)
+
+
+def bronze_rows(spark: SparkSession, config: ShelfConfig) -> list[tuple[object, ...]]:
+    df = tables.read(spark, config, "bronze", "events")
+    return sorted(
+        (r.user_id, r.item_id, r.event_type, r.event_ts, r.value, r.session_id) for r in df.collect()
+    )
+
+
+def metrics(spark: SparkSession, config: ShelfConfig, step: str, run_id: str = "r1") -> dict[str, float]:
+    df = tables.read(spark, config, "ops", "run_metrics").filter((F.col("run_id") == run_id) & (F.col("step") == step))
+    return {r.metric: r.value for r in df.collect()}
+
+
+DIRTY_LINES = [
+    HEADER,
+    "u1,i1,view,2026-10-01T12:00:00,,s1",  # accepted
+    "u1,i2,purchase,2026-10-02T08:30:00,2,s1",  # accepted
+    "u2,i1,rating,2026-10-03T00:00:00,4.5,",  # accepted, no session
+    "u3,i1,view,2026-10-01T12:00:00",  # too few fields
+    "u3,i1,view,2026-10-01T12:00:00,1,s3,extra",  # too many fields
+    ",i1,view,2026-10-01T12:00:00,,s4",  # null_user
+    "u4,,view,2026-10-01T12:00:00,,s4",  # null_item
+    "u4,i1,wishlist,2026-10-01T12:00:00,,s4",  # unknown_event_type
+    "u4,i1,view,yesterday,,s4",  # bad_timestamp
+    "u4,i1,view,2026-11-03T00:00:00,,s4",  # future_timestamp (tolerance 1h)
+    "u4,i1,view,2010-01-01T00:00:00,,s4",  # stale_timestamp (window 3650 days)
+    "u4,i1,purchase,2026-10-01T12:00:00,-3,s4",  # negative_value
+    "u4,i1,purchase,2026-10-01T12:00:00,NaN,s4",  # bad_value
+    "u4,i1,purchase,2026-10-01T12:00:00,1e12,s4",  # bad_value (above clean.max_value)
+    "u4,i1,purchase,2026-10-01T12:00:00,lots,s4",  # bad_value (not a number)
+]
+
+
+def test_every_ingest_reason_code_and_reconciliation(spark: SparkSession, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    write_text(Path(config.source.path) / "part-0.csv", DIRTY_LINES)
+    run_ingest(spark, config)
+
+    assert bronze_rows(spark, config) == [
+        ("u1", "i1", "view", datetime(2026, 10, 1, 12), None, "s1"),
+        ("u1", "i2", "purchase", datetime(2026, 10, 2, 8, 30), 2.0, "s1"),
+        ("u2", "i1", "rating", datetime(2026, 10, 3), 4.5, None),
+    ]
+    rejected = quarantine(spark, config).collect()
+    assert Counter(r.reason for r in rejected) == {
+        "unparseable_row": 2,
+        "null_user": 1,
+        "null_item": 1,
+        "unknown_event_type": 1,
+        "bad_timestamp": 1,
+        "future_timestamp": 1,
+        "stale_timestamp": 1,
+        "negative_value": 1,
+        "bad_value": 3,
+    }
+    raw_by_reason = {r.raw: r.reason for r in rejected}
+    assert raw_by_reason["u3,i1,view,2026-10-01T12:00:00,1,s3,extra"] == "unparseable_row"
+    assert raw_by_reason["u4,i1,purchase,2026-10-01T12:00:00,NaN,s4"] == "bad_value"
+    assert all(r.step == "ingest" and r.source_file.endswith("part-0.csv") for r in rejected)
+
+    m = metrics(spark, config, "ingest")
+    assert m["input_rows"] == len(DIRTY_LINES) - 1
+    assert m["accepted"] == 3 and m["quarantined"] == 13 and m["duplicates_removed"] == 0
+    assert m["input_rows"] == m["accepted"] + m["quarantined"] + m["duplicates_removed"]
+    assert m["quarantined.bad_value"] == 3
+
+
+def test_rerun_with_same_run_id_gives_identical_tables(spark: SparkSession, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    write_text(Path(config.source.path) / "part-0.csv", DIRTY_LINES)
+    run_ingest(spark, config)
+    first_bronze = tables.read(spark, config, "bronze", "events").localCheckpoint()
+    first_quarantine = quarantine(spark, config).localCheckpoint()
+    run_ingest(spark, config)
+    assert_df_equality(tables.read(spark, config, "bronze", "events"), first_bronze, ignore_row_order=True)
+    assert_df_equality(quarantine(spark, config), first_quarantine, ignore_row_order=True)
+    assert tables.read(spark, config, "ops", "run_metrics").filter("metric = 'input_rows'").count() == 1
+
+
+def test_generic_mapping_delimiter_no_header_and_timestamp_format(spark: SparkSession, tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        "source.preset=generic",
+        "source.header=false",
+        "source.delimiter=|",
+        "source.timestamp_format=dd/MM/yyyy HH:mm",
+        "source.columns={user_id: _c1, item_id: _c0, event_type: _c2, event_ts: _c3, value: null, session_id: null}",
+        "source.event_types={v: view, buy: purchase}",
+    )
+    write_text(
+        Path(config.source.path) / "a.txt",
+        ["i9|u9|v|01/10/2026 13:05", "i9|u8|buy|02/10/2026 00:00", "i9|u8|view|02/10/2026 00:00"],
+    )
+    run_ingest(spark, config)
+    assert bronze_rows(spark, config) == [
+        ("u8", "i9", "purchase", datetime(2026, 10, 2), None, None),
+        ("u9", "i9", "view", datetime(2026, 10, 1, 13, 5), None, None),
+    ]
+    # "view" is not a source value in this mapping: only v and buy are.
+    assert [r.reason for r in quarantine(spark, config).collect()] == ["unknown_event_type"]
+
+
+def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> None:
+    config = make_config(tmp_path / "json", "source.format=json")
+    write_text(
+        Path(config.source.path) / "events.json",
+        [
+            '{"user_id": "u1", "item_id": 7, "event_type": "view", "event_ts": "2026-10-01T00:00:00"}',
+            '{"user_id": "u1", "item_id": 8, "event_type": "purchase", "event_ts": "2026-10-01T00:00:00", "value": 2}',
+            '{"user_id": "u1", "item_id": ',
+        ],
+    )
+    run_ingest(spark, config)
+    assert [(r[1], r[4]) for r in bronze_rows(spark, config)] == [("7", None), ("8", 2.0)]
+    assert [r.reason for r in quarantine(spark, config).collect()] == ["unparseable_row"]
+
+    config = make_config(tmp_path / "pq", "source.format=parquet")
+    rows = [("u1", "i1", "view", datetime(2026, 10, 1), None, "s"), ("u2", "i1", "click", datetime(2026, 10, 1), 1.0, "s")]
+    schema = "user_id string, item_id string, event_type string, event_ts timestamp, value double, session_id string"
+    spark.createDataFrame(rows, schema).write.parquet(config.source.path)
+    run_ingest(spark, config)
+    assert bronze_rows(spark, config) == [("u1", "i1", "view", datetime(2026, 10, 1), None, "s")]
+    (bad,) = quarantine(spark, config).collect()
+    assert bad.reason == "unknown_event_type" and '"event_type":"click"' in bad.raw
+
+
+@pytest.mark.parametrize(
+    ("name", "lines"),
+    [
+        ("u.data", ["196\t242\t3\t881250949", "186\t302\t3.5\t891717742"]),
+        ("ratings.dat", ["196::242::3::881250949", "186::302::3.5::891717742"]),
+        ("ratings.csv", ["userId,movieId,rating,timestamp", "196,242,3,881250949", "186,302,3.5,891717742"]),
+    ],
+)
+def test_movielens_layouts(spark: SparkSession, tmp_path: Path, name: str, lines: list[str]) -> None:
+    path = write_text(tmp_path / "ml" / name, lines)
+    config = make_config(tmp_path, "source.preset=movielens", f"source.path={path}", "clean.window_days=20000")
+    run_ingest(spark, config)
+    assert bronze_rows(spark, config) == [
+        ("186", "302", "rating", datetime(1998, 4, 4, 19, 22, 22), 3.5, None),
+        ("196", "242", "rating", datetime(1997, 12, 4, 15, 55, 49), 3.0, None),
+    ]
+
+
+RETAIL_HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country"
+RETAIL_LINES = [
+    RETAIL_HEADER,
+    "536365,85123A,WHITE HANGING HEART T-LIGHT HOLDER,6,2010-12-01 08:26:00,2.55,17850,United Kingdom",
+    "536370,85123A,WHITE HANGING HEART T-LIGHT HOLDER,4,2010-12-02 09:00:00,2.55,17850,United Kingdom",
+    "C536379,85123A,WHITE HANGING HEART T-LIGHT HOLDER,-5,2010-12-03 09:41:00,2.55,17850,United Kingdom",
+    "536371,22086,\"PAPER CHAIN KIT, 50'S CHRISTMAS\",12,2010-12-01 09:00:00,2.55,13047,United Kingdom",
+    "C536372,22086,\"PAPER CHAIN KIT, 50'S CHRISTMAS\",-12,2010-12-04 09:00:00,2.55,13047,United Kingdom",
+    "536373,21730,GLASS STAR FROSTED T-LIGHT HOLDER,6,2010-12-01 09:02:00,4.25,,United Kingdom",
+    "536374,POST,POSTAGE,3,2010-12-01 09:09:00,18.00,12583,France",
+    "536375,BANK CHARGES,Bank Charges,1,2010-12-01 09:10:00,15.00,12583,France",
+    "536376,22139,,56,2010-12-01 11:52:00,0,13047,United Kingdom",
+    "536377,22139,amazon adjust,-20,2010-12-01 11:53:00,1.00,13047,United Kingdom",
+    "A563185,B,Adjust bad debt,1,2011-08-12 14:50:00,-11062.06,13047,United Kingdom",
+]
+
+
+def test_online_retail_cancellations_net_out_and_quarantine_codes(spark: SparkSession, tmp_path: Path) -> None:
+    path = write_text(tmp_path / "retail" / "online_retail.csv", RETAIL_LINES)
+    config = make_config(tmp_path, "source.preset=online_retail", f"source.path={path}")
+    ingest.run(spark, config, RunContext("r1", datetime(2011, 12, 10)))
+    # 17850 bought 6 then 4 and returned 5: the latest purchase (4) nets out, the first keeps 5.
+    # 13047 bought 12 and returned 12: nothing of that pair is left.
+    assert bronze_rows(spark, config) == [("17850", "85123A", "purchase", datetime(2010, 12, 1, 8, 26), 5.0, "536365")]
+    reasons = Counter(r.reason for r in quarantine(spark, config).collect())
+    assert reasons == {
+        "netted_out": 2,
+        "cancelled": 2,
+        "null_user": 1,
+        "non_product": 3,
+        "zero_price": 1,
+        "negative_value": 1,
+    }
+    m = metrics(spark, config, "ingest")
+    assert m["input_rows"] == len(RETAIL_LINES) - 1 == m["accepted"] + m["quarantined"]
+
+
+def test_bad_inputs_name_the_file_column_and_config_key(spark: SparkSession, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with pytest.raises(InputDataError, match=r"does not exist; set source\.path"):
+        run_ingest(spark, config)
+    write_text(Path(config.source.path) / "part-0.csv", ["user,item_id,event_type,event_ts,value,session_id", "a,b,c,d,,"])
+    with pytest.raises(InputDataError, match=r"no column 'user_id'.*fix source\.columns"):
+        run_ingest(spark, config)
+    retail = write_text(tmp_path / "retail.csv", ["InvoiceNo,StockCode", "1,2"])
+    with pytest.raises(InputDataError, match=r"retail\.csv has no column 'Description'"):
+        run_ingest(spark, make_config(tmp_path, "source.preset=online_retail", f"source.path={retail}"))

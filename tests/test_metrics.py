@@ -1,0 +1,116 @@
+"""Ranking metrics against values computed by hand (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pyspark.sql import DataFrame, SparkSession
+
+from pipelines.core import metrics
+
+LOG2_3 = math.log2(3)
+LOG2_5 = math.log2(5)
+IDCG_3 = 1 + 1 / LOG2_3 + 1 / 2  # three relevant positions
+
+
+def _recs(spark: SparkSession, lists: dict[int, list[int]]) -> DataFrame:
+    rows = [(u, item, rank) for u, items in lists.items() for rank, item in enumerate(items, start=1)]
+    return spark.createDataFrame(rows, "user_idx int, item_idx int, rank int")
+
+
+def _pairs(spark: SparkSession, sets: dict[int, list[int]]) -> DataFrame:
+    rows = [(u, item) for u, items in sets.items() for item in items]
+    return spark.createDataFrame(rows, "user_idx int, item_idx int")
+
+
+@pytest.fixture(scope="module")
+def per_user(spark: SparkSession) -> dict[tuple[int, int], dict[str, float]]:
+    recs = _recs(spark, {1: [10, 11, 12, 13], 2: [21, 22, 23], 3: [31, 40, 32]})
+    # user 1: 3 relevant, one never recommended; user 2: fewer relevant than k; user 3: more relevant
+    # than k; user 4: relevant items but no recommendations at all. The duplicate row is ignored.
+    relevant = _pairs(spark, {1: [11, 13, 99], 2: [21, 21], 3: [31, 32, 33, 34, 35], 4: [50]})
+    rows = metrics.per_user_metrics(recs, relevant, ks=[3, 4]).collect()
+    return {(r.user_idx, r.k): r.asDict() for r in rows}
+
+
+def test_metrics_for_a_user_with_as_many_relevant_as_k(per_user: dict) -> None:
+    at3, at4 = per_user[(1, 3)], per_user[(1, 4)]
+    # k=3: one hit at rank 2.
+    assert at3["precision"] == pytest.approx(1 / 3)
+    assert at3["recall"] == pytest.approx(1 / 3)
+    assert at3["ndcg"] == pytest.approx((1 / LOG2_3) / IDCG_3)
+    assert at3["map"] == pytest.approx((1 / 2) / 3)
+    assert at3["hit_rate"] == 1.0
+    # k=4: hits at ranks 2 and 4; AP sum = 1/2 + 2/4; min(k, relevant) = 3 = relevant.
+    assert at4["precision"] == pytest.approx(2 / 4)
+    assert at4["recall"] == pytest.approx(2 / 3)
+    assert at4["ndcg"] == pytest.approx((1 / LOG2_3 + 1 / LOG2_5) / IDCG_3)
+    assert at4["map"] == pytest.approx(1.0 / 3)
+    assert at4["map_rel"] == pytest.approx(1.0 / 3)
+
+
+def test_metrics_for_a_user_with_fewer_relevant_than_k(per_user: dict) -> None:
+    at3 = per_user[(2, 3)]
+    assert at3["precision"] == pytest.approx(1 / 3)  # precision still divides by k
+    assert at3["recall"] == pytest.approx(1.0)
+    assert at3["ndcg"] == pytest.approx(1.0)  # the ideal list has one relevant item
+    assert at3["map"] == pytest.approx(1.0)
+    assert at3["map_rel"] == pytest.approx(1.0)
+
+
+def test_map_normalisations_differ_when_relevant_exceeds_k(per_user: dict) -> None:
+    at3 = per_user[(3, 3)]
+    ap_sum = 1 / 1 + 2 / 3  # hits at ranks 1 and 3
+    assert at3["map"] == pytest.approx(ap_sum / 3)  # divided by min(k=3, relevant=5)
+    assert at3["map_rel"] == pytest.approx(ap_sum / 5)  # divided by relevant
+    assert at3["ndcg"] == pytest.approx((1 + 1 / 2) / IDCG_3)
+    assert at3["recall"] == pytest.approx(2 / 5)
+
+
+def test_a_user_without_recommendations_scores_zero(per_user: dict) -> None:
+    assert per_user[(4, 3)] == {
+        "user_idx": 4, "k": 3, "precision": 0.0, "recall": 0.0, "ndcg": 0.0, "map": 0.0, "map_rel": 0.0,
+        "hit_rate": 0.0,
+    }
+
+
+def test_top_k_breaks_score_ties_on_the_lower_item_id(spark: SparkSession) -> None:
+    scores = spark.createDataFrame(
+        [(1, 5, 0.9), (1, 3, 0.9), (1, 7, 1.0), (1, 1, 0.1), (2, 4, 0.5), (2, 2, 0.5)],
+        "user_idx int, item_idx int, score double",
+    )
+    ranked = metrics.top_k(scores, k=3).collect()
+    assert sorted((r.user_idx, r.rank, r.item_idx) for r in ranked) == [
+        (1, 1, 7), (1, 2, 3), (1, 3, 5), (2, 1, 2), (2, 2, 4),
+    ]
+
+
+def test_remove_seen_drops_only_the_users_own_items(spark: SparkSession) -> None:
+    candidates = _pairs(spark, {1: [1, 2, 3], 2: [1, 2]})
+    seen = _pairs(spark, {1: [2], 2: [1, 9]})
+    kept = metrics.remove_seen(candidates, seen).collect()
+    assert sorted((r.user_idx, r.item_idx) for r in kept) == [(1, 1), (1, 3), (2, 2)]
+
+
+def test_coverage_and_novelty(spark: SparkSession) -> None:
+    # Item 1 is used by all 4 training users (share 1, novelty 0); item 2 by one (share 1/4, novelty 2).
+    train = _pairs(spark, {1: [1, 2, 3], 2: [1], 3: [1, 3], 4: [1]})
+    recs = _recs(spark, {1: [1, 2], 2: [1, 2]})
+    rows = {r.k: r for r in metrics.catalog_metrics(recs, train, ks=[1, 2]).collect()}
+    assert rows[1].coverage == pytest.approx(1 / 3)
+    assert rows[1].novelty == pytest.approx(0.0)
+    assert rows[2].coverage == pytest.approx(2 / 3)
+    assert rows[2].novelty == pytest.approx(1.0)
+
+
+def test_ranking_metrics_averages_over_users_with_relevant_items(spark: SparkSession) -> None:
+    recs = _recs(spark, {1: [10, 11], 2: [20, 21]})
+    relevant = _pairs(spark, {1: [11], 2: [99], 3: [10]})  # user 3 got no list: counts as a zero
+    train = _pairs(spark, {1: [10, 20], 2: [11, 21, 99], 3: [12]})
+    table = {(r.metric, r.k): r.value for r in metrics.ranking_metrics(recs, relevant, train, ks=[2]).collect()}
+    assert table[("precision", 2)] == pytest.approx((1 / 2) / 3)
+    assert table[("hit_rate", 2)] == pytest.approx(1 / 3)
+    assert table[("ndcg", 2)] == pytest.approx((1 / LOG2_3) / 3)
+    assert table[("coverage", 2)] == pytest.approx(4 / 6)
+    assert {m for m, _ in table} == {*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS}
