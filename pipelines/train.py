@@ -118,7 +118,9 @@ def fit_als(spark: SparkSession, pairs: DataFrame, params: AlsParams, train: Tra
     ratings = deterministic_input(to_ratings(pairs, params.confidence), blocks).cache()
     try:
         if ratings.limit(1).count() == 0:
-            raise InputDataError("No interactions to train on; check silver.interactions (run 'shelf clean' first).")
+            raise InputDataError(
+                "No interactions to train on; check silver.interactions (run 'shelf clean' first)."
+            )
         return build_als(params, train, blocks).fit(ratings)
     finally:
         ratings.unpersist()
@@ -156,7 +158,12 @@ def als_recommend(model: ALSModel, users: DataFrame, seen: DataFrame, k: int) ->
 
 
 def validation_ndcg(
-    spark: SparkSession, train_pairs: DataFrame, holdout: DataFrame, params: AlsParams, train: TrainConfig, k: int
+    spark: SparkSession,
+    train_pairs: DataFrame,
+    holdout: DataFrame,
+    params: AlsParams,
+    train: TrainConfig,
+    k: int,
 ) -> float:
     """Mean NDCG@k of ALS with `params` on the held-out pairs of users it trained on."""
     model = fit_als(spark, train_pairs, params, train)
@@ -168,7 +175,9 @@ def validation_ndcg(
     return float(mean or 0.0)
 
 
-def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunContext) -> tuple[DataFrame, AlsParams]:
+def tune(
+    spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunContext
+) -> tuple[DataFrame, AlsParams]:
     """Grid search over rank/reg_param/alpha/confidence scored by NDCG@k on a per-user leave-last-N split
     carved from the training data only. Returns one row per grid point and the best parameters
     (ties: the first grid point, i.e. the smallest values)."""
@@ -239,15 +248,24 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         pairs.unpersist()
         seconds = round(time.perf_counter() - started, 3)
         row = (
-            ctx.run_id, ctx.as_of, *asdict(params).values(), train.max_iter, train.nonnegative, train.seed,
-            num_blocks(spark, train), train.tune, int(counts["users"]), int(counts["items"]),
-            int(counts["ratings"]), seconds,
+            ctx.run_id,
+            ctx.as_of,
+            *asdict(params).values(),
+            train.max_iter,
+            train.nonnegative,
+            train.seed,
+            num_blocks(spark, train),
+            train.tune,
+            int(counts["users"]),
+            int(counts["items"]),
+            int(counts["ratings"]),
+            seconds,
         )
         training = spark.createDataFrame(
             [row],
-            f"{RUN_ID} string, {AS_OF} timestamp, rank int, reg_param double, alpha double, confidence string, "
-            "max_iter int, nonnegative boolean, seed long, num_blocks int, tuned boolean, users long, "
-            "items long, ratings long, seconds double",
+            f"{RUN_ID} string, {AS_OF} timestamp, rank int, reg_param double, alpha double, "
+            "confidence string, max_iter int, nonnegative boolean, seed long, num_blocks int, tuned boolean, "
+            "users long, items long, ratings long, seconds double",
         )
         tables.write(training, config, "gold", "training_runs", ctx.run_id, mode="run")
 

@@ -70,7 +70,13 @@ def test_map_normalisations_differ_when_relevant_exceeds_k(per_user: dict) -> No
 
 def test_a_user_without_recommendations_scores_zero(per_user: dict) -> None:
     assert per_user[(4, 3)] == {
-        "user_idx": 4, "k": 3, "precision": 0.0, "recall": 0.0, "ndcg": 0.0, "map": 0.0, "map_rel": 0.0,
+        "user_idx": 4,
+        "k": 3,
+        "precision": 0.0,
+        "recall": 0.0,
+        "ndcg": 0.0,
+        "map": 0.0,
+        "map_rel": 0.0,
         "hit_rate": 0.0,
     }
 
@@ -82,7 +88,11 @@ def test_top_k_breaks_score_ties_on_the_lower_item_id(spark: SparkSession) -> No
     )
     ranked = metrics.top_k(scores, k=3).collect()
     assert sorted((r.user_idx, r.rank, r.item_idx) for r in ranked) == [
-        (1, 1, 7), (1, 2, 3), (1, 3, 5), (2, 1, 2), (2, 2, 4),
+        (1, 1, 7),
+        (1, 2, 3),
+        (1, 3, 5),
+        (2, 1, 2),
+        (2, 2, 4),
     ]
 
 
@@ -108,7 +118,9 @@ def test_ranking_metrics_averages_over_users_with_relevant_items(spark: SparkSes
     recs = _recs(spark, {1: [10, 11], 2: [20, 21]})
     relevant = _pairs(spark, {1: [11], 2: [99], 3: [10]})  # user 3 got no list: counts as a zero
     train = _pairs(spark, {1: [10, 20], 2: [11, 21, 99], 3: [12]})
-    table = {(r.metric, r.k): r.value for r in metrics.ranking_metrics(recs, relevant, train, ks=[2]).collect()}
+    table = {
+        (r.metric, r.k): r.value for r in metrics.ranking_metrics(recs, relevant, train, ks=[2]).collect()
+    }
     assert table[("precision", 2)] == pytest.approx((1 / 2) / 3)
     assert table[("hit_rate", 2)] == pytest.approx(1 / 3)
     assert table[("ndcg", 2)] == pytest.approx((1 / LOG2_3) / 3)

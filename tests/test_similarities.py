@@ -73,16 +73,14 @@ def test_cooccurrence_is_bounded_by_each_users_recent_items(spark: SparkSession,
     assert sorted(map(tuple, out[["item_idx", "neighbour_idx"]].values.tolist())) == [(3, 4), (4, 3)]
 
 
-def test_blend_writes_one_source(spark: SparkSession, config: ShelfConfig) -> None:
+def test_blend_gives_one_ranked_source(spark: SparkSession, config: ShelfConfig) -> None:
     rng = np.random.default_rng(3)
-    ids = np.arange(8)
-    write_item_factors(spark, config, rng.normal(size=(8, 4)), ids, "r2")
+    factors = spark.createDataFrame(
+        [(i, [float(v) for v in rng.normal(size=4)], "r2") for i in range(8)], "item_idx int, features array<float>, run_id string"
+    )
     events = [(u, i, "view", i) for u in range(4) for i in range(0, 8, 1 + u % 2)]
-    tables.write(interactions_df(spark, events, "r2"), config, "silver", "interactions", "r2")
-    cfg = config.model_copy(update={"similarities": config.similarities.model_copy(update={"method": "blend", "top_n": 3})})
-    similarities.run(spark, cfg, RunContext("r2", AS_OF))
-    similarities.run(spark, cfg, RunContext("r2", AS_OF))  # idempotent rerun
-    got = tables.read(spark, cfg, "gold", "item_similarities").toPandas()
+    cfg = config.similarities.model_copy(update={"method": "blend", "top_n": 3, "min_support": 1})
+    got = similarities.to_item_similarities(spark, factors, interactions_df(spark, events, "r2"), cfg, "r2").toPandas()
     assert set(got["source"]) == {"blend"}
     assert got.groupby("item_idx")["rank"].apply(list).map(lambda r: r == list(range(1, len(r) + 1))).all()
     assert got.groupby("item_idx").size().max() == 3

@@ -183,6 +183,40 @@ class RecommendConfig(_Section):
     max_candidates: int = 300  # cap per user after the union
 
 
+class RerankWeights(_Section):
+    """Weights of the re-ranking features in the relevance score (udfs/rerank.py)."""
+
+    als: float = 1.0  # p_u . q_c
+    session: float = 1.0  # s_u . q_c
+    max_cosine: float = 0.5  # max cosine of q_c to the user's fresh items
+    mean_cosine: float = 0.25
+    popularity: float = 0.2  # distinct users in the fresh window / the most popular item's
+    promo: float = 0.1  # the promotion boost
+    new_arrival: float = 0.1  # the new-arrival boost
+
+
+class RerankConfig(_Section):
+    top_k: int = Field(10, ge=1)
+    max_candidates: int = Field(300, ge=1)  # per user, before the kernel (best ALS score first)
+    fresh_days: float = Field(7.0, gt=0)  # events in [as_of - fresh_days, as_of) are the session
+    half_life_days: float = Field(2.0, gt=0)  # decay of a fresh event's pull on the session vector
+    alpha: float = Field(0.5, ge=0)  # s_u = p_u + alpha * sum_j w(type_j) * 2^(-age_j / half_life) * q_j
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0, "rating": 1.0}
+    )
+    bought_event_types: list[str] = Field(default_factory=lambda: ["purchase"])
+    bought_window_days: float = Field(30.0, ge=0)  # items bought in this window are never recommended
+    blocked_categories: list[str] = Field(default_factory=list)
+    category_cap: int | None = Field(3, ge=1)  # None: no cap
+    new_arrival_days: float = Field(30.0, ge=0)  # launched within this many days before as_of
+    trending_threshold: float = Field(0.5, ge=0, le=1)  # popularity at or above it earns reason "trending"
+    similar_threshold: float = Field(0.5, ge=-1, le=1)  # max cosine at or above it earns "similar_to:<item>"
+    mmr_lambda: float = Field(0.7, ge=0, le=1)  # 1: pure relevance order
+    mmr_pool: int = Field(50, ge=1)  # most relevant candidates per user that MMR chooses from
+    buckets: int | None = Field(None, ge=1)  # user hash partitions; None: spark.sql.shuffle.partitions
+    weights: RerankWeights = RerankWeights()
+
+
 class ShelfConfig(_Section):
     env: str = "local"
     spark: SparkConfig = SparkConfig()
@@ -194,6 +228,7 @@ class ShelfConfig(_Section):
     similarities: SimilarityConfig = SimilarityConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     recommend: RecommendConfig = RecommendConfig()
+    rerank: RerankConfig = RerankConfig()
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

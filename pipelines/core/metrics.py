@@ -57,7 +57,9 @@ def remove_seen(
     item_col: str = ITEM_IDX,
 ) -> DataFrame:
     """Drop candidate (user, item) pairs the user already interacted with."""
-    return candidates.join(seen.select(user_col, item_col).distinct(), on=[user_col, item_col], how="left_anti")
+    return candidates.join(
+        seen.select(user_col, item_col).distinct(), on=[user_col, item_col], how="left_anti"
+    )
 
 
 def _ideal_dcg(k_col: str, relevant_col: str) -> Column:
@@ -73,7 +75,8 @@ def per_user_metrics(
     user_col: str = USER_IDX,
     item_col: str = ITEM_IDX,
 ) -> DataFrame:
-    """One row per (user, k) for every user with a relevant item: precision, recall, ndcg, map, map_rel, hit_rate.
+    """One row per (user, k) for each user with a relevant item: precision, recall, ndcg, map, map_rel,
+    hit_rate.
 
     Args:
         recs: (user, item, rank) with ranks 1, 2, ... per user and no repeated item.
@@ -127,9 +130,7 @@ def catalog_metrics(
     spark = recs.sparkSession
     cutoffs = F.broadcast(spark.createDataFrame([(int(k),) for k in sorted(set(ks))], f"{K} int"))
     pairs = train.select(user_col, item_col).distinct()
-    totals = pairs.agg(
-        F.countDistinct(user_col).alias("_users"), F.countDistinct(item_col).alias("_items")
-    )
+    totals = pairs.agg(F.countDistinct(user_col).alias("_users"), F.countDistinct(item_col).alias("_items"))
     popularity = pairs.groupBy(item_col).agg(F.count(F.lit(1)).alias("_item_users"))
     shown = recs.select(user_col, item_col, RANK).crossJoin(cutoffs).filter(F.col(RANK) <= F.col(K))
     per_k = (
@@ -145,7 +146,9 @@ def catalog_metrics(
         .withColumn("coverage", F.col("_shown_items") / F.col("_items"))
     )
     return cutoffs.join(per_k, on=K, how="left").select(
-        K, F.coalesce("coverage", F.lit(0.0)).alias("coverage"), F.coalesce("novelty", F.lit(0.0)).alias("novelty")
+        K,
+        F.coalesce("coverage", F.lit(0.0)).alias("coverage"),
+        F.coalesce("novelty", F.lit(0.0)).alias("novelty"),
     )
 
 

@@ -22,7 +22,7 @@ Split = tuple[DataFrame, DataFrame]
 
 
 def temporal_split(df: DataFrame, cut: datetime, ts_col: str = EVENT_TS) -> Split:
-    """Global temporal cut: rows before `cut` train, rows at or after `cut` test (nothing leaks back in time)."""
+    """Global temporal cut: rows before `cut` train, rows at or after it test (nothing leaks back in time)."""
     before = F.col(ts_col) < F.lit(cut)
     return df.filter(before), df.filter(~before)
 
@@ -40,7 +40,9 @@ def leave_last_n_split(
     Ties in time break on the item id (higher id counts as later), so the split is reproducible.
     """
     if n < 1:
-        raise ConfigError(f"leave-last-N needs n >= 1, got {n}; set evaluate.leave_last_n or train.validation_last_n.")
+        raise ConfigError(
+            f"leave-last-N needs n >= 1, got {n}; set evaluate.leave_last_n or train.validation_last_n."
+        )
     latest_first = Window.partitionBy(user_col).orderBy(F.col(ts_col).desc(), F.col(item_col).desc())
     per_user = Window.partitionBy(user_col)
     ranked = df.withColumn("_pos", F.row_number().over(latest_first)).withColumn(
@@ -70,7 +72,9 @@ def random_stratified_split(
     more keeps at least one row on each side; a group with one row stays in train.
     """
     if not 0.0 < ratio < 1.0:
-        raise ConfigError(f"Split ratio must be between 0 and 1, got {ratio}; set evaluate.test_ratio to e.g. 0.25.")
+        raise ConfigError(
+            f"Split ratio must be between 0 and 1, got {ratio}; set evaluate.test_ratio to e.g. 0.25."
+        )
     group = user_col if by == "user" else item_col
     other = item_col if by == "user" else user_col
     drawn = Window.partitionBy(group).orderBy(F.col("_draw"), F.col(other))

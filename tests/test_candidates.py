@@ -1,0 +1,93 @@
+"""pipelines/candidates.py on hand-built factors, similarities and interactions."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+from pyspark.sql import SparkSession
+
+from pipelines import candidates
+from pipelines.core import tables
+from pipelines.core.config import ShelfConfig
+from pipelines.core.runs import RunContext
+from pipelines.core.schemas import INTERACTIONS_SCHEMA
+from udfs.topk import csr_from_lists, top_n_dot
+
+AS_OF = datetime(2026, 11, 1)
+RUN = "r1"
+
+
+def factors_df(spark: SparkSession, key: str, ids: np.ndarray, factors: np.ndarray):
+    rows = [(int(i), [float(v) for v in f], RUN) for i, f in zip(ids, factors, strict=True)]
+    return spark.createDataFrame(rows, f"{key} int, features array<float>, run_id string")
+
+
+def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
+    rng = np.random.default_rng(11)
+    n_items, n_users, k = 40, 12, 6
+    item_ids = np.arange(n_items)
+    item_f = rng.normal(size=(n_items, 5)).astype(np.float32)
+    warm = np.arange(n_users)  # users 0..11 have factors; 100 and 101 are cold
+    user_f = rng.normal(size=(n_users, 5)).astype(np.float32)
+    # Every warm user buys its 2 best-scoring items (so ALS would propose them) and views one more.
+    best = np.argsort(-(user_f @ item_f.T), axis=1, kind="stable")
+    events = []
+    for u in warm:
+        events += [(int(u), int(best[u, 0]), "purchase", 3), (int(u), int(best[u, 1]), "purchase", 2),
+                   (int(u), int(best[u, 5]), "view", 1)]
+    events += [(100, 1, "purchase", 1), (100, 2, "view", 2), (101, 3, "view", 1), (7, 1, "view", 9)]
+    rows = [(u, i, t, AS_OF - timedelta(days=d), None, 1.0, 1.0, RUN, AS_OF) for u, i, t, d in events]
+    tables.write(spark.createDataFrame(rows, INTERACTIONS_SCHEMA), config, "silver", "interactions", RUN)
+    tables.write(factors_df(spark, "user_idx", warm, user_f), config, "gold", "user_factors", RUN)
+    tables.write(factors_df(spark, "item_idx", item_ids, item_f), config, "gold", "item_factors", RUN)
+    # Item 2's neighbours are 30 and 31; item 3's is 2. Cold user 100 viewed 2, and bought 1.
+    sims = spark.createDataFrame(
+        [(2, 30, 0.9, 1, "als", RUN), (2, 31, 0.8, 2, "als", RUN), (3, 2, 0.7, 1, "als", RUN)],
+        "item_idx int, neighbour_idx int, score double, rank int, source string, run_id string",
+    )
+    tables.write(sims, config, "gold", "item_similarities", RUN)
+    cfg = config.model_copy(update={"recommend": config.recommend.model_copy(
+        update={"candidates_k": k, "popular_k": 5, "max_candidates": 50})})
+
+    candidates.run(spark, cfg, RunContext(RUN, AS_OF))
+    out = tables.read(spark, cfg, "gold", "candidates").toPandas()
+
+    assert str(out["user_idx"].dtype) == "int32" and str(out["item_idx"].dtype) == "int32"
+    owned = {(u, i) for u, i, t, _ in events if t == "purchase"}
+    assert not any((u, i) in owned for u, i in zip(out["user_idx"], out["item_idx"], strict=True))
+    assert not out.duplicated(["user_idx", "item_idx"]).any()
+
+    # ALS part equals the kernel run in one process with the same exclusions.
+    owned_lists = [sorted(i for u2, i in owned if u2 == u) for u in warm]
+    indptr, indices = csr_from_lists(owned_lists)
+    want = top_n_dot(user_f, item_f, k, item_ids, exclude_indptr=indptr, exclude_indices=indices)
+    als = out[out["sources"].map(lambda s: "als" in s)]
+    for row, u in enumerate(warm):
+        mine = als[als["user_idx"] == u].sort_values("als_score", ascending=False)
+        assert set(mine["item_idx"]) == set(want.ids[row].tolist())
+        np.testing.assert_allclose(np.sort(mine["als_score"].to_numpy())[::-1], want.scores[row], rtol=1e-5, atol=1e-5)
+    assert out.loc[out["sources"].map(lambda s: "als" not in s), "als_score"].isna().all()
+
+    # Cold users: popularity fallback tagged "popular", plus neighbours of their recent items.
+    cold = out[out["user_idx"].isin([100, 101])]
+    assert set(cold["user_idx"]) == {100, 101}
+    assert cold["sources"].map(lambda s: "popular" in s or "neighbours" in s).all()
+    assert cold["als_score"].isna().all()
+    u100 = cold[cold["user_idx"] == 100]
+    assert 1 not in set(u100["item_idx"])  # bought
+    assert {30, 31} <= set(u100["item_idx"])
+    assert (u100["sources"].map(list).map(lambda s: "popular" in s)).sum() >= 4
+    assert list(cold[(cold["user_idx"] == 101) & (cold["item_idx"] == 2)]["sources"].iloc[0]) in (["neighbours"], ["neighbours", "popular"])
+    assert not out[out["user_idx"].isin(warm)]["sources"].map(lambda s: "popular" in s).any()
+
+
+def test_cap_keeps_the_best_per_user(spark: SparkSession) -> None:
+    als = spark.createDataFrame([(1, i, float(i)) for i in range(10)], "user_idx int, item_idx int, als_score double")
+    neighbours = spark.createDataFrame([(1, 3, 0.5), (1, 42, 0.9)], "user_idx int, item_idx int, _sim double")
+    popular = spark.createDataFrame([], "user_idx int, item_idx int, _pop_rank int")
+    owned = spark.createDataFrame([(1, 9)], "user_idx int, item_idx int")
+    out = candidates.to_candidates(als, neighbours, popular, owned, 3, "r").orderBy("item_idx").toPandas()
+    # Item 3 is proposed by two sources, so it leads; then the best ALS scores 8 and 7 (9 is owned).
+    assert out["item_idx"].tolist() == [3, 7, 8]
+    assert [list(s) for s in out["sources"]] == [["als", "neighbours"], ["als"], ["als"]]

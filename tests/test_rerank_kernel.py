@@ -1,0 +1,267 @@
+"""udfs/rerank.py without Spark: invariants over random batches (hypothesis) and hand-built cases."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from udfs.rerank import (
+    FEATURES,
+    ItemTable,
+    RerankParams,
+    UserBatch,
+    features,
+    mmr_select,
+    reason_lists,
+    rerank,
+)
+
+
+def make_case(seed: int, n_items: int = 30, n_users: int = 6, d: int = 4) -> tuple[ItemTable, UserBatch]:
+    """Random catalogue (sparse ids, 4 categories, some out of stock / blocked / promo) and users."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(np.arange(n_items) * 3 + 1)
+    items = ItemTable.plain(
+        ids,
+        rng.normal(size=(n_items, d)),
+        popularity=rng.random(n_items),
+        promo=rng.random(n_items) < 0.2,
+        new_arrival=rng.random(n_items) < 0.2,
+        in_stock=rng.random(n_items) < 0.85,
+        blocked=rng.random(n_items) < 0.1,
+        category=rng.integers(-1, 4, n_items),
+    )
+    cands, events = [], []
+    for _ in range(n_users):
+        cands.append(rng.choice(ids, rng.integers(0, n_items), replace=False))
+        events.append(rng.choice(ids, rng.integers(0, 8)))
+    cand_ptr = np.r_[0, np.cumsum([c.size for c in cands])].astype(np.int64)
+    ev_ptr = np.r_[0, np.cumsum([e.size for e in events])].astype(np.int64)
+    n_ev = int(ev_ptr[-1])
+    batch = UserBatch(
+        rng.normal(size=(n_users, d)).astype(np.float32),
+        rng.random(n_users) < 0.8,
+        cand_ptr,
+        np.concatenate(cands).astype(np.int64),
+        rng.random(int(cand_ptr[-1])) < 0.7,
+        ev_ptr,
+        np.concatenate(events).astype(np.int64),
+        rng.choice([1.0, 3.0, 5.0], n_ev),
+        rng.random(n_ev) * 40.0,
+        rng.random(n_ev) < 0.3,
+    )
+    return items, batch
+
+
+def user_slice(batch: UserBatch, r: int) -> UserBatch:
+    """The one-user batch of row r."""
+    c0, c1 = batch.cand_indptr[r], batch.cand_indptr[r + 1]
+    e0, e1 = batch.event_indptr[r], batch.event_indptr[r + 1]
+    return UserBatch(
+        batch.user_factors[r : r + 1],
+        batch.has_factors[r : r + 1],
+        np.array([0, c1 - c0]),
+        batch.cand_items[c0:c1],
+        batch.cand_als[c0:c1],
+        np.array([0, e1 - e0]),
+        batch.event_items[e0:e1],
+        batch.event_weights[e0:e1],
+        batch.event_ages[e0:e1],
+        batch.event_bought[e0:e1],
+    )
+
+
+params_st = st.builds(
+    RerankParams,
+    top_k=st.integers(1, 12),
+    category_cap=st.one_of(st.none(), st.integers(1, 4)),
+    mmr_lambda=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    mmr_pool=st.integers(1, 30),
+    bought_window_days=st.sampled_from([0.0, 10.0, 30.0]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), params=params_st)
+def test_rules_caps_order_and_size(seed: int, params: RerankParams) -> None:
+    items, batch = make_case(seed)
+    out = rerank(items, batch, params)
+    col = np.searchsorted(items.ids, out.items)
+    assert items.in_stock[col].all() and not items.blocked[col].any()
+    m = batch.cand_indptr.size - 1
+    for r in range(m):
+        mine = out.user_rows == r
+        got = out.items[mine]
+        cands = batch.cand_items[batch.cand_indptr[r] : batch.cand_indptr[r + 1]]
+        assert set(got) <= set(cands) and len(set(got)) == got.size <= params.top_k
+        e = slice(batch.event_indptr[r], batch.event_indptr[r + 1])
+        recent_buys = batch.event_bought[e] & (batch.event_ages[e] <= params.bought_window_days)
+        assert not set(got) & set(batch.event_items[e][recent_buys])
+        assert out.ranks[mine].tolist() == list(range(1, got.size + 1))
+        scores = out.scores[mine]
+        assert np.all(np.diff(scores) <= 1e-12)
+        ties = np.flatnonzero(np.diff(scores) == 0)
+        assert np.all(got[ties] < got[ties + 1])  # equal scores: lower item id first
+        if params.category_cap is not None:
+            cats = items.category[np.searchsorted(items.ids, got)]
+            counts = np.bincount(cats[cats >= 0], minlength=4)
+            assert counts.max(initial=0) <= params.category_cap
+    assert np.all(np.diff(out.user_rows) >= 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), params=params_st)
+def test_deterministic_and_independent_of_batching(seed: int, params: RerankParams) -> None:
+    items, batch = make_case(seed)
+    whole = rerank(items, batch, params)
+    again = rerank(items, batch, params)
+    for a, b in zip(whole, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for r in range(batch.cand_indptr.size - 1):
+        alone = rerank(items, user_slice(batch, r), params)
+        mine = whole.user_rows == r
+        np.testing.assert_array_equal(alone.items, whole.items[mine])
+        np.testing.assert_array_equal(alone.scores, whole.scores[mine])
+        np.testing.assert_array_equal(alone.flags, whole.flags[mine])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), top_k=st.integers(1, 12))
+def test_lambda_one_is_the_pure_relevance_order(seed: int, top_k: int) -> None:
+    items, batch = make_case(seed)
+    params = RerankParams(top_k=top_k, mmr_lambda=1.0, category_cap=None)
+    out = rerank(items, batch, params)
+    feats = features(items, batch, params)
+    relevance = sum(params.weights[f] * feats[f] for f in FEATURES)
+    for r in range(batch.cand_indptr.size - 1):
+        c = slice(batch.cand_indptr[r], batch.cand_indptr[r + 1])
+        mine = out.user_rows == r
+        got = out.items[mine]
+        by_item = dict(zip(batch.cand_items[c].tolist(), np.asarray(relevance)[c].tolist(), strict=True))
+        np.testing.assert_allclose(out.scores[mine], [by_item[i] for i in got])  # score = relevance
+        expected = sorted(got.tolist(), key=lambda i: (-by_item[i], i))
+        assert got.tolist() == expected
+        # Nothing eligible that was left out beats the last pick.
+        e = slice(batch.event_indptr[r], batch.event_indptr[r + 1])
+        bought = set(batch.event_items[e][batch.event_bought[e] & (batch.event_ages[e] <= 30.0)].tolist())
+        eligible = [
+            i
+            for i in by_item
+            if (k := np.searchsorted(items.ids, i)) < items.ids.size
+            and items.in_stock[k]
+            and not items.blocked[k]
+            and i not in bought
+        ]
+        assert got.size == min(top_k, len(eligible))
+        if got.size:
+            worst = (-by_item[int(got[-1])], int(got[-1]))
+            assert all((-by_item[i], i) >= worst for i in eligible if i not in set(got.tolist()))
+
+
+def test_mmr_with_lambda_one_equals_relevance_sort_and_diversifies_below_one() -> None:
+    relevance = np.array([1.0, 0.99, 0.5, 0.99])
+    unit = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    picks, values = mmr_select(relevance, unit, 3, 1.0)
+    assert picks.tolist() == [0, 1, 3] and values.tolist() == [1.0, 0.99, 0.99]
+    picks, values = mmr_select(relevance, unit, 3, 0.5)
+    # Item 1 duplicates item 0: the orthogonal item 2 comes before it.
+    assert picks.tolist()[:2] == [0, 2] and np.all(np.diff(values) <= 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), target=st.integers(0, 3), n_events=st.integers(1, 6))
+def test_fresh_events_in_one_category_raise_that_category(seed: int, target: int, n_events: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, n_cat, top_k = 40, 4, 8
+    category = np.arange(n) % n_cat
+    factors = np.zeros((n, n_cat))
+    factors[np.arange(n), category] = 0.5 + rng.random(n)  # categories are orthogonal directions
+    items = ItemTable.plain(np.arange(n), factors, category=category, popularity=rng.random(n))
+    cands = np.arange(n)
+    in_target = np.flatnonzero(category == target)
+    events = rng.choice(in_target, n_events)
+    p_u = rng.normal(size=(1, n_cat)).astype(np.float32)
+
+    def batch(ev: np.ndarray) -> UserBatch:
+        return UserBatch(
+            p_u,
+            np.array([True]),
+            np.array([0, n]),
+            cands,
+            np.ones(n, bool),
+            np.array([0, ev.size]),
+            ev.astype(np.int64),
+            np.full(ev.size, 3.0),
+            np.full(ev.size, 0.5),
+            np.zeros(ev.size, bool),
+        )
+
+    params = RerankParams(top_k=top_k, mmr_lambda=1.0, category_cap=None)
+    before = rerank(items, batch(np.zeros(0, np.int64)), params)
+    after = rerank(items, batch(events), params)
+    share_before = np.mean(category[before.items] == target)
+    share_after = np.mean(category[after.items] == target)
+    assert share_after >= share_before
+    rel_before = _relevance(items, batch(np.zeros(0, np.int64)), params)
+    rel_after = _relevance(items, batch(events), params)
+    assert np.all(rel_after[in_target] > rel_before[in_target])  # every item of the category gains
+    others = category != target
+    np.testing.assert_allclose(rel_after[others], rel_before[others])  # the rest keep their score
+    rank_before = np.argsort(np.lexsort((np.arange(n), -rel_before)))
+    rank_after = np.argsort(np.lexsort((np.arange(n), -rel_after)))
+    assert np.mean(rank_after[in_target]) <= np.mean(rank_before[in_target])
+
+
+def _relevance(items: ItemTable, batch: UserBatch, params: RerankParams) -> np.ndarray:
+    feats = features(items, batch, params)
+    return np.asarray(sum(params.weights[f] * feats[f] for f in FEATURES))
+
+
+def test_session_vector_reasons_and_cold_user_fold_in() -> None:
+    # Items 10 and 11 point the same way, 12 is orthogonal; the user has no ALS vector, viewed 10.
+    items = ItemTable.plain(
+        [10, 11, 12],
+        [[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]],
+        promo=[False, False, True],
+        popularity=[0.1, 0.2, 0.9],
+    )
+    batch = UserBatch(
+        np.zeros((1, 2), np.float32),
+        np.array([False]),
+        np.array([0, 2]),
+        np.array([11, 12]),
+        np.array([True, False]),
+        np.array([0, 1]),
+        np.array([10]),
+        np.array([1.0]),
+        np.array([0.0]),
+        np.array([False]),
+    )
+    params = RerankParams(top_k=2, mmr_lambda=1.0, alpha=1.0, weights={"session": 1.0})
+    out = rerank(items, batch, params)
+    assert out.items.tolist() == [11, 12]
+    np.testing.assert_allclose(out.scores, [1.0, 0.0])  # s_u = q_10 (folded in), s.q_11 = 1, s.q_12 = 0
+    assert reason_lists(out) == [["similar_to:10"], ["promo", "trending"]]  # no ALS vector: no "als"
+
+
+def test_half_life_halves_an_events_pull() -> None:
+    items = ItemTable.plain([0, 1], [[1.0, 0.0], [0.0, 1.0]])
+    base = dict(
+        user_factors=np.zeros((1, 2), np.float32),
+        has_factors=np.array([False]),
+        cand_indptr=np.array([0, 1]),
+        cand_items=np.array([0]),
+        cand_als=np.array([False]),
+        event_indptr=np.array([0, 1]),
+        event_items=np.array([0]),
+        event_weights=np.array([2.0]),
+        event_bought=np.array([False]),
+    )
+    params = RerankParams(top_k=1, mmr_lambda=1.0, alpha=1.0, half_life_days=2.0, weights={"session": 1.0})
+    fresh = rerank(items, UserBatch(**base, event_ages=np.array([0.0])), params)
+    older = rerank(items, UserBatch(**base, event_ages=np.array([2.0])), params)
+    stale = rerank(items, UserBatch(**base, event_ages=np.array([30.0])), replace(params, fresh_days=7.0))
+    np.testing.assert_allclose([fresh.scores[0], older.scores[0], stale.scores[0]], [2.0, 1.0, 0.0])
