@@ -18,7 +18,7 @@ by more sources, then higher ALS score, then higher neighbour similarity, then p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -87,7 +87,7 @@ def item_factor_matrix(item_factors: DataFrame) -> tuple[np.ndarray, np.ndarray]
     Raises:
         InputDataError: the table is empty.
     """
-    pdf = item_factors.select(ITEM_IDX, FEATURES).orderBy(ITEM_IDX).toPandas()
+    pdf = pd.DataFrame(item_factors.select(ITEM_IDX, FEATURES).orderBy(ITEM_IDX).toPandas())
     if pdf.empty:
         raise InputDataError("gold.item_factors is empty; run 'shelf train' on non-empty interactions first.")
     matrix = np.stack([np.asarray(v, dtype=np.float32) for v in pdf[FEATURES]])
@@ -96,17 +96,22 @@ def item_factor_matrix(item_factors: DataFrame) -> tuple[np.ndarray, np.ndarray]
 
 def to_owned(interactions: DataFrame, owned_event_types: list[str]) -> DataFrame:
     """One row per (user_idx, item_idx) the user owns (e.g. bought)."""
-    return interactions.filter(F.col(EVENT_TYPE).isin(owned_event_types)).select(USER_IDX, ITEM_IDX).distinct()
+    return (
+        interactions.filter(F.col(EVENT_TYPE).isin(owned_event_types)).select(USER_IDX, ITEM_IDX).distinct()
+    )
 
 
 def als_batches(
-    batches: Iterator[pd.DataFrame],
+    batches: Iterable[pd.DataFrame],
     catalogue: Broadcast[tuple[np.ndarray, np.ndarray]],
     k: int,
     block_rows: int,
     block_items: int,
 ) -> Iterator[pd.DataFrame]:
-    """pandas adapter: users' (features, owned) -> top-k unowned items by dot product (dtypes of _ALS_SCHEMA)."""
+    """pandas adapter: users' (features, owned) -> top-k unowned items by dot product.
+
+    Output dtypes match _ALS_SCHEMA (int32, int32, float64).
+    """
     ids, matrix = catalogue.value
     for batch in batches:
         if batch.empty:
@@ -115,12 +120,22 @@ def als_batches(
         queries = np.stack([np.asarray(v, dtype=np.float32) for v in batch[FEATURES]])
         indptr, indices = csr_from_lists(list(batch[OWNED]))
         result = top_n_dot(
-            queries, matrix, k, ids, exclude_indptr=indptr, exclude_indices=indices,
-            block_rows=block_rows, block_items=block_items,
+            queries,
+            matrix,
+            k,
+            ids,
+            exclude_indptr=indptr,
+            exclude_indices=indices,
+            block_rows=block_rows,
+            block_items=block_items,
         )
         keys, items, scores, _ = to_long(users, result)
         yield pd.DataFrame(
-            {USER_IDX: keys.astype(np.int32), ITEM_IDX: items.astype(np.int32), ALS_SCORE: scores.astype(np.float64)}
+            {
+                USER_IDX: keys.astype(np.int32),
+                ITEM_IDX: items.astype(np.int32),
+                ALS_SCORE: scores.astype(np.float64),
+            }
         )
 
 
@@ -145,12 +160,18 @@ def to_recent_items(interactions: DataFrame, recent_items: int) -> DataFrame:
     """Each user's `recent_items` most recently touched items: user_idx, item_idx."""
     last = interactions.groupBy(USER_IDX, ITEM_IDX).agg(F.max(EVENT_TS).alias(EVENT_TS))
     latest = Window.partitionBy(USER_IDX).orderBy(F.col(EVENT_TS).desc(), F.col(ITEM_IDX).asc())
-    return last.withColumn("_n", F.row_number().over(latest)).filter(F.col("_n") <= recent_items).select(USER_IDX, ITEM_IDX)
+    return (
+        last.withColumn("_n", F.row_number().over(latest))
+        .filter(F.col("_n") <= recent_items)
+        .select(USER_IDX, ITEM_IDX)
+    )
 
 
 def to_neighbour_candidates(recent: DataFrame, similarities: DataFrame, per_item: int) -> DataFrame:
     """Neighbours of the users' recent items: user_idx, item_idx, _sim (best similarity)."""
-    neighbours = similarities.filter(F.col("rank") <= per_item).select(ITEM_IDX, NEIGHBOUR_IDX, F.col("score"))
+    neighbours = similarities.filter(F.col("rank") <= per_item).select(
+        ITEM_IDX, NEIGHBOUR_IDX, F.col("score")
+    )
     return (
         recent.join(neighbours, on=ITEM_IDX, how="inner")
         .groupBy(USER_IDX, F.col(NEIGHBOUR_IDX).alias(ITEM_IDX))
@@ -161,22 +182,55 @@ def to_neighbour_candidates(recent: DataFrame, similarities: DataFrame, per_item
 def to_popular_candidates(interactions: DataFrame, user_factors: DataFrame, popular_k: int) -> DataFrame:
     """The popular_k most-used items for every cold-start user: user_idx, item_idx, _pop_rank."""
     popularity = interactions.groupBy(ITEM_IDX).agg(F.countDistinct(USER_IDX).alias("_users"))
-    top = Window.orderBy(F.col("_users").desc(), F.col(ITEM_IDX).asc())  # popular_k rows: one partition is fine
+    top = Window.orderBy(
+        F.col("_users").desc(), F.col(ITEM_IDX).asc()
+    )  # popular_k rows: one partition is fine
     popular = popularity.withColumn(POP_RANK, F.row_number().over(top)).filter(F.col(POP_RANK) <= popular_k)
-    cold = interactions.select(USER_IDX).distinct().join(user_factors.select(USER_IDX), on=USER_IDX, how="left_anti")
+    cold = (
+        interactions.select(USER_IDX)
+        .distinct()
+        .join(user_factors.select(USER_IDX), on=USER_IDX, how="left_anti")
+    )
     # A cross join with a constant-size (popular_k) broadcast table: linear in cold users.
     return cold.crossJoin(F.broadcast(popular.select(ITEM_IDX, POP_RANK)))
 
 
 def to_candidates(
-    als: DataFrame, neighbours: DataFrame, popular: DataFrame, owned: DataFrame, max_candidates: int, run_id: str
+    als: DataFrame,
+    neighbours: DataFrame,
+    popular: DataFrame,
+    owned: DataFrame,
+    max_candidates: int,
+    run_id: str,
 ) -> DataFrame:
     """Union the sources, drop owned items, tag sources, cap per user."""
     keys = [USER_IDX, ITEM_IDX]
     tagged = (
-        als.select(*keys, F.col(ALS_SCORE), F.lit(None).cast("double").alias(SIM_SCORE), F.lit(None).cast("int").alias(POP_RANK), F.lit(ALS).alias("_source"))
-        .unionByName(neighbours.select(*keys, F.lit(None).cast("double").alias(ALS_SCORE), F.col(SIM_SCORE), F.lit(None).cast("int").alias(POP_RANK), F.lit(NEIGHBOURS).alias("_source")))
-        .unionByName(popular.select(*keys, F.lit(None).cast("double").alias(ALS_SCORE), F.lit(None).cast("double").alias(SIM_SCORE), F.col(POP_RANK), F.lit(POPULAR).alias("_source")))
+        als.select(
+            *keys,
+            F.col(ALS_SCORE),
+            F.lit(None).cast("double").alias(SIM_SCORE),
+            F.lit(None).cast("int").alias(POP_RANK),
+            F.lit(ALS).alias("_source"),
+        )
+        .unionByName(
+            neighbours.select(
+                *keys,
+                F.lit(None).cast("double").alias(ALS_SCORE),
+                F.col(SIM_SCORE),
+                F.lit(None).cast("int").alias(POP_RANK),
+                F.lit(NEIGHBOURS).alias("_source"),
+            )
+        )
+        .unionByName(
+            popular.select(
+                *keys,
+                F.lit(None).cast("double").alias(ALS_SCORE),
+                F.lit(None).cast("double").alias(SIM_SCORE),
+                F.col(POP_RANK),
+                F.lit(POPULAR).alias("_source"),
+            )
+        )
     )
     merged = (
         tagged.join(owned, on=keys, how="left_anti")
@@ -232,11 +286,24 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         similarities = factors_of_run(tables.read(spark, config, "gold", "item_similarities"), ctx.run_id)
         interactions = tables.read(spark, config, "silver", "interactions")
         result = build_candidates(
-            spark, user_factors, item_factors, similarities, interactions,
-            config.recommend, config.similarities, ctx.run_id,
+            spark,
+            user_factors,
+            item_factors,
+            similarities,
+            interactions,
+            config.recommend,
+            config.similarities,
+            ctx.run_id,
         )
-        tables.write(result, config, "gold", "candidates", ctx.run_id, mode="run",
-                     comment="candidate items per user with their sources")
+        tables.write(
+            result,
+            config,
+            "gold",
+            "candidates",
+            ctx.run_id,
+            mode="run",
+            comment="candidate items per user with their sources",
+        )
         written = tables.read(spark, config, "gold", "candidates").filter(F.col(RUN_ID) == ctx.run_id)
         stats = written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct(USER_IDX).alias("users")).first()
         assert stats is not None

@@ -185,19 +185,23 @@ def evaluate_models(
             "The test split has no user with an unseen item who also appears in training; widen "
             "evaluate.holdout_days or evaluate.test_ratio, or check silver.interactions."
         )
-    frames = []
+    lists = []
     for name in config.evaluate.models:
-        # Materialised per model so the ALS model and caches can go before the next one.
-        recs = recommend(spark, name, train, users, config, max(ks)).cache()
-        scored = metrics.ranking_metrics(recs, relevant, train, ks).withColumn(MODEL, F.lit(name))
-        frames.append(spark.createDataFrame(scored.collect(), scored.schema))
+        # Each model's lists are materialised once; all models are then scored in one metrics pass.
+        recs = recommend(spark, name, train, users, config, max(ks)).withColumn(MODEL, F.lit(name)).cache()
+        recs.count()
+        lists.append(recs)
+    combined = lists[0]
+    for recs in lists[1:]:
+        combined = combined.unionByName(recs)
+    scored = metrics.ranking_metrics(combined, relevant, train, ks, by=[MODEL])
+    # models x metrics x ks rows: small, brought back so the caches can be released.
+    table = spark.createDataFrame(scored.collect(), scored.schema)
+    for recs in lists:
         recs.unpersist()
     relevant.unpersist()
     users.unpersist()
-    combined = frames[0]
-    for frame in frames[1:]:
-        combined = combined.unionByName(frame)
-    return combined.withColumn(RUN_ID, F.lit(run_id)).select(*METRICS_COLUMNS)
+    return table.withColumn(RUN_ID, F.lit(run_id)).select(*METRICS_COLUMNS)
 
 
 def report_dir(config: ShelfConfig, run_id: str) -> Path:
@@ -221,7 +225,8 @@ def write_report(
     folder = report_dir(config, ctx.run_id)
     folder.mkdir(parents=True, exist_ok=True)
     k = config.evaluate.k
-    models = list(dict.fromkeys(str(r[MODEL]) for r in rows))
+    present = {str(r[MODEL]) for r in rows}
+    models = [m for m in config.evaluate.models if m in present]
     names = [*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS]
     value = {
         (str(r[MODEL]), str(r[metrics.METRIC]), int(r[metrics.K])): float(r[metrics.METRIC_VALUE])

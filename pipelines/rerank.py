@@ -20,7 +20,7 @@ in-stock items they have not bought, reason "popular".
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 import numpy as np
@@ -93,7 +93,7 @@ RECOMMENDATIONS_SCHEMA = StructType(
         StructField(ITEM_ID, StringType(), False),
         StructField(RANK, IntegerType(), False),
         StructField(SCORE, DoubleType(), False),
-        StructField(REASONS, ArrayType(StringType(), False), False),
+        StructField(REASONS, ArrayType(StringType(), True), False),
         StructField(RUN_ID, StringType(), False),
         StructField(AS_OF, TimestampType(), False),
     ]
@@ -246,7 +246,7 @@ def to_capped_candidates(candidates: DataFrame, max_candidates: int) -> DataFram
     return (
         candidates.withColumn("_n", F.row_number().over(order))
         .filter(F.col("_n") <= max_candidates)
-        .drop("_n")
+        .select(USER_IDX, ITEM_IDX, ALS_SCORE, SOURCES)
     )
 
 
@@ -282,7 +282,7 @@ def _segments(column: pd.Series, dtype: type) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((0 if v is None else len(v) for v in column), dtype=np.int64, count=len(column))
     indptr = np.zeros(len(column) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    parts = [np.asarray(v, dtype=dtype) for v in column if v is not None and len(v)]
+    parts: list[np.ndarray] = [np.asarray(v, dtype=dtype) for v in column if v is not None and len(v)]
     return indptr, (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype))
 
 
@@ -319,7 +319,7 @@ def rerank_frame(pdf: pd.DataFrame, items: ItemTable, params: RerankParams) -> p
 
 
 def rerank_batches(
-    batches: Iterator[pd.DataFrame], items: Broadcast[ItemTable], params: RerankParams
+    batches: Iterable[pd.DataFrame], items: Broadcast[ItemTable], params: RerankParams
 ) -> Iterator[pd.DataFrame]:
     """mapInPandas body: one kernel call per Arrow batch of users."""
     table = items.value
@@ -429,9 +429,10 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         catalog = read_catalog(spark, config)
 
         fresh = to_fresh_events(interactions, rr, ctx.as_of).cache()
-        attributes = reranked = fresh
+        cached = [fresh]
         try:
             attributes = to_item_attributes(item_index, item_factors, catalog, fresh, rr, ctx.as_of).cache()
+            cached.append(attributes)
             items = build_item_table(attributes)
             per_user = candidates.groupBy(USER_IDX).count()
             over = per_user.agg(
@@ -448,6 +449,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             user_rows = to_user_rows(to_capped_candidates(candidates, rr.max_candidates), user_factors, fresh)
             buckets = rr.buckets or int(spark.conf.get("spark.sql.shuffle.partitions") or 4)
             reranked = to_reranked(spark, user_rows, items, params_from(rr), buckets).cache()
+            cached.append(reranked)
             fallback = to_popular_fallback(user_index, reranked, interactions, attributes, fresh, rr.top_k)
             result = to_recommendations(
                 reranked.unionByName(fallback), user_index, item_index, ctx.run_id, ctx.as_of
@@ -464,7 +466,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
                 comment=TABLE_COMMENT if first_write else None,
             )
         finally:
-            for frame in (fresh, attributes, reranked):
+            for frame in cached:
                 frame.unpersist()
         written = tables.read(spark, config, "gold", "recommendations").filter(F.col(RUN_ID) == ctx.run_id)
         stats = written.agg(

@@ -16,7 +16,7 @@ rank (1 = most similar), source ("als", "cooccurrence" or "blend"), run_id.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,7 @@ SOURCE = "source"
 ALS = "als"
 COOCCURRENCE = "cooccurrence"
 BLEND = "blend"
+SLICE = "slice"
 
 ITEM_SIMILARITIES_SCHEMA = StructType(
     [
@@ -80,7 +81,7 @@ def factor_matrix(factors: DataFrame, id_col: str = ITEM_IDX) -> tuple[np.ndarra
     Raises:
         InputDataError: the table is empty.
     """
-    pdf = factors.select(id_col, FEATURES).orderBy(id_col).toPandas()
+    pdf = pd.DataFrame(factors.select(id_col, FEATURES).orderBy(id_col).toPandas())
     if pdf.empty:
         raise InputDataError("gold.item_factors is empty; run 'shelf train' on non-empty interactions first.")
     ids = pdf[id_col].to_numpy(dtype=np.int64)
@@ -89,50 +90,75 @@ def factor_matrix(factors: DataFrame, id_col: str = ITEM_IDX) -> tuple[np.ndarra
 
 
 def neighbours_batches(
-    batches: Iterator[pd.DataFrame],
+    batches: Iterable[pd.DataFrame],
     catalogue: Broadcast[tuple[np.ndarray, np.ndarray]],
+    slice_rows: int,
     top_n: int,
     block_rows: int,
     block_items: int,
 ) -> Iterator[pd.DataFrame]:
-    """pandas adapter: a batch of item ids -> their top-N cosine neighbours (dtypes of _NEIGHBOURS_SCHEMA)."""
+    """pandas adapter: slice numbers -> top-N cosine neighbours of the items in those slices.
+
+    Slice s is rows [s * slice_rows, (s + 1) * slice_rows) of the broadcast (ids, unit factors);
+    output dtypes match _NEIGHBOURS_SCHEMA (int32, int32, float64, int32).
+    """
     ids, unit = catalogue.value
     for batch in batches:
-        query_ids = batch[ITEM_IDX].to_numpy(dtype=np.int64)
-        rows = np.searchsorted(ids, query_ids)
-        result = top_n_dot(
-            unit[rows], unit, top_n, ids, query_ids=query_ids, exclude_self=True,
-            block_rows=block_rows, block_items=block_items,
-        )
-        keys, neighbours, scores, ranks = to_long(query_ids, result)
-        yield pd.DataFrame(
-            {
-                ITEM_IDX: keys.astype(np.int32),
-                NEIGHBOUR_IDX: neighbours.astype(np.int32),
-                SCORE: scores.astype(np.float64),
-                RANK: ranks.astype(np.int32),
-            }
-        )
+        for s in batch[SLICE].to_numpy(dtype=np.int64):
+            lo, hi = int(s) * slice_rows, min((int(s) + 1) * slice_rows, len(ids))
+            query_ids = ids[lo:hi]
+            result = top_n_dot(
+                unit[lo:hi],
+                unit,
+                top_n,
+                ids,
+                query_ids=query_ids,
+                exclude_self=True,
+                block_rows=block_rows,
+                block_items=block_items,
+            )
+            keys, neighbours, scores, ranks = to_long(query_ids, result)
+            yield pd.DataFrame(
+                {
+                    ITEM_IDX: keys.astype(np.int32),
+                    NEIGHBOUR_IDX: neighbours.astype(np.int32),
+                    SCORE: scores.astype(np.float64),
+                    RANK: ranks.astype(np.int32),
+                }
+            )
 
 
 def to_als_neighbours(spark: SparkSession, item_factors: DataFrame, config: SimilarityConfig) -> DataFrame:
-    """Top-N cosine neighbours per item of the factor table: item_idx, neighbour_idx, score, rank."""
+    """Top-N cosine neighbours per item of the factor table: item_idx, neighbour_idx, score, rank.
+
+    The queries are the broadcast matrix's own rows, cut into contiguous slices (one Spark row per
+    slice, a few slices per core), so no shuffle happens before the GEMMs.
+    """
     ids, matrix = factor_matrix(item_factors)
     catalogue = spark.sparkContext.broadcast((ids, normalise_rows(matrix)))
-    parts = max(1, min(spark.sparkContext.defaultParallelism * 2, -(-len(ids) // config.block_rows)))
-    queries = item_factors.select(ITEM_IDX).repartitionByRange(parts, ITEM_IDX)
+    cores = spark.sparkContext.defaultParallelism
+    slices = max(1, min(-(-len(ids) // config.block_rows), 4 * cores))
+    slice_rows = -(-len(ids) // slices)
+    slices = -(-len(ids) // slice_rows)
     top_n, block_rows, block_items = config.top_n, config.block_rows, config.block_items
-    return queries.mapInPandas(
-        lambda it: neighbours_batches(it, catalogue, top_n, block_rows, block_items), _NEIGHBOURS_SCHEMA
+    return (
+        spark.range(0, slices, numPartitions=slices)
+        .select(F.col("id").alias(SLICE))
+        .mapInPandas(
+            lambda it: neighbours_batches(it, catalogue, slice_rows, top_n, block_rows, block_items),
+            _NEIGHBOURS_SCHEMA,
+        )
     )
 
 
 def with_recent_items(interactions: DataFrame, max_items_per_user: int) -> DataFrame:
-    """One row per (user, item) kept among the user's `max_items_per_user` most recent, then heaviest, items."""
+    """One row per (user, item) among the user's `max_items_per_user` most recent, then heaviest, items."""
     per_item = interactions.groupBy(USER_IDX, ITEM_IDX).agg(
         F.max(EVENT_TS).alias(EVENT_TS), F.sum(WEIGHT).alias(WEIGHT)
     )
-    latest = Window.partitionBy(USER_IDX).orderBy(F.col(EVENT_TS).desc(), F.col(WEIGHT).desc(), F.col(ITEM_IDX).asc())
+    latest = Window.partitionBy(USER_IDX).orderBy(
+        F.col(EVENT_TS).desc(), F.col(WEIGHT).desc(), F.col(ITEM_IDX).asc()
+    )
     return (
         per_item.withColumn("_n", F.row_number().over(latest))
         .filter(F.col("_n") <= max_items_per_user)
@@ -147,8 +173,10 @@ def rank_neighbours(pairs: DataFrame, top_n: int) -> DataFrame:
         pairs.withColumn(RANK, F.row_number().over(order))
         .filter(F.col(RANK) <= top_n)
         .select(
-            F.col(ITEM_IDX).cast("int"), F.col(NEIGHBOUR_IDX).cast("int"),
-            F.col(SCORE).cast("double"), F.col(RANK).cast("int"),
+            F.col(ITEM_IDX).cast("int"),
+            F.col(NEIGHBOUR_IDX).cast("int"),
+            F.col(SCORE).cast("double"),
+            F.col(RANK).cast("int"),
         )
     )
 
@@ -159,7 +187,14 @@ def to_cooccurrence_neighbours(interactions: DataFrame, config: SimilarityConfig
     support = baskets.groupBy(ITEM_IDX).agg(F.count(F.lit(1)).alias("_users"))
     left, right = baskets.alias("a"), baskets.alias("b")
     pairs = (
-        left.join(right, on=[F.col(f"a.{USER_IDX}") == F.col(f"b.{USER_IDX}"), F.col(f"a.{ITEM_IDX}") < F.col(f"b.{ITEM_IDX}")], how="inner")
+        left.join(
+            right,
+            on=[
+                F.col(f"a.{USER_IDX}") == F.col(f"b.{USER_IDX}"),
+                F.col(f"a.{ITEM_IDX}") < F.col(f"b.{ITEM_IDX}"),
+            ],
+            how="inner",
+        )
         .groupBy(F.col(f"a.{ITEM_IDX}").alias("i"), F.col(f"b.{ITEM_IDX}").alias("j"))
         .agg(F.count(F.lit(1)).alias("_both"))
         .filter(F.col("_both") >= config.min_support)
@@ -189,13 +224,19 @@ def to_blend(als: DataFrame, cooc: DataFrame, config: SimilarityConfig) -> DataF
         cooc.select(*keys, F.col(SCORE).alias("_cooc")), on=keys, how="full_outer"
     )
     blended = joined.withColumn(
-        SCORE, F.lit(w) * F.coalesce(F.col("_als"), F.lit(0.0)) + F.lit(1.0 - w) * F.coalesce(F.col("_cooc"), F.lit(0.0))
+        SCORE,
+        F.lit(w) * F.coalesce(F.col("_als"), F.lit(0.0))
+        + F.lit(1.0 - w) * F.coalesce(F.col("_cooc"), F.lit(0.0)),
     )
     return rank_neighbours(blended, config.top_n)
 
 
 def to_item_similarities(
-    spark: SparkSession, item_factors: DataFrame, interactions: DataFrame, config: SimilarityConfig, run_id: str
+    spark: SparkSession,
+    item_factors: DataFrame,
+    interactions: DataFrame,
+    config: SimilarityConfig,
+    run_id: str,
 ) -> DataFrame:
     """The gold.item_similarities rows of one run for `config.method`."""
     parts: list[tuple[str, DataFrame]] = []
@@ -223,8 +264,15 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         item_factors = factors_of_run(tables.read(spark, config, "gold", "item_factors"), ctx.run_id)
         interactions = tables.read(spark, config, "silver", "interactions")
         result = to_item_similarities(spark, item_factors, interactions, config.similarities, ctx.run_id)
-        tables.write(result, config, "gold", "item_similarities", ctx.run_id, mode="run",
-                     comment="top-N neighbours per item and source")
+        tables.write(
+            result,
+            config,
+            "gold",
+            "item_similarities",
+            ctx.run_id,
+            mode="run",
+            comment="top-N neighbours per item and source",
+        )
         written = tables.read(spark, config, "gold", "item_similarities").filter(F.col(RUN_ID) == ctx.run_id)
         for row in written.groupBy(SOURCE).count().collect():  # one row per source
             counts[f"rows_{row[SOURCE]}"] = row["count"]

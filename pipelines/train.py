@@ -180,7 +180,7 @@ def tune(
 ) -> tuple[DataFrame, AlsParams]:
     """Grid search over rank/reg_param/alpha/confidence scored by NDCG@k on a per-user leave-last-N split
     carved from the training data only. Returns one row per grid point and the best parameters
-    (ties: the first grid point, i.e. the smallest values)."""
+    (ties: the earlier grid point in config order)."""
     train_pairs, holdout = leave_last_n_split(pairs, n=train.validation_last_n)
     train_pairs = train_pairs.cache()
     holdout = holdout.cache()

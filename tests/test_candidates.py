@@ -34,8 +34,11 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
     best = np.argsort(-(user_f @ item_f.T), axis=1, kind="stable")
     events = []
     for u in warm:
-        events += [(int(u), int(best[u, 0]), "purchase", 3), (int(u), int(best[u, 1]), "purchase", 2),
-                   (int(u), int(best[u, 5]), "view", 1)]
+        events += [
+            (int(u), int(best[u, 0]), "purchase", 3),
+            (int(u), int(best[u, 1]), "purchase", 2),
+            (int(u), int(best[u, 5]), "view", 1),
+        ]
     events += [(100, 1, "purchase", 1), (100, 2, "view", 2), (101, 3, "view", 1), (7, 1, "view", 9)]
     rows = [(u, i, t, AS_OF - timedelta(days=d), None, 1.0, 1.0, RUN, AS_OF) for u, i, t, d in events]
     tables.write(spark.createDataFrame(rows, INTERACTIONS_SCHEMA), config, "silver", "interactions", RUN)
@@ -47,8 +50,13 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
         "item_idx int, neighbour_idx int, score double, rank int, source string, run_id string",
     )
     tables.write(sims, config, "gold", "item_similarities", RUN)
-    cfg = config.model_copy(update={"recommend": config.recommend.model_copy(
-        update={"candidates_k": k, "popular_k": 5, "max_candidates": 50})})
+    cfg = config.model_copy(
+        update={
+            "recommend": config.recommend.model_copy(
+                update={"candidates_k": k, "popular_k": 5, "max_candidates": 50}
+            )
+        }
+    )
 
     candidates.run(spark, cfg, RunContext(RUN, AS_OF))
     out = tables.read(spark, cfg, "gold", "candidates").toPandas()
@@ -66,7 +74,9 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
     for row, u in enumerate(warm):
         mine = als[als["user_idx"] == u].sort_values("als_score", ascending=False)
         assert set(mine["item_idx"]) == set(want.ids[row].tolist())
-        np.testing.assert_allclose(np.sort(mine["als_score"].to_numpy())[::-1], want.scores[row], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.sort(mine["als_score"].to_numpy())[::-1], want.scores[row], rtol=1e-5, atol=1e-5
+        )
     assert out.loc[out["sources"].map(lambda s: "als" not in s), "als_score"].isna().all()
 
     # Cold users: popularity fallback tagged "popular", plus neighbours of their recent items.
@@ -78,12 +88,17 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
     assert 1 not in set(u100["item_idx"])  # bought
     assert {30, 31} <= set(u100["item_idx"])
     assert (u100["sources"].map(list).map(lambda s: "popular" in s)).sum() >= 4
-    assert list(cold[(cold["user_idx"] == 101) & (cold["item_idx"] == 2)]["sources"].iloc[0]) in (["neighbours"], ["neighbours", "popular"])
+    assert list(cold[(cold["user_idx"] == 101) & (cold["item_idx"] == 2)]["sources"].iloc[0]) in (
+        ["neighbours"],
+        ["neighbours", "popular"],
+    )
     assert not out[out["user_idx"].isin(warm)]["sources"].map(lambda s: "popular" in s).any()
 
 
 def test_cap_keeps_the_best_per_user(spark: SparkSession) -> None:
-    als = spark.createDataFrame([(1, i, float(i)) for i in range(10)], "user_idx int, item_idx int, als_score double")
+    als = spark.createDataFrame(
+        [(1, i, float(i)) for i in range(10)], "user_idx int, item_idx int, als_score double"
+    )
     neighbours = spark.createDataFrame([(1, 3, 0.5), (1, 42, 0.9)], "user_idx int, item_idx int, _sim double")
     popular = spark.createDataFrame([], "user_idx int, item_idx int, _pop_rank int")
     owned = spark.createDataFrame([(1, 9)], "user_idx int, item_idx int")

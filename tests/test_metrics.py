@@ -6,6 +6,7 @@ import math
 
 import pytest
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from pipelines.core import metrics
 
@@ -126,3 +127,19 @@ def test_ranking_metrics_averages_over_users_with_relevant_items(spark: SparkSes
     assert table[("ndcg", 2)] == pytest.approx((1 / LOG2_3) / 3)
     assert table[("coverage", 2)] == pytest.approx(4 / 6)
     assert {m for m, _ in table} == {*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS}
+
+
+def test_ranking_metrics_scores_several_models_in_one_pass(spark: SparkSession) -> None:
+    # Model "a" ranks user 1's relevant item first; model "b" second and has no list for user 2.
+    recs = _recs(spark, {1: [11, 10], 2: [20, 21]}).withColumn("model", F.lit("a"))
+    recs = recs.unionByName(_recs(spark, {1: [10, 11]}).withColumn("model", F.lit("b")))
+    relevant = _pairs(spark, {1: [11], 2: [21]})
+    train = _pairs(spark, {1: [10, 20], 2: [11, 21]})
+    rows = metrics.ranking_metrics(recs, relevant, train, ks=[1, 2], by=["model"]).collect()
+    table = {(r.model, r.metric, r.k): r.value for r in rows}
+    assert len(table) == len(rows) == 2 * 2 * 8
+    assert table[("a", "hit_rate", 1)] == pytest.approx(1 / 2)  # user 1 hit at rank 1, user 2 missed
+    assert table[("a", "ndcg", 2)] == pytest.approx((1 + 1 / LOG2_3) / 2)
+    assert table[("b", "hit_rate", 1)] == pytest.approx(0.0)
+    assert table[("b", "recall", 2)] == pytest.approx(1 / 2)
+    assert table[("b", "coverage", 2)] == pytest.approx(2 / 4)

@@ -21,7 +21,7 @@ PUBLISHED_ROWS = 541_909
 
 
 def expected_net_quantities(csv: Path) -> pd.Series:
-    """An independent oracle in pandas: per (customer, stock code), purchases minus cancellations, floored at 0."""
+    """Independent pandas oracle: per (customer, stock code), purchases minus cancellations, floored at 0."""
     raw = pd.read_csv(csv, dtype=str, keep_default_na=False)
     product = raw["StockCode"].map(lambda s: re.fullmatch(r"[0-9]{5}[A-Za-z]*", s) is not None)
     usable = raw[(raw["CustomerID"] != "") & product]
@@ -56,7 +56,9 @@ def test_online_retail_ingest_and_clean(spark: SparkSession, tmp_path: Path) -> 
     assert m["input_rows"] == PUBLISHED_ROWS
     assert m["input_rows"] == m["accepted"] + m["quarantined"]
     assert m["quarantined.null_user"] == 135_080  # the published count of rows without CustomerID
-    assert m["quarantined.cancelled"] > 0 and m["quarantined.netted_out"] > 0 and m["quarantined.non_product"] > 0
+    for reason in ("cancelled", "netted_out", "non_product", "zero_price"):
+        assert m[f"quarantined.{reason}"] > 0, reason
+    assert m["quarantined.zero_price"] == 33  # priced 0 on a customer's product line, counted in pandas
     assert m.get("quarantined.unparseable_row", 0) == 0
 
     bronze = tables.read(spark, config, "bronze", "events")
@@ -72,7 +74,8 @@ def test_online_retail_ingest_and_clean(spark: SparkSession, tmp_path: Path) -> 
         for r in tables.read(spark, config, "ops", "run_metrics").filter("step = 'clean'").collect()
     }
     assert c["input_rows"] == m["accepted"]
-    assert c["input_rows"] == c["accepted"] + c["quarantined"] + c["duplicates_removed"] + c["filtered_min_support"]
+    removed = c["quarantined"] + c["duplicates_removed"] + c["filtered_min_support"]
+    assert c["input_rows"] == c["accepted"] + removed
     silver = tables.read(spark, config, "silver", "interactions")
     assert silver.count() == c["accepted"]
     assert silver.filter((F.col("weight") != 5.0) | (F.col("event_type") != "purchase")).count() == 0

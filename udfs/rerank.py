@@ -41,7 +41,7 @@ REASON_FLAGS order, `similar_to` (R,) int64 (-1 = none).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +54,7 @@ BoolArray = npt.NDArray[np.bool_]
 
 ALS, PROMO, NEW_ARRIVAL, TRENDING, SIMILAR = "als", "promo", "new_arrival", "trending", "similar_to"
 REASON_FLAGS = (SIMILAR, ALS, PROMO, NEW_ARRIVAL, TRENDING)  # column order of RerankResult.flags
+PAIR_CHUNK = 1 << 15  # (candidate, fresh item) pairs per cosine block
 FEATURES = ("als", "session", "max_cosine", "mean_cosine", "popularity", "promo", "new_arrival")
 
 
@@ -112,7 +113,7 @@ class ItemTable:
         cols = {k: np.asarray(v, dtype=dtypes.get(k, np.bool_))[order] for k, v in defaults.items()}
         if np.any(ids_arr[order][1:] == ids_arr[order][:-1]):
             raise ValueError("item ids must be distinct")
-        return ItemTable(ids_arr[order], np.asarray(factors, dtype=np.float32)[order], **cols)
+        return ItemTable(ids_arr[order], np.asarray(factors, dtype=np.float32)[order], **cols)  # type: ignore[arg-type]
 
 
 class UserBatch(NamedTuple):
@@ -142,7 +143,8 @@ def _columns(ids: IntArray, catalogue: IntArray) -> IntArray:
     if catalogue.size == 0:
         return np.full(ids.shape, -1, dtype=np.int64)
     pos = np.minimum(np.searchsorted(catalogue, ids), catalogue.size - 1)
-    return np.where(catalogue[pos] == ids, pos, -1).astype(np.int64)
+    found: IntArray = np.where(catalogue[pos] == ids, pos, -1).astype(np.int64)
+    return found
 
 
 def _segment_rows(indptr: IntArray) -> IntArray:
@@ -150,7 +152,7 @@ def _segment_rows(indptr: IntArray) -> IntArray:
     return np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
 
 
-def _group_rank(*keys: IntArray) -> IntArray:
+def _group_rank(*keys: npt.NDArray[Any]) -> IntArray:
     """0-based position of each entry within its run of equal consecutive key tuples (keys sorted)."""
     n = keys[0].size
     if n == 0:
@@ -245,7 +247,10 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
     pair_recent = recent_col[first + offset]
     pair_ok = pair_recent != cand_col[pair_cand]
     pc, pr = pair_cand[pair_ok], pair_recent[pair_ok]
-    cos = np.einsum("pd,pd->p", unit[cand_col[pc]], unit[pr]) if pc.size else np.zeros(0)
+    cos = np.empty(pc.size)
+    for start in range(0, pc.size, PAIR_CHUNK):  # bounded memory: PAIR_CHUNK x d floats at a time
+        stop = min(start + PAIR_CHUNK, pc.size)
+        cos[start:stop] = np.einsum("pd,pd->p", unit[cand_col[pc[start:stop]]], unit[pr[start:stop]])
     count = np.bincount(pc, minlength=cand_row.size).astype(np.float64)
     max_cos = _segment_reduce(cos, pc, cand_row.size, np.maximum, -np.inf)
     mean_cos = np.divide(

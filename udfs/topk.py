@@ -48,7 +48,8 @@ def normalise_rows(x: npt.ArrayLike) -> FloatArray:
     """Rows scaled to unit L2 norm (float32), so dot products are cosines; all-zero rows stay zero."""
     arr = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(arr, axis=1, keepdims=True)
-    return np.divide(arr, norms, out=np.zeros_like(arr), where=norms > 0)
+    out: FloatArray = np.divide(arr, norms, out=np.zeros_like(arr), where=norms > 0)
+    return out
 
 
 def _sorted_catalogue(items: FloatArray, item_ids: IntArray) -> tuple[FloatArray, IntArray]:
@@ -93,8 +94,8 @@ def _block_top(scores: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
         room = k - greater.sum(axis=1, keepdims=True)
         equal = sub == sub_kth
         keep = greater | (equal & (np.cumsum(equal, axis=1) <= room))
-        _, picked = np.nonzero(keep)  # exactly k per row, row-major
-        picked = picked.reshape(ambiguous.size, k).astype(np.int64)
+        _, flat = np.nonzero(keep)  # exactly k per row, row-major
+        picked = flat.reshape(ambiguous.size, k).astype(np.int64)
         cols[ambiguous] = picked
         top[ambiguous] = np.take_along_axis(sub, picked, axis=1)
     return cols, top
@@ -163,7 +164,9 @@ def top_n_dot(
         indptr = np.asarray(exclude_indptr, dtype=np.int64)
         if indptr.shape != (m + 1,):
             raise ValueError(f"exclude_indptr has shape {indptr.shape}, expected ({m + 1},)")
-        excl_cols = _columns_of(np.asarray(exclude_indices if exclude_indices is not None else [], dtype=np.int64), ids)
+        excl_cols = _columns_of(
+            np.asarray(exclude_indices if exclude_indices is not None else [], dtype=np.int64), ids
+        )
 
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)

@@ -74,6 +74,7 @@ def per_user_metrics(
     ks: Sequence[int],
     user_col: str = USER_IDX,
     item_col: str = ITEM_IDX,
+    by: Sequence[str] = (),
 ) -> DataFrame:
     """One row per (user, k) for each user with a relevant item: precision, recall, ndcg, map, map_rel,
     hit_rate.
@@ -82,14 +83,17 @@ def per_user_metrics(
         recs: (user, item, rank) with ranks 1, 2, ... per user and no repeated item.
         relevant: (user, item); duplicates are ignored.
         ks: the cut-offs.
+        by: extra columns of `recs` that name separate lists (e.g. the model), scored in one pass;
+            every group present in `recs` is scored against every user of `relevant`.
     """
     spark = recs.sparkSession
     cutoffs = F.broadcast(spark.createDataFrame([(int(k),) for k in sorted(set(ks))], f"{K} int"))
     truth = relevant.select(user_col, item_col).distinct()
     n_relevant = truth.groupBy(user_col).agg(F.count(F.lit(1)).alias("_relevant"))
-    upto_rank = Window.partitionBy(user_col).orderBy(F.col(RANK)).rowsBetween(Window.unboundedPreceding, 0)
+    keys = [*by, user_col]
+    upto_rank = Window.partitionBy(*keys).orderBy(F.col(RANK)).rowsBetween(Window.unboundedPreceding, 0)
     judged = (
-        recs.select(user_col, item_col, RANK)
+        recs.select(*by, user_col, item_col, RANK)
         .join(truth.withColumn("_hit", F.lit(1)), on=[user_col, item_col], how="left")
         .withColumn("_hit", F.coalesce(F.col("_hit"), F.lit(0)))
         .withColumn("_hits_so_far", F.sum("_hit").over(upto_rank))
@@ -97,7 +101,7 @@ def per_user_metrics(
     sums = (
         judged.crossJoin(cutoffs)
         .filter(F.col(RANK) <= F.col(K))
-        .groupBy(user_col, K)
+        .groupBy(*keys, K)
         .agg(
             F.sum("_hit").alias("_hits"),
             F.sum(F.col("_hit") / F.log2(F.col(RANK) + F.lit(1))).alias("_dcg"),
@@ -106,16 +110,18 @@ def per_user_metrics(
     )
     hits = F.coalesce(F.col("_hits"), F.lit(0)).cast("double")
     ap_sum = F.coalesce(F.col("_ap_sum"), F.lit(0.0))
+    base = n_relevant.crossJoin(cutoffs)
+    if by:
+        base = base.crossJoin(F.broadcast(recs.select(*by).distinct()))
     return (
-        n_relevant.crossJoin(cutoffs)
-        .join(sums, on=[user_col, K], how="left")
+        base.join(sums, on=[*keys, K], how="left")
         .withColumn("precision", hits / F.col(K))
         .withColumn("recall", hits / F.col("_relevant"))
         .withColumn("ndcg", F.coalesce(F.col("_dcg"), F.lit(0.0)) / _ideal_dcg(K, "_relevant"))
         .withColumn("map", ap_sum / F.least(F.col(K), F.col("_relevant")))
         .withColumn("map_rel", ap_sum / F.col("_relevant"))
         .withColumn("hit_rate", (hits > 0).cast("double"))
-        .select(user_col, K, *PER_USER_METRICS)
+        .select(*by, user_col, K, *PER_USER_METRICS)
     )
 
 
@@ -125,18 +131,19 @@ def catalog_metrics(
     ks: Sequence[int],
     user_col: str = USER_IDX,
     item_col: str = ITEM_IDX,
+    by: Sequence[str] = (),
 ) -> DataFrame:
-    """One row per k: coverage of the training catalog and novelty of the top-k lists."""
+    """One row per k (and `by` group): coverage of the training catalog and novelty of the top-k lists."""
     spark = recs.sparkSession
     cutoffs = F.broadcast(spark.createDataFrame([(int(k),) for k in sorted(set(ks))], f"{K} int"))
     pairs = train.select(user_col, item_col).distinct()
     totals = pairs.agg(F.countDistinct(user_col).alias("_users"), F.countDistinct(item_col).alias("_items"))
     popularity = pairs.groupBy(item_col).agg(F.count(F.lit(1)).alias("_item_users"))
-    shown = recs.select(user_col, item_col, RANK).crossJoin(cutoffs).filter(F.col(RANK) <= F.col(K))
+    shown = recs.select(*by, user_col, item_col, RANK).crossJoin(cutoffs).filter(F.col(RANK) <= F.col(K))
     per_k = (
         shown.join(popularity, on=item_col, how="left")
         .crossJoin(totals)
-        .groupBy(K)
+        .groupBy(*by, K)
         .agg(
             F.countDistinct(item_col).alias("_shown_items"),
             F.first("_items").alias("_items"),
@@ -145,7 +152,9 @@ def catalog_metrics(
         )
         .withColumn("coverage", F.col("_shown_items") / F.col("_items"))
     )
-    return cutoffs.join(per_k, on=K, how="left").select(
+    base = cutoffs.crossJoin(F.broadcast(recs.select(*by).distinct())) if by else cutoffs
+    return base.join(per_k, on=[*by, K], how="left").select(
+        *by,
         K,
         F.coalesce("coverage", F.lit(0.0)).alias("coverage"),
         F.coalesce("novelty", F.lit(0.0)).alias("novelty"),
@@ -159,16 +168,17 @@ def ranking_metrics(
     ks: Sequence[int],
     user_col: str = USER_IDX,
     item_col: str = ITEM_IDX,
+    by: Sequence[str] = (),
 ) -> DataFrame:
-    """Every metric at every k, long: one row per (metric, k) with its `value` (a double)."""
+    """Every metric at every k, long: one row per (`by` group, metric, k) with its `value` (a double)."""
     user_means = (
-        per_user_metrics(recs, relevant, ks, user_col, item_col)
-        .groupBy(K)
+        per_user_metrics(recs, relevant, ks, user_col, item_col, by)
+        .groupBy(*by, K)
         .agg(*[F.avg(m).alias(m) for m in PER_USER_METRICS])
     )
-    wide = user_means.join(catalog_metrics(recs, train, ks, user_col, item_col), on=K, how="inner")
+    catalog = catalog_metrics(recs, train, ks, user_col, item_col, by)
+    wide = user_means.join(catalog, on=[*by, K], how="inner")
     names = [*PER_USER_METRICS, *CATALOG_METRICS]
     pairs = ", ".join(f"'{m}', cast({m} as double)" for m in names)
-    return wide.selectExpr(K, f"stack({len(names)}, {pairs}) as ({METRIC}, {METRIC_VALUE})").select(
-        METRIC, K, METRIC_VALUE
-    )
+    stacked = f"stack({len(names)}, {pairs}) as ({METRIC}, {METRIC_VALUE})"
+    return wide.selectExpr(*by, K, stacked).select(*by, METRIC, K, METRIC_VALUE)
