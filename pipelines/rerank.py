@@ -405,7 +405,7 @@ def to_recommendations(
 
 
 def read_catalog(spark: SparkSession, config: ShelfConfig) -> DataFrame | None:
-    """silver.catalog with item_idx, or None when there is no catalog (no business rules apply)."""
+    """silver.catalog (joined to item_index later), or None when absent: then no business rule applies."""
     if not tables.exists(spark, config, "silver", "catalog"):
         log.info("[%s] no silver.catalog: no stock, promotion, category or new-arrival rules", STEP)
         return None
