@@ -275,3 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["generate", "run", "main"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -271,3 +271,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
 
 
 main = step_main(STEP)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pyspark.sql import SparkSession
 
 from pipelines.core import tables
@@ -33,9 +34,7 @@ def test_run_mode_is_idempotent_per_run_id(spark: SparkSession, config: ShelfCon
     assert rows == [(1, "r1"), (2, "r2"), (3, "r2")]
 
 
-def test_missing_java_is_one_clear_sentence(tmp_path: Path, monkeypatch: "pytest.MonkeyPatch") -> None:
-    import pytest
-
+def test_missing_java_is_one_clear_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipelines.core.errors import EnvironmentSetupError
     from pipelines.core.session import check_java
 
