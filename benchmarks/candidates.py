@@ -52,9 +52,7 @@ def naive_candidates(users: DataFrame, items: DataFrame, owned: DataFrame, k: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
     parser.add_argument("--users-per-item", type=float, default=2.0)
     parser.add_argument("--rank", type=int, default=64)
@@ -94,13 +92,9 @@ def main() -> None:
         )
         owned.count()
         indptr, indices = csr_from_lists(list(owned_np))
-        t_numpy = timed(
-            lambda: top_n_dot(user_f, item_f, args.k, exclude_indptr=indptr, exclude_indices=indices)
-        )
+        t_numpy = timed(lambda: top_n_dot(user_f, item_f, args.k, exclude_indptr=indptr, exclude_indices=indices))
         t_shelf = timed(
-            lambda: force(
-                candidates.to_als_candidates(spark, users, items, owned, args.k, config.similarities)
-            )
+            lambda: force(candidates.to_als_candidates(spark, users, items, owned, args.k, config.similarities))
         )
         t_naive = None
         if n_items <= args.naive_max:
@@ -110,9 +104,9 @@ def main() -> None:
 
             def mllib() -> None:
                 recs = mllib_top_k(spark, users, items, args.rank, args.k + OWNED_PER_USER)
-                flat = recs.select(
-                    F.col("user").alias("user_idx"), F.explode("recommendations").alias("r")
-                ).select("user_idx", F.col("r.item").alias("item_idx"), F.col("r.rating").alias("als_score"))
+                flat = recs.select(F.col("user").alias("user_idx"), F.explode("recommendations").alias("r")).select(
+                    "user_idx", F.col("r.item").alias("item_idx"), F.col("r.rating").alias("als_score")
+                )
                 force(flat.join(owned, on=["user_idx", "item_idx"], how="left_anti"))
 
             t_mllib = timed(mllib)

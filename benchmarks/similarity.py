@@ -42,14 +42,8 @@ def timed(fn: Callable[[], object]) -> float:
 
 def factors_frame(spark: SparkSession, key: str, factors: np.ndarray) -> DataFrame:
     """A cached factor table (key int, features array<float>) like gold.*_factors."""
-    pdf = pd.DataFrame(
-        {key: np.arange(len(factors), dtype=np.int32), "features": list(factors.astype(np.float32))}
-    )
-    df = (
-        spark.createDataFrame(pdf, f"{key} int, features array<float>")
-        .withColumn("run_id", F.lit("bench"))
-        .cache()
-    )
+    pdf = pd.DataFrame({key: np.arange(len(factors), dtype=np.int32), "features": list(factors.astype(np.float32))})
+    df = spark.createDataFrame(pdf, f"{key} int, features array<float>").withColumn("run_id", F.lit("bench")).cache()
     df.count()
     return df
 
@@ -89,9 +83,7 @@ def naive_neighbours(items: DataFrame, n: int) -> DataFrame:
         .select(
             F.col("a.item_idx").alias("item_idx"),
             F.col("b.item_idx").alias("neighbour_idx"),
-            F.aggregate(F.zip_with("a.u", "b.u", lambda x, y: x * y), F.lit(0.0), lambda s, v: s + v).alias(
-                "score"
-            ),
+            F.aggregate(F.zip_with("a.u", "b.u", lambda x, y: x * y), F.lit(0.0), lambda s, v: s + v).alias("score"),
         )
     )
     order = Window.partitionBy("item_idx").orderBy(F.col("score").desc(), F.col("neighbour_idx").asc())
@@ -103,9 +95,7 @@ def ratio(t: float | None, base: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--top-n", type=int, default=50)

@@ -96,9 +96,7 @@ def item_factor_matrix(item_factors: DataFrame) -> tuple[np.ndarray, np.ndarray]
 
 def to_owned(interactions: DataFrame, owned_event_types: list[str]) -> DataFrame:
     """One row per (user_idx, item_idx) the user owns (e.g. bought)."""
-    return (
-        interactions.filter(F.col(EVENT_TYPE).isin(owned_event_types)).select(USER_IDX, ITEM_IDX).distinct()
-    )
+    return interactions.filter(F.col(EVENT_TYPE).isin(owned_event_types)).select(USER_IDX, ITEM_IDX).distinct()
 
 
 def als_batches(
@@ -169,9 +167,7 @@ def to_recent_items(interactions: DataFrame, recent_items: int) -> DataFrame:
 
 def to_neighbour_candidates(recent: DataFrame, similarities: DataFrame, per_item: int) -> DataFrame:
     """Neighbours of the users' recent items: user_idx, item_idx, _sim (best similarity)."""
-    neighbours = similarities.filter(F.col("rank") <= per_item).select(
-        ITEM_IDX, NEIGHBOUR_IDX, F.col("score")
-    )
+    neighbours = similarities.filter(F.col("rank") <= per_item).select(ITEM_IDX, NEIGHBOUR_IDX, F.col("score"))
     return (
         recent.join(neighbours, on=ITEM_IDX, how="inner")
         .groupBy(USER_IDX, F.col(NEIGHBOUR_IDX).alias(ITEM_IDX))
@@ -182,15 +178,9 @@ def to_neighbour_candidates(recent: DataFrame, similarities: DataFrame, per_item
 def to_popular_candidates(interactions: DataFrame, user_factors: DataFrame, popular_k: int) -> DataFrame:
     """The popular_k most-used items for every cold-start user: user_idx, item_idx, _pop_rank."""
     popularity = interactions.groupBy(ITEM_IDX).agg(F.countDistinct(USER_IDX).alias("_users"))
-    top = Window.orderBy(
-        F.col("_users").desc(), F.col(ITEM_IDX).asc()
-    )  # popular_k rows: one partition is fine
+    top = Window.orderBy(F.col("_users").desc(), F.col(ITEM_IDX).asc())  # popular_k rows: one partition is fine
     popular = popularity.withColumn(POP_RANK, F.row_number().over(top)).filter(F.col(POP_RANK) <= popular_k)
-    cold = (
-        interactions.select(USER_IDX)
-        .distinct()
-        .join(user_factors.select(USER_IDX), on=USER_IDX, how="left_anti")
-    )
+    cold = interactions.select(USER_IDX).distinct().join(user_factors.select(USER_IDX), on=USER_IDX, how="left_anti")
     # A cross join with a constant-size (popular_k) broadcast table: linear in cold users.
     return cold.crossJoin(F.broadcast(popular.select(ITEM_IDX, POP_RANK)))
 

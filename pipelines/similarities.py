@@ -156,9 +156,7 @@ def with_recent_items(interactions: DataFrame, max_items_per_user: int) -> DataF
     per_item = interactions.groupBy(USER_IDX, ITEM_IDX).agg(
         F.max(EVENT_TS).alias(EVENT_TS), F.sum(WEIGHT).alias(WEIGHT)
     )
-    latest = Window.partitionBy(USER_IDX).orderBy(
-        F.col(EVENT_TS).desc(), F.col(WEIGHT).desc(), F.col(ITEM_IDX).asc()
-    )
+    latest = Window.partitionBy(USER_IDX).orderBy(F.col(EVENT_TS).desc(), F.col(WEIGHT).desc(), F.col(ITEM_IDX).asc())
     return (
         per_item.withColumn("_n", F.row_number().over(latest))
         .filter(F.col("_n") <= max_items_per_user)
@@ -225,8 +223,7 @@ def to_blend(als: DataFrame, cooc: DataFrame, config: SimilarityConfig) -> DataF
     )
     blended = joined.withColumn(
         SCORE,
-        F.lit(w) * F.coalesce(F.col("_als"), F.lit(0.0))
-        + F.lit(1.0 - w) * F.coalesce(F.col("_cooc"), F.lit(0.0)),
+        F.lit(w) * F.coalesce(F.col("_als"), F.lit(0.0)) + F.lit(1.0 - w) * F.coalesce(F.col("_cooc"), F.lit(0.0)),
     )
     return rank_neighbours(blended, config.top_n)
 

@@ -52,9 +52,7 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
     tables.write(sims, config, "gold", "item_similarities", RUN)
     cfg = config.model_copy(
         update={
-            "recommend": config.recommend.model_copy(
-                update={"candidates_k": k, "popular_k": 5, "max_candidates": 50}
-            )
+            "recommend": config.recommend.model_copy(update={"candidates_k": k, "popular_k": 5, "max_candidates": 50})
         }
     )
 
@@ -74,9 +72,7 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
     for row, u in enumerate(warm):
         mine = als[als["user_idx"] == u].sort_values("als_score", ascending=False)
         assert set(mine["item_idx"]) == set(want.ids[row].tolist())
-        np.testing.assert_allclose(
-            np.sort(mine["als_score"].to_numpy())[::-1], want.scores[row], rtol=1e-5, atol=1e-5
-        )
+        np.testing.assert_allclose(np.sort(mine["als_score"].to_numpy())[::-1], want.scores[row], rtol=1e-5, atol=1e-5)
     assert out.loc[out["sources"].map(lambda s: "als" not in s), "als_score"].isna().all()
 
     # Cold users: popularity fallback tagged "popular", plus neighbours of their recent items.
@@ -96,9 +92,7 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
 
 
 def test_cap_keeps_the_best_per_user(spark: SparkSession) -> None:
-    als = spark.createDataFrame(
-        [(1, i, float(i)) for i in range(10)], "user_idx int, item_idx int, als_score double"
-    )
+    als = spark.createDataFrame([(1, i, float(i)) for i in range(10)], "user_idx int, item_idx int, als_score double")
     neighbours = spark.createDataFrame([(1, 3, 0.5), (1, 42, 0.9)], "user_idx int, item_idx int, _sim double")
     popular = spark.createDataFrame([], "user_idx int, item_idx int, _pop_rank int")
     owned = spark.createDataFrame([(1, 9)], "user_idx int, item_idx int")

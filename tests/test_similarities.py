@@ -37,9 +37,7 @@ def test_als_neighbours_equal_the_kernel(spark: SparkSession, config: ShelfConfi
     ids = rng.permutation(np.arange(0, 120, 2))  # 60 items, sparse ids, unordered
     factors = rng.normal(size=(60, 6)).astype(np.float32)
     write_item_factors(spark, config, factors, ids, "r1")
-    tables.write(
-        interactions_df(spark, [(1, int(ids[0]), "view", 1)]), config, "silver", "interactions", "r1"
-    )
+    tables.write(interactions_df(spark, [(1, int(ids[0]), "view", 1)]), config, "silver", "interactions", "r1")
     cfg = config.model_copy(
         update={
             "similarities": config.similarities.model_copy(
@@ -62,9 +60,7 @@ def test_als_neighbours_equal_the_kernel(spark: SparkSession, config: ShelfConfi
         np.testing.assert_allclose(mine["score"].to_numpy(), want.scores[row], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("measure", "expected"), [("cosine", 2 / np.sqrt(2 * 3)), ("jaccard", 2 / (2 + 3 - 2))]
-)
+@pytest.mark.parametrize(("measure", "expected"), [("cosine", 2 / np.sqrt(2 * 3)), ("jaccard", 2 / (2 + 3 - 2))])
 def test_cooccurrence_scores_and_min_support(
     spark: SparkSession, config: ShelfConfig, measure: str, expected: float
 ) -> None:
@@ -102,9 +98,7 @@ def test_blend_gives_one_ranked_source(spark: SparkSession, config: ShelfConfig)
     )
     events = [(u, i, "view", i) for u in range(4) for i in range(0, 8, 1 + u % 2)]
     cfg = config.similarities.model_copy(update={"method": "blend", "top_n": 3, "min_support": 1})
-    got = similarities.to_item_similarities(
-        spark, factors, interactions_df(spark, events, "r2"), cfg, "r2"
-    ).toPandas()
+    got = similarities.to_item_similarities(spark, factors, interactions_df(spark, events, "r2"), cfg, "r2").toPandas()
     assert set(got["source"]) == {"blend"}
     assert got.groupby("item_idx")["rank"].apply(list).map(lambda r: r == list(range(1, len(r) + 1))).all()
     assert got.groupby("item_idx").size().max() == 3

@@ -112,9 +112,7 @@ def test_ties_go_to_the_lower_id_across_blocks() -> None:
 def test_n_larger_than_catalogue_with_exclusions_pads() -> None:
     items = np.eye(3, dtype=np.float32)
     indptr, indices = csr_from_lists([[1], None])
-    result = top_n_dot(
-        np.array([[1, 2, 3], [3, 2, 1]]), items, 10, exclude_indptr=indptr, exclude_indices=indices
-    )
+    result = top_n_dot(np.array([[1, 2, 3], [3, 2, 1]]), items, 10, exclude_indptr=indptr, exclude_indices=indices)
     assert result.ids.tolist() == [[2, 0, -1], [0, 1, 2]]
     assert result.counts.tolist() == [2, 3]
     keys, got_ids, scores, ranks = to_long([100, 200], result)
@@ -128,9 +126,7 @@ def test_self_exclusion_on_cosine_neighbours() -> None:
     rng = np.random.default_rng(0)
     factors = normalise_rows(rng.normal(size=(50, 8)))
     ids = np.arange(50)
-    result = top_n_dot(
-        factors, factors, 5, ids, query_ids=ids, exclude_self=True, block_rows=7, block_items=9
-    )
+    result = top_n_dot(factors, factors, 5, ids, query_ids=ids, exclude_self=True, block_rows=7, block_items=9)
     assert not np.any(result.ids == ids[:, None])
     assert np.all(result.scores <= 1.0 + 1e-6)
     full = factors @ factors.T

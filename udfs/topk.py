@@ -164,9 +164,7 @@ def top_n_dot(
         indptr = np.asarray(exclude_indptr, dtype=np.int64)
         if indptr.shape != (m + 1,):
             raise ValueError(f"exclude_indptr has shape {indptr.shape}, expected ({m + 1},)")
-        excl_cols = _columns_of(
-            np.asarray(exclude_indices if exclude_indices is not None else [], dtype=np.int64), ids
-        )
+        excl_cols = _columns_of(np.asarray(exclude_indices if exclude_indices is not None else [], dtype=np.int64), ids)
 
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)

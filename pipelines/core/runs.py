@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipelines.core.errors import ConfigError
 
@@ -30,7 +30,7 @@ def parse_as_of(text: str) -> datetime:
     except ValueError as exc:
         raise ConfigError(f"--as-of '{text}' is not an ISO date or timestamp; pass e.g. 2026-11-01 or 2026-11-01T06:00:00.") from exc
     if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     return parsed
 
 
