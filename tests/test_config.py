@@ -35,6 +35,8 @@ def test_overlay_deep_merges_over_base() -> None:
 def test_set_overrides_win() -> None:
     config = load_config(CONF / "test.yaml", ["recommend.top_k=25", "source.preset=movielens", "train.tune=true"])
     assert (config.recommend.top_k, config.source.preset, config.train.tune) == (25, "movielens", True)
+    for delimiter in ["|", ";", "\t", ">"]:
+        assert load_config(CONF / "test.yaml", [f"source.delimiter={delimiter}"]).source.delimiter == delimiter
 
 
 def test_misspelled_key_names_full_path_and_file(tmp_path: Path) -> None:

@@ -273,7 +273,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"Override '{text}' has an empty key; write it like --set recommend.top_k=20.")
-    return parts, yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads some one-character delimiters ('|', '>') as syntax: keep such values as written.
+    if value in ("", None) and raw.strip() not in ("", "null", "~", "''", '""'):
+        value = raw
+    return parts, value
 
 
 def _nest(parts: list[str], value: Any) -> dict[str, Any]:
