@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def test_config(tmp_path: Path, *overrides: str) -> ShelfConfig:
+def make_test_config(tmp_path: Path, *overrides: str) -> ShelfConfig:
     """conf/test.yaml with tables, demo data and checkpoints under `tmp_path`."""
     return load_config(
         REPO / "conf" / "test.yaml",
@@ -32,14 +32,14 @@ def test_config(tmp_path: Path, *overrides: str) -> ShelfConfig:
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
     root = tmp_path_factory.mktemp("spark")
-    session = get_spark(test_config(root))
+    session = get_spark(make_test_config(root))
     yield session
     session.stop()
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> ShelfConfig:
-    return test_config(tmp_path)
+    return make_test_config(tmp_path)
 
 
 def shared_data(name: str) -> Path:

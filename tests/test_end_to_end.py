@@ -11,7 +11,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import cli, tables
-from tests.conftest import REPO, test_config
+from tests.conftest import REPO, make_test_config
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def _run(tmp_path: Path, *extra: str) -> int:
 
 def test_run_end_to_end_is_complete_and_idempotent(spark: SparkSession, tmp_path: Path) -> None:
     assert _run(tmp_path) == 0
-    config = test_config(tmp_path)
+    config = make_test_config(tmp_path)
     for layer, name in [("bronze", "events"), ("quarantine", "events"), ("silver", "interactions"),
                         ("gold", "user_factors"), ("gold", "candidates"), ("gold", "recommendations")]:
         assert tables.exists(spark, config, layer, name), f"{layer}.{name} was not written"
