@@ -95,7 +95,7 @@ def write(
     else:
         writer.saveAsTable(where)
     if comment:
-        target = f"delta.`{where}`" if _is_path(config) else where
+        target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
         spark.sql(f"COMMENT ON TABLE {target} IS '{comment.replace(chr(39), '')}'")
 
 
