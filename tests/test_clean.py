@@ -17,7 +17,7 @@ from pipelines.core.errors import InputDataError, QualityGateError
 from pipelines.core.quality import quality_path
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import BRONZE_EVENTS_SCHEMA, INDEX_SCHEMA_USER
-from tests.conftest import test_config as make_config
+from tests.conftest import make_test_config as make_config
 
 AS_OF = datetime(2026, 11, 1)
 T0 = datetime(2026, 10, 2)  # 30 days before AS_OF: one half-life

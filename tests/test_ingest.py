@@ -16,7 +16,7 @@ from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.runs import RunContext
-from tests.conftest import test_config as make_config
+from tests.conftest import make_test_config as make_config
 
 AS_OF = datetime(2026, 11, 1)
 HEADER = "user_id,item_id,event_type,event_ts,value,session_id"

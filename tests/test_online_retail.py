@@ -14,8 +14,8 @@ from pyspark.sql import functions as F
 from pipelines import clean, ingest
 from pipelines.core import tables
 from pipelines.core.runs import RunContext
+from tests.conftest import make_test_config as make_config
 from tests.conftest import shared_data
-from tests.conftest import test_config as make_config
 
 PUBLISHED_ROWS = 541_909
 

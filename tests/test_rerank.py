@@ -16,7 +16,7 @@ from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA
-from tests.conftest import test_config as make_config
+from tests.conftest import make_test_config as make_config
 
 AS_OF = datetime(2026, 11, 1)
 RUN = "r1"
