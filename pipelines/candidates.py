@@ -31,6 +31,7 @@ from pipelines.core import tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import RecommendConfig, ShelfConfig, SimilarityConfig
 from pipelines.core.errors import InputDataError
+from pipelines.core.factors import factors_of_run
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import EVENT_TS, EVENT_TYPE, ITEM_IDX, RUN_ID, USER_IDX
 from udfs.topk import csr_from_lists, to_long, top_n_dot
@@ -65,20 +66,6 @@ _ALS_SCHEMA = StructType(
 )
 
 
-def factors_of_run(factors: DataFrame, run_id: str) -> DataFrame:
-    """The factor rows of `run_id` when the table holds several runs, else the table as it is.
-
-    Raises:
-        InputDataError: the table holds several runs and none is `run_id`.
-    """
-    runs = sorted(r[0] for r in factors.select(RUN_ID).distinct().collect())  # one row per run
-    if len(runs) <= 1:
-        return factors
-    if run_id not in runs:
-        raise InputDataError(
-            f"The factor table holds runs {runs} but not {run_id}; pass --run-id of the train run to use."
-        )
-    return factors.filter(F.col(RUN_ID) == run_id)
 
 
 def item_factor_matrix(item_factors: DataFrame) -> tuple[np.ndarray, np.ndarray]:
