@@ -7,7 +7,9 @@ Reads bronze.events (the rows of this run id) and, when it exists, the catalog a
   2^(-age_days / clean.half_life_days) relative to as_of; a snapshot per run;
 - silver.user_index / silver.item_index: string id <-> dense int. Stable across runs: known ids keep
   their number, new ids get max+1.. in string order;
-- silver.catalog (CATALOG_SCHEMA): one row per item, when the catalog input exists;
+- silver.catalog (CATALOG_SCHEMA): one row per item, from the catalog input when it exists, else from
+  bronze.items of this run (the titles/prices/genres a preset's own files carry: Online Retail,
+  MovieLens movies file); not written when neither exists;
 - quarantine.events: rows of bot users (more than clean.bot_max_events_per_day events per active
   day), reason bot_user, keyed by (run_id, step);
 - ops.run_metrics: input, duplicates removed, quarantined, filtered by min support, accepted.
@@ -95,14 +97,10 @@ def filter_duplicates(events: DataFrame) -> DataFrame:
 
 def with_bot_flag(events: DataFrame, max_events_per_day: float) -> DataFrame:
     """Flag users with more than `max_events_per_day` events per day they were active."""
-    activity = events.groupBy(USER_ID).agg(
-        (F.count(F.lit(1)) / F.countDistinct(F.to_date(EVENT_TS))).alias("_per_day")
-    )
+    activity = events.groupBy(USER_ID).agg((F.count(F.lit(1)) / F.countDistinct(F.to_date(EVENT_TS))).alias("_per_day"))
     return (
         events.join(activity, on=USER_ID, how="left")
-        .withColumn(
-            _STATUS, F.when(F.col("_per_day") > max_events_per_day, F.lit(BOT)).otherwise(F.lit(ACCEPTED))
-        )
+        .withColumn(_STATUS, F.when(F.col("_per_day") > max_events_per_day, F.lit(BOT)).otherwise(F.lit(ACCEPTED)))
         .drop("_per_day")
     )
 
@@ -214,9 +212,7 @@ def to_catalog(raw: DataFrame, mapping: CatalogMapping) -> DataFrame:
         F.try_to_timestamp(text(mapping.launched_at)).alias(LAUNCHED_AT),
         text(mapping.title).alias(TITLE),
     ).filter(F.col(ITEM_ID).isNotNull() & (F.col(ITEM_ID) != ""))
-    first = Window.partitionBy(ITEM_ID).orderBy(
-        F.col(LAUNCHED_AT).desc_nulls_last(), F.col(TITLE).asc_nulls_last()
-    )
+    first = Window.partitionBy(ITEM_ID).orderBy(F.col(LAUNCHED_AT).desc_nulls_last(), F.col(TITLE).asc_nulls_last())
     return (
         typed.withColumn("_n", F.row_number().over(first))
         .filter(F.col("_n") == 1)
@@ -231,11 +227,7 @@ def read_catalog(spark: SparkSession, config: ShelfConfig) -> DataFrame | None:
     if path is None or ("://" not in path and not Path(path).exists()):
         log.info("[clean] no catalog at %s; silver.catalog is not written", path)
         return None
-    options = (
-        {"header": str(source.header).lower(), "sep": source.delimiter}
-        if source.catalog_format == "csv"
-        else {}
-    )
+    options = {"header": str(source.header).lower(), "sep": source.delimiter} if source.catalog_format == "csv" else {}
     raw = tables.read_source(spark, path, source.catalog_format, "source.catalog_path", options=options)
     mapping = source.catalog_columns
     wanted = [n for n in mapping.model_dump().values() if n is not None]
@@ -247,10 +239,18 @@ def read_catalog(spark: SparkSession, config: ShelfConfig) -> DataFrame | None:
     return raw
 
 
+def read_source_items(spark: SparkSession, config: ShelfConfig, run_id: str) -> DataFrame | None:
+    """bronze.items of this run (the attributes a preset's own files carry), or None when ingest wrote none."""
+    if not tables.exists(spark, config, "bronze", "items"):
+        return None
+    items = tables.read(spark, config, "bronze", "items").filter(F.col(RUN_ID) == run_id)
+    if items.isEmpty():
+        return None
+    return items.select(*[F.col(f.name) for f in CATALOG_SCHEMA.fields])
+
+
 def _existing_index(spark: SparkSession, config: ShelfConfig, name: str) -> DataFrame | None:
-    return (
-        tables.read(spark, config, "silver", name) if tables.exists(spark, config, "silver", name) else None
-    )
+    return tables.read(spark, config, "silver", name) if tables.exists(spark, config, "silver", name) else None
 
 
 def _ingest_quarantined(spark: SparkSession, config: ShelfConfig, run_id: str) -> int:
@@ -275,9 +275,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
                     f"bronze.events has no rows for run id {ctx.run_id}; "
                     "run 'shelf ingest' with the same --run-id first."
                 )
-            by_status = {
-                row[_STATUS]: int(row["count"]) for row in flagged.groupBy(_STATUS).count().collect()
-            }
+            by_status = {row[_STATUS]: int(row["count"]) for row in flagged.groupBy(_STATUS).count().collect()}
             accepted_rows, bots, rare = (by_status.get(s, 0) for s in (ACCEPTED, BOT, RARE))
             duplicates = input_rows - sum(by_status.values())
             counts.update(
@@ -293,16 +291,10 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             reconcile(STEP_NAME, input_rows, accepted_rows, bots, duplicates, rare)
 
             accepted = flagged.filter(F.col(_STATUS) == ACCEPTED)
-            user_index = assign_index(
-                accepted, _existing_index(spark, config, "user_index"), USER_ID, USER_IDX
-            )
-            item_index = assign_index(
-                accepted, _existing_index(spark, config, "item_index"), ITEM_ID, ITEM_IDX
-            )
+            user_index = assign_index(accepted, _existing_index(spark, config, "user_index"), USER_ID, USER_IDX)
+            item_index = assign_index(accepted, _existing_index(spark, config, "item_index"), ITEM_ID, ITEM_IDX)
             user_index, item_index = user_index.localCheckpoint(), item_index.localCheckpoint()
-            interactions = to_interactions(
-                accepted, user_index, item_index, clean, ctx.run_id, ctx.as_of
-            ).persist()
+            interactions = to_interactions(accepted, user_index, item_index, clean, ctx.run_id, ctx.as_of).persist()
             cached.append(interactions)
 
             tables.write_replacing(
@@ -317,9 +309,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             quarantine_rate = (ingest_input - input_rows + bots) / ingest_input
             top_user = interactions.groupBy(USER_IDX).count().agg(F.max("count").alias("m")).first()
             max_user_share = (top_user["m"] or 0) / accepted_rows if top_user and accepted_rows else 0.0
-            counts.update(
-                {"quarantine_rate": round(quarantine_rate, 6), "max_user_share": round(max_user_share, 6)}
-            )
+            counts.update({"quarantine_rate": round(quarantine_rate, 6), "max_user_share": round(max_user_share, 6)})
             tables.write_replacing(
                 run_metrics_frame(spark, ctx.run_id, STEP_NAME, counts),
                 config,
@@ -357,6 +347,8 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
                     "catalog",
                     ctx.run_id,
                 )
+            elif (items := read_source_items(spark, config, ctx.run_id)) is not None:
+                tables.write(items, config, "silver", "catalog", ctx.run_id)
         finally:
             for df in cached:
                 df.unpersist()

@@ -4,7 +4,11 @@ Reads `source.path` with the preset's layout and writes
 - bronze.events: one row per accepted source row (BRONZE_EVENTS_SCHEMA), a snapshot per run;
 - quarantine.events: one row per rejected source row with its raw text and a reason code, keyed by
   (run_id, step) so a rerun replaces its own rows;
-- ops.run_metrics: input, accepted and quarantined counts per reason, keyed by (run_id, step).
+- ops.run_metrics: input, accepted and quarantined counts per reason, keyed by (run_id, step);
+- bronze.items (CATALOG_SCHEMA + run_id): one row per item, for presets whose files describe items
+  (online_retail: title, price, first sale; movielens: title and first genre from the movies file
+  beside the ratings file); a snapshot per run. clean turns it into silver.catalog when no catalog
+  input is configured.
 Input rows must equal accepted + quarantined (ingest removes no duplicates), else ReconciliationError.
 
 Text sources (csv and json lines) are read as lines and parsed with `from_csv` / `from_json`, so
@@ -42,7 +46,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -59,15 +63,21 @@ from pipelines.core.schemas import (
     BAD_VALUE,
     BRONZE_EVENTS_SCHEMA,
     CANCELLED,
+    CATALOG_SCHEMA,
+    CATEGORY,
     EVENT_TS,
     EVENT_TYPE,
     FUTURE_TIMESTAMP,
+    IN_STOCK,
     ITEM_ID,
+    LAUNCHED_AT,
     NEGATIVE_VALUE,
     NETTED_OUT,
     NON_PRODUCT,
     NULL_ITEM,
     NULL_USER,
+    PRICE,
+    PROMO,
     QUARANTINE_SCHEMA,
     RAW,
     REASON,
@@ -76,6 +86,7 @@ from pipelines.core.schemas import (
     SOURCE_FILE,
     STALE_TIMESTAMP,
     STEP,
+    TITLE,
     UNKNOWN_EVENT_TYPE,
     UNPARSEABLE_ROW,
     USER_ID,
@@ -96,6 +107,9 @@ _EVENT_TS_RAW = "_event_ts_raw"
 _VALUE_RAW = "_value_raw"
 _PRESET_REASON = "_preset_reason"
 _CANCEL_QTY = "_cancel_qty"
+# Item attributes some presets carry on every event row (Online Retail: Description, UnitPrice).
+_TITLE_RAW = "_title_raw"
+_PRICE_RAW = "_price_raw"
 
 RETAIL_COLUMNS = (
     "InvoiceNo",
@@ -138,9 +152,7 @@ def rules_for(config: ShelfConfig, as_of: datetime) -> Rules:
     if source.preset == "movielens":
         return Rules({"rating": "rating"}, EPOCH_SECONDS, earliest, latest, config.clean.max_value)
     if source.preset == "online_retail":
-        return Rules(
-            {"purchase": "purchase"}, fmt or "yyyy-MM-dd HH:mm:ss", earliest, latest, config.clean.max_value
-        )
+        return Rules({"purchase": "purchase"}, fmt or "yyyy-MM-dd HH:mm:ss", earliest, latest, config.clean.max_value)
     return Rules(dict(source.event_types), fmt, earliest, latest, config.clean.max_value)
 
 
@@ -200,6 +212,8 @@ def to_canonical(parsed: DataFrame, source: SourceConfig) -> DataFrame:
         field(mapping.session_id).alias(SESSION_ID),
         F.lit(None).cast("string").alias(_PRESET_REASON),
         F.lit(None).cast("double").alias(_CANCEL_QTY),
+        F.lit(None).cast("string").alias(_TITLE_RAW),
+        F.lit(None).cast("string").alias(_PRICE_RAW),
     )
 
 
@@ -217,12 +231,14 @@ def to_movielens_canonical(parsed: DataFrame) -> DataFrame:
         F.lit(None).cast("string").alias(SESSION_ID),
         F.lit(None).cast("string").alias(_PRESET_REASON),
         F.lit(None).cast("double").alias(_CANCEL_QTY),
+        F.lit(None).cast("string").alias(_TITLE_RAW),
+        F.lit(None).cast("string").alias(_PRICE_RAW),
     )
 
 
 def to_retail_canonical(parsed: DataFrame) -> DataFrame:
     """Online Retail invoice lines -> canonical purchases plus the preset's own reason codes."""
-    invoice, stock, _, quantity, date, price, customer, _ = (
+    invoice, stock, description, quantity, date, price, customer, _ = (
         _blank_to_null(F.col(f"fields.`{c}`")) for c in RETAIL_COLUMNS
     )
     # CustomerID is published as "17850" (or "17850.0" in some exports): keep the integer text.
@@ -252,6 +268,8 @@ def to_retail_canonical(parsed: DataFrame) -> DataFrame:
         invoice.alias(SESSION_ID),
         reason.alias(_PRESET_REASON),
         F.when(is_cancel, -qty_value).alias(_CANCEL_QTY),
+        F.trim(description).alias(_TITLE_RAW),
+        price.alias(_PRICE_RAW),
     )
 
 
@@ -291,9 +309,7 @@ def with_typed_columns(df: DataFrame, rules: Rules) -> DataFrame:
 def with_reason(df: DataFrame, rules: Rules) -> DataFrame:
     """The first rule a row breaks, as a reason code; null for an accepted row."""
     value = F.col(VALUE)
-    bad_value = (
-        (F.col(_VALUE_RAW).isNotNull() & value.isNull()) | F.isnan(value) | (F.abs(value) > rules.max_value)
-    )
+    bad_value = (F.col(_VALUE_RAW).isNotNull() & value.isNull()) | F.isnan(value) | (F.abs(value) > rules.max_value)
     reason = (
         F.when(F.col(_CORRUPT), F.lit(UNPARSEABLE_ROW))
         .when(F.col(USER_ID).isNull(), F.lit(NULL_USER))
@@ -335,9 +351,7 @@ def with_cancellations_netted(df: DataFrame) -> DataFrame:
         .withColumn("_cum", cumulative)
         .withColumn(
             REASON,
-            F.when(accepted & (F.col("_cancelled") > 0) & (remaining <= 0), F.lit(NETTED_OUT)).otherwise(
-                F.col(REASON)
-            ),
+            F.when(accepted & (F.col("_cancelled") > 0) & (remaining <= 0), F.lit(NETTED_OUT)).otherwise(F.col(REASON)),
         )
         .withColumn(
             VALUE,
@@ -351,12 +365,12 @@ def with_cancellations_netted(df: DataFrame) -> DataFrame:
 
 def classify(canonical: DataFrame, rules: Rules, net_cancellations: bool = False) -> DataFrame:
     """Canonical string rows -> typed rows with a `reason` (null: accepted). Pure transform."""
-    typed = canonical.transform(lambda d: with_typed_columns(d, rules)).transform(
-        lambda d: with_reason(d, rules)
-    )
+    typed = canonical.transform(lambda d: with_typed_columns(d, rules)).transform(lambda d: with_reason(d, rules))
     if net_cancellations:
         typed = typed.transform(with_cancellations_netted)
-    return typed.select(RAW, SOURCE_FILE, USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS, VALUE, SESSION_ID, REASON)
+    return typed.select(
+        RAW, SOURCE_FILE, USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS, VALUE, SESSION_ID, REASON, _TITLE_RAW, _PRICE_RAW
+    )
 
 
 def to_bronze(classified: DataFrame, run_id: str, as_of: datetime) -> DataFrame:
@@ -376,6 +390,104 @@ def to_quarantine(classified: DataFrame, step: str, run_id: str, as_of: datetime
         .withColumn(AS_OF, ts_lit(as_of))
         .select(*[F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields])
     )
+
+
+# ---------------------------------------------------------------- item attributes carried by the source
+
+_COUNT = "_count"
+
+
+def to_retail_items(classified: DataFrame) -> DataFrame:
+    """Online Retail invoice lines -> one catalog row per product code (CATALOG_SCHEMA).
+
+    title: the product's most frequent Description (ties: alphabetically first); price: the median
+    UnitPrice over its lines with a positive price; launched_at: its first line in the file (the
+    new-arrival rule reads it as "first sold"); category, in_stock and promo are not published and
+    stay null. Lines without a customer still describe their product, so every line with a product
+    code counts, whatever its reason code.
+    """
+    # By code, not by reason: a line without a customer is quarantined as null_user before its code is looked at.
+    products = classified.filter(
+        F.coalesce(F.col(REASON) != UNPARSEABLE_ROW, F.lit(True)) & F.col(ITEM_ID).rlike(RETAIL_PRODUCT_CODE)
+    )
+    by_frequency = Window.partitionBy(ITEM_ID).orderBy(F.col(_COUNT).desc(), F.col(TITLE).asc())
+    titles = (
+        products.filter(F.col(_TITLE_RAW).isNotNull() & (F.col(_TITLE_RAW) != ""))
+        .groupBy(ITEM_ID, F.col(_TITLE_RAW).alias(TITLE))
+        .agg(F.count(F.lit(1)).alias(_COUNT))
+        .withColumn("_n", F.row_number().over(by_frequency))
+        .filter(F.col("_n") == 1)
+        .select(ITEM_ID, TITLE)
+    )
+    price = F.col(_PRICE_RAW).try_cast("double")
+    attributes = products.groupBy(ITEM_ID).agg(
+        F.median(F.when(price > 0, price)).alias(PRICE), F.min(EVENT_TS).alias(LAUNCHED_AT)
+    )
+    return (
+        attributes.join(titles, on=ITEM_ID, how="left")
+        .withColumn(CATEGORY, F.lit(None).cast("string"))
+        .withColumn(IN_STOCK, F.lit(None).cast("boolean"))
+        .withColumn(PROMO, F.lit(None).cast("boolean"))
+        .select(*[F.col(f.name).cast(f.dataType) for f in CATALOG_SCHEMA.fields])
+    )
+
+
+# MovieLens 100k's u.item flags 19 genres in this order.
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+
+
+def movielens_items_path(ratings_path: str) -> str | None:
+    """The movies file beside a MovieLens ratings file (movies.csv, movies.dat or u.item), if present."""
+    name = PurePath(ratings_path).name
+    sibling = {"ratings.csv": "movies.csv", "ratings.dat": "movies.dat", "u.data": "u.item"}.get(name)
+    if sibling is None or "://" in ratings_path:
+        return None
+    path = Path(ratings_path).with_name(sibling)
+    return str(path) if path.exists() else None
+
+
+def read_movielens_items(spark: SparkSession, path: str) -> DataFrame:
+    """A MovieLens movies file -> one catalog row per movie: title, category = its first genre."""
+    name = PurePath(path).name
+    if name == "movies.csv":
+        raw = tables.read_source(spark, path, "csv", PATH_KEY, options={"header": "true", "escape": '"'})
+        item, title = F.col("movieId"), F.col("title")
+        category = F.split(F.col("genres"), r"\|").getItem(0)
+    elif name == "movies.dat":
+        raw = tables.read_source(
+            spark, path, "csv", PATH_KEY, options={"sep": "::", "encoding": "ISO-8859-1", "quote": ""}
+        )
+        item, title = F.col("_c0"), F.col("_c1")
+        category = F.split(F.col("_c2"), r"\|").getItem(0)
+    else:  # u.item: id|title|release|video release|url|19 genre flags
+        raw = tables.read_source(
+            spark, path, "csv", PATH_KEY, options={"sep": "|", "encoding": "ISO-8859-1", "quote": ""}
+        )
+        flags = [F.when(F.col(f"_c{5 + i}") == "1", F.lit(g)) for i, g in enumerate(ML100K_GENRES)]
+        item, title, category = F.col("_c0"), F.col("_c1"), F.coalesce(*flags)
+    no_genre = category.isin("(no genres listed)", "unknown")
+    return raw.select(
+        F.trim(item).alias(ITEM_ID),
+        F.when(~no_genre, category).alias(CATEGORY),
+        F.lit(None).cast("double").alias(PRICE),
+        F.lit(None).cast("boolean").alias(IN_STOCK),
+        F.lit(None).cast("boolean").alias(PROMO),
+        F.lit(None).cast("timestamp").alias(LAUNCHED_AT),
+        F.trim(title).alias(TITLE),
+    ).filter(F.col(ITEM_ID).isNotNull())
+
+
+def to_source_items(spark: SparkSession, source: SourceConfig, classified: DataFrame) -> DataFrame | None:
+    """The item attributes the preset's own files carry (bronze.items), or None when it carries none."""
+    if source.preset == "online_retail":
+        return to_retail_items(classified)
+    if source.preset == "movielens":
+        path = movielens_items_path(source.path)
+        return read_movielens_items(spark, path) if path else None
+    return None
 
 
 # ---------------------------------------------------------------- reading
@@ -465,9 +577,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
     with step_log(STEP_NAME, ctx) as counts:
         canonical = read_canonical(spark, config.source)
         rules = rules_for(config, ctx.as_of)
-        classified = classify(
-            canonical, rules, net_cancellations=config.source.preset == "online_retail"
-        ).persist()
+        classified = classify(canonical, rules, net_cancellations=config.source.preset == "online_retail").persist()
         try:
             by_reason = {
                 (row[REASON] or "accepted"): int(row["count"])
@@ -489,6 +599,9 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             counts.update({f"quarantined.{reason}": n for reason, n in by_reason.items()})
             reconcile(STEP_NAME, input_rows, accepted, quarantined, 0)
             tables.write(to_bronze(classified, ctx.run_id, ctx.as_of), config, "bronze", "events", ctx.run_id)
+            items = to_source_items(spark, config.source, classified)
+            if items is not None:
+                tables.write(items.withColumn(RUN_ID, F.lit(ctx.run_id)), config, "bronze", "items", ctx.run_id)
             tables.write_replacing(
                 to_quarantine(classified, STEP_NAME, ctx.run_id, ctx.as_of),
                 config,

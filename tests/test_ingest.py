@@ -40,15 +40,11 @@ def quarantine(spark: SparkSession, config: ShelfConfig, run_id: str = "r1") -> 
 
 def bronze_rows(spark: SparkSession, config: ShelfConfig) -> list[tuple[object, ...]]:
     df = tables.read(spark, config, "bronze", "events")
-    return sorted(
-        (r.user_id, r.item_id, r.event_type, r.event_ts, r.value, r.session_id) for r in df.collect()
-    )
+    return sorted((r.user_id, r.item_id, r.event_type, r.event_ts, r.value, r.session_id) for r in df.collect())
 
 
 def metrics(spark: SparkSession, config: ShelfConfig, step: str, run_id: str = "r1") -> dict[str, float]:
-    df = tables.read(spark, config, "ops", "run_metrics").filter(
-        (F.col("run_id") == run_id) & (F.col("step") == step)
-    )
+    df = tables.read(spark, config, "ops", "run_metrics").filter((F.col("run_id") == run_id) & (F.col("step") == step))
     return {r.metric: r.value for r in df.collect()}
 
 
@@ -114,17 +110,14 @@ def test_every_ingest_reason_code_reconciliation_and_rerun(spark: SparkSession, 
     assert tables.read(spark, config, "ops", "run_metrics").filter("metric = 'input_rows'").count() == 1
 
 
-def test_generic_mapping_delimiter_no_header_and_timestamp_format(
-    spark: SparkSession, tmp_path: Path
-) -> None:
+def test_generic_mapping_delimiter_no_header_and_timestamp_format(spark: SparkSession, tmp_path: Path) -> None:
     config = make_config(
         tmp_path,
         "source.preset=generic",
         "source.header=false",
         "source.delimiter=;",
         "source.timestamp_format=dd/MM/yyyy HH:mm",
-        "source.columns={user_id: _c1, item_id: _c0, event_type: _c2, event_ts: _c3, "
-        "value: null, session_id: null}",
+        "source.columns={user_id: _c1, item_id: _c0, event_type: _c2, event_ts: _c3, value: null, session_id: null}",
         "source.event_types={v: view, buy: purchase}",
     )
     write_text(
@@ -146,8 +139,7 @@ def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> 
         Path(config.source.path) / "events.json",
         [
             '{"user_id": "u1", "item_id": 7, "event_type": "view", "event_ts": "2026-10-01T00:00:00"}',
-            '{"user_id": "u1", "item_id": 8, "event_type": "purchase", '
-            '"event_ts": "2026-10-01T00:00:00", "value": 2}',
+            '{"user_id": "u1", "item_id": 8, "event_type": "purchase", "event_ts": "2026-10-01T00:00:00", "value": 2}',
             '{"user_id": "u1", "item_id": ',
         ],
     )
@@ -160,10 +152,7 @@ def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> 
         ("u1", "i1", "view", datetime(2026, 10, 1), None, "s"),
         ("u2", "i1", "click", datetime(2026, 10, 1), 1.0, "s"),
     ]
-    schema = (
-        "user_id string, item_id string, event_type string, event_ts timestamp, "
-        "value double, session_id string"
-    )
+    schema = "user_id string, item_id string, event_type string, event_ts timestamp, value double, session_id string"
     spark.createDataFrame(rows, schema).write.parquet(config.source.path)
     run_ingest(spark, config)
     assert bronze_rows(spark, config) == [("u1", "i1", "view", datetime(2026, 10, 1), None, "s")]
@@ -181,14 +170,52 @@ def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> 
 )
 def test_movielens_layouts(spark: SparkSession, tmp_path: Path, name: str, lines: list[str]) -> None:
     path = write_text(tmp_path / "ml" / name, lines)
-    config = make_config(
-        tmp_path, "source.preset=movielens", f"source.path={path}", "clean.window_days=20000"
-    )
+    config = make_config(tmp_path, "source.preset=movielens", f"source.path={path}", "clean.window_days=20000")
     run_ingest(spark, config)
     assert bronze_rows(spark, config) == [
         ("186", "302", "rating", datetime(1998, 4, 4, 19, 22, 22), 3.5, None),
         ("196", "242", "rating", datetime(1997, 12, 4, 15, 55, 49), 3.0, None),
     ]
+
+
+MOVIES_FILES = {
+    "movies.csv": [
+        "movieId,title,genres",
+        '242,"Kolya (1996)",Comedy',
+        '302,"L.A. Confidential (1997)",Crime|Film-Noir|Mystery|Thriller',
+        '11,"American President, The (1995)",(no genres listed)',
+    ],
+    "movies.dat": [
+        "242::Kolya (1996)::Comedy",
+        "302::L.A. Confidential (1997)::Crime|Film-Noir|Mystery|Thriller",
+        "11::American President, The (1995)::(no genres listed)",
+    ],
+    "u.item": [
+        "242|Kolya (1996)|24-Jan-1997||http://x|0|0|0|0|0|1|0|0|0|0|0|0|0|0|0|0|0|0|0",
+        "302|L.A. Confidential (1997)|01-Jan-1997||http://x|0|0|0|0|0|0|1|0|0|0|1|0|0|1|0|0|1|0|0",
+        "11|American President, The (1995)|01-Jan-1995||http://x|1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0",
+    ],
+}
+RATINGS_OF_MOVIES = {"movies.csv": "ratings.csv", "movies.dat": "ratings.dat", "u.item": "u.data"}
+
+
+@pytest.mark.parametrize("movies", sorted(MOVIES_FILES))
+def test_movielens_titles_and_genres_from_the_movies_file(spark: SparkSession, tmp_path: Path, movies: str) -> None:
+    ratings = RATINGS_OF_MOVIES[movies]
+    sep = {"ratings.csv": ",", "ratings.dat": "::", "u.data": "\t"}[ratings]
+    lines = (["userId,movieId,rating,timestamp"] if ratings == "ratings.csv" else []) + [
+        sep.join(("196", "242", "3", "881250949"))
+    ]
+    path = write_text(tmp_path / "ml" / ratings, lines)
+    write_text(tmp_path / "ml" / movies, MOVIES_FILES[movies])
+    config = make_config(tmp_path, "source.preset=movielens", f"source.path={path}", "clean.window_days=20000")
+    run_ingest(spark, config)
+    items = {r.item_id: (r.title, r.category) for r in tables.read(spark, config, "bronze", "items").collect()}
+    assert items == {
+        "242": ("Kolya (1996)", "Comedy"),
+        "302": ("L.A. Confidential (1997)", "Crime"),
+        "11": ("American President, The (1995)", None),
+    }
 
 
 RETAIL_HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country"
@@ -208,17 +235,13 @@ RETAIL_LINES = [
 ]
 
 
-def test_online_retail_cancellations_net_out_and_quarantine_codes(
-    spark: SparkSession, tmp_path: Path
-) -> None:
+def test_online_retail_cancellations_net_out_and_quarantine_codes(spark: SparkSession, tmp_path: Path) -> None:
     path = write_text(tmp_path / "retail" / "online_retail.csv", RETAIL_LINES)
     config = make_config(tmp_path, "source.preset=online_retail", f"source.path={path}")
     ingest.run(spark, config, RunContext("r1", datetime(2011, 12, 10)))
     # 17850 bought 6 then 4 and returned 5: the latest purchase (4) nets out, the first keeps 5.
     # 13047 bought 12 and returned 12: nothing of that pair is left.
-    assert bronze_rows(spark, config) == [
-        ("17850", "85123A", "purchase", datetime(2010, 12, 1, 8, 26), 5.0, "536365")
-    ]
+    assert bronze_rows(spark, config) == [("17850", "85123A", "purchase", datetime(2010, 12, 1, 8, 26), 5.0, "536365")]
     reasons = Counter(r.reason for r in quarantine(spark, config).collect())
     assert reasons == {
         "netted_out": 2,
@@ -230,6 +253,19 @@ def test_online_retail_cancellations_net_out_and_quarantine_codes(
     }
     m = metrics(spark, config, "ingest")
     assert m["input_rows"] == len(RETAIL_LINES) - 1 == m["accepted"] + m["quarantined"]
+
+    # The invoice lines describe their products: every product code gets a catalog row, whatever
+    # happened to the line (netted out, no customer, zero price); POST, BANK CHARGES and B do not.
+    items = {
+        r.item_id: (r.title, r.price, r.launched_at) for r in tables.read(spark, config, "bronze", "items").collect()
+    }
+    assert items == {
+        "85123A": ("WHITE HANGING HEART T-LIGHT HOLDER", 2.55, datetime(2010, 12, 1, 8, 26)),
+        "22086": ("PAPER CHAIN KIT, 50'S CHRISTMAS", 2.55, datetime(2010, 12, 1, 9, 0)),
+        "21730": ("GLASS STAR FROSTED T-LIGHT HOLDER", 4.25, datetime(2010, 12, 1, 9, 2)),
+        # the zero-priced line has no description and no usable price: the adjustment line gives both
+        "22139": ("amazon adjust", 1.0, datetime(2010, 12, 1, 11, 52)),
+    }
 
 
 def test_bad_inputs_name_the_file_column_and_config_key(spark: SparkSession, tmp_path: Path) -> None:

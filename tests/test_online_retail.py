@@ -50,8 +50,7 @@ def test_online_retail_ingest_and_clean(spark: SparkSession, tmp_path: Path) -> 
     ingest.run(spark, config, ctx)
 
     m = {
-        r.metric: r.value
-        for r in tables.read(spark, config, "ops", "run_metrics").filter("step = 'ingest'").collect()
+        r.metric: r.value for r in tables.read(spark, config, "ops", "run_metrics").filter("step = 'ingest'").collect()
     }
     assert m["input_rows"] == PUBLISHED_ROWS
     assert m["input_rows"] == m["accepted"] + m["quarantined"]
@@ -69,13 +68,22 @@ def test_online_retail_ingest_and_clean(spark: SparkSession, tmp_path: Path) -> 
     pd.testing.assert_series_equal(got, expected, check_names=False, check_dtype=False)
 
     clean.run(spark, config, ctx)
-    c = {
-        r.metric: r.value
-        for r in tables.read(spark, config, "ops", "run_metrics").filter("step = 'clean'").collect()
-    }
+    c = {r.metric: r.value for r in tables.read(spark, config, "ops", "run_metrics").filter("step = 'clean'").collect()}
     assert c["input_rows"] == m["accepted"]
     removed = c["quarantined"] + c["duplicates_removed"] + c["filtered_min_support"]
     assert c["input_rows"] == c["accepted"] + removed
     silver = tables.read(spark, config, "silver", "interactions")
     assert silver.count() == c["accepted"]
     assert silver.filter((F.col("weight") != 5.0) | (F.col("event_type") != "purchase")).count() == 0
+
+    # No catalog input: silver.catalog comes from the invoice lines (most frequent Description, median
+    # positive UnitPrice, first line), figures counted with pandas on the published file.
+    catalog = tables.read(spark, config, "silver", "catalog")
+    known = {
+        r.item_id: (r.title, r.price, r.launched_at) for r in catalog.filter("item_id in ('85123A', '22423')").collect()
+    }
+    assert known == {
+        "85123A": ("WHITE HANGING HEART T-LIGHT HOLDER", 2.95, datetime(2010, 12, 1, 8, 26)),
+        "22423": ("REGENCY CAKESTAND 3 TIER", 12.75, datetime(2010, 12, 1, 12, 27)),
+    }
+    assert catalog.filter(~F.col("item_id").rlike("^[0-9]{5}[A-Za-z]*$")).count() == 0

@@ -129,7 +129,11 @@ def check_interactions(
     """
     import great_expectations as gx
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    # A batch job's log is not a terminal: no tqdm bars between the step logs.
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     rows = _validate(context, "interactions", interactions, _expectations(limits, key, ids, weight, ts))
     run = _validate(context, "run_summary", summary, _summary_expectations(limits))
     failed = _describe(rows) + _describe(run)
