@@ -105,9 +105,7 @@ def _sample_rows(cdf: np.ndarray, rows: np.ndarray, rng: np.random.Generator) ->
     return np.minimum(picked, cdf.shape[1] - 1)
 
 
-def _sample_items_in_category(
-    shop: Shop, categories: np.ndarray, rng: np.random.Generator, n_cats: int
-) -> np.ndarray:
+def _sample_items_in_category(shop: Shop, categories: np.ndarray, rng: np.random.Generator, n_cats: int) -> np.ndarray:
     """Draw one item per event from its category, proportionally to item popularity."""
     items = np.empty(categories.shape[0], dtype=np.int64)
     for c in range(n_cats):
@@ -154,10 +152,16 @@ def make_events(cfg: GenerateConfig, shop: Shop, end: datetime, rng: np.random.G
     bought = rng.random(cart_idx.shape[0]) < PURCHASE_RATE
     buy_idx = cart_idx[bought]
     kinds = np.concatenate(
-        [np.zeros(view_session.shape[0], np.int8), np.ones(cart_idx.shape[0], np.int8), np.full(buy_idx.shape[0], 2, np.int8)]
+        [
+            np.zeros(view_session.shape[0], np.int8),
+            np.ones(cart_idx.shape[0], np.int8),
+            np.full(buy_idx.shape[0], 2, np.int8),
+        ]
     )
     src = np.concatenate([np.arange(view_session.shape[0]), cart_idx, buy_idx])
-    t = view_t[src] + np.select([kinds == 1, kinds == 2], [rng.uniform(5, 60, src.size), rng.uniform(60, 600, src.size)], 0.0)
+    t = view_t[src] + np.select(
+        [kinds == 1, kinds == 2], [rng.uniform(5, 60, src.size), rng.uniform(60, 600, src.size)], 0.0
+    )
     value = np.where(kinds == 2, rng.integers(1, 4, src.size), 1).astype(np.float64)
     window_start = np.datetime64(end.replace(microsecond=0)) - np.timedelta64(cfg.days * 86400, "s")
     seconds = np.minimum(t, cfg.days * 86400 - 1).astype(np.int64)

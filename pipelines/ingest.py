@@ -17,10 +17,14 @@ every row keeps its raw text and a line with the wrong number of fields is quara
 lines in the corrupt-record column). Quoted fields spanning lines are not supported. Parquet and
 Delta rows are typed already; their raw text is the row as JSON.
 
-Reason codes, first match wins: unparseable_row, null_user, null_item, (preset rules), unknown_event_type,
+Reason codes, first match wins: unparseable_row, bad_encoding (bytes that are not UTF-8), null_user,
+null_item, bad_id (control characters in an id), (preset rules), unknown_event_type,
 bad_timestamp, future_timestamp (after as_of + clean.future_tolerance_hours), stale_timestamp
 (before as_of - clean.window_days), bad_value (not a number, NaN, infinite or above clean.max_value),
 negative_value.
+
+With privacy.pseudonymize_users, user ids (and their occurrences in the raw text) are replaced by
+HMAC-SHA256 pseudonyms before anything is written (pipelines.core.privacy).
 
 Presets:
 - generic / synthetic: `source.columns` maps the canonical columns to the source's, `source.event_types`
@@ -55,10 +59,13 @@ from pipelines.core import tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, SourceConfig
 from pipelines.core.errors import InputDataError
+from pipelines.core.privacy import key_from_env, with_pseudonymous_users
 from pipelines.core.quality import reconcile, run_metrics_frame, ts_lit, window
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import (
     AS_OF,
+    BAD_ENCODING,
+    BAD_ID,
     BAD_TIMESTAMP,
     BAD_VALUE,
     BRONZE_EVENTS_SCHEMA,
@@ -109,6 +116,7 @@ _PRESET_REASON = "_preset_reason"
 _CANCEL_QTY = "_cancel_qty"
 # Item attributes some presets carry on every event row (Online Retail: Description, UnitPrice).
 _TITLE_RAW = "_title_raw"
+_CONTROL = r"[\x00-\x1f\x7f]"  # control characters have no place in an id
 _PRICE_RAW = "_price_raw"
 
 RETAIL_COLUMNS = (
@@ -312,8 +320,10 @@ def with_reason(df: DataFrame, rules: Rules) -> DataFrame:
     bad_value = (F.col(_VALUE_RAW).isNotNull() & value.isNull()) | F.isnan(value) | (F.abs(value) > rules.max_value)
     reason = (
         F.when(F.col(_CORRUPT), F.lit(UNPARSEABLE_ROW))
+        .when(F.col(RAW).contains("\ufffd"), F.lit(BAD_ENCODING))
         .when(F.col(USER_ID).isNull(), F.lit(NULL_USER))
         .when(F.col(ITEM_ID).isNull(), F.lit(NULL_ITEM))
+        .when(F.col(USER_ID).rlike(_CONTROL) | F.col(ITEM_ID).rlike(_CONTROL), F.lit(BAD_ID))
         .when(F.col(_PRESET_REASON).isNotNull(), F.col(_PRESET_REASON))
         .when(F.col(EVENT_TYPE).isNull(), F.lit(UNKNOWN_EVENT_TYPE))
         .when(F.col(EVENT_TS).isNull(), F.lit(BAD_TIMESTAMP))
@@ -539,6 +549,12 @@ def _mapped_columns(source: SourceConfig) -> tuple[str, ...]:
 
 def _require_columns(found: tuple[str, ...], wanted: tuple[str, ...], path: str, key: str) -> None:
     missing = [c for c in wanted if c not in found]
+    glued = [d for d in (";", "\t", "|", ",") if len(found) == 1 and d in found[0]]
+    if missing and glued:
+        raise InputDataError(
+            f"Source {path} has a single column '{found[0]}' that looks delimited by {glued[0]!r}; "
+            f"set source.delimiter to {glued[0]!r}."
+        )
     if missing:
         raise InputDataError(
             f"Source {path} has no column '{missing[0]}' (it has {', '.join(found) or 'none'}); "
@@ -553,7 +569,9 @@ def read_canonical(spark: SparkSession, source: SourceConfig) -> DataFrame:
         _require_columns(tuple(df.columns), _mapped_columns(source), source.path, "source.columns")
         return to_canonical_from_table(df, source)
     lines = tables.read_source(spark, source.path, "text", PATH_KEY).select(
-        F.col("value").alias(RAW), F.col("_source_file").alias(SOURCE_FILE)
+        # A UTF-8 byte-order mark would glue itself to the first header name.
+        F.regexp_replace(F.col("value"), "^\ufeff", "").alias(RAW),
+        F.col("_source_file").alias(SOURCE_FILE),
     )
     if source.preset in ("generic", "synthetic") and source.format == "json":
         columns = _mapped_columns(source)
@@ -577,7 +595,12 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
     with step_log(STEP_NAME, ctx) as counts:
         canonical = read_canonical(spark, config.source)
         rules = rules_for(config, ctx.as_of)
-        classified = classify(canonical, rules, net_cancellations=config.source.preset == "online_retail").persist()
+        classified = classify(canonical, rules, net_cancellations=config.source.preset == "online_retail")
+        if config.privacy.pseudonymize_users:
+            classified = with_pseudonymous_users(
+                classified, key_from_env(config.privacy), USER_ID, RAW, F.col(REASON) == UNPARSEABLE_ROW
+            )
+        classified = classified.persist()
         try:
             by_reason = {
                 (row[REASON] or "accepted"): int(row["count"])

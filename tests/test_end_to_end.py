@@ -17,20 +17,39 @@ pytestmark = pytest.mark.slow
 
 
 def _run(tmp_path: Path, *extra: str) -> int:
-    return cli.main([
-        "run", "--conf", str(REPO / "conf/test.yaml"),
-        "--set", f"storage.root={tmp_path / 'tables'}",
-        "--set", f"source.path={tmp_path / 'demo' / 'events'}",
-        "--set", f"source.catalog_path={tmp_path / 'demo' / 'catalog'}",
-        "--run-id", "e2e", "--as-of", "2026-11-01", *extra,
-    ])
+    return cli.main(
+        [
+            "run",
+            "--conf",
+            str(REPO / "conf/test.yaml"),
+            "--set",
+            f"storage.root={tmp_path / 'tables'}",
+            "--set",
+            f"source.path={tmp_path / 'demo' / 'events'}",
+            "--set",
+            f"source.catalog_path={tmp_path / 'demo' / 'catalog'}",
+            "--run-id",
+            "e2e",
+            "--as-of",
+            "2026-11-01",
+            *extra,
+        ]
+    )
 
 
-def test_run_end_to_end_is_complete_and_idempotent(spark: SparkSession, tmp_path: Path) -> None:
+def test_run_end_to_end_is_complete_and_idempotent(
+    spark: SparkSession, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert _run(tmp_path) == 0
     config = make_test_config(tmp_path)
-    for layer, name in [("bronze", "events"), ("quarantine", "events"), ("silver", "interactions"),
-                        ("gold", "user_factors"), ("gold", "candidates"), ("gold", "recommendations")]:
+    for layer, name in [
+        ("bronze", "events"),
+        ("quarantine", "events"),
+        ("silver", "interactions"),
+        ("gold", "user_factors"),
+        ("gold", "candidates"),
+        ("gold", "recommendations"),
+    ]:
         assert tables.exists(spark, config, layer, name), f"{layer}.{name} was not written"
 
     metrics = {
@@ -41,8 +60,17 @@ def test_run_end_to_end_is_complete_and_idempotent(spark: SparkSession, tmp_path
         metrics[("ingest", "accepted")] + metrics[("ingest", "quarantined")] + metrics[("ingest", "duplicates_removed")]
     )
     # Every kind of dirt the generator injects was caught by its own reason code.
-    reasons = {r.reason for r in tables.read(spark, config, "quarantine", "events").select("reason").distinct().collect()}
-    assert {"null_user", "bad_timestamp", "future_timestamp", "unknown_event_type", "negative_value", "bot_user"} <= reasons
+    reasons = {
+        r.reason for r in tables.read(spark, config, "quarantine", "events").select("reason").distinct().collect()
+    }
+    assert {
+        "null_user",
+        "bad_timestamp",
+        "future_timestamp",
+        "unknown_event_type",
+        "negative_value",
+        "bot_user",
+    } <= reasons
 
     recs = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
     per_user = recs.groupBy("user_id").agg(F.count("*").alias("n"), F.max("rank").alias("max_rank"))
@@ -56,3 +84,47 @@ def test_run_end_to_end_is_complete_and_idempotent(spark: SparkSession, tmp_path
     assert _run(tmp_path) == 0
     after = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
     assert_df_equality(before, after.orderBy("user_id", "rank"), ignore_row_order=True, ignore_nullable=True)
+
+    # A feed that fails the quality gate stops the run before publish: exit 3, the failed expectation
+    # named, and the served recommendations untouched (same latest version).
+    served = tables.latest_version(spark, config, "gold", "recommendations")
+    code = cli.main([
+        "run", "--conf", str(REPO / "conf/test.yaml"),
+        "--set", f"storage.root={tmp_path / 'tables'}",
+        "--set", f"source.path={tmp_path / 'demo' / 'events'}",
+        "--set", f"source.catalog_path={tmp_path / 'demo' / 'catalog'}",
+        "--set", "clean.max_user_share=0.001",  # no user may hold 0.1% of the events: the gate must fail
+        "--run-id", "gated", "--as-of", "2026-11-01",
+    ])  # fmt: skip
+    assert code == 3
+    assert "expect_column_values_to_be_between(max_user_share)" in capsys.readouterr().err
+    assert tables.latest_version(spark, config, "gold", "recommendations") == served
+    assert tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "gated").count() == 0
+
+    # shelf forget: one user disappears from every table and saved model; everyone else stays.
+    victim = before.first().user_id
+    (victim_idx,) = [
+        r.user_idx
+        for r in tables.read(spark, config, "silver", "user_index").filter(F.col("user_id") == victim).collect()
+    ]
+    others = before.filter(F.col("user_id") != victim)
+    assert cli.main([
+        "forget", "--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={tmp_path / 'tables'}", "--user", victim,
+    ]) == 0  # fmt: skip
+    for layer, name in tables.KNOWN_TABLES:
+        if not tables.exists(spark, config, layer, name):
+            continue
+        df = tables.read(spark, config, layer, name)
+        hits = F.lit(False)
+        for field in df.schema.fields:
+            if field.dataType.simpleString() == "string":
+                hits = hits | (F.col(field.name) == victim)
+        if "user_idx" in df.columns:
+            hits = hits | (F.col("user_idx") == victim_idx)
+        if "raw" in df.columns:
+            hits = hits | F.col("raw").rlike(f"(^|,){victim}(,|$)")
+        assert df.filter(hits).count() == 0, f"{layer}.{name} still holds {victim}"
+    models = list((tmp_path / "tables" / "models").glob("*/*/userFactors"))
+    assert models and all(spark.read.parquet(str(m)).filter(F.col("id") == victim_idx).count() == 0 for m in models)
+    left = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
+    assert_df_equality(others, left.orderBy("user_id", "rank"), ignore_row_order=True, ignore_nullable=True)

@@ -1,6 +1,8 @@
 """`shelf <step>`: one subcommand per pipeline step, `shelf run` for all of them in order.
 
 Common options: --conf (default conf/local.yaml), --set KEY=VALUE (repeatable), --run-id, --as-of.
+Maintenance: `shelf rollback --to-version N | --to-run RUN_ID [--table layer.name]` and
+`shelf forget --user ID [--user ID ...] [--vacuum]` (pipelines/maintenance.py).
 A user's mistake ends with one sentence and a non-zero exit code, never a JVM stack trace.
 """
 
@@ -28,6 +30,7 @@ STEPS: dict[str, str] = {
     "evaluate": "pipelines.evaluate",
 }
 TOOLS: dict[str, str] = {"generate": "pipelines.generate"}
+ADMIN = ("rollback", "forget")
 
 StepRun = Callable[[Any, ShelfConfig, RunContext], Any]
 
@@ -48,13 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shelf", description="Distributed batch recommender on Spark + Delta.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--conf", default="conf/local.yaml", help="overlay config file (default conf/local.yaml)")
-    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set recommend.top_k=20 (repeatable)")
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set recommend.top_k=20 (repeatable)",
+    )
     common.add_argument("--run-id", default=None, help="run id (default: derived from --as-of)")
     common.add_argument("--as-of", default=None, help="the run's 'now' (ISO; default: generate.end)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in [*TOOLS, *STEPS, "run"]:
         sub.add_parser(name, parents=[common], help=f"run the {name} step" if name != "run" else "run every step")
+    rollback = sub.add_parser("rollback", parents=[common], help="restore a table to an earlier version or run")
+    rollback.add_argument("--table", default="gold.recommendations", help="layer.name (default gold.recommendations)")
+    target = rollback.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-version", type=int, default=None, help="the Delta version to restore")
+    target.add_argument("--to-run", default=None, help="restore the latest version written by this run id")
+    forget = sub.add_parser("forget", parents=[common], help="delete users from every table and saved model")
+    forget.add_argument("--user", dest="users", action="append", required=True, help="a user id (repeatable)")
+    forget.add_argument("--vacuum", action="store_true", help="also VACUUM with zero retention (ends time travel)")
     return parser
 
 
@@ -94,11 +111,26 @@ def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
     return 0
 
 
+def execute_admin(args: argparse.Namespace, config: ShelfConfig) -> int:
+    """`shelf rollback` / `shelf forget` (pipelines/maintenance.py)."""
+    from pipelines import maintenance
+    from pipelines.core.session import get_spark
+
+    spark = get_spark(config)
+    if args.command == "rollback":
+        maintenance.rollback(spark, config, args.table, args.to_version, args.to_run)
+    else:
+        maintenance.forget(spark, config, args.users, vacuum=args.vacuum)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     try:
         config = load_config(args.conf, args.overrides)
+        if args.command in ADMIN:
+            return execute_admin(args, config)
         ctx = make_context(args.run_id, args.as_of, config.generate.end)
         return execute(args.command, config, ctx)
     except ShelfError as exc:

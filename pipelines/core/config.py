@@ -146,10 +146,14 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    protocol: Literal["temporal", "random_user", "random_item", "leave_last"] = "temporal"
+    protocol: Literal["temporal", "random_user", "random_item", "leave_last", "replay"] = "temporal"
     k: int = 10
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])  # metric-vs-k plot
     holdout_days: float = 7.0  # temporal: test = events in [as_of - holdout_days, as_of)
+    # replay: ALS trains before T = as_of - replay_horizon_days - replay_fresh_days, [T, T + d) is the
+    # fresh behaviour the re-rank sees, test = [T + d, as_of); items seen before T + d are not relevant.
+    replay_fresh_days: float = Field(7.0, gt=0)
+    replay_horizon_days: float = Field(7.0, gt=0)
     test_ratio: float = 0.25  # random_user / random_item: the MovieLens 75/25 protocol
     leave_last_n: int = 1
     seed: int = 42
@@ -193,11 +197,13 @@ class RerankWeights(_Section):
     popularity: float = 0.2  # distinct users in the fresh window / the most popular item's
     promo: float = 0.1  # the promotion boost
     new_arrival: float = 0.1  # the new-arrival boost
+    price_fit: float = 0.1  # exp(-|log price - the user's fresh weighted mean log price|), 0 without prices
 
 
 class RerankConfig(_Section):
     top_k: int = Field(10, ge=1)
     max_candidates: int = Field(300, ge=1)  # per user, before the kernel (best ALS score first)
+    max_fresh_events: int = Field(1000, ge=1)  # per user, before the kernel (most recent first)
     fresh_days: float = Field(7.0, gt=0)  # events in [as_of - fresh_days, as_of) are the session
     half_life_days: float = Field(2.0, gt=0)  # decay of a fresh event's pull on the session vector
     alpha: float = Field(0.5, ge=0)  # s_u = p_u + alpha * sum_j w(type_j) * 2^(-age_j / half_life) * q_j
@@ -217,6 +223,11 @@ class RerankConfig(_Section):
     weights: RerankWeights = RerankWeights()
 
 
+class PrivacyConfig(_Section):
+    pseudonymize_users: bool = False  # replace user ids by HMAC-SHA256(key, id) before anything is written
+    key_env: str = "SHELF_PSEUDONYM_KEY"  # the environment variable holding the key (never a file, never logged)
+
+
 class ShelfConfig(_Section):
     env: str = "local"
     spark: SparkConfig = SparkConfig()
@@ -229,6 +240,7 @@ class ShelfConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     recommend: RecommendConfig = RecommendConfig()
     rerank: RerankConfig = RerankConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

@@ -56,9 +56,9 @@ def fetch_delta_jars(jars_dir: str | Path) -> list[Path]:
     if mvn is None:
         raise EnvironmentSetupError(
             "Maven (mvn) is not installed, so the Delta jars cannot be fetched; install it "
-            "(apt-get install maven) or set spark.jars_dir to a folder holding " + ", ".join(
-                jar_name(c) for c in delta_artifacts()
-            ) + "."
+            "(apt-get install maven) or set spark.jars_dir to a folder holding "
+            + ", ".join(jar_name(c) for c in delta_artifacts())
+            + "."
         )
     folder.mkdir(parents=True, exist_ok=True)
     for coordinate in delta_artifacts():

@@ -47,9 +47,7 @@ def _expectations(limits: GateLimits, key: list[str], ids: list[str], weight: st
     fmt = "%Y-%m-%dT%H:%M:%S"
     found: list[Any] = [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in [*ids, weight, ts]]
     found.append(
-        gxe.ExpectColumnValuesToBeBetween(
-            column=weight, min_value=0.0, max_value=limits.max_weight, strict_min=True
-        )
+        gxe.ExpectColumnValuesToBeBetween(column=weight, min_value=0.0, max_value=limits.max_weight, strict_min=True)
     )
     found.append(
         gxe.ExpectColumnValuesToBeBetween(
@@ -69,9 +67,7 @@ def _summary_expectations(limits: GateLimits) -> list[Any]:
         gxe.ExpectColumnValuesToBeBetween(
             column="quarantine_rate", min_value=0.0, max_value=limits.max_quarantine_rate
         ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="max_user_share", min_value=0.0, max_value=limits.max_user_share
-        ),
+        gxe.ExpectColumnValuesToBeBetween(column="max_user_share", min_value=0.0, max_value=limits.max_user_share),
     ]
 
 
@@ -83,9 +79,7 @@ def _validate(context: Any, name: str, df: DataFrame, expectations: list[Any]) -
     suite = context.suites.add(gx.ExpectationSuite(name=f"{name}_suite"))
     for expectation in expectations:
         suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=name, data=batch, suite=suite)
-    )
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
     # BASIC: counts and a few unexpected values, without the extra value-count queries of SUMMARY.
     return definition.run(batch_parameters={"dataframe": df}, result_format="BASIC")
 
@@ -128,7 +122,6 @@ def check_interactions(
         QualityGateError: any expectation failed; the message names each failed expectation.
     """
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
@@ -171,9 +164,7 @@ def ts_lit(moment: datetime) -> Column:
     return F.lit(moment.strftime("%Y-%m-%d %H:%M:%S.%f")).cast("timestamp")
 
 
-def reconcile(
-    step: str, input_rows: int, accepted: int, quarantined: int, duplicates: int, filtered: int = 0
-) -> None:
+def reconcile(step: str, input_rows: int, accepted: int, quarantined: int, duplicates: int, filtered: int = 0) -> None:
     """Raise unless input = accepted + quarantined + duplicates removed (+ rows below min support).
 
     Raises:

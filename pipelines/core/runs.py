@@ -28,7 +28,9 @@ def parse_as_of(text: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ConfigError(f"--as-of '{text}' is not an ISO date or timestamp; pass e.g. 2026-11-01 or 2026-11-01T06:00:00.") from exc
+        raise ConfigError(
+            f"--as-of '{text}' is not an ISO date or timestamp; pass e.g. 2026-11-01 or 2026-11-01T06:00:00."
+        ) from exc
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     return parsed

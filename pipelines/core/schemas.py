@@ -54,9 +54,25 @@ NON_PRODUCT = "non_product"
 CANCELLED = "cancelled"
 NETTED_OUT = "netted_out"  # a purchase fully cancelled by a later cancellation invoice
 ZERO_PRICE = "zero_price"
+BAD_ENCODING = "bad_encoding"  # bytes that are not UTF-8 (decoded as U+FFFD): the ids cannot be trusted
+BAD_ID = "bad_id"  # a user or item id with control characters
 REASON_CODES = (
-    NULL_USER, NULL_ITEM, BAD_TIMESTAMP, FUTURE_TIMESTAMP, STALE_TIMESTAMP, UNKNOWN_EVENT_TYPE,
-    NEGATIVE_VALUE, BAD_VALUE, BOT_USER, UNPARSEABLE_ROW, NON_PRODUCT, CANCELLED, NETTED_OUT, ZERO_PRICE,
+    NULL_USER,
+    NULL_ITEM,
+    BAD_TIMESTAMP,
+    FUTURE_TIMESTAMP,
+    STALE_TIMESTAMP,
+    UNKNOWN_EVENT_TYPE,
+    NEGATIVE_VALUE,
+    BAD_VALUE,
+    BOT_USER,
+    UNPARSEABLE_ROW,
+    NON_PRODUCT,
+    CANCELLED,
+    NETTED_OUT,
+    ZERO_PRICE,
+    BAD_ENCODING,
+    BAD_ID,
 )
 
 RAW_EVENT_SCHEMA = StructType(

@@ -113,8 +113,14 @@ def _tune(spark: SparkSession, config: ShelfConfig) -> None:
     if config.spark.master is not None:
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
     spark.sparkContext.setCheckpointDir(checkpoint)
-    log.info("spark %s, master %s, %d cores, %d shuffle partitions, blas %s",
-             spark.version, spark.sparkContext.master, cores, partitions, blas_in_use(spark))
+    log.info(
+        "spark %s, master %s, %d cores, %d shuffle partitions, blas %s",
+        spark.version,
+        spark.sparkContext.master,
+        cores,
+        partitions,
+        blas_in_use(spark),
+    )
 
 
 def blas_in_use(spark: SparkSession) -> str:

@@ -7,17 +7,39 @@ the same run id replaces its own rows (`replaceWhere`) or the whole snapshot, ne
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from delta.exceptions import (
+    ConcurrentAppendException,
+    ConcurrentDeleteDeleteException,
+    ConcurrentDeleteReadException,
+    ConcurrentTransactionException,
+    ConcurrentWriteException,
+    DeltaConcurrentModificationException,
+    MetadataChangedException,
+    ProtocolChangedException,
+)
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from pipelines.core.config import ShelfConfig
-from pipelines.core.errors import InputDataError
+from pipelines.core.errors import InputDataError, ShelfError
 from pipelines.core.schemas import RUN_ID
+
+log = logging.getLogger("shelf.tables")
+
+
+class ConcurrentWriteError(ShelfError):
+    """Another process kept committing to the same table: this step's write gave up after its retries."""
+
+    exit_code = 5
+
 
 WriteMode = Literal["overwrite", "run"]
 
@@ -85,18 +107,68 @@ def write(
     """
     where = location(config, layer, name)
     spark = df.sparkSession
-    writer = df.write.format("delta").option("userMetadata", f"run_id={run_id}")
-    if mode == "run" and exists(spark, config, layer, name):
-        writer = writer.mode("overwrite").option("replaceWhere", f"{RUN_ID} = '{run_id}'")
-    else:
-        writer = writer.mode("overwrite").option("overwriteSchema", "true")
-    if _is_path(config):
-        writer.save(where)
-    else:
-        writer.saveAsTable(where)
+
+    def commit() -> None:  # rebuilt per attempt: a concurrent writer may have created the table meanwhile
+        writer = df.write.format("delta").option("userMetadata", f"run_id={run_id}")
+        if mode == "run" and exists(spark, config, layer, name):
+            writer = writer.mode("overwrite").option("replaceWhere", f"{RUN_ID} = '{run_id}'")
+        else:
+            writer = writer.mode("overwrite").option("overwriteSchema", "true")
+        if _is_path(config):
+            writer.save(where)
+        else:
+            writer.saveAsTable(where)
+
+    _commit_with_retry(commit, layer, name, run_id)
     if comment:
         target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
         spark.sql(f"COMMENT ON TABLE {target} IS '{comment.replace(chr(39), '')}'")
+
+
+# A commit that loses a race with another writer of the same table (Delta's optimistic concurrency) is
+# retried from scratch: the write re-reads the table, so it replaces exactly what it would have replaced.
+COMMIT_ATTEMPTS = 3
+COMMIT_BACKOFF_SECONDS = (1.0, 2.0)  # before attempts 2 and 3: deterministic, no jitter
+CONFLICTS: tuple[type[Exception], ...] = (
+    DeltaConcurrentModificationException,
+    ConcurrentWriteException,
+    MetadataChangedException,
+    ProtocolChangedException,
+    ConcurrentAppendException,
+    ConcurrentDeleteReadException,
+    ConcurrentDeleteDeleteException,
+    ConcurrentTransactionException,
+)
+
+
+def _commit_with_retry(commit: Callable[[], None], layer: str, name: str, run_id: str) -> None:
+    """Run `commit` up to COMMIT_ATTEMPTS times while Delta reports a concurrent modification.
+
+    Raises:
+        ConcurrentWriteError: every attempt lost to another writer.
+    """
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            commit()
+            return
+        except CONFLICTS as exc:
+            if attempt == COMMIT_ATTEMPTS:
+                raise ConcurrentWriteError(
+                    f"Table {layer}.{name} was changed by another writer during each of {COMMIT_ATTEMPTS} commit "
+                    f"attempts of run {run_id}; run one writer per table at a time, then rerun this step."
+                ) from exc
+            pause = COMMIT_BACKOFF_SECONDS[attempt - 1]
+            log.warning(
+                "commit to %s.%s (run %s) lost to a concurrent writer (%s), attempt %d of %d; retrying in %.0fs",
+                layer,
+                name,
+                run_id,
+                exc.__class__.__name__,
+                attempt,
+                COMMIT_ATTEMPTS,
+                pause,
+            )
+            time.sleep(pause)
 
 
 def history(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> DataFrame:
@@ -145,13 +217,73 @@ def write_replacing(
     """
     where = location(config, layer, name)
     spark = df.sparkSession
-    writer = df.write.format("delta").option("userMetadata", f"run_id={run_id}").mode("overwrite")
-    if exists(spark, config, layer, name):
-        predicate = " AND ".join(f"{col} = '{value.replace(chr(39), '')}'" for col, value in keys.items())
-        writer = writer.option("replaceWhere", predicate)
-    else:
-        writer = writer.option("overwriteSchema", "true")
-    if _is_path(config):
-        writer.save(where)
-    else:
-        writer.saveAsTable(where)
+
+    def commit() -> None:  # rebuilt per attempt: a concurrent writer may have created the table meanwhile
+        writer = df.write.format("delta").option("userMetadata", f"run_id={run_id}").mode("overwrite")
+        if exists(spark, config, layer, name):
+            predicate = " AND ".join(f"{col} = '{value.replace(chr(39), '')}'" for col, value in keys.items())
+            writer = writer.option("replaceWhere", predicate)
+        else:
+            writer = writer.option("overwriteSchema", "true")
+        if _is_path(config):
+            writer.save(where)
+        else:
+            writer.saveAsTable(where)
+
+    _commit_with_retry(commit, layer, name, run_id)
+
+
+# ---------------------------------------------------------------- maintenance: rollback, forget
+
+# Every table shelf writes, as (layer, name); what `shelf forget` scans.
+KNOWN_TABLES: tuple[tuple[str, str], ...] = (
+    ("bronze", "events"),
+    ("bronze", "items"),
+    ("quarantine", "events"),
+    ("silver", "interactions"),
+    ("silver", "user_index"),
+    ("silver", "item_index"),
+    ("silver", "catalog"),
+    ("gold", "user_factors"),
+    ("gold", "item_factors"),
+    ("gold", "item_similarities"),
+    ("gold", "candidates"),
+    ("gold", "recommendations"),
+    ("gold", "metrics"),
+    ("ops", "run_metrics"),
+)
+
+
+def version_of_run(spark: SparkSession, config: ShelfConfig, layer: str, name: str, run_id: str) -> int | None:
+    """The latest version of a table written by `run_id` (its commits carry userMetadata run_id=...)."""
+    found = (
+        history(spark, config, layer, name)
+        .filter(
+            (F.col("userMetadata") == f"run_id={run_id}")
+            & F.col("operation").isin(
+                "WRITE", "CREATE OR REPLACE TABLE AS SELECT", "CREATE TABLE AS SELECT", "REPLACE TABLE AS SELECT"
+            )
+        )
+        .agg(F.max("version").alias("v"))
+        .first()
+    )
+    return None if found is None or found["v"] is None else int(found["v"])
+
+
+def latest_version(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> int:
+    return int(history(spark, config, layer, name).agg(F.max("version")).first()[0])
+
+
+def restore(spark: SparkSession, config: ShelfConfig, layer: str, name: str, version: int) -> None:
+    """Make `version` the table's current state again, as a new commit (Delta RESTORE)."""
+    delta_table(spark, config, layer, name).restoreToVersion(version)
+
+
+def delete_where(spark: SparkSession, config: ShelfConfig, layer: str, name: str, condition: Column) -> None:
+    """Delete the rows matching `condition` in one Delta commit."""
+    delta_table(spark, config, layer, name).delete(condition)
+
+
+def vacuum(spark: SparkSession, config: ShelfConfig, layer: str, name: str, retention_hours: float) -> None:
+    """Remove data files no version younger than `retention_hours` needs (makes deletes physical)."""
+    delta_table(spark, config, layer, name).vacuum(retention_hours)

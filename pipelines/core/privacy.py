@@ -1,0 +1,86 @@
+"""User-id pseudonymisation: a keyed hash (HMAC-SHA256) computed inside Spark, and the key's source.
+
+With `privacy.pseudonymize_users: true`, ingest replaces every user id with
+`hex(HMAC-SHA256(key, user_id))` before anything is written, so tables, logs and published
+recommendations hold only pseudonyms. The key is read from the environment variable named by
+`privacy.key_env` (never from a file in the repository, never logged); without the key nobody can map
+a pseudonym back or compute a given user's pseudonym. Serving systems that hold the key compute the
+same hash to look a user up.
+
+HMAC is built from Spark's own `sha2` over binary columns (RFC 2104: H((K ^ opad) || H((K ^ ipad) || m))),
+so it runs on the executors as a native expression: no Python UDF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from pipelines.core.config import PrivacyConfig
+from pipelines.core.errors import ConfigError
+
+BLOCK_SIZE = 64  # SHA-256's block size in bytes
+
+
+def key_from_env(privacy: PrivacyConfig) -> bytes:
+    """The pseudonymisation key from the environment variable `privacy.key_env`.
+
+    Raises:
+        ConfigError: the variable is unset or empty.
+    """
+    value = os.environ.get(privacy.key_env, "")
+    if not value:
+        raise ConfigError(
+            f"privacy.pseudonymize_users is on but the environment variable {privacy.key_env} is empty; "
+            "export the secret key there (or set privacy.key_env to the variable that holds it)."
+        )
+    return value.encode("utf-8")
+
+
+def _padded_key(key: bytes) -> bytes:
+    if len(key) > BLOCK_SIZE:
+        key = hashlib.sha256(key).digest()
+    return key.ljust(BLOCK_SIZE, b"\0")
+
+
+def hmac_sha256_hex(column: Column, key: bytes) -> Column:
+    """hex(HMAC-SHA256(key, utf8(column))) as a Spark expression; null stays null."""
+    padded = _padded_key(key)
+    inner_key = bytes(b ^ 0x36 for b in padded)
+    outer_key = bytes(b ^ 0x5C for b in padded)
+    message = F.encode(column.cast("string"), "UTF-8")
+    inner = F.unhex(F.sha2(F.concat(F.lit(inner_key), message), 256))
+    return F.sha2(F.concat(F.lit(outer_key), inner), 256)
+
+
+def pseudonym(user_id: str, key: bytes) -> str:
+    """The same pseudonym computed in Python (for `shelf forget` and for serving-side lookups)."""
+    return hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _as_whole_field(user: Column) -> Column:
+    r"""A Java regex matching `user` as a whole field of a raw line: `\Q...\E` between non-id characters."""
+    quoted = F.concat(F.lit("\\Q"), F.replace(user, F.lit("\\E"), F.lit("\\E\\\\E\\Q")), F.lit("\\E"))
+    return F.concat(F.lit("(^|[^A-Za-z0-9_.-])"), quoted, F.lit("(?=$|[^A-Za-z0-9_.-])"))
+
+
+def with_pseudonymous_users(rows: DataFrame, key: bytes, user_col: str, raw_col: str, unparseable: Column) -> DataFrame:
+    """Replace user ids by their pseudonym, in the id column and inside the raw text kept for quarantine.
+
+    In the raw text every whole-field occurrence of the user's id is replaced (an item or session with
+    the very same text is replaced too: the safe side). A row that could not be parsed has no known user
+    field, so its raw text is redacted to its own HMAC (still matchable by someone holding the key and
+    the original line).
+    """
+    user = F.col(user_col)
+    hashed = hmac_sha256_hex(user, key)
+    raw = F.col(raw_col)
+    replaced = F.regexp_replace(raw, _as_whole_field(user), F.concat(F.lit("$1"), hashed))
+    redacted = F.concat(F.lit("redacted:hmac-sha256:"), hmac_sha256_hex(raw, key))
+    return rows.withColumn(
+        raw_col, F.when(unparseable, redacted).when(user.isNotNull(), replaced).otherwise(raw)
+    ).withColumn(user_col, hashed)

@@ -1,0 +1,145 @@
+"""`shelf rollback` and `shelf forget`: put a table back to an earlier run; erase one user everywhere.
+
+rollback: `--table layer.name` (default gold.recommendations) is restored with Delta RESTORE to
+`--to-version N` or to the latest version written by `--to-run RUN_ID` (each shelf commit carries
+`run_id=<id>` as its userMetadata). The restore is itself a new version, so it can be undone too.
+
+forget: deletes every row of the given users from every table shelf writes, in one Delta DELETE per
+table: rows whose `user_id` is the id (its pseudonym when privacy.pseudonymize_users is on), rows
+whose `user_idx` is the user's dense id (looked up in silver.user_index first), and quarantine rows
+whose raw text holds the id as a whole field. The saved ALS models' user factors are rewritten
+without the user. Deleted rows stay in older Delta versions until VACUUM removes those files:
+`--vacuum` runs it with zero retention (this also ends time travel to earlier versions; see
+docs/RELIABILITY.md). The source files themselves belong to the shop and must be purged there.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from pyspark.sql import Column, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines.core import tables
+from pipelines.core.config import ShelfConfig
+from pipelines.core.errors import InputDataError
+from pipelines.core.privacy import key_from_env, pseudonym
+from pipelines.core.schemas import RAW, USER_ID, USER_IDX
+
+log = logging.getLogger("shelf.maintenance")
+
+DEFAULT_TABLE = "gold.recommendations"
+MODELS = "models"
+USER_FACTORS = "userFactors"
+
+
+def split_table_name(table: str) -> tuple[str, str]:
+    """'gold.recommendations' -> ('gold', 'recommendations').
+
+    Raises:
+        InputDataError: not one of the tables shelf writes.
+    """
+    layer, _, name = table.partition(".")
+    if (layer, name) not in tables.KNOWN_TABLES:
+        known = ", ".join(f"{a}.{b}" for a, b in tables.KNOWN_TABLES)
+        raise InputDataError(f"Unknown table '{table}'; --table takes one of {known}.")
+    return layer, name
+
+
+def rollback(spark: SparkSession, config: ShelfConfig, table: str, to_version: int | None, to_run: str | None) -> int:
+    """Restore `table` to a version or to a run's version; returns the version restored.
+
+    Raises:
+        InputDataError: the table is absent, neither or both targets are given, or the target does not exist.
+    """
+    layer, name = split_table_name(table)
+    if (to_version is None) == (to_run is None):
+        raise InputDataError("Give exactly one of --to-version N or --to-run RUN_ID.")
+    if not tables.exists(spark, config, layer, name):
+        raise InputDataError(
+            f"Table {table} does not exist at {tables.location(config, layer, name)}; nothing to roll back."
+        )
+    latest = tables.latest_version(spark, config, layer, name)
+    if to_run is not None:
+        found = tables.version_of_run(spark, config, layer, name, to_run)
+        if found is None:
+            raise InputDataError(f"No version of {table} was written by run {to_run}; see its history for run ids.")
+        to_version = found
+    assert to_version is not None
+    if not 0 <= to_version <= latest:
+        raise InputDataError(f"{table} has versions 0..{latest}; --to-version {to_version} is not one of them.")
+    tables.restore(spark, config, layer, name, to_version)
+    log.info("[rollback] %s restored to version %d (was %d) as version %d", table, to_version, latest, latest + 1)
+    return to_version
+
+
+def _stored_ids(config: ShelfConfig, user_ids: list[str]) -> list[str]:
+    if not config.privacy.pseudonymize_users:
+        return user_ids
+    key = key_from_env(config.privacy)
+    return [pseudonym(u, key) for u in user_ids]
+
+
+def _raw_holds(ids: list[str]) -> Column:
+    """Raw text holding any of `ids` as a whole field (same field rule as pseudonymisation)."""
+    condition = F.lit(False)
+    for user in ids:
+        quoted = "\\Q" + user.replace("\\E", "\\E\\\\E\\Q") + "\\E"
+        condition = condition | F.col(RAW).rlike(f"(^|[^A-Za-z0-9_.-]){quoted}($|[^A-Za-z0-9_.-])")
+    return condition
+
+
+def _forget_in_models(spark: SparkSession, config: ShelfConfig, indexes: list[int]) -> int:
+    """Rewrite each saved ALS model's userFactors without the users; returns how many models changed."""
+    root = Path(config.storage.root) / MODELS
+    changed = 0
+    for factors in sorted(root.glob(f"*/*/{USER_FACTORS}")) if root.exists() else []:
+        frame = spark.read.parquet(str(factors))
+        kept = frame.filter(~F.col("id").isin(indexes))
+        staging = factors.with_name(USER_FACTORS + ".forget")
+        kept.write.mode("overwrite").parquet(str(staging))
+        shutil.rmtree(factors)
+        staging.rename(factors)
+        changed += 1
+    return changed
+
+
+def forget(spark: SparkSession, config: ShelfConfig, user_ids: list[str], vacuum: bool = False) -> dict[str, int]:
+    """Delete `user_ids` from every table and saved model; returns rows deleted per table.
+
+    Raises:
+        InputDataError: no user id was given.
+    """
+    if not user_ids or any(not u.strip() for u in user_ids):
+        raise InputDataError("Give at least one non-empty --user ID to forget.")
+    ids = _stored_ids(config, user_ids)
+    indexes: list[int] = []
+    if tables.exists(spark, config, "silver", "user_index"):
+        index = tables.read(spark, config, "silver", "user_index").filter(F.col(USER_ID).isin(ids))
+        indexes = sorted(int(r[USER_IDX]) for r in index.select(USER_IDX).collect())  # one row per forgotten user
+    deleted: dict[str, int] = {}
+    for layer, name in tables.KNOWN_TABLES:
+        if not tables.exists(spark, config, layer, name):
+            continue
+        columns = set(tables.read(spark, config, layer, name).columns)
+        condition = F.lit(False)
+        if USER_ID in columns:
+            condition = condition | F.col(USER_ID).isin(ids)
+        if USER_IDX in columns and indexes:
+            condition = condition | F.col(USER_IDX).isin(indexes)
+        if RAW in columns:
+            condition = condition | _raw_holds(ids)
+        if USER_ID not in columns and USER_IDX not in columns and RAW not in columns:
+            continue
+        matching = tables.read(spark, config, layer, name).filter(condition).count()
+        if matching:
+            tables.delete_where(spark, config, layer, name, condition)
+            if vacuum:
+                spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+                tables.vacuum(spark, config, layer, name, 0.0)
+        deleted[f"{layer}.{name}"] = matching
+    deleted["models"] = _forget_in_models(spark, config, indexes) if indexes else 0
+    log.info("[forget] %d user(s): rows deleted per table %s", len(ids), deleted)
+    return deleted
