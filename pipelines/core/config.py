@@ -126,7 +126,7 @@ class TuneGrid(_Section):
     rank: list[int] = Field(default_factory=lambda: [16, 32])
     reg_param: list[float] = Field(default_factory=lambda: [0.01, 0.1])
     alpha: list[float] = Field(default_factory=lambda: [1.0, 10.0])
-    confidence: list[Literal["raw", "log1p"]] = Field(default_factory=lambda: ["log1p"])
+    confidence: list[Literal["raw", "log1p"]] = ["log1p"]  # pydantic copies list defaults per instance
 
 
 class TrainConfig(_Section):

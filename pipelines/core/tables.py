@@ -271,7 +271,10 @@ def version_of_run(spark: SparkSession, config: ShelfConfig, layer: str, name: s
 
 
 def latest_version(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> int:
-    return int(history(spark, config, layer, name).agg(F.max("version")).first()[0])
+    row = history(spark, config, layer, name).agg(F.max("version")).first()
+    if row is None or row[0] is None:
+        raise InputDataError(f"Table {layer}.{name} has no history at {location(config, layer, name)}.")
+    return int(row[0])
 
 
 def restore(spark: SparkSession, config: ShelfConfig, layer: str, name: str, version: int) -> None:
