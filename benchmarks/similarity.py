@@ -1,16 +1,17 @@
-"""Benchmark: top-N cosine neighbours per item at three catalogue sizes.
+"""Benchmark: top-N cosine neighbours per item (`shelf similarities`, ALS source) at several catalogue sizes.
 
-Compares, on random rank-64 factors:
-- shelf: `pipelines.similarities.to_als_neighbours` (broadcast matrix + blocked GEMM in mapInPandas),
-- numpy: `udfs.topk.top_n_dot` in one process (the kernel alone),
-- naive Spark: item x item cross join, dot product with higher-order functions, window row_number
-  (only up to --naive-max items: it is quadratic in rows, shuffles and memory),
-- MLlib-like: MLlib's own blocked top-k (`ALSModel.recommendForAllUsers`) on normalised factors,
-  asking N + 1 to drop each item itself.
+Random rank-64 factors (seed --seed). Times, in one process and one Spark session:
+- shelf: `pipelines.similarities.to_als_neighbours` (item matrix collected and broadcast, blocked
+  GEMM + threshold top-N in mapInPandas over slices of the matrix),
+- numpy: `udfs.topk.top_n_dot` in this one process (the kernel alone, the machine's practical limit),
+- naive: item x item cross join, dot product with higher-order functions, window row_number
+  (only up to --naive-max items: quadratic rows, shuffle and memory),
+- MLlib: `ALSModel.recommendForAllUsers(N + 1)` (the same as recommendForAllItems here) on the
+  normalised factors, exploded and with each item itself filtered out.
+Spark variants run into the `noop` sink, so no storage I/O is timed; a tiny warm-up run of each
+Spark variant comes first. Prints one line per size with ratios (other / shelf) and the targets.
 
-Spark variants are forced with the `noop` sink, so no storage I/O is timed.
-
-    .venv/bin/python -m benchmarks.similarity --sizes 5000 20000 50000 --rank 64 --top-n 50
+    .venv/bin/python -u -m benchmarks.similarity --sizes 2000 5000 20000 50000 --naive-max 2000 --mllib-max 20000
 """
 
 # Each lambda below is called at once by timed(), inside its own loop iteration.
@@ -18,60 +19,34 @@ Spark variants are forced with the `noop` sink, so no storage I/O is timed.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-import time
-from collections.abc import Callable
-
 import numpy as np
-import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from pipelines.core.config import load_config
-from pipelines.core.session import get_spark
+from benchmarks._common import (
+    bench_session,
+    blas_threads,
+    factors_frame,
+    force,
+    mllib_long,
+    mllib_top_k,
+    parser,
+    report,
+    timed,
+)
+from pipelines import similarities
+from pipelines.core.config import SimilarityConfig
+from pipelines.core.schemas import ITEM_IDX
 from udfs.topk import normalise_rows, top_n_dot
 
-
-def timed(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def factors_frame(spark: SparkSession, key: str, factors: np.ndarray) -> DataFrame:
-    """A cached factor table (key int, features array<float>) like gold.*_factors."""
-    pdf = pd.DataFrame({key: np.arange(len(factors), dtype=np.int32), "features": list(factors.astype(np.float32))})
-    df = spark.createDataFrame(pdf, f"{key} int, features array<float>").withColumn("run_id", F.lit("bench")).cache()
-    df.count()
-    return df
-
-
-def force(df: DataFrame) -> None:
-    df.write.format("noop").mode("overwrite").save()
-
-
-def mllib_top_k(spark: SparkSession, queries: DataFrame, items: DataFrame, rank: int, k: int) -> DataFrame:
-    """MLlib's ALSModel.recommendForAllUsers on arbitrary factor tables (id int, features array<float>)."""
-    from pyspark.ml.recommendation import ALSModel
-
-    jvm = spark.sparkContext._jvm
-    assert jvm is not None
-    java_model = jvm.org.apache.spark.ml.recommendation.ALSModel(
-        "bench_als",
-        rank,
-        queries.select(F.col(queries.columns[0]).alias("id"), "features")._jdf,
-        items.select(F.col(items.columns[0]).alias("id"), "features")._jdf,
-    )
-    java_model.setUserCol("user").setItemCol("item")  # the Java model has no defaults for these
-    return ALSModel(java_model).recommendForAllUsers(k)
+WARM_UP_ITEMS = 300
 
 
 def naive_neighbours(items: DataFrame, n: int) -> DataFrame:
     """Cross join + higher-order-function dot + window: the textbook way, quadratic in rows."""
     unit = items.select(
-        "item_idx",
+        ITEM_IDX,
         F.transform(
             "features", lambda x: x / F.sqrt(F.aggregate("features", F.lit(0.0), lambda a, v: a + v * v))
         ).alias("u"),
@@ -79,65 +54,69 @@ def naive_neighbours(items: DataFrame, n: int) -> DataFrame:
     a, b = unit.alias("a"), unit.alias("b")
     pairs = (
         a.crossJoin(b)
-        .filter(F.col("a.item_idx") != F.col("b.item_idx"))
+        .filter(F.col(f"a.{ITEM_IDX}") != F.col(f"b.{ITEM_IDX}"))
         .select(
-            F.col("a.item_idx").alias("item_idx"),
-            F.col("b.item_idx").alias("neighbour_idx"),
+            F.col(f"a.{ITEM_IDX}").alias(ITEM_IDX),
+            F.col(f"b.{ITEM_IDX}").alias(similarities.NEIGHBOUR_IDX),
             F.aggregate(F.zip_with("a.u", "b.u", lambda x, y: x * y), F.lit(0.0), lambda s, v: s + v).alias("score"),
         )
     )
-    order = Window.partitionBy("item_idx").orderBy(F.col("score").desc(), F.col("neighbour_idx").asc())
+    order = Window.partitionBy(ITEM_IDX).orderBy(F.col("score").desc(), F.col(similarities.NEIGHBOUR_IDX).asc())
     return pairs.withColumn("rank", F.row_number().over(order)).filter(F.col("rank") <= n)
 
 
-def ratio(t: float | None, base: float) -> str:
-    return "n/a" if t is None else f"{t:8.2f}s ({t / base:5.1f}x)"
+def mllib_neighbours(unit_df: DataFrame, rank: int, n: int) -> DataFrame:
+    """MLlib's top-(N + 1) over normalised factors, each item itself dropped."""
+    recs = mllib_top_k(unit_df.sparkSession, unit_df, unit_df, rank, n + 1)
+    long = mllib_long(recs, ITEM_IDX, similarities.NEIGHBOUR_IDX, "score")
+    return long.filter(F.col(ITEM_IDX) != F.col(similarities.NEIGHBOUR_IDX))
+
+
+def run_size(
+    spark: SparkSession,
+    n_items: int,
+    rank: int,
+    top_n: int,
+    cfg: SimilarityConfig,
+    rng: np.random.Generator,
+    naive: bool,
+    mllib: bool,
+) -> tuple[float, float, float | None, float | None]:
+    """(shelf, numpy, naive or None, MLlib or None) seconds at one catalogue size."""
+    factors = rng.normal(size=(n_items, rank)).astype(np.float32)
+    items = factors_frame(spark, ITEM_IDX, factors)
+    unit = normalise_rows(factors)
+    ids = np.arange(n_items)
+    t_numpy = timed(lambda: top_n_dot(unit, unit, top_n, ids, query_ids=ids, exclude_self=True))
+    t_shelf = timed(lambda: force(similarities.to_als_neighbours(spark, items, cfg)))
+    t_naive = timed(lambda: force(naive_neighbours(items, top_n))) if naive else None
+    t_mllib = None
+    if mllib:
+        unit_df = factors_frame(spark, ITEM_IDX, unit)
+        t_mllib = timed(lambda: force(mllib_neighbours(unit_df, rank, top_n)))
+        unit_df.unpersist()
+    items.unpersist()
+    return t_shelf, t_numpy, t_naive, t_mllib
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--top-n", type=int, default=50)
-    parser.add_argument("--naive-max", type=int, default=5000)
-    parser.add_argument("--mllib-max", type=int, default=50000)
-    args = parser.parse_args()
-
-    from pipelines import similarities
-
-    root = tempfile.mkdtemp(prefix="shelf-bench-")
-    config = load_config("conf/local.yaml", [f"storage.root={root}", "spark.jars_dir=.jars"])
-    spark = get_spark(config)
-    cores = spark.sparkContext.defaultParallelism
-    print(
-        f"similarities: rank {args.rank}, top-{args.top_n}, {cores} Spark cores, blocks "
-        f"{config.similarities.block_rows}x{config.similarities.block_items}"
-    )
+    p = parser(__doc__, sizes=[5000, 20000, 50000], naive_max=2000, mllib_max=20000)
+    p.add_argument("--top-n", type=int, default=50)
+    args = p.parse_args()
+    spark, config = bench_session()
     cfg = config.similarities.model_copy(update={"top_n": args.top_n})
-    rng = np.random.default_rng(42)
+    print(
+        f"similarities: rank {args.rank}, top-{args.top_n}, {spark.sparkContext.defaultParallelism} Spark cores, "
+        f"blocks {cfg.block_rows} x {cfg.block_items}, numpy threads: {blas_threads()}",
+        flush=True,
+    )
+    rng = np.random.default_rng(args.seed)
+    run_size(spark, WARM_UP_ITEMS, args.rank, args.top_n, cfg, rng, naive=True, mllib=True)
     for n_items in args.sizes:
-        factors = rng.normal(size=(n_items, args.rank)).astype(np.float32)
-        items = factors_frame(spark, "item_idx", factors)
-        unit = normalise_rows(factors)
-        ids = np.arange(n_items)
-        t_numpy = timed(lambda: top_n_dot(unit, unit, args.top_n, ids, query_ids=ids, exclude_self=True))
-        t_shelf = timed(lambda: force(similarities.to_als_neighbours(spark, items, cfg)))
-        t_naive = None
-        if n_items <= args.naive_max:
-            t_naive = timed(lambda: force(naive_neighbours(items, args.top_n)))
-        t_mllib = None
-        if n_items <= args.mllib_max:
-            unit_df = factors_frame(spark, "item_idx", unit)
-            t_mllib = timed(lambda: force(mllib_top_k(spark, unit_df, unit_df, args.rank, args.top_n + 1)))
-            unit_df.unpersist()
-        items.unpersist()
-        print(
-            f"{n_items:>7} items | numpy {t_numpy:7.2f}s | shelf {ratio(t_shelf, t_numpy)} | "
-            f"naive cross join {ratio(t_naive, t_numpy)} | MLlib-like {ratio(t_mllib, t_numpy)} | "
-            f"naive/shelf {'n/a' if t_naive is None else f'{t_naive / t_shelf:.1f}x'} | "
-            f"MLlib/shelf {'n/a' if t_mllib is None else f'{t_mllib / t_shelf:.1f}x'}",
-            flush=True,
+        t_shelf, t_numpy, t_naive, t_mllib = run_size(
+            spark, n_items, args.rank, args.top_n, cfg, rng, n_items <= args.naive_max, n_items <= args.mllib_max
         )
+        report(f"{n_items:>7} items", t_shelf, t_numpy, t_naive, t_mllib)
     spark.stop()
 
 

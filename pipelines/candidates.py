@@ -30,14 +30,12 @@ from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, St
 from pipelines.core import tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import RecommendConfig, ShelfConfig, SimilarityConfig
-from pipelines.core.errors import InputDataError
-from pipelines.core.factors import factors_of_run
+from pipelines.core.factors import FEATURES, factors_of_run, item_factor_matrix
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import EVENT_TS, EVENT_TYPE, ITEM_IDX, RUN_ID, USER_IDX
 from udfs.topk import csr_from_lists, to_long, top_n_dot
 
 STEP = "candidates"
-FEATURES = "features"
 OWNED = "owned"
 ALS_SCORE = "als_score"
 SOURCES = "sources"
@@ -64,21 +62,6 @@ _ALS_SCHEMA = StructType(
         StructField(ALS_SCORE, DoubleType(), False),
     ]
 )
-
-
-
-
-def item_factor_matrix(item_factors: DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Collect item factors to (ids (n,) int64 sorted, matrix (n, d) float32): the model, bounded by items.
-
-    Raises:
-        InputDataError: the table is empty.
-    """
-    pdf = pd.DataFrame(item_factors.select(ITEM_IDX, FEATURES).orderBy(ITEM_IDX).toPandas())
-    if pdf.empty:
-        raise InputDataError("gold.item_factors is empty; run 'shelf train' on non-empty interactions first.")
-    matrix = np.stack([np.asarray(v, dtype=np.float32) for v in pdf[FEATURES]])
-    return pdf[ITEM_IDX].to_numpy(dtype=np.int64), matrix
 
 
 def to_owned(interactions: DataFrame, owned_event_types: list[str]) -> DataFrame:

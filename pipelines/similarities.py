@@ -28,14 +28,12 @@ from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, 
 from pipelines.core import tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, SimilarityConfig
-from pipelines.core.errors import InputDataError
-from pipelines.core.factors import factors_of_run
+from pipelines.core.factors import factors_of_run, item_factor_matrix
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, RUN_ID, USER_IDX, WEIGHT
 from udfs.topk import normalise_rows, to_long, top_n_dot
 
 STEP = "similarities"
-FEATURES = "features"
 NEIGHBOUR_IDX = "neighbour_idx"
 SCORE = "score"
 RANK = "rank"
@@ -56,24 +54,6 @@ ITEM_SIMILARITIES_SCHEMA = StructType(
     ]
 )
 _NEIGHBOURS_SCHEMA = StructType(ITEM_SIMILARITIES_SCHEMA.fields[:4])
-
-
-
-
-def factor_matrix(factors: DataFrame, id_col: str = ITEM_IDX) -> tuple[np.ndarray, np.ndarray]:
-    """Collect a factor table to (ids (n,) int64 sorted, matrix (n, d) float32) on the driver.
-
-    Only for item factors: the catalogue's model, bounded by items x rank, never by users.
-
-    Raises:
-        InputDataError: the table is empty.
-    """
-    pdf = pd.DataFrame(factors.select(id_col, FEATURES).orderBy(id_col).toPandas())
-    if pdf.empty:
-        raise InputDataError("gold.item_factors is empty; run 'shelf train' on non-empty interactions first.")
-    ids = pdf[id_col].to_numpy(dtype=np.int64)
-    matrix = np.stack([np.asarray(v, dtype=np.float32) for v in pdf[FEATURES]])
-    return ids, matrix
 
 
 def neighbours_batches(
@@ -121,7 +101,7 @@ def to_als_neighbours(spark: SparkSession, item_factors: DataFrame, config: Simi
     The queries are the broadcast matrix's own rows, cut into contiguous slices (one Spark row per
     slice, a few slices per core), so no shuffle happens before the GEMMs.
     """
-    ids, matrix = factor_matrix(item_factors)
+    ids, matrix = item_factor_matrix(item_factors)
     catalogue = spark.sparkContext.broadcast((ids, normalise_rows(matrix)))
     cores = spark.sparkContext.defaultParallelism
     slices = max(1, min(-(-len(ids) // config.block_rows), 4 * cores))

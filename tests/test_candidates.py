@@ -52,7 +52,9 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
     tables.write(sims, config, "gold", "item_similarities", RUN)
     cfg = config.model_copy(
         update={
-            "recommend": config.recommend.model_copy(update={"candidates_k": k, "popular_k": 5, "max_candidates": 50})
+            "recommend": config.recommend.model_copy(update={"candidates_k": k, "popular_k": 5, "max_candidates": 50}),
+            # Several row and item blocks per Arrow batch, so the blocked path is the one tested.
+            "similarities": config.similarities.model_copy(update={"block_rows": 5, "block_items": 7}),
         }
     )
 
@@ -70,9 +72,9 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
     want = top_n_dot(user_f, item_f, k, item_ids, exclude_indptr=indptr, exclude_indices=indices)
     als = out[out["sources"].map(lambda s: "als" in s)]
     for row, u in enumerate(warm):
-        mine = als[als["user_idx"] == u].sort_values("als_score", ascending=False)
-        assert set(mine["item_idx"]) == set(want.ids[row].tolist())
-        np.testing.assert_allclose(np.sort(mine["als_score"].to_numpy())[::-1], want.scores[row], rtol=1e-5, atol=1e-5)
+        mine = als[als["user_idx"] == u].sort_values(["als_score", "item_idx"], ascending=[False, True])
+        assert mine["item_idx"].tolist() == want.ids[row].tolist()
+        np.testing.assert_allclose(mine["als_score"].to_numpy(), want.scores[row], rtol=1e-5, atol=1e-5)
     assert out.loc[out["sources"].map(lambda s: "als" not in s), "als_score"].isna().all()
 
     # Cold users: popularity fallback tagged "popular", plus neighbours of their recent items.

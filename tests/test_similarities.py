@@ -48,6 +48,7 @@ def test_als_neighbours_equal_the_kernel(spark: SparkSession, config: ShelfConfi
     similarities.run(spark, cfg, RunContext("r1", AS_OF))
 
     got = tables.read(spark, cfg, "gold", "item_similarities").toPandas()
+    assert list(got.columns) == ["item_idx", "neighbour_idx", "score", "rank", "source", "run_id"]
     assert set(got["source"]) == {"als"} and set(got["run_id"]) == {"r1"}
     assert str(got["item_idx"].dtype) == "int32" and str(got["score"].dtype) == "float64"
     got = got.sort_values(["item_idx", "rank"])
@@ -90,16 +91,32 @@ def test_cooccurrence_is_bounded_by_each_users_recent_items(spark: SparkSession,
     assert sorted(map(tuple, out[["item_idx", "neighbour_idx"]].values.tolist())) == [(3, 4), (4, 3)]
 
 
-def test_blend_gives_one_ranked_source(spark: SparkSession, config: ShelfConfig) -> None:
+@pytest.mark.parametrize(("method", "sources"), [("blend", {"blend"}), ("both", {"als", "cooccurrence"})])
+def test_method_selects_or_blends_sources(spark: SparkSession, config: ShelfConfig, method: str, sources: set) -> None:
     rng = np.random.default_rng(3)
     factors = spark.createDataFrame(
         [(i, [float(v) for v in rng.normal(size=4)], "r2") for i in range(8)],
         "item_idx int, features array<float>, run_id string",
     )
-    events = [(u, i, "view", i) for u in range(4) for i in range(0, 8, 1 + u % 2)]
-    cfg = config.similarities.model_copy(update={"method": "blend", "top_n": 3, "min_support": 1})
-    got = similarities.to_item_similarities(spark, factors, interactions_df(spark, events, "r2"), cfg, "r2").toPandas()
-    assert set(got["source"]) == {"blend"}
-    assert got.groupby("item_idx")["rank"].apply(list).map(lambda r: r == list(range(1, len(r) + 1))).all()
-    assert got.groupby("item_idx").size().max() == 3
+    events = interactions_df(spark, [(u, i, "view", i) for u in range(4) for i in range(0, 8, 1 + u % 2)], "r2")
+    cfg = config.similarities.model_copy(
+        update={"method": method, "top_n": 3, "min_support": 1, "blend_als_weight": 0.3}
+    )
+    got = similarities.to_item_similarities(spark, factors, events, cfg, "r2").toPandas()
+    assert set(got["source"]) == sources
+    for _, per_source in got.groupby("source"):
+        ranks = per_source.sort_values(["item_idx", "rank"]).groupby("item_idx")["rank"].apply(list)
+        assert ranks.map(lambda r: r == list(range(1, len(r) + 1))).all()
+        assert per_source.groupby("item_idx").size().max() == 3
     assert not (got["item_idx"] == got["neighbour_idx"]).any()
+    if method == "blend":
+        # Each blended score is 0.3 * als + 0.7 * cooccurrence over the sources' own top-N, 0 when absent.
+        als = similarities.to_als_neighbours(spark, factors, cfg).toPandas()
+        cooc = similarities.to_cooccurrence_neighbours(events, cfg).toPandas()
+        keys = ["item_idx", "neighbour_idx"]
+        both = als[[*keys, "score"]].merge(cooc[[*keys, "score"]], on=keys, how="outer", suffixes=("_a", "_c"))
+        both["want"] = 0.3 * both["score_a"].fillna(0.0) + 0.7 * both["score_c"].fillna(0.0)
+        merged = got.merge(both, on=keys, how="left")
+        assert merged["want"].notna().all()
+        np.testing.assert_allclose(merged["score"].to_numpy(), merged["want"].to_numpy(), rtol=1e-9)
+        assert (merged["score_a"].notna() & merged["score_c"].notna()).any()

@@ -101,6 +101,22 @@ def test_blocked_top_n_equals_full_sort(p: dict) -> None:
     assert_matches(result, expected)
 
 
+def test_many_blocks_with_ties_and_exclusions_equal_full_sort() -> None:
+    # Hundreds of catalogue blocks: thresholds rise, candidates wait and merge many times, and the
+    # few distinct score values make ties at every cut.
+    rng = np.random.default_rng(5)
+    queries = rng.integers(-2, 3, size=(37, 3)).astype(np.float32)
+    items = rng.integers(-2, 3, size=(900, 3)).astype(np.float32)
+    item_ids = rng.permutation(900).astype(np.int64) * 5
+    excluded = [set(rng.choice(item_ids, size=40, replace=False).tolist()) for _ in range(37)]
+    indptr, indices = csr_from_lists([sorted(e) for e in excluded])
+    for n in (1, 17, 120):
+        result = top_n_dot(
+            queries, items, n, item_ids, exclude_indptr=indptr, exclude_indices=indices, block_rows=8, block_items=3
+        )
+        assert_matches(result, brute_force(queries, items, item_ids, n, None, excluded))
+
+
 def test_ties_go_to_the_lower_id_across_blocks() -> None:
     items = np.ones((10, 2), dtype=np.float32)
     ids = np.array([9, 3, 8, 1, 7, 0, 6, 2, 5, 4])

@@ -12,9 +12,12 @@ Shapes (m query rows, n catalogue items, d factor rank, k = min(N, n) result col
 
 Scores are computed as float32 GEMMs of `block_rows` query rows against `block_items` catalogue
 columns, so each score block (block_rows x block_items floats, 2 MB by default) stays in cache and
-memory never grows with the catalogue. Each block keeps its own top-k (np.argpartition, linear
-time), and the per-block winners are merged at the end. Ordering is deterministic: score descending,
-then item id ascending; ties at the cut are resolved by id too, so the result equals a full sort.
+memory never grows with the catalogue. The partial sort, not the GEMM, is the expensive part, so
+each query row keeps a threshold (its k-th best score so far): a block's scores are compared with
+it once, and only the few that beat it are kept and merged back to k (np.argpartition on k + a
+few columns). A whole block goes through np.argpartition only when more than k of a row's scores
+pass (the first blocks). Ordering is deterministic: score descending, then item id ascending; ties
+at the cut are resolved by id too, so the result equals a full sort.
 
 Exclusions: `exclude_self` drops the item whose id equals the query's `query_ids` entry (an item is
 not its own neighbour); `exclude_indptr` / `exclude_indices` are CSR-style segments (row r excludes
@@ -73,10 +76,11 @@ def _columns_of(ids: npt.ArrayLike, sorted_ids: IntArray) -> IntArray:
     return np.where(sorted_ids[pos_clipped] == ids, pos_clipped, -1).astype(np.int64)
 
 
-def _block_top(scores: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
-    """Top-k columns of each row of a score block, ties at the cut going to the lower column.
+def _block_top(scores: FloatArray, k: int, keys: IntArray | None = None) -> tuple[IntArray, FloatArray]:
+    """Top-k positions of each row of a score block; ties at the cut go to the lower key.
 
-    Returns (columns (r, k), scores (r, k)), unordered within a row.
+    `keys` (same shape as `scores`) are the tie-break keys, by default the position itself.
+    Returns (positions (r, k), scores (r, k)), unordered within a row.
     """
     rows, width = scores.shape
     if k >= width:
@@ -85,20 +89,92 @@ def _block_top(scores: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
     cols = np.argpartition(-scores, k - 1, axis=1)[:, :k].astype(np.int64)
     top = np.take_along_axis(scores, cols, axis=1)
     kth = top.min(axis=1)
-    # argpartition picks arbitrarily among values equal to the k-th: re-pick those rows by column.
+    # argpartition picks arbitrarily among values equal to the k-th: re-pick those rows by key.
     ambiguous = np.nonzero((scores >= kth[:, None]).sum(axis=1) > k)[0]
     if ambiguous.size:
         sub = scores[ambiguous]
-        sub_kth = kth[ambiguous][:, None]
-        greater = sub > sub_kth
-        room = k - greater.sum(axis=1, keepdims=True)
-        equal = sub == sub_kth
-        keep = greater | (equal & (np.cumsum(equal, axis=1) <= room))
-        _, flat = np.nonzero(keep)  # exactly k per row, row-major
-        picked = flat.reshape(ambiguous.size, k).astype(np.int64)
+        sub_keys = np.broadcast_to(np.arange(width), sub.shape) if keys is None else keys[ambiguous]
+        picked = np.lexsort((sub_keys, -sub), axis=1)[:, :k].astype(np.int64)
         cols[ambiguous] = picked
         top[ambiguous] = np.take_along_axis(sub, picked, axis=1)
     return cols, top
+
+
+def _padded(passed: npt.NDArray[np.bool_], scores: FloatArray, c0: int) -> tuple[IntArray, FloatArray]:
+    """The True entries of each row of `passed` as (columns + c0, scores), left-aligned, padded -1 / -inf."""
+    rows, cols = np.nonzero(passed)
+    width = int(np.bincount(rows, minlength=passed.shape[0]).max())
+    slot = np.arange(rows.size) - np.searchsorted(rows, rows)
+    out_cols = np.full((passed.shape[0], width), -1, dtype=np.int64)
+    out_scores = np.full((passed.shape[0], width), -np.inf, dtype=np.float32)
+    out_cols[rows, slot] = cols + c0
+    out_scores[rows, slot] = scores[rows, cols]
+    return out_cols, out_scores
+
+
+def _merge(cols: list[IntArray], scores: list[FloatArray], k: int) -> tuple[IntArray, FloatArray]:
+    """The best k (columns, scores) per row of several candidate blocks, ties to the lower column."""
+    all_cols = np.concatenate(cols, axis=1)
+    all_scores = np.concatenate(scores, axis=1)
+    # Padding (-1, -inf) never beats a real score; among padding the order does not matter.
+    pos, top = _block_top(all_scores, k, np.where(all_cols >= 0, all_cols, np.iinfo(np.int64).max))
+    return np.take_along_axis(all_cols, pos, axis=1), top
+
+
+def _row_block_top(
+    q_block: FloatArray,
+    x: FloatArray,
+    k: int,
+    block_items: int,
+    own: IntArray | None,
+    ex_rows: IntArray | None,
+    ex_cols: IntArray | None,
+) -> tuple[IntArray, FloatArray]:
+    """Top-k (columns, scores) of one block of query rows over the whole catalogue, ordered, padded -1 / -inf.
+
+    Each row keeps a threshold, the k-th best score kept so far (-inf until it has k). A later
+    score must beat it strictly, since a tie loses to the lower column already kept; so after the
+    first blocks only a few scores per block pass one comparison, and `argpartition` runs on a
+    whole block only where more than k per row pass. Passing scores wait in a small buffer that is
+    merged back to k per row (raising the thresholds) once it holds k columns.
+    """
+    r, n_items = q_block.shape[0], x.shape[0]
+    best_cols = np.full((r, k), -1, dtype=np.int64)
+    best_scores = np.full((r, k), -np.inf, dtype=np.float32)
+    thr = np.full(r, -np.inf, dtype=np.float32)
+    pending_cols: list[IntArray] = []
+    pending_scores: list[FloatArray] = []
+    pending = 0
+    for c0 in range(0, n_items, block_items):
+        c1 = min(c0 + block_items, n_items)
+        scores = q_block @ x[c0:c1].T  # (rows, cols) float32 GEMM
+        if own is not None:
+            hit = np.nonzero((own >= c0) & (own < c1))[0]
+            scores[hit, own[hit] - c0] = -np.inf
+        if ex_rows is not None and ex_cols is not None:
+            inside = (ex_cols >= c0) & (ex_cols < c1)
+            scores[ex_rows[inside], ex_cols[inside] - c0] = -np.inf
+        passed = scores > thr[:, None]
+        most = int(passed.sum(axis=1).max())
+        if most == 0:
+            continue
+        if most > k:
+            pos, top = _block_top(np.where(passed, scores, -np.inf).astype(np.float32, copy=False), k)
+            cand_cols, cand_scores = np.where(np.isfinite(top), pos + c0, -1), top
+        else:
+            cand_cols, cand_scores = _padded(passed, scores, c0)
+        pending_cols.append(cand_cols)
+        pending_scores.append(cand_scores)
+        pending += cand_cols.shape[1]
+        if pending >= k:
+            best_cols, best_scores = _merge([best_cols, *pending_cols], [best_scores, *pending_scores], k)
+            thr = best_scores.min(axis=1)
+            pending_cols, pending_scores, pending = [], [], 0
+    if pending:
+        best_cols, best_scores = _merge([best_cols, *pending_cols], [best_scores, *pending_scores], k)
+    key = np.where(best_cols >= 0, best_cols, np.iinfo(np.int64).max)
+    order = np.lexsort((key, -best_scores), axis=1)
+    return np.take_along_axis(best_cols, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
 
 def top_n_dot(
@@ -168,35 +244,16 @@ def top_n_dot(
 
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)
-        q_block = q[r0:r1]
         ex_rows = ex_cols = None
         if indptr is not None and excl_cols is not None:
-            lo, hi = indptr[r0], indptr[r1]
             ex_rows = np.repeat(np.arange(r1 - r0), np.diff(indptr[r0 : r1 + 1]))
-            ex_cols = excl_cols[lo:hi]
+            ex_cols = excl_cols[indptr[r0] : indptr[r1]]
             valid = ex_cols >= 0
             ex_rows, ex_cols = ex_rows[valid], ex_cols[valid]
-        cand_cols: list[IntArray] = []
-        cand_scores: list[FloatArray] = []
-        for c0 in range(0, n_items, block_items):
-            c1 = min(c0 + block_items, n_items)
-            scores = q_block @ x[c0:c1].T  # (rows, cols) float32 GEMM
-            if self_cols is not None:
-                own = self_cols[r0:r1]
-                hit = np.nonzero((own >= c0) & (own < c1))[0]
-                scores[hit, own[hit] - c0] = -np.inf
-            if ex_rows is not None and ex_cols is not None:
-                inside = (ex_cols >= c0) & (ex_cols < c1)
-                scores[ex_rows[inside], ex_cols[inside] - c0] = -np.inf
-            cols, top = _block_top(scores, k)
-            cand_cols.append(cols + c0)
-            cand_scores.append(top)
-        all_cols = np.concatenate(cand_cols, axis=1)
-        all_scores = np.concatenate(cand_scores, axis=1)
-        # Candidates hold distinct columns, and column order is id order: sort by (-score, column).
-        order = np.lexsort((all_cols, -all_scores), axis=1)[:, :k]
-        out_scores[r0:r1] = np.take_along_axis(all_scores, order, axis=1)
-        out_ids[r0:r1] = ids[np.take_along_axis(all_cols, order, axis=1)]
+        own = self_cols[r0:r1] if self_cols is not None else None
+        cols, top = _row_block_top(q[r0:r1], x, k, block_items, own, ex_rows, ex_cols)
+        out_scores[r0:r1] = top
+        out_ids[r0:r1] = np.where(cols >= 0, ids[np.maximum(cols, 0)], -1)
     real = np.isfinite(out_scores)
     out_ids[~real] = -1
     out_scores[~real] = -np.inf
