@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.rerank [--sizes 500 2000 8000] [--candidates 100] [--items 5000]
 
-Synthetic user rows (the columns of `pipelines.rerank.to_user_rows`) are built in memory, so the
+Synthetic user rows (the columns of `pipelines.core.reranking.to_user_rows`) are built in memory, so the
 figures measure the re-rank itself, not Delta I/O:
 - spark batched:  `to_reranked` (mapInPandas, one kernel call per Arrow batch of users);
 - spark per user: the same adapter once per user via `groupBy(user_idx).applyInPandas`;
@@ -19,15 +19,13 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 
-from pipelines import rerank as step
+from pipelines.core import reranking as step
 from pipelines.core.config import load_config
 from pipelines.core.session import get_spark
 from udfs.rerank import ItemTable, RerankParams
 
 
-def synthetic(
-    users: int, candidates: int, items: int, rank: int, seed: int = 0
-) -> tuple[pd.DataFrame, ItemTable]:
+def synthetic(users: int, candidates: int, items: int, rank: int, seed: int = 0) -> tuple[pd.DataFrame, ItemTable]:
     rng = np.random.default_rng(seed)
     table = ItemTable.plain(
         np.arange(items),
@@ -70,9 +68,7 @@ def noop_seconds(frame: DataFrame) -> float:
     return time.perf_counter() - started
 
 
-def per_user_frame(
-    spark: SparkSession, frame: DataFrame, items: ItemTable, params: RerankParams
-) -> DataFrame:
+def per_user_frame(spark: SparkSession, frame: DataFrame, items: ItemTable, params: RerankParams) -> DataFrame:
     """The same adapter, one Python call per user (groupBy user_idx + applyInPandas)."""
     model = spark.sparkContext.broadcast(items)
 

@@ -4,6 +4,7 @@ publish, business rules and the popularity fallback."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import rerank
-from pipelines.core import tables
+from pipelines.core import reranking, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA
@@ -119,9 +120,7 @@ def published(spark: SparkSession, config: ShelfConfig) -> DataFrame:
     return tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == RUN)
 
 
-def test_spark_kernel_equals_in_process_kernel_and_rules_hold(
-    spark: SparkSession, world: ShelfConfig
-) -> None:
+def test_spark_kernel_equals_in_process_kernel_and_rules_hold(spark: SparkSession, world: ShelfConfig) -> None:
     cfg = world
     got = published(spark, cfg)
     assert [(f.name, f.dataType) for f in got.schema.fields] == [
@@ -132,8 +131,8 @@ def test_spark_kernel_equals_in_process_kernel_and_rules_hold(
 
     # In process: the same inputs, one kernel call over all users at once.
     rr = cfg.rerank
-    fresh = rerank.to_fresh_events(tables.read(spark, cfg, "silver", "interactions"), rr, AS_OF)
-    attributes = rerank.to_item_attributes(
+    fresh = reranking.to_fresh_events(tables.read(spark, cfg, "silver", "interactions"), rr, AS_OF)
+    attributes = reranking.to_item_attributes(
         tables.read(spark, cfg, "silver", "item_index"),
         tables.read(spark, cfg, "gold", "item_factors"),
         tables.read(spark, cfg, "silver", "catalog"),
@@ -141,15 +140,14 @@ def test_spark_kernel_equals_in_process_kernel_and_rules_hold(
         rr,
         AS_OF,
     )
-    items = rerank.build_item_table(attributes)
-    user_rows = rerank.to_user_rows(
+    items = reranking.build_item_table(attributes)
+    user_rows = reranking.to_user_rows(
         tables.read(spark, cfg, "gold", "candidates"), tables.read(spark, cfg, "gold", "user_factors"), fresh
     ).toPandas()
-    local = rerank.rerank_frame(user_rows, items, rerank.params_from(rr))
+    local = reranking.rerank_frame(user_rows, items, reranking.params_from(rr))
     assert local.dtypes.astype(str).tolist()[:4] == ["int32", "int32", "int32", "float64"]
     want = sorted(
-        (user_id(u), item_id(i), int(r), round(s, 9), tuple(x))
-        for u, i, r, s, x in local.itertuples(index=False)
+        (user_id(u), item_id(i), int(r), round(s, 9), tuple(x)) for u, i, r, s, x in local.itertuples(index=False)
     )
     spark_rows = sorted(
         (r.user_id, r.item_id, int(r.rank), round(r.score, 9), tuple(r.reasons))
@@ -173,9 +171,7 @@ def test_spark_kernel_equals_in_process_kernel_and_rules_hold(
     assert not any("als" in r for r in by_user[user_id(3)]["reasons"])
 
 
-def test_user_without_candidates_gets_the_popularity_fallback(
-    spark: SparkSession, world: ShelfConfig
-) -> None:
+def test_user_without_candidates_gets_the_popularity_fallback(spark: SparkSession, world: ShelfConfig) -> None:
     rows = published(spark, world).toPandas()
     fallback = rows[rows["user_id"] == user_id(4)].sort_values("rank")
     # Distinct users per item in silver: item 5 (users 4, 5), item 3 (0, 5); then ties by item index.
@@ -196,3 +192,20 @@ def test_publish_twice_with_the_same_run_id_is_identical(spark: SparkSession, wo
     second = tables.read(spark, cfg, "gold", "recommendations")
     assert first.count() > N_USERS
     assert_df_equality(first, second, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_rerank_without_a_catalog_applies_no_business_rule(spark: SparkSession, tmp_path: Path) -> None:
+    cfg = with_rerank(make_config(tmp_path), top_k=4, category_cap=1, mmr_lambda=1.0, buckets=2)
+    write_world(spark, cfg, catalog=False)
+    assert not tables.exists(spark, cfg, "silver", "catalog")
+    rerank.run(spark, cfg, RunContext(RUN, AS_OF))
+    rows = published(spark, cfg).toPandas()
+    by_user = {u: g.sort_values("rank") for u, g in rows.groupby("user_id")}
+    assert set(by_user) == {user_id(u) for u in range(N_USERS)}  # user 4 still gets the fallback
+    # No stock flags: item 9 (out of stock in the catalog) is back; item 5 stays out (bought by user 5).
+    assert sorted(by_user[user_id(5)]["item_id"]) == [item_id(3), item_id(9), item_id(11)]
+    # No categories, so no cap of 1 per category: user 2 gets a full list of 4.
+    assert len(by_user[user_id(2)]) == 4
+    assert item_id(1) not in set(by_user[user_id(0)]["item_id"])  # bought two days ago: still a rule
+    reasons = {r for rs in rows["reasons"] for r in rs}
+    assert not reasons & {"promo", "new_arrival"}

@@ -33,6 +33,7 @@ def make_case(seed: int, n_items: int = 30, n_users: int = 6, d: int = 4) -> tup
         in_stock=rng.random(n_items) < 0.85,
         blocked=rng.random(n_items) < 0.1,
         category=rng.integers(-1, 4, n_items),
+        price=np.where(rng.random(n_items) < 0.2, np.nan, rng.lognormal(3.0, 1.0, n_items)),
     )
     cands, events = [], []
     for _ in range(n_users):
@@ -265,3 +266,56 @@ def test_half_life_halves_an_events_pull() -> None:
     older = rerank(items, UserBatch(**base, event_ages=np.array([2.0])), params)
     stale = rerank(items, UserBatch(**base, event_ages=np.array([30.0])), replace(params, fresh_days=7.0))
     np.testing.assert_allclose([fresh.scores[0], older.scores[0], stale.scores[0]], [2.0, 1.0, 0.0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), half_life=st.sampled_from([0.5, 2.0, 10.0]))
+def test_price_fit_matches_its_definition_per_user(seed: int, half_life: float) -> None:
+    items, batch = make_case(seed)
+    params = RerankParams(half_life_days=half_life, fresh_days=20.0)
+    fit = features(items, batch, params)["price_fit"]
+    assert np.all((fit >= 0) & (fit <= 1))
+    price = dict(zip(items.ids.tolist(), items.price.tolist(), strict=True))
+    for r in range(batch.cand_indptr.size - 1):
+        e = slice(batch.event_indptr[r], batch.event_indptr[r + 1])
+        num = den = 0.0
+        for item, w, age in zip(batch.event_items[e], batch.event_weights[e], batch.event_ages[e], strict=True):
+            p = price.get(int(item), np.nan)
+            if age <= params.fresh_days and np.isfinite(p) and p > 0:
+                pull = w * 2.0 ** (-age / half_life)
+                num, den = num + pull * np.log(p), den + pull
+        for c in range(batch.cand_indptr[r], batch.cand_indptr[r + 1]):
+            p = price.get(int(batch.cand_items[c]), np.nan)
+            want = np.exp(-abs(np.log(p) - num / den)) if den > 0 and np.isfinite(p) else 0.0
+            np.testing.assert_allclose(fit[c], want, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    prices=st.lists(st.floats(1.0, 1000.0), min_size=3, max_size=12, unique=True),
+    viewed=st.floats(1.0, 1000.0),
+)
+def test_price_fit_alone_ranks_by_closeness_in_log_price(prices: list[float], viewed: float) -> None:
+    # Item 0 is the viewed one (not a candidate); candidates 1..n differ only in price.
+    n = len(prices)
+    items = ItemTable.plain(np.arange(n + 1), np.ones((n + 1, 2)), price=[viewed, *prices])
+    batch = UserBatch(
+        np.zeros((1, 2), np.float32),
+        np.array([False]),
+        np.array([0, n]),
+        np.arange(1, n + 1),
+        np.zeros(n, bool),
+        np.array([0, 1]),
+        np.array([0]),
+        np.array([1.0]),
+        np.array([0.5]),
+        np.array([False]),
+    )
+    params = RerankParams(top_k=n, mmr_lambda=1.0, category_cap=None, weights={"price_fit": 1.0})
+    out = rerank(items, batch, params)
+    gaps = np.abs(np.log(np.asarray(prices)) - np.log(viewed))
+    assert sorted(out.items.tolist()) == list(range(1, n + 1))
+    assert np.all(np.diff(gaps[out.items - 1]) >= -1e-12)  # closest log price first (ties: rounding)
+    np.testing.assert_allclose(out.scores, np.exp(-np.sort(gaps)))
+    unknown = ItemTable.plain(np.arange(n + 1), np.ones((n + 1, 2)), price=[np.nan, *prices])
+    np.testing.assert_array_equal(rerank(unknown, batch, params).scores, np.zeros(n))  # no reference price

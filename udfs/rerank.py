@@ -13,6 +13,7 @@ ItemTable (the broadcast model, one row per catalogue item):
 - `popularity`  (n,)   float64 in [0, 1] (distinct fresh users / the most popular item's)
 - `promo`, `new_arrival`, `in_stock`, `blocked` (n,) bool
 - `category`    (n,)   int64   category code, -1 = unknown (never capped)
+- `price`       (n,)   float64 price, NaN (or <= 0) = unknown
 
 UserBatch:
 - `user_factors`  (m, d) float32 p_u, rows of users without factors are ignored
@@ -25,7 +26,9 @@ Model, per user u with fresh events j (age <= fresh_days) and candidates c:
 - session vector s_u = p_u + alpha * sum_j w_j * 2^(-age_j / half_life) * q_j (p_u = 0 without factors:
   a cold user folds in from the session items alone);
 - features: als = p_u . q_c, session = s_u . q_c, max/mean cosine of q_c to the user's distinct fresh
-  items other than c, popularity, promo, new_arrival;
+  items other than c, popularity, promo, new_arrival, price_fit = exp(-|log price_c - ref_u|) where
+  ref_u is the mean log price of u's fresh priced items weighted like the session pull (0 when the
+  candidate's price is unknown or u has no fresh priced item);
 - rules: drop out-of-stock, blocked-category, unknown and already-bought (age <= bought_window_days)
   items; keep each category's `category_cap` most relevant candidates;
 - relevance = weights . features (promo / new-arrival weights are the boosts);
@@ -55,7 +58,7 @@ BoolArray = npt.NDArray[np.bool_]
 ALS, PROMO, NEW_ARRIVAL, TRENDING, SIMILAR = "als", "promo", "new_arrival", "trending", "similar_to"
 REASON_FLAGS = (SIMILAR, ALS, PROMO, NEW_ARRIVAL, TRENDING)  # column order of RerankResult.flags
 PAIR_CHUNK = 1 << 15  # (candidate, fresh item) pairs per cosine block
-FEATURES = ("als", "session", "max_cosine", "mean_cosine", "popularity", "promo", "new_arrival")
+FEATURES = ("als", "session", "max_cosine", "mean_cosine", "popularity", "promo", "new_arrival", "price_fit")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class RerankParams:
             "popularity": 0.2,
             "promo": 0.1,
             "new_arrival": 0.1,
+            "price_fit": 0.1,
         }
     )
 
@@ -93,6 +97,7 @@ class ItemTable:
     in_stock: BoolArray
     blocked: BoolArray
     category: IntArray
+    price: FloatArray
 
     @staticmethod
     def plain(ids: npt.ArrayLike, factors: npt.ArrayLike, **attrs: npt.ArrayLike) -> ItemTable:
@@ -107,9 +112,10 @@ class ItemTable:
             "in_stock": np.ones(n, bool),
             "blocked": np.zeros(n, bool),
             "category": np.full(n, -1),
+            "price": np.full(n, np.nan),
         }
         defaults.update(attrs)
-        dtypes = {"popularity": np.float64, "category": np.int64}
+        dtypes = {"popularity": np.float64, "category": np.int64, "price": np.float64}
         cols = {k: np.asarray(v, dtype=dtypes.get(k, np.bool_))[order] for k, v in defaults.items()}
         if np.any(ids_arr[order][1:] == ids_arr[order][:-1]):
             raise ValueError("item ids must be distinct")
@@ -181,9 +187,7 @@ def empty_result() -> RerankResult:
     return RerankResult(z, z, np.zeros(0, np.int32), np.zeros(0), np.zeros((0, len(REASON_FLAGS)), bool), z)
 
 
-def mmr_select(
-    relevance: FloatArray, unit: npt.NDArray[np.float64], k: int, lam: float
-) -> tuple[IntArray, FloatArray]:
+def mmr_select(relevance: FloatArray, unit: npt.NDArray[np.float64], k: int, lam: float) -> tuple[IntArray, FloatArray]:
     """Greedy MMR for one user's candidates, which must be ordered by item id (ties -> lower id).
 
     Args:
@@ -212,6 +216,37 @@ def mmr_select(
         free[best] = False
         np.maximum(redundancy, sims[best], out=redundancy)
     return picks, values
+
+
+def _log_prices(items: ItemTable) -> FloatArray:
+    """(n + 1,) log price per catalogue row, NaN when unknown; row n (unknown items) is NaN."""
+    price = np.r_[items.price.astype(np.float64), np.nan]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(price > 0, np.log(np.where(price > 0, price, 1.0)), np.nan)
+
+
+def _price_fit(
+    items: ItemTable,
+    cand_row: IntArray,
+    cand_col: IntArray,
+    ev_row: IntArray,
+    ev_col: IntArray,
+    ev_pull: FloatArray,
+    m: int,
+) -> FloatArray:
+    """(C,) exp(-|log price_c - ref_u|), ref_u = pull-weighted mean log price of u's fresh priced events.
+
+    0 when the candidate's price is unknown or the user has no fresh event on a priced item with a
+    positive pull. Fresh events are the (row, col, pull) triples the session vector uses.
+    """
+    log_price = _log_prices(items)
+    ev_log = log_price[ev_col]
+    ok = np.isfinite(ev_log) & (ev_pull > 0)
+    weight = np.bincount(ev_row[ok], weights=ev_pull[ok], minlength=m)
+    total = np.bincount(ev_row[ok], weights=ev_pull[ok] * ev_log[ok], minlength=m)
+    ref = np.divide(total, weight, out=np.full(m, np.nan), where=weight > 0)
+    gap = np.abs(log_price[cand_col] - ref[cand_row])  # cand_col -1 reads row n: NaN
+    return np.where(np.isfinite(gap), np.exp(-np.where(np.isfinite(gap), gap, 0.0)), 0.0)
 
 
 def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[str, FloatArray]:
@@ -268,6 +303,7 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
 
     known = cand_col >= 0
     safe = np.where(known, cand_col, 0)
+    price_fit = _price_fit(items, cand_row, cand_col, ev_row[fresh], ev_col[fresh], pull[fresh], m)
 
     def attr(values: npt.NDArray[np.generic]) -> FloatArray:
         return np.where(known, values[safe] if n else 0, 0).astype(np.float64)
@@ -280,6 +316,7 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
         "popularity": attr(items.popularity),
         "promo": attr(items.promo),
         "new_arrival": attr(items.new_arrival),
+        "price_fit": price_fit,
         "_col": cand_col,
         "_row": cand_row,
         "_similar_to": similar_to,
