@@ -5,6 +5,10 @@ Reads silver.interactions. Splits it by `evaluate.protocol`:
 - temporal: train on events before `as_of - holdout_days`, test on the events after
 - leave_last: each user's last `leave_last_n` items are the test set
 - random_user / random_item: 75/25 stratified by user or item, seeded (the MovieLens protocol)
+- replay: ALS trains on events before T = as_of - replay_horizon_days - replay_fresh_days; the
+  fresh window [T, T + d) feeds the re-rank (`pipelines.core.reranking`, model `als_rerank`, over
+  ALS's rerank.max_candidates unseen items) and `item_knn_fresh`; the test window is [T + d, as_of).
+  Items a user touched before T + d are removed from the relevant set and from every list.
 
 The relevant items of a user are the test items they had not interacted with in training; users
 absent from training (cold users) are not scored. Every model ranks unseen items only.
@@ -15,22 +19,33 @@ folder `<report_dir>/<run_id>/` with `summary.md`, `metrics_at_k.png` and `metri
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipelines.core import metrics, tables
+from pipelines.core.als import AlsParams, als_recommend, fit_als, to_pairs
 from pipelines.core.cli import step_main
-from pipelines.core.config import EvaluateConfig, ShelfConfig
+from pipelines.core.config import EvaluateConfig, RerankConfig, ShelfConfig
 from pipelines.core.errors import InputDataError
+from pipelines.core.quality import ts_lit
+from pipelines.core.reranking import (
+    ALS_SCORE,
+    FEATURES,
+    RANK,
+    SCORE,
+    SOURCES,
+    Reranked,
+    read_catalog,
+    rerank_candidates,
+)
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, RUN_ID, USER_IDX
 from pipelines.core.splits import leave_last_n_split, random_stratified_split, temporal_split
-
-# ALS fitting is shared with the train step; it belongs in pipelines/core/ once the lead moves it there.
-from pipelines.train import AlsParams, als_recommend, fit_als, to_pairs
 
 STEP = "evaluate"
 MODEL = "model"
@@ -45,9 +60,7 @@ METRICS_COLUMNS = (RUN_ID, MODEL, metrics.METRIC, metrics.K, metrics.METRIC_VALU
 POPULAR_POOL_MARGIN = 1000
 
 
-def split_pairs(
-    interactions: DataFrame, evaluate: EvaluateConfig, ctx: RunContext
-) -> tuple[DataFrame, DataFrame]:
+def split_pairs(interactions: DataFrame, evaluate: EvaluateConfig, ctx: RunContext) -> tuple[DataFrame, DataFrame]:
     """(train, test) at the (user, item) grain (strength, latest event time) for the configured protocol."""
     if evaluate.protocol == "temporal":
         cut = ctx.as_of - timedelta(days=evaluate.holdout_days)
@@ -160,9 +173,7 @@ def recommend(
     if name == POPULARITY:
         return recommend_popular(popularity_scores(train), users, train, k)
     if name == RECENT_POPULARITY:
-        return recommend_popular(
-            recent_popularity_scores(train, config.evaluate.recent_days), users, train, k
-        )
+        return recommend_popular(recent_popularity_scores(train, config.evaluate.recent_days), users, train, k)
     if name == ITEM_KNN:
         return recommend_item_knn(train, users, config.evaluate, k)
     model = fit_als(spark, train, AlsParams.from_config(config.train), config.train)
@@ -171,6 +182,15 @@ def recommend(
 
 def cutoffs(evaluate: EvaluateConfig) -> list[int]:
     return sorted({evaluate.k, *evaluate.ks})
+
+
+def diversity_factors(spark: SparkSession, config: ShelfConfig, run_id: str) -> DataFrame | None:
+    """gold.item_factors of `run_id` (the train step of the same run) for intra-list diversity, or None
+    when that run trained no factors (diversity then uses co-occurrence cosine on the training split)."""
+    if not tables.exists(spark, config, "gold", "item_factors"):
+        return None
+    factors = tables.read(spark, config, "gold", "item_factors").filter(F.col(RUN_ID) == run_id)
+    return factors if factors.limit(1).count() > 0 else None
 
 
 def evaluate_models(
@@ -194,7 +214,8 @@ def evaluate_models(
     combined = lists[0]
     for recs in lists[1:]:
         combined = combined.unionByName(recs)
-    scored = metrics.ranking_metrics(combined, relevant, train, ks, by=[MODEL])
+    factors = diversity_factors(spark, config, run_id)
+    scored = metrics.ranking_metrics(combined, relevant, train, ks, by=[MODEL], item_factors=factors)
     # models x metrics x ks rows: small, brought back so the caches can be released.
     table = spark.createDataFrame(scored.collect(), scored.schema)
     for recs in lists:
@@ -204,18 +225,232 @@ def evaluate_models(
     return table.withColumn(RUN_ID, F.lit(run_id)).select(*METRICS_COLUMNS)
 
 
+# Temporal replay (evaluate.protocol: replay) -------------------------------------------------------
+ALS_RERANK = "als_rerank"
+ITEM_KNN_FRESH = "item_knn_fresh"
+REPLAY_EXTRA_MODELS = (ITEM_KNN_FRESH, ALS_RERANK)
+
+
+@dataclass(frozen=True)
+class ReplayWindow:
+    """One replay window with ALS fitted at T. Frames are cached: call `release` when done.
+
+    Items a user touched before T + d are never relevant and never recommended by any model.
+    """
+
+    cut: datetime  # T: ALS and the plain baselines see events before it
+    fresh_end: datetime  # T + d: the re-rank (and item_knn_fresh) see events before it
+    train: DataFrame  # (user, item, strength, event_ts) pairs before T
+    history: DataFrame  # events before T + d
+    seen: DataFrame  # (user, item) pairs before T + d
+    relevant: DataFrame  # (user, item) pairs of [T + d, as_of) not seen, of users ALS trained on
+    users: DataFrame  # the users scored: those with a relevant item
+    model: ALSModel
+
+    def release(self) -> None:
+        for frame in (self.train, self.seen, self.relevant, self.users):
+            frame.unpersist()
+
+
+def replay_cuts(evaluate: EvaluateConfig, as_of: datetime) -> tuple[datetime, datetime]:
+    """(T, T + d): the test window is [T + d, as_of) with T + d = as_of - replay_horizon_days."""
+    fresh_end = as_of - timedelta(days=evaluate.replay_horizon_days)
+    return fresh_end - timedelta(days=evaluate.replay_fresh_days), fresh_end
+
+
+def prepare_replay(spark: SparkSession, interactions: DataFrame, config: ShelfConfig, as_of: datetime) -> ReplayWindow:
+    """Split silver.interactions at T and T + d, fit ALS on the events before T.
+
+    Raises:
+        InputDataError: no user trained on touches a new item in the test window.
+    """
+    cut, fresh_end = replay_cuts(config.evaluate, as_of)
+    ts = F.col(EVENT_TS)
+    history = interactions.filter(ts < ts_lit(fresh_end))
+    train = to_pairs(interactions.filter(ts < ts_lit(cut))).cache()
+    seen = history.select(USER_IDX, ITEM_IDX).distinct().cache()
+    test = to_pairs(interactions.filter((ts >= ts_lit(fresh_end)) & (ts < ts_lit(as_of))))
+    relevant = (
+        metrics.remove_seen(test.select(USER_IDX, ITEM_IDX), seen)
+        .join(train.select(USER_IDX).distinct(), on=USER_IDX, how="inner")
+        .cache()
+    )
+    users = relevant.select(USER_IDX).distinct().cache()
+    if users.limit(1).count() == 0:
+        raise InputDataError(
+            f"The replay test window [{fresh_end:%Y-%m-%d %H:%M}, {as_of:%Y-%m-%d %H:%M}) has no user who was "
+            "in training and touched a new item; pass another --as-of or widen evaluate.replay_horizon_days."
+        )
+    model = fit_als(spark, train, AlsParams.from_config(config.train), config.train)
+    return ReplayWindow(cut, fresh_end, train, history, seen, relevant, users, model)
+
+
+def replay_item_knn(pairs: DataFrame, window: ReplayWindow, evaluate: EvaluateConfig, k: int) -> DataFrame:
+    """Item-kNN over `pairs` (the history it may see), with everything seen before T + d removed."""
+    recent = recent_items(pairs, evaluate.knn_recent_items)
+    neighbours = item_neighbours(recent, evaluate.knn_neighbours)
+    scores = (
+        recent.join(window.users, on=USER_IDX, how="inner")
+        .join(neighbours, on=ITEM_IDX, how="inner")
+        .groupBy(USER_IDX, F.col(NEIGHBOUR).alias(ITEM_IDX))
+        .agg(F.sum(SIMILARITY).alias(metrics.SCORE))
+    )
+    return metrics.top_k(metrics.remove_seen(scores, window.seen), k)
+
+
+def replay_baseline(name: str, window: ReplayWindow, evaluate: EvaluateConfig, k: int) -> DataFrame:
+    """Top-k lists (user, item, score, rank) of a model that does not re-rank."""
+    if name == POPULARITY:
+        return recommend_popular(popularity_scores(window.train), window.users, window.seen, k)
+    if name == RECENT_POPULARITY:
+        scores = recent_popularity_scores(window.train, evaluate.recent_days)
+        return recommend_popular(scores, window.users, window.seen, k)
+    if name == ITEM_KNN:
+        return replay_item_knn(window.train, window, evaluate, k)
+    if name == ITEM_KNN_FRESH:
+        return replay_item_knn(to_pairs(window.history), window, evaluate, k)
+    return als_recommend(window.model, window.users, window.seen, k)
+
+
+def replay_rerank(
+    spark: SparkSession,
+    window: ReplayWindow,
+    rerank_config: RerankConfig,
+    item_index: DataFrame,
+    catalog: DataFrame | None,
+    k: int,
+) -> Reranked:
+    """ALS (fitted at T) proposes rerank.max_candidates unseen items; the re-rank sees the events before T + d."""
+    pool = als_recommend(window.model, window.users, window.seen, rerank_config.max_candidates)
+    candidates = pool.select(
+        USER_IDX, ITEM_IDX, F.col(metrics.SCORE).alias(ALS_SCORE), F.array(F.lit(ALS_MODEL)).alias(SOURCES)
+    )
+
+    def factors(frame: DataFrame, id_col: str) -> DataFrame:
+        return frame.select(F.col("id").cast("int").alias(id_col), F.col(FEATURES))
+
+    return rerank_candidates(
+        spark,
+        candidates,
+        factors(window.model.userFactors, USER_IDX),
+        factors(window.model.itemFactors, ITEM_IDX),
+        item_index,
+        catalog,
+        window.history,
+        rerank_config,
+        window.fresh_end,
+        top_k=k,
+    )
+
+
+def replay_metrics(
+    spark: SparkSession,
+    window: ReplayWindow,
+    config: ShelfConfig,
+    item_index: DataFrame,
+    catalog: DataFrame | None,
+    models: list[str],
+    rerank_config: RerankConfig | None = None,
+) -> DataFrame:
+    """Metric rows (model, metric, k, value) of `models` on one window; `als_rerank` uses `rerank_config`."""
+    ks = cutoffs(config.evaluate)
+    lists, held = [], []
+    for name in models:
+        if name == ALS_RERANK:
+            done = replay_rerank(spark, window, rerank_config or config.rerank, item_index, catalog, max(ks))
+            held.append(done)
+            recs = done.rows.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(metrics.SCORE), RANK)
+        else:
+            recs = replay_baseline(name, window, config.evaluate, max(ks))
+        recs = recs.withColumn(MODEL, F.lit(name)).cache()
+        recs.count()
+        lists.append(recs)
+    combined = lists[0]
+    for recs in lists[1:]:
+        combined = combined.unionByName(recs)
+    factors = window.model.itemFactors.select(F.col("id").cast("int").alias(ITEM_IDX), F.col(FEATURES))
+    scored = metrics.ranking_metrics(
+        combined, window.relevant, window.train, ks, by=[MODEL], item_factors=factors
+    )  # diversity: cosine of the ALS item factors fitted at T
+    table = spark.createDataFrame(scored.collect(), scored.schema)  # models x metrics x ks rows
+    for recs in lists:
+        recs.unpersist()
+    for done in held:
+        done.unpersist()
+    return table
+
+
+def replay_models(evaluate: EvaluateConfig) -> list[str]:
+    return [*evaluate.models, *[m for m in REPLAY_EXTRA_MODELS if m not in evaluate.models]]
+
+
+def evaluate_replay(
+    spark: SparkSession, interactions: DataFrame, config: ShelfConfig, ctx: RunContext
+) -> tuple[DataFrame, dict[str, float]]:
+    """gold.metrics rows of every model on the replay window ending at as_of, and the report's sizes."""
+    window = prepare_replay(spark, interactions, config, ctx.as_of)
+    try:
+        item_index = tables.read(spark, config, "silver", "item_index")
+        table = replay_metrics(
+            spark, window, config, item_index, read_catalog(spark, config), replay_models(config.evaluate)
+        )
+        sizes = {
+            "train pairs (before T)": float(window.train.count()),
+            "fresh events (T to T + d)": float(window.history.filter(F.col(EVENT_TS) >= ts_lit(window.cut)).count()),
+            "relevant pairs (T + d to as_of)": float(window.relevant.count()),
+            "users scored": float(window.users.count()),
+        }
+    finally:
+        window.release()
+    return table.withColumn(RUN_ID, F.lit(ctx.run_id)).select(*METRICS_COLUMNS), sizes
+
+
+def run_replay(
+    spark: SparkSession, interactions: DataFrame, config: ShelfConfig, ctx: RunContext, counts: dict[str, float]
+) -> None:
+    """The replay protocol's run: gold.metrics rows and the report, with the windows and the re-rank's lift."""
+    table, sizes = evaluate_replay(spark, interactions, config, ctx)
+    tables.write(table, config, "gold", "metrics", ctx.run_id, mode="run", comment="offline ranking metrics")
+    rows = [r.asDict() for r in table.collect()]  # models x metrics x ks: a few hundred rows at most
+    counts.update(sizes)
+    counts["metric_rows"] = len(rows)
+    folder = write_report(rows, config, ctx, sizes)
+    cut, fresh_end = replay_cuts(config.evaluate, ctx.as_of)
+    k = config.evaluate.k
+    value = {(r[MODEL], r[metrics.METRIC]): float(r[metrics.METRIC_VALUE]) for r in rows if r[metrics.K] == k}
+    lift = [
+        f"| {m} | {value[(ALS_MODEL, m)]:.4f} | {value[(ALS_RERANK, m)]:.4f} | "
+        + (f"{value[(ALS_RERANK, m)] / value[(ALS_MODEL, m)] - 1:+.1%} |" if value[(ALS_MODEL, m)] else "- |")
+        for m in metrics.PER_USER_METRICS
+        if (ALS_MODEL, m) in value and (ALS_RERANK, m) in value
+    ]
+    notes = [
+        "## Replay windows",
+        "",
+        f"- T = {cut.isoformat()}: ALS, popularity and item_knn learn from the events before T",
+        f"- fresh window [T, T + d) ends {fresh_end.isoformat()}: the re-rank (and item_knn_fresh) also see it",
+        "- test window [T + d, as_of): what users went on to touch; items seen before T + d are removed "
+        "from the relevant set and from every list",
+        "",
+        f"## ALS + re-rank vs ALS at k = {k}",
+        "",
+        "| metric | als | als_rerank | lift |",
+        "|---|---|---|---|",
+        *lift,
+        "",
+    ]
+    summary = folder / "summary.md"
+    summary.write_text(summary.read_text(encoding="utf-8") + "\n".join(notes), encoding="utf-8")
+
+
 def report_dir(config: ShelfConfig, run_id: str) -> Path:
     base = (
-        Path(config.storage.report_dir)
-        if config.storage.report_dir
-        else Path(config.storage.root).parent / "reports"
+        Path(config.storage.report_dir) if config.storage.report_dir else Path(config.storage.root).parent / "reports"
     )
     return base / run_id
 
 
-def write_report(
-    rows: list[dict[str, object]], config: ShelfConfig, ctx: RunContext, sizes: dict[str, float]
-) -> Path:
+def write_report(rows: list[dict[str, object]], config: ShelfConfig, ctx: RunContext, sizes: dict[str, float]) -> Path:
     """Markdown summary + PNG plots (metrics per model at k, metric vs k) from the gold.metrics rows."""
     import matplotlib
 
@@ -226,12 +461,9 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     k = config.evaluate.k
     present = {str(r[MODEL]) for r in rows}
-    models = [m for m in config.evaluate.models if m in present]
+    models = [m for m in (*config.evaluate.models, *REPLAY_EXTRA_MODELS) if m in present]
     names = [*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS]
-    value = {
-        (str(r[MODEL]), str(r[metrics.METRIC]), int(r[metrics.K])): float(r[metrics.METRIC_VALUE])
-        for r in rows
-    }  # type: ignore[arg-type]
+    value = {(str(r[MODEL]), str(r[metrics.METRIC]), int(r[metrics.K])): float(r[metrics.METRIC_VALUE]) for r in rows}  # type: ignore[arg-type]
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(1, len(models))
@@ -276,6 +508,9 @@ def write_report(
         ],
         "",
         "MAP divides by min(k, relevant); MAP_rel divides by the number of relevant items.",
+        "Novelty is the mean -log2(share of training users who had the item) of recommended items; diversity "
+        "is the mean (1 - cosine) of item pairs within a list, with the run's ALS item factors when the run "
+        "trained them, else co-occurrence cosine on the training split.",
         "",
         "![metrics at k](metrics_at_k.png)",
         "",
@@ -290,20 +525,19 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
     """Split, score every configured model, write gold.metrics and the report."""
     with step_log(STEP, ctx) as counts:
         interactions = tables.read(spark, config, "silver", "interactions")
+        if config.evaluate.protocol == "replay":  # its own windows, models and report notes
+            run_replay(spark, interactions, config, ctx, counts)
+            return
         train, test = split_pairs(interactions, config.evaluate, ctx)
         train = train.cache()
         test = test.cache()
         counts["train_pairs"] = train.count()
         counts["test_pairs"] = test.count()
         table = evaluate_models(spark, train, test, config, ctx.run_id)
-        tables.write(
-            table, config, "gold", "metrics", ctx.run_id, mode="run", comment="offline ranking metrics"
-        )
+        tables.write(table, config, "gold", "metrics", ctx.run_id, mode="run", comment="offline ranking metrics")
         rows = [r.asDict() for r in table.collect()]  # models x metrics x ks: a few hundred rows at most
         counts["metric_rows"] = len(rows)
-        write_report(
-            rows, config, ctx, {"train pairs": counts["train_pairs"], "test pairs": counts["test_pairs"]}
-        )
+        write_report(rows, config, ctx, {"train pairs": counts["train_pairs"], "test pairs": counts["test_pairs"]})
         train.unpersist()
         test.unpersist()
 

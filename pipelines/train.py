@@ -15,115 +15,23 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from pyspark.ml.recommendation import ALS, ALSModel
+from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType
 
 from pipelines.core import metrics, tables
+from pipelines.core.als import FEATURES, AlsParams, als_recommend, fit_als, num_blocks, to_pairs
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, TrainConfig
-from pipelines.core.errors import InputDataError
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import AS_OF, DECAY, EVENT_TS, ITEM_IDX, RUN_ID, USER_IDX, WEIGHT
+from pipelines.core.schemas import AS_OF, ITEM_IDX, RUN_ID, USER_IDX
 from pipelines.core.splits import leave_last_n_split
 
 STEP = "train"
-RATING = "rating"
-STRENGTH = "strength"
-FEATURES = "features"
-MAX_BLOCKS = 4
-
-
-@dataclass(frozen=True)
-class AlsParams:
-    """The ALS hyper-parameters tuning searches over."""
-
-    rank: int
-    reg_param: float
-    alpha: float
-    confidence: str
-
-    @classmethod
-    def from_config(cls, train: TrainConfig) -> AlsParams:
-        return cls(rank=train.rank, reg_param=train.reg_param, alpha=train.alpha, confidence=train.confidence)
-
-
-def to_pairs(interactions: DataFrame) -> DataFrame:
-    """One row per (user, item): the summed strength (weight * decay) and the latest event time."""
-    return (
-        interactions.groupBy(USER_IDX, ITEM_IDX)
-        .agg(
-            F.sum(F.col(WEIGHT) * F.col(DECAY)).alias(STRENGTH),
-            F.max(EVENT_TS).alias(EVENT_TS),
-        )
-        .filter(F.col(STRENGTH) > 0)
-        .select(USER_IDX, ITEM_IDX, STRENGTH, EVENT_TS)
-    )
-
-
-def to_ratings(pairs: DataFrame, confidence: str) -> DataFrame:
-    """(user_idx, item_idx, rating float): the ALS confidence from a pair's strength."""
-    strength = F.col(STRENGTH)
-    rating = F.log1p(strength) if confidence == "log1p" else strength
-    return pairs.select(
-        F.col(USER_IDX).cast("int").alias(USER_IDX),
-        F.col(ITEM_IDX).cast("int").alias(ITEM_IDX),
-        rating.cast("float").alias(RATING),
-    )
-
-
-def num_blocks(spark: SparkSession, train: TrainConfig) -> int:
-    """ALS user/item blocks: the configured number, else the cluster's parallelism capped at 4.
-
-    On small clusters few blocks train several times faster than MLlib's default of 10.
-    """
-    return train.num_blocks or max(1, min(MAX_BLOCKS, spark.sparkContext.defaultParallelism))
-
-
-def deterministic_input(ratings: DataFrame, partitions: int) -> DataFrame:
-    """Ratings in a fixed partitioning and order, so a seeded ALS gives the same factors every run."""
-    return ratings.repartition(partitions, USER_IDX).sortWithinPartitions(USER_IDX, ITEM_IDX)
-
-
-def build_als(params: AlsParams, train: TrainConfig, blocks: int) -> ALS:
-    return ALS(
-        userCol=USER_IDX,
-        itemCol=ITEM_IDX,
-        ratingCol=RATING,
-        implicitPrefs=True,
-        rank=params.rank,
-        regParam=params.reg_param,
-        alpha=params.alpha,
-        maxIter=train.max_iter,
-        nonnegative=train.nonnegative,
-        seed=train.seed,
-        checkpointInterval=train.checkpoint_interval,
-        numUserBlocks=blocks,
-        numItemBlocks=blocks,
-        coldStartStrategy="drop",
-    )
-
-
-def fit_als(spark: SparkSession, pairs: DataFrame, params: AlsParams, train: TrainConfig) -> ALSModel:
-    """Fit implicit ALS on (user, item, strength) pairs with a deterministic cached input.
-
-    Raises:
-        InputDataError: there is nothing to train on.
-    """
-    blocks = num_blocks(spark, train)
-    ratings = deterministic_input(to_ratings(pairs, params.confidence), blocks).cache()
-    try:
-        if ratings.limit(1).count() == 0:
-            raise InputDataError(
-                "No interactions to train on; check silver.interactions (run 'shelf clean' first)."
-            )
-        return build_als(params, train, blocks).fit(ratings)
-    finally:
-        ratings.unpersist()
 
 
 def to_factors(frame: DataFrame, id_col: str, run_id: str) -> DataFrame:
@@ -133,28 +41,6 @@ def to_factors(frame: DataFrame, id_col: str, run_id: str) -> DataFrame:
         F.col(FEATURES).cast(ArrayType(FloatType(), False)).alias(FEATURES),
         F.lit(run_id).alias(RUN_ID),
     )
-
-
-def als_recommend(model: ALSModel, users: DataFrame, seen: DataFrame, k: int) -> DataFrame:
-    """Top-k unseen items for `users` (user_idx), one row per (user, rank) with the ALS score.
-
-    MLlib scores `k + most items any of these users has seen` per user, so that removing seen items
-    still leaves k (a faster blocked kernel replaces this for production scoring).
-    """
-    targets = users.select(USER_IDX).distinct()
-    own = seen.select(USER_IDX, ITEM_IDX).distinct().join(targets, on=USER_IDX, how="inner")
-    max_seen = own.groupBy(USER_IDX).count().agg(F.max("count")).first()[0] or 0
-    items = model.itemFactors.count()
-    pool = int(min(items, k + max_seen))
-    exploded = model.recommendForUserSubset(targets, pool).select(
-        F.col(USER_IDX), F.explode("recommendations").alias("_rec")
-    )
-    scores = exploded.select(
-        USER_IDX,
-        F.col(f"_rec.{ITEM_IDX}").alias(ITEM_IDX),
-        F.col("_rec.rating").cast("double").alias(metrics.SCORE),
-    )
-    return metrics.top_k(metrics.remove_seen(scores, own), k)
 
 
 def validation_ndcg(
@@ -175,9 +61,7 @@ def validation_ndcg(
     return float(mean or 0.0)
 
 
-def tune(
-    spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunContext
-) -> tuple[DataFrame, AlsParams]:
+def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunContext) -> tuple[DataFrame, AlsParams]:
     """Grid search over rank/reg_param/alpha/confidence scored by NDCG@k on a per-user leave-last-N split
     carved from the training data only. Returns one row per grid point and the best parameters
     (ties: the earlier grid point in config order)."""

@@ -119,9 +119,7 @@ def test_ranking_metrics_averages_over_users_with_relevant_items(spark: SparkSes
     recs = _recs(spark, {1: [10, 11], 2: [20, 21]})
     relevant = _pairs(spark, {1: [11], 2: [99], 3: [10]})  # user 3 got no list: counts as a zero
     train = _pairs(spark, {1: [10, 20], 2: [11, 21, 99], 3: [12]})
-    table = {
-        (r.metric, r.k): r.value for r in metrics.ranking_metrics(recs, relevant, train, ks=[2]).collect()
-    }
+    table = {(r.metric, r.k): r.value for r in metrics.ranking_metrics(recs, relevant, train, ks=[2]).collect()}
     assert table[("precision", 2)] == pytest.approx((1 / 2) / 3)
     assert table[("hit_rate", 2)] == pytest.approx(1 / 3)
     assert table[("ndcg", 2)] == pytest.approx((1 / LOG2_3) / 3)
@@ -137,9 +135,66 @@ def test_ranking_metrics_scores_several_models_in_one_pass(spark: SparkSession) 
     train = _pairs(spark, {1: [10, 20], 2: [11, 21]})
     rows = metrics.ranking_metrics(recs, relevant, train, ks=[1, 2], by=["model"]).collect()
     table = {(r.model, r.metric, r.k): r.value for r in rows}
-    assert len(table) == len(rows) == 2 * 2 * 8
+    assert len(table) == len(rows) == 2 * 2 * 9  # models x ks x metrics
     assert table[("a", "hit_rate", 1)] == pytest.approx(1 / 2)  # user 1 hit at rank 1, user 2 missed
     assert table[("a", "ndcg", 2)] == pytest.approx((1 + 1 / LOG2_3) / 2)
     assert table[("b", "hit_rate", 1)] == pytest.approx(0.0)
     assert table[("b", "recall", 2)] == pytest.approx(1 / 2)
     assert table[("b", "coverage", 2)] == pytest.approx(2 / 4)
+
+
+def test_intra_list_diversity_from_item_factors(spark: SparkSession) -> None:
+    # cos(1,2) = 0, cos(1,3) = cos(2,3) = 1/sqrt(2), cos(1,4) = 1 (parallel vectors of different length).
+    factors = spark.createDataFrame(
+        [(1, [1.0, 0.0]), (2, [0.0, 1.0]), (3, [1.0, 1.0]), (4, [2.0, 0.0])],
+        "item_idx int, features array<float>",
+    )
+    recs = _recs(spark, {1: [1, 2, 3], 2: [1, 4], 3: [2]})  # user 3's one-item list has no pair
+    rows = {r.k: r.diversity for r in metrics.intra_list_diversity(recs, [1, 2, 3], item_factors=factors).collect()}
+    user_1_at_3 = (1.0 + 2 * (1 - 1 / math.sqrt(2))) / 3
+    assert rows[1] == pytest.approx(0.0)  # no list has a pair at k = 1
+    assert rows[2] == pytest.approx((1.0 + 0.0) / 2)  # user 1: (1,2) -> 1; user 2: (1,4) -> 0
+    assert rows[3] == pytest.approx((user_1_at_3 + 0.0) / 2)
+
+
+def test_intra_list_diversity_falls_back_to_cooccurrence_cosine(spark: SparkSession) -> None:
+    # Training users: item 1 {a,b,c}, item 2 {a,b}, item 3 {c,d} -> cos(1,2) = 2/sqrt(6), cos(1,3) = 1/sqrt(6),
+    # cos(2,3) = 0. Item 9 has no training user, so user 11's only pair is left out.
+    train = _pairs(spark, {100: [1, 2], 101: [1, 2], 102: [1, 3], 103: [3]})
+    recs = _recs(spark, {10: [1, 2, 3], 11: [9, 1]}).withColumn("model", F.lit("m"))
+    rows = metrics.intra_list_diversity(recs, [2, 3], train=train, by=["model"]).collect()
+    value = {(r.model, r.k): r.diversity for r in rows}
+    assert value[("m", 2)] == pytest.approx(1 - 2 / math.sqrt(6))
+    assert value[("m", 3)] == pytest.approx(((1 - 2 / math.sqrt(6)) + (1 - 1 / math.sqrt(6)) + 1.0) / 3)
+
+
+def test_intra_list_diversity_needs_a_similarity_source(spark: SparkSession) -> None:
+    with pytest.raises(ValueError, match="item_factors or train"):
+        metrics.intra_list_diversity(_recs(spark, {1: [1, 2]}), [2])
+
+
+def test_ranking_metrics_uses_item_factors_for_diversity_when_given(spark: SparkSession) -> None:
+    recs = _recs(spark, {1: [1, 2]})
+    relevant = _pairs(spark, {1: [2]})
+    train = _pairs(spark, {1: [3], 2: [1, 2]})  # co-occurrence would say cos(1,2) = 1, diversity 0
+    factors = spark.createDataFrame([(1, [1.0, 0.0]), (2, [0.0, 3.0])], "item_idx int, features array<float>")
+    with_factors = {
+        (r.metric, r.k): r.value
+        for r in metrics.ranking_metrics(recs, relevant, train, ks=[2], item_factors=factors).collect()
+    }
+    without = {(r.metric, r.k): r.value for r in metrics.ranking_metrics(recs, relevant, train, ks=[2]).collect()}
+    assert with_factors[("diversity", 2)] == pytest.approx(1.0)
+    assert without[("diversity", 2)] == pytest.approx(0.0)
+
+
+def test_metrics_with_tied_scores_follow_the_top_k_tie_break(spark: SparkSession) -> None:
+    # Four items tie on score; top_k ranks the lower ids first, so at k=2 the list is [1, 2] and the relevant
+    # item 3 is missed; at k=3 it is a hit at rank 3.
+    scores = spark.createDataFrame(
+        [(1, item, 0.5) for item in (4, 3, 2, 1)], "user_idx int, item_idx int, score double"
+    )
+    recs = metrics.top_k(scores, k=3)
+    rows = {r.k: r for r in metrics.per_user_metrics(recs, _pairs(spark, {1: [3]}), ks=[2, 3]).collect()}
+    assert rows[2].hit_rate == 0.0
+    assert rows[3].ndcg == pytest.approx(1 / 2)  # 1 / log2(3 + 1), ideal DCG 1
+    assert rows[3].map == pytest.approx(1 / 3)

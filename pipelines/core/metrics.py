@@ -13,6 +13,12 @@ Definitions at k (hits = relevant items among the top k):
   map_rel divides the same sum by relevant (the "divide by all relevant" convention)
 - coverage = distinct recommended items / catalog items
 - novelty = mean over recommended items of -log2(share of training users who interacted with the item)
+- diversity (intra-list diversity) = per user, the mean of (1 - cosine similarity) over the pairs of
+  items within the user's top-k list (k(k-1)/2 pairs per user, never item x item over the catalogue),
+  then averaged over users whose list has two items or more (0 when none has, e.g. at k = 1). The
+  cosine is between the items' ALS factor vectors when item factors are given, else the co-occurrence
+  cosine |U_i & U_j| / sqrt(|U_i| |U_j|) of the items' training users U. Pairs with an item that has
+  no factor vector (or no training user) are left out.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pyspark.sql import functions as F
 
 from pipelines.core.schemas import ITEM_IDX, USER_IDX
 
+FEATURES = "features"
+
 RANK = "rank"
 SCORE = "score"
 METRIC = "metric"
@@ -31,7 +39,8 @@ K = "k"
 METRIC_VALUE = "value"
 
 PER_USER_METRICS = ("precision", "recall", "ndcg", "map", "map_rel", "hit_rate")
-CATALOG_METRICS = ("coverage", "novelty")
+# Metrics of the lists as a whole (one value per model and k, not averaged from relevance per user).
+CATALOG_METRICS = ("coverage", "novelty", "diversity")
 
 
 def top_k(
@@ -57,9 +66,7 @@ def remove_seen(
     item_col: str = ITEM_IDX,
 ) -> DataFrame:
     """Drop candidate (user, item) pairs the user already interacted with."""
-    return candidates.join(
-        seen.select(user_col, item_col).distinct(), on=[user_col, item_col], how="left_anti"
-    )
+    return candidates.join(seen.select(user_col, item_col).distinct(), on=[user_col, item_col], how="left_anti")
 
 
 def _ideal_dcg(k_col: str, relevant_col: str) -> Column:
@@ -161,6 +168,105 @@ def catalog_metrics(
     )
 
 
+def _cutoffs(recs: DataFrame, ks: Sequence[int]) -> DataFrame:
+    spark = recs.sparkSession
+    return F.broadcast(spark.createDataFrame([(int(k),) for k in sorted(set(ks))], f"{K} int"))
+
+
+def _list_pairs(recs: DataFrame, ks: Sequence[int], user_col: str, item_col: str, by: Sequence[str]) -> DataFrame:
+    """(by, user, k, _a, _b): each unordered pair of items within a user's top-k list, for every k."""
+    left = recs.select(*by, user_col, F.col(item_col).alias("_a"), F.col(RANK).alias("_rank_a"))
+    right = recs.select(*by, user_col, F.col(item_col).alias("_b"), F.col(RANK).alias("_rank_b"))
+    return (
+        left.join(right, on=[*by, user_col], how="inner")
+        .filter(F.col("_rank_a") < F.col("_rank_b"))
+        .crossJoin(_cutoffs(recs, ks))
+        .filter(F.col("_rank_b") <= F.col(K))
+        .select(*by, user_col, K, "_a", "_b")
+    )
+
+
+def _unit(vector: Column) -> Column:
+    """The vector (array<float>) scaled to length 1; null for a zero vector."""
+    norm = F.sqrt(F.aggregate(vector, F.lit(0.0), lambda acc, x: acc + x * x))
+    return F.when(norm > 0, F.transform(vector, lambda x: x / norm))
+
+
+def _factor_cosine(pairs: DataFrame, item_factors: DataFrame, item_col: str) -> DataFrame:
+    """`pairs` (_a, _b) with `_cosine` of the two items' factor vectors (pairs without factors dropped)."""
+    units = item_factors.select(F.col(item_col).alias("_item"), _unit(F.col(FEATURES)).alias("_unit")).filter(
+        F.col("_unit").isNotNull()
+    )
+    side_a = units.select(F.col("_item").alias("_a"), F.col("_unit").alias("_ua"))
+    side_b = units.select(F.col("_item").alias("_b"), F.col("_unit").alias("_ub"))
+    dot = F.aggregate(F.zip_with("_ua", "_ub", lambda x, y: x * y), F.lit(0.0), lambda acc, v: acc + v)
+    return (
+        pairs.join(side_a, on="_a", how="inner")
+        .join(side_b, on="_b", how="inner")
+        .withColumn("_cosine", dot)
+        .drop("_ua", "_ub")
+    )
+
+
+def _cooccurrence_cosine(pairs: DataFrame, train: DataFrame, user_col: str, item_col: str) -> DataFrame:
+    """`pairs` (_a, _b) with `_cosine` = users in common / sqrt(users of a * users of b), from `train`.
+
+    Each item's training users are gathered into one sorted array, so only the listed pairs are compared.
+    """
+    users = (
+        train.select(user_col, item_col)
+        .distinct()
+        .groupBy(item_col)
+        .agg(F.array_sort(F.collect_list(user_col)).alias("_u"))
+    )
+    side_a = users.select(F.col(item_col).alias("_a"), F.col("_u").alias("_ua"))
+    side_b = users.select(F.col(item_col).alias("_b"), F.col("_u").alias("_ub"))
+    common = F.size(F.array_intersect("_ua", "_ub"))
+    cosine = common / F.sqrt(F.size("_ua").cast("double") * F.size("_ub").cast("double"))
+    distinct_pairs = pairs.select("_a", "_b").distinct()
+    similarity = (
+        distinct_pairs.join(side_a, on="_a", how="inner")
+        .join(side_b, on="_b", how="inner")
+        .select("_a", "_b", cosine.alias("_cosine"))
+    )
+    return pairs.join(similarity, on=["_a", "_b"], how="inner")
+
+
+def intra_list_diversity(
+    recs: DataFrame,
+    ks: Sequence[int],
+    item_factors: DataFrame | None = None,
+    train: DataFrame | None = None,
+    user_col: str = USER_IDX,
+    item_col: str = ITEM_IDX,
+    by: Sequence[str] = (),
+) -> DataFrame:
+    """One row per k (and `by` group): mean over users of the mean (1 - cosine) within their top-k list.
+
+    Args:
+        recs: (user, item, rank) lists.
+        item_factors: (item, features array) of the run; their cosine is the similarity when given.
+        train: (user, item) training pairs; their co-occurrence cosine is used when no factors are given.
+
+    Raises:
+        ValueError: neither item factors nor training pairs were given.
+    """
+    pairs = _list_pairs(recs, ks, user_col, item_col, by)
+    if item_factors is not None:
+        scored = _factor_cosine(pairs, item_factors, item_col)
+    elif train is not None:
+        scored = _cooccurrence_cosine(pairs, train, user_col, item_col)
+    else:
+        raise ValueError("intra_list_diversity needs item_factors or train to measure item similarity.")
+    per_user = scored.groupBy(*by, user_col, K).agg(F.avg(F.lit(1.0) - F.col("_cosine")).alias("_diversity"))
+    per_k = per_user.groupBy(*by, K).agg(F.avg("_diversity").alias("diversity"))
+    cutoffs = _cutoffs(recs, ks)
+    base = cutoffs.crossJoin(F.broadcast(recs.select(*by).distinct())) if by else cutoffs
+    return base.join(per_k, on=[*by, K], how="left").select(
+        *by, K, F.coalesce("diversity", F.lit(0.0)).alias("diversity")
+    )
+
+
 def ranking_metrics(
     recs: DataFrame,
     relevant: DataFrame,
@@ -169,15 +275,20 @@ def ranking_metrics(
     user_col: str = USER_IDX,
     item_col: str = ITEM_IDX,
     by: Sequence[str] = (),
+    item_factors: DataFrame | None = None,
 ) -> DataFrame:
-    """Every metric at every k, long: one row per (`by` group, metric, k) with its `value` (a double)."""
+    """Every metric at every k, long: one row per (`by` group, metric, k) with its `value` (a double).
+
+    Diversity uses the cosine of `item_factors` when given, else the co-occurrence cosine in `train`.
+    """
     user_means = (
         per_user_metrics(recs, relevant, ks, user_col, item_col, by)
         .groupBy(*by, K)
         .agg(*[F.avg(m).alias(m) for m in PER_USER_METRICS])
     )
     catalog = catalog_metrics(recs, train, ks, user_col, item_col, by)
-    wide = user_means.join(catalog, on=[*by, K], how="inner")
+    diversity = intra_list_diversity(recs, ks, item_factors, train, user_col, item_col, by)
+    wide = user_means.join(catalog, on=[*by, K], how="inner").join(diversity, on=[*by, K], how="inner")
     names = [*PER_USER_METRICS, *CATALOG_METRICS]
     pairs = ", ".join(f"'{m}', cast({m} as double)" for m in names)
     stacked = f"stack({len(names)}, {pairs}) as ({METRIC}, {METRIC_VALUE})"

@@ -40,9 +40,7 @@ def leave_last_n_split(
     Ties in time break on the item id (higher id counts as later), so the split is reproducible.
     """
     if n < 1:
-        raise ConfigError(
-            f"leave-last-N needs n >= 1, got {n}; set evaluate.leave_last_n or train.validation_last_n."
-        )
+        raise ConfigError(f"leave-last-N needs n >= 1, got {n}; set evaluate.leave_last_n or train.validation_last_n.")
     latest_first = Window.partitionBy(user_col).orderBy(F.col(ts_col).desc(), F.col(item_col).desc())
     per_user = Window.partitionBy(user_col)
     ranked = df.withColumn("_pos", F.row_number().over(latest_first)).withColumn(
@@ -72,9 +70,7 @@ def random_stratified_split(
     more keeps at least one row on each side; a group with one row stays in train.
     """
     if not 0.0 < ratio < 1.0:
-        raise ConfigError(
-            f"Split ratio must be between 0 and 1, got {ratio}; set evaluate.test_ratio to e.g. 0.25."
-        )
+        raise ConfigError(f"Split ratio must be between 0 and 1, got {ratio}; set evaluate.test_ratio to e.g. 0.25.")
     group = user_col if by == "user" else item_col
     other = item_col if by == "user" else user_col
     drawn = Window.partitionBy(group).orderBy(F.col("_draw"), F.col(other))
