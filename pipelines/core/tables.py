@@ -3,6 +3,7 @@
 Tables live at `<storage.root>/<layer>/<name>` locally, or as `<storage.catalog>.<layer>_<name>`
 on a cluster. Every write is one Delta commit and idempotent for a run id: rerunning a step with
 the same run id replaces its own rows (`replaceWhere`) or the whole snapshot, never appends twice.
+A commit Delta rejects because another writer committed first is retried (3 attempts, 1 s then 2 s apart).
 """
 
 from __future__ import annotations
