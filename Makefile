@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint blas clean
+.PHONY: setup demo test lint blas clean airflow
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,22 @@ blas:
 
 setup: $(STAMP) .jars/.done blas
 
+# Airflow 3 in its own venv: its Spark provider pulls in pyspark-client, which would replace .venv's real pyspark.
+# Its SparkSubmitOperator runs .venv's spark-submit (see README, "Airflow").
+AIRFLOW_VENV := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
+$(AIRFLOW_STAMP):
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install -q "apache-airflow==3.3.2" "apache-airflow-providers-apache-spark==6.3.4"
+	touch $(AIRFLOW_STAMP)
+
+airflow: $(AIRFLOW_STAMP)
+
 demo: setup
 	$(BIN)/shelf run --conf conf/local.yaml
 
-test: setup
+test: setup airflow
 	$(BIN)/python -m pytest -q
 
 lint: setup
