@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType, TimestampType
 
@@ -65,7 +65,7 @@ COLUMN_COMMENTS = {
     ITEM_ID: "the source's item id",
     RANK: "1 = best; one row per (user, rank), at most rerank.top_k per user",
     SCORE: "re-ranked score (MMR value), non-increasing with rank; popularity share for fallback rows",
-    REASONS: "why: similar_to:<item_idx>, als, promo, new_arrival, trending, or popular (fallback)",
+    REASONS: "why: similar_to:<item_id>, als, promo, new_arrival, trending, or popular (fallback)",
     RUN_ID: "the run that wrote the row; a rerun of the same run id replaces its rows",
     AS_OF: "the run's now: fresh events, bought window and new arrivals are relative to it",
 }
@@ -132,15 +132,40 @@ def to_popular_fallback(
     )
 
 
+_SIMILAR_PREFIX = "similar_to:"
+_SIMILAR_IDX, _SIMILAR_ID = "_similar_idx", "_similar_id"
+
+
+def _similar_idx(reasons: Column) -> Column:
+    """The dense item id inside a `similar_to:<item_idx>` reason (null when there is none)."""
+    found = F.filter(reasons, lambda r: r.startswith(_SIMILAR_PREFIX))
+    return F.substring_index(F.try_element_at(found, F.lit(1)), ":", -1).cast("int")
+
+
 def to_recommendations(
     ranked: DataFrame, user_index: DataFrame, item_index: DataFrame, run_id: str, as_of: datetime
 ) -> DataFrame:
     """Dense ids -> the source's string ids; the gold.recommendations contract with column comments."""
-    joined = ranked.join(user_index.select(USER_IDX, USER_ID), on=USER_IDX, how="inner").join(
-        item_index.select(ITEM_IDX, ITEM_ID), on=ITEM_IDX, how="inner"
+    joined = (
+        ranked.join(user_index.select(USER_IDX, USER_ID), on=USER_IDX, how="inner")
+        .join(item_index.select(ITEM_IDX, ITEM_ID), on=ITEM_IDX, how="inner")
+        .withColumn(_SIMILAR_IDX, _similar_idx(F.col(REASONS)))
+        .join(
+            item_index.select(F.col(ITEM_IDX).alias(_SIMILAR_IDX), F.col(ITEM_ID).alias(_SIMILAR_ID)),
+            on=_SIMILAR_IDX,
+            how="left",
+        )
+    )
+    # The kernel names the recent item by its dense id; the contract speaks the source's item ids.
+    reasons = F.transform(
+        F.col(REASONS),
+        lambda r: F.when(r.startswith(_SIMILAR_PREFIX), F.concat(F.lit(_SIMILAR_PREFIX), F.col(_SIMILAR_ID))).otherwise(
+            r
+        ),
     )
     values = {
-        **{c: F.col(c) for c in (USER_ID, ITEM_ID, RANK, SCORE, REASONS)},
+        **{c: F.col(c) for c in (USER_ID, ITEM_ID, RANK, SCORE)},
+        REASONS: reasons,
         RUN_ID: F.lit(run_id),
         AS_OF: ts_lit(as_of),
     }

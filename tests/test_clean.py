@@ -142,10 +142,7 @@ def test_clean_run_reconciles_writes_silver_and_quality_json(spark: SparkSession
         2,
         4,
     )
-    assert (
-        m["input_rows"]
-        == m["accepted"] + m["quarantined"] + m["duplicates_removed"] + m["filtered_min_support"]
-    )
+    assert m["input_rows"] == m["accepted"] + m["quarantined"] + m["duplicates_removed"] + m["filtered_min_support"]
 
     result = json.loads(quality_path(config.storage.root, "r1", "clean").read_text())
     assert result["success"] is True and result["failed"] == []
@@ -194,9 +191,7 @@ def test_failing_gate_blocks_the_write_and_keeps_previous_silver(spark: SparkSes
     current = tables.read(spark, config, "silver", "interactions")
     assert {r.run_id for r in current.collect()} == {"r1"} and current.count() == 4
     failed = json.loads(quality_path(config.storage.root, "r2", "clean").read_text())
-    assert failed["success"] is False and failed["failed"] == [
-        "expect_column_values_to_be_between(max_user_share)"
-    ]
+    assert failed["success"] is False and failed["failed"] == ["expect_column_values_to_be_between(max_user_share)"]
 
 
 def test_missing_bronze_run_is_an_input_error(spark: SparkSession, tmp_path: Path) -> None:

@@ -39,11 +39,21 @@ def test_run_id_defaults_from_as_of_so_reruns_are_idempotent() -> None:
 
 
 def test_generate_writes_events_and_catalog(tmp_path: Path) -> None:
-    code = cli.main([
-        "generate", "--conf", str(REPO / "conf/test.yaml"),
-        "--set", f"source.path={tmp_path / 'ev'}", "--set", f"source.catalog_path={tmp_path / 'cat'}",
-        "--set", "generate.users=50", "--set", "generate.items=30",
-    ])
+    code = cli.main(
+        [
+            "generate",
+            "--conf",
+            str(REPO / "conf/test.yaml"),
+            "--set",
+            f"source.path={tmp_path / 'ev'}",
+            "--set",
+            f"source.catalog_path={tmp_path / 'cat'}",
+            "--set",
+            "generate.users=50",
+            "--set",
+            "generate.items=30",
+        ]
+    )
     assert code == 0
     header = (tmp_path / "ev" / "part-00000.csv").read_text().splitlines()[0]
     assert header == "user_id,item_id,event_type,event_ts,value,session_id"

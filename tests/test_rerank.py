@@ -209,3 +209,15 @@ def test_rerank_without_a_catalog_applies_no_business_rule(spark: SparkSession, 
     assert item_id(1) not in set(by_user[user_id(0)]["item_id"])  # bought two days ago: still a rule
     reasons = {r for rs in rows["reasons"] for r in rs}
     assert not reasons & {"promo", "new_arrival"}
+
+
+def test_published_reasons_name_the_source_item_ids(spark: SparkSession) -> None:
+    ranked = spark.createDataFrame(
+        [(0, 1, 1, 0.9, ["similar_to:2", "als"]), (0, 2, 2, 0.5, ["promo"])],
+        "user_idx int, item_idx int, rank int, score double, reasons array<string>",
+    )
+    users = spark.createDataFrame([("alice", 0)], "user_id string, user_idx int")
+    items = spark.createDataFrame([("sku-A", 1), ("sku-B", 2)], "item_id string, item_idx int")
+    out = rerank.to_recommendations(ranked, users, items, "r1", datetime(2026, 11, 1))
+    got = sorted((r.user_id, r.item_id, r.rank, list(r.reasons)) for r in out.collect())
+    assert got == [("alice", "sku-A", 1, ["similar_to:sku-B", "als"]), ("alice", "sku-B", 2, ["promo"])]
