@@ -104,26 +104,10 @@ def table(spark: SparkSession, config: ShelfConfig, layer: str, name: str, run_i
     return df
 
 
-# The tables a full run writes, in pipeline order (README, "What runs").
-PIPELINE_TABLES = (
-    ("bronze", "events"),
-    ("quarantine", "events"),
-    ("silver", "interactions"),
-    ("silver", "user_index"),
-    ("silver", "item_index"),
-    ("gold", "user_factors"),
-    ("gold", "item_factors"),
-    ("gold", "item_similarities"),
-    ("gold", "candidates"),
-    ("gold", "recommendations"),
-    ("gold", "metrics"),
-)
-
-
 def table_overview(spark: SparkSession, config: ShelfConfig, run_id: str) -> pd.DataFrame:
     """One row per pipeline table: where it lives, whether it exists, and its row count for this run."""
     rows = []
-    for layer, name in PIPELINE_TABLES:
+    for layer, name in tables.KNOWN_TABLES:
         present = tables.exists(spark, config, layer, name)
         count = table(spark, config, layer, name, run_id).count() if present else None
         rows.append(
