@@ -160,9 +160,12 @@ class EvaluateConfig(_Section):
     recent_days: float = 7.0  # recent popularity counts the last days of the training data
     knn_recent_items: int = 20  # item-kNN: each user's most recent items, bounds the self-join
     knn_neighbours: int = 50
-    models: list[Literal["popularity", "recent_popularity", "item_knn", "als"]] = Field(
-        default_factory=lambda: ["popularity", "recent_popularity", "item_knn", "als"]
-    )
+    models: list[Literal["popularity", "recent_popularity", "item_knn", "als"]] = [
+        "popularity",
+        "recent_popularity",
+        "item_knn",
+        "als",
+    ]  # pydantic copies list defaults per instance
 
 
 class SimilarityConfig(_Section):
