@@ -146,8 +146,14 @@ def test_spark_kernel_equals_in_process_kernel_and_rules_hold(spark: SparkSessio
     ).toPandas()
     local = reranking.rerank_frame(user_rows, items, reranking.params_from(rr))
     assert local.dtypes.astype(str).tolist()[:4] == ["int32", "int32", "int32", "float64"]
+
+    def named(reasons: list[str]) -> tuple[str, ...]:  # published reasons name items by the source's ids
+        return tuple(
+            f"similar_to:{item_id(int(x.split(':')[1]))}" if x.startswith("similar_to:") else x for x in reasons
+        )
+
     want = sorted(
-        (user_id(u), item_id(i), int(r), round(s, 9), tuple(x)) for u, i, r, s, x in local.itertuples(index=False)
+        (user_id(u), item_id(i), int(r), round(s, 9), named(x)) for u, i, r, s, x in local.itertuples(index=False)
     )
     spark_rows = sorted(
         (r.user_id, r.item_id, int(r.rank), round(r.score, 9), tuple(r.reasons))
