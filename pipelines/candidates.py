@@ -12,13 +12,17 @@ propose the item), sources (sorted array of "als", "neighbours", "popular"), run
   touched items (from gold.item_similarities, any source).
 - popular: the `popular_k` items with most distinct users, for cold-start users (in
   silver.interactions but without factors).
+- new_arrival: the `new_arrivals_k` newest items launched within `rerank.new_arrival_days` before
+  as_of (silver.catalog's launched_at; without a catalog, an item's first event), also for cold-start
+  users, so a shop's new products reach the users ALS knows nothing about.
 Owned items never appear. Each user keeps at most `max_candidates` rows, preferring items proposed
-by more sources, then higher ALS score, then higher neighbour similarity, then popularity.
+by more sources, then higher ALS score, then higher neighbour similarity, then popularity, then newness.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -31,8 +35,9 @@ from pipelines.core import tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import RecommendConfig, ShelfConfig, SimilarityConfig
 from pipelines.core.factors import FEATURES, factors_of_run, item_factor_matrix
+from pipelines.core.quality import ts_lit
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import EVENT_TS, EVENT_TYPE, ITEM_IDX, RUN_ID, USER_IDX
+from pipelines.core.schemas import EVENT_TS, EVENT_TYPE, IN_STOCK, ITEM_ID, ITEM_IDX, LAUNCHED_AT, RUN_ID, USER_IDX
 from udfs.topk import csr_from_lists, to_long, top_n_dot
 
 STEP = "candidates"
@@ -42,9 +47,11 @@ SOURCES = "sources"
 ALS = "als"
 NEIGHBOURS = "neighbours"
 POPULAR = "popular"
+NEW_ARRIVAL = "new_arrival"
 NEIGHBOUR_IDX = "neighbour_idx"
 SIM_SCORE = "_sim"
 POP_RANK = "_pop_rank"
+NEW_RANK = "_new_rank"
 
 CANDIDATES_SCHEMA = StructType(
     [
@@ -145,14 +152,46 @@ def to_neighbour_candidates(recent: DataFrame, similarities: DataFrame, per_item
     )
 
 
+def to_cold_users(interactions: DataFrame, user_factors: DataFrame) -> DataFrame:
+    """Users in silver.interactions without ALS factors: user_idx."""
+    return interactions.select(USER_IDX).distinct().join(user_factors.select(USER_IDX), on=USER_IDX, how="left_anti")
+
+
 def to_popular_candidates(interactions: DataFrame, user_factors: DataFrame, popular_k: int) -> DataFrame:
     """The popular_k most-used items for every cold-start user: user_idx, item_idx, _pop_rank."""
     popularity = interactions.groupBy(ITEM_IDX).agg(F.countDistinct(USER_IDX).alias("_users"))
     top = Window.orderBy(F.col("_users").desc(), F.col(ITEM_IDX).asc())  # popular_k rows: one partition is fine
     popular = popularity.withColumn(POP_RANK, F.row_number().over(top)).filter(F.col(POP_RANK) <= popular_k)
-    cold = interactions.select(USER_IDX).distinct().join(user_factors.select(USER_IDX), on=USER_IDX, how="left_anti")
     # A cross join with a constant-size (popular_k) broadcast table: linear in cold users.
-    return cold.crossJoin(F.broadcast(popular.select(ITEM_IDX, POP_RANK)))
+    return to_cold_users(interactions, user_factors).crossJoin(F.broadcast(popular.select(ITEM_IDX, POP_RANK)))
+
+
+def to_launches(interactions: DataFrame, catalog: DataFrame | None, item_index: DataFrame | None) -> DataFrame:
+    """When each indexed item arrived: item_idx, launched_at (the catalogue's, else the item's first event)."""
+    first_seen = interactions.groupBy(ITEM_IDX).agg(F.min(EVENT_TS).alias(LAUNCHED_AT))
+    if catalog is None or item_index is None:
+        return first_seen
+    listed = (
+        catalog.filter(F.col(LAUNCHED_AT).isNotNull() & F.coalesce(F.col(IN_STOCK), F.lit(True)))
+        .select(ITEM_ID, LAUNCHED_AT)
+        .join(item_index.select(ITEM_ID, ITEM_IDX), on=ITEM_ID, how="inner")
+    )
+    return listed.select(ITEM_IDX, LAUNCHED_AT)
+
+
+def to_new_arrival_candidates(
+    launches: DataFrame, cold_users: DataFrame, as_of: datetime, new_arrival_days: float, new_arrivals_k: int
+) -> DataFrame:
+    """The new_arrivals_k newest items launched in [as_of - days, as_of] for every cold user:
+    user_idx, item_idx, _new_rank (1 = newest; ties by item_idx)."""
+    window_start = as_of - timedelta(days=new_arrival_days)
+    newest = Window.orderBy(F.col(LAUNCHED_AT).desc(), F.col(ITEM_IDX).asc())  # bounded by the window's launches
+    fresh = (
+        launches.filter((F.col(LAUNCHED_AT) >= ts_lit(window_start)) & (F.col(LAUNCHED_AT) <= ts_lit(as_of)))
+        .withColumn(NEW_RANK, F.row_number().over(newest))
+        .filter(F.col(NEW_RANK) <= new_arrivals_k)
+    )
+    return cold_users.crossJoin(F.broadcast(fresh.select(ITEM_IDX, NEW_RANK)))
 
 
 def to_candidates(
@@ -162,36 +201,23 @@ def to_candidates(
     owned: DataFrame,
     max_candidates: int,
     run_id: str,
+    new_arrivals: DataFrame | None = None,
 ) -> DataFrame:
     """Union the sources, drop owned items, tag sources, cap per user."""
     keys = [USER_IDX, ITEM_IDX]
+
+    def source(frame: DataFrame, name: str, *present: str) -> DataFrame:
+        kinds = {ALS_SCORE: "double", SIM_SCORE: "double", POP_RANK: "int", NEW_RANK: "int"}
+        cols = [F.col(c) if c in present else F.lit(None).cast(kind).alias(c) for c, kind in kinds.items()]
+        return frame.select(*keys, *cols, F.lit(name).alias("_source"))
+
     tagged = (
-        als.select(
-            *keys,
-            F.col(ALS_SCORE),
-            F.lit(None).cast("double").alias(SIM_SCORE),
-            F.lit(None).cast("int").alias(POP_RANK),
-            F.lit(ALS).alias("_source"),
-        )
-        .unionByName(
-            neighbours.select(
-                *keys,
-                F.lit(None).cast("double").alias(ALS_SCORE),
-                F.col(SIM_SCORE),
-                F.lit(None).cast("int").alias(POP_RANK),
-                F.lit(NEIGHBOURS).alias("_source"),
-            )
-        )
-        .unionByName(
-            popular.select(
-                *keys,
-                F.lit(None).cast("double").alias(ALS_SCORE),
-                F.lit(None).cast("double").alias(SIM_SCORE),
-                F.col(POP_RANK),
-                F.lit(POPULAR).alias("_source"),
-            )
-        )
+        source(als, ALS, ALS_SCORE)
+        .unionByName(source(neighbours, NEIGHBOURS, SIM_SCORE))
+        .unionByName(source(popular, POPULAR, POP_RANK))
     )
+    if new_arrivals is not None:
+        tagged = tagged.unionByName(source(new_arrivals, NEW_ARRIVAL, NEW_RANK))
     merged = (
         tagged.join(owned, on=keys, how="left_anti")
         .groupBy(*keys)
@@ -199,6 +225,7 @@ def to_candidates(
             F.max(ALS_SCORE).alias(ALS_SCORE),
             F.max(SIM_SCORE).alias(SIM_SCORE),
             F.min(POP_RANK).alias(POP_RANK),
+            F.min(NEW_RANK).alias(NEW_RANK),
             F.array_sort(F.collect_set("_source")).alias(SOURCES),
         )
     )
@@ -207,6 +234,7 @@ def to_candidates(
         F.col(ALS_SCORE).desc_nulls_last(),
         F.col(SIM_SCORE).desc_nulls_last(),
         F.col(POP_RANK).asc_nulls_last(),
+        F.col(NEW_RANK).asc_nulls_last(),
         F.col(ITEM_IDX).asc(),
     )
     capped = merged.withColumn("_n", F.row_number().over(order)).filter(F.col("_n") <= max_candidates)
@@ -228,14 +256,21 @@ def build_candidates(
     recommend: RecommendConfig,
     blocks: SimilarityConfig,
     run_id: str,
+    launches: DataFrame | None = None,
+    as_of: datetime | None = None,
+    new_arrival_days: float = 30.0,
 ) -> DataFrame:
-    """All candidate sources for one run, as gold.candidates rows."""
+    """All candidate sources for one run, as gold.candidates rows (new arrivals need launches and as_of)."""
     owned = to_owned(interactions, recommend.owned_event_types).cache()
     als = to_als_candidates(spark, user_factors, item_factors, owned, recommend.candidates_k, blocks)
     recent = to_recent_items(interactions, recommend.recent_items)
     neighbours = to_neighbour_candidates(recent, similarities, recommend.neighbours_per_item)
     popular = to_popular_candidates(interactions, user_factors, recommend.popular_k)
-    return to_candidates(als, neighbours, popular, owned, recommend.max_candidates, run_id)
+    new_arrivals = None
+    if launches is not None and as_of is not None and recommend.new_arrivals_k > 0:
+        cold = to_cold_users(interactions, user_factors)
+        new_arrivals = to_new_arrival_candidates(launches, cold, as_of, new_arrival_days, recommend.new_arrivals_k)
+    return to_candidates(als, neighbours, popular, owned, recommend.max_candidates, run_id, new_arrivals)
 
 
 def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
@@ -245,6 +280,10 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         item_factors = factors_of_run(tables.read(spark, config, "gold", "item_factors"), ctx.run_id)
         similarities = factors_of_run(tables.read(spark, config, "gold", "item_similarities"), ctx.run_id)
         interactions = tables.read(spark, config, "silver", "interactions")
+        catalog = item_index = None
+        if tables.exists(spark, config, "silver", "catalog"):
+            catalog = tables.read(spark, config, "silver", "catalog")
+            item_index = tables.read(spark, config, "silver", "item_index")
         result = build_candidates(
             spark,
             user_factors,
@@ -254,6 +293,9 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             config.recommend,
             config.similarities,
             ctx.run_id,
+            launches=to_launches(interactions, catalog, item_index),
+            as_of=ctx.as_of,
+            new_arrival_days=config.rerank.new_arrival_days,
         )
         tables.write(
             result,

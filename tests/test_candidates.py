@@ -52,7 +52,11 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
     tables.write(sims, config, "gold", "item_similarities", RUN)
     cfg = config.model_copy(
         update={
-            "recommend": config.recommend.model_copy(update={"candidates_k": k, "popular_k": 5, "max_candidates": 50}),
+            "recommend": config.recommend.model_copy(
+                update={"candidates_k": k, "popular_k": 5, "new_arrivals_k": 3, "max_candidates": 50}
+            ),
+            # No catalogue: an item arrives with its first event; "new" = first seen within 1.5 days.
+            "rerank": config.rerank.model_copy(update={"new_arrival_days": 1.5}),
             # Several row and item blocks per Arrow batch, so the blocked path is the one tested.
             "similarities": config.similarities.model_copy(update={"block_rows": 5, "block_items": 7}),
         }
@@ -77,10 +81,10 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
         np.testing.assert_allclose(mine["als_score"].to_numpy(), want.scores[row], rtol=1e-5, atol=1e-5)
     assert out.loc[out["sources"].map(lambda s: "als" not in s), "als_score"].isna().all()
 
-    # Cold users: popularity fallback tagged "popular", plus neighbours of their recent items.
+    # Cold users: popularity and new-arrival fallbacks, plus neighbours of their recent items.
     cold = out[out["user_idx"].isin([100, 101])]
     assert set(cold["user_idx"]) == {100, 101}
-    assert cold["sources"].map(lambda s: "popular" in s or "neighbours" in s).all()
+    assert cold["sources"].map(lambda s: bool({"popular", "neighbours", "new_arrival"} & set(s))).all()
     assert cold["als_score"].isna().all()
     u100 = cold[cold["user_idx"] == 100]
     assert 1 not in set(u100["item_idx"])  # bought
@@ -91,6 +95,46 @@ def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
         ["neighbours", "popular"],
     )
     assert not out[out["user_idx"].isin(warm)]["sources"].map(lambda s: "popular" in s).any()
+
+    # Cold users also get the 3 newest items first seen within 1.5 days of as_of (here: first event 1 day
+    # before as_of, so the tie goes to the lowest item idx), minus what they own; warm users never do.
+    first_seen: dict[int, int] = {}
+    for _, i, _, d in events:
+        first_seen[i] = max(first_seen.get(i, d), d)
+    newest = sorted(i for i, d in first_seen.items() if d <= 1.5)[:3]
+    assert len(newest) == 3
+    tagged_new = out[out["sources"].map(lambda s: "new_arrival" in s)]
+    assert set(tagged_new["user_idx"]) == {100, 101}
+    for u in (100, 101):
+        mine = set(tagged_new.loc[tagged_new["user_idx"] == u, "item_idx"])
+        assert mine == {i for i in newest if (u, i) not in owned}
+
+
+def test_new_arrivals_come_from_the_catalogue(spark: SparkSession) -> None:
+    day = timedelta(days=1)
+    catalog = spark.createDataFrame(
+        [
+            ("a", AS_OF - 2 * day, True),  # new
+            ("b", AS_OF - 5 * day, None),  # new, stock unknown counts as in stock
+            ("c", AS_OF - 1 * day, False),  # new but out of stock
+            ("d", AS_OF - 40 * day, True),  # too old
+            ("e", AS_OF + 1 * day, True),  # launched after as_of: not yet
+            ("f", AS_OF - 3 * day, True),  # new but never indexed (no events): cannot be published
+            ("g", AS_OF - 2 * day, True),  # new, same day as "a"
+        ],
+        "item_id string, launched_at timestamp, in_stock boolean",
+    )
+    index = spark.createDataFrame([(x, n) for n, x in enumerate("abcdeg")], "item_id string, item_idx int")
+    interactions = spark.createDataFrame([(0, 0, AS_OF - 50 * day)], "user_idx int, item_idx int, event_ts timestamp")
+    launches = candidates.to_launches(interactions, catalog, index)
+    cold = spark.createDataFrame([(7,), (8,)], "user_idx int")
+    out = candidates.to_new_arrival_candidates(launches, cold, AS_OF, 30, 2).toPandas()
+    # Newest first: "a" (idx 0) and "g" (idx 5) launched on the same day, ahead of "b"; k = 2 keeps those two.
+    for u in (7, 8):
+        mine = out[out["user_idx"] == u].sort_values("_new_rank")
+        assert mine["item_idx"].tolist() == [0, 5] and mine["_new_rank"].tolist() == [1, 2]
+    wider = candidates.to_new_arrival_candidates(launches, cold, AS_OF, 30, 10).toPandas()
+    assert sorted(set(wider["item_idx"])) == [0, 1, 5]
 
 
 def test_cap_keeps_the_best_per_user(spark: SparkSession) -> None:

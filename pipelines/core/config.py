@@ -187,6 +187,7 @@ class RecommendConfig(_Section):
     recent_items: int = 5  # a user's most recently touched items whose neighbours become candidates
     neighbours_per_item: int = 10
     popular_k: int = 100  # popularity fallback for users without ALS factors
+    new_arrivals_k: int = Field(20, ge=0)  # newest items (rerank.new_arrival_days) also offered to them; 0: none
     max_candidates: int = 300  # cap per user after the union
 
 
