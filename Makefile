@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[spark,dev]"
 	touch $(STAMP)
 
 # Delta jars fetched with Maven once (Ivy cannot resolve Spark's transitive jars on some networks).

@@ -87,3 +87,15 @@ def test_dev_and_prod_targets(bundle: dict[str, Any]) -> None:
     assert targets["prod"]["mode"] == "production"
     assert targets["prod"]["variables"]["schema"] == bundle["variables"]["schema"]["default"]
     assert targets["dev"]["variables"]["schema"] != targets["prod"]["variables"]["schema"]
+
+
+def test_the_wheel_leaves_spark_to_the_runtime(project: dict[str, Any]) -> None:
+    """A runtime's own pyspark/Delta must not be shadowed by PyPI copies the wheel pulls in."""
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=!~ ;]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    assert not {"pyspark", "delta-spark"} & names(project["dependencies"])
+    assert not any("[spark]" in r for r in project["dependencies"])
+    assert {"pyspark", "delta-spark"} <= names(project["optional-dependencies"]["spark"])
+    assert '".[spark,dev]"' in (REPO / "Makefile").read_text()  # the local set-up still installs them
