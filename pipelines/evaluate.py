@@ -6,8 +6,11 @@ Reads silver.interactions. Splits it by `evaluate.protocol`:
 - leave_last: each user's last `leave_last_n` items are the test set
 - random_user / random_item: 75/25 stratified by user or item, seeded (the MovieLens protocol)
 - replay: ALS trains on events before T = as_of - replay_horizon_days - replay_fresh_days; the
-  fresh window [T, T + d) feeds the re-rank (`pipelines.core.reranking`, model `als_rerank`, over
-  ALS's rerank.max_candidates unseen items) and `item_knn_fresh`; the test window is [T + d, as_of).
+  fresh window [T, T + d) feeds the re-rank (`pipelines.core.reranking`, model `als_rerank`) and
+  `item_knn_fresh`; the test window is [T + d, as_of). The re-rank gets the kind of candidates
+  `shelf candidates` gives it: ALS's rerank.max_candidates best unseen items plus the co-occurrence
+  neighbours (`pipelines.similarities`' recipe over the events before T + d) of each user's
+  recommend.recent_items most recent items; the same neighbour lists feed its co-occurrence features.
   Items a user touched before T + d are removed from the relevant set and from every list.
 
 The relevant items of a user are the test items they had not interacted with in training; users
@@ -30,12 +33,13 @@ from pyspark.sql import functions as F
 from pipelines.core import metrics, tables
 from pipelines.core.als import AlsParams, als_recommend, fit_als, to_pairs
 from pipelines.core.cli import step_main
-from pipelines.core.config import EvaluateConfig, RerankConfig, ShelfConfig
+from pipelines.core.config import EvaluateConfig, RecommendConfig, RerankConfig, ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.quality import ts_lit
 from pipelines.core.reranking import (
     ALS_SCORE,
     FEATURES,
+    NEIGHBOUR_IDX,
     RANK,
     SCORE,
     SOURCES,
@@ -46,6 +50,7 @@ from pipelines.core.reranking import (
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, RUN_ID, USER_IDX
 from pipelines.core.splits import leave_last_n_split, random_stratified_split, temporal_split
+from pipelines.similarities import to_cooccurrence_neighbours
 
 STEP = "evaluate"
 MODEL = "model"
@@ -246,9 +251,10 @@ class ReplayWindow:
     relevant: DataFrame  # (user, item) pairs of [T + d, as_of) not seen, of users ALS trained on
     users: DataFrame  # the users scored: those with a relevant item
     model: ALSModel
+    neighbours: DataFrame  # co-occurrence top-N lists over the events before T + d: item_idx, neighbour_idx, score
 
     def release(self) -> None:
-        for frame in (self.train, self.seen, self.relevant, self.users):
+        for frame in (self.train, self.seen, self.relevant, self.users, self.neighbours):
             frame.unpersist()
 
 
@@ -282,7 +288,8 @@ def prepare_replay(spark: SparkSession, interactions: DataFrame, config: ShelfCo
             "in training and touched a new item; pass another --as-of or widen evaluate.replay_horizon_days."
         )
     model = fit_als(spark, train, AlsParams.from_config(config.train), config.train)
-    return ReplayWindow(cut, fresh_end, train, history, seen, relevant, users, model)
+    neighbours = to_cooccurrence_neighbours(history, config.similarities).select(ITEM_IDX, NEIGHBOUR_IDX, SCORE)
+    return ReplayWindow(cut, fresh_end, train, history, seen, relevant, users, model, neighbours.cache())
 
 
 def replay_item_knn(pairs: DataFrame, window: ReplayWindow, evaluate: EvaluateConfig, k: int) -> DataFrame:
@@ -312,6 +319,47 @@ def replay_baseline(name: str, window: ReplayWindow, evaluate: EvaluateConfig, k
     return als_recommend(window.model, window.users, window.seen, k)
 
 
+NEIGHBOUR_SOURCE = "neighbours"  # the candidate source tag `shelf candidates` uses
+
+
+def replay_candidates(
+    window: ReplayWindow, rerank_config: RerankConfig, recommend: RecommendConfig | None = None
+) -> DataFrame:
+    """The re-rank's candidates (user_idx, item_idx, als_score, sources) for the scored users, as `shelf
+    candidates` builds them: ALS's rerank.max_candidates best unseen items and the top
+    recommend.neighbours_per_item co-occurrence neighbours of each user's recommend.recent_items most
+    recent items before T + d; nothing seen before T + d."""
+    rc = recommend or RecommendConfig()
+    pool = als_recommend(window.model, window.users, window.seen, rerank_config.max_candidates)
+    als = pool.select(USER_IDX, ITEM_IDX, F.col(metrics.SCORE).alias(ALS_SCORE), F.lit(ALS_MODEL).alias("_source"))
+    best = Window.partitionBy(ITEM_IDX).orderBy(F.col(SCORE).desc(), F.col(NEIGHBOUR_IDX).asc())
+    lists = window.neighbours.withColumn("_r", F.row_number().over(best)).filter(F.col("_r") <= rc.neighbours_per_item)
+    recent = recent_items(to_pairs(window.history), rc.recent_items).join(window.users, on=USER_IDX, how="inner")
+    near = (
+        recent.join(lists, on=ITEM_IDX, how="inner")
+        .select(USER_IDX, F.col(NEIGHBOUR_IDX).alias(ITEM_IDX))
+        .distinct()
+        .join(window.seen, on=[USER_IDX, ITEM_IDX], how="left_anti")
+        .select(
+            USER_IDX, ITEM_IDX, F.lit(None).cast("double").alias(ALS_SCORE), F.lit(NEIGHBOUR_SOURCE).alias("_source")
+        )
+    )
+    return (
+        als.unionByName(near)
+        .groupBy(USER_IDX, ITEM_IDX)
+        .agg(F.max(ALS_SCORE).alias(ALS_SCORE), F.array_sort(F.collect_set("_source")).alias(SOURCES))
+    )
+
+
+def replay_factors(window: ReplayWindow) -> tuple[DataFrame, DataFrame]:
+    """(user_idx, features), (item_idx, features) of the ALS model fitted at T."""
+
+    def factors(frame: DataFrame, id_col: str) -> DataFrame:
+        return frame.select(F.col("id").cast("int").alias(id_col), F.col(FEATURES))
+
+    return factors(window.model.userFactors, USER_IDX), factors(window.model.itemFactors, ITEM_IDX)
+
+
 def replay_rerank(
     spark: SparkSession,
     window: ReplayWindow,
@@ -319,27 +367,26 @@ def replay_rerank(
     item_index: DataFrame,
     catalog: DataFrame | None,
     k: int,
+    recommend: RecommendConfig | None = None,
 ) -> Reranked:
-    """ALS (fitted at T) proposes rerank.max_candidates unseen items; the re-rank sees the events before T + d."""
-    pool = als_recommend(window.model, window.users, window.seen, rerank_config.max_candidates)
-    candidates = pool.select(
-        USER_IDX, ITEM_IDX, F.col(metrics.SCORE).alias(ALS_SCORE), F.array(F.lit(ALS_MODEL)).alias(SOURCES)
-    )
+    """The re-rank over `replay_candidates` with the events before T + d and the window's co-occurrence lists.
 
-    def factors(frame: DataFrame, id_col: str) -> DataFrame:
-        return frame.select(F.col("id").cast("int").alias(id_col), F.col(FEATURES))
-
+    Args:
+        recommend: the neighbour-candidate settings (recent_items, neighbours_per_item); None: defaults.
+    """
+    user_factors, item_factors = replay_factors(window)
     return rerank_candidates(
         spark,
-        candidates,
-        factors(window.model.userFactors, USER_IDX),
-        factors(window.model.itemFactors, ITEM_IDX),
+        replay_candidates(window, rerank_config, recommend),
+        user_factors,
+        item_factors,
         item_index,
         catalog,
         window.history,
         rerank_config,
         window.fresh_end,
         top_k=k,
+        neighbours=window.neighbours,
     )
 
 
@@ -357,7 +404,8 @@ def replay_metrics(
     lists, held = [], []
     for name in models:
         if name == ALS_RERANK:
-            done = replay_rerank(spark, window, rerank_config or config.rerank, item_index, catalog, max(ks))
+            rr = rerank_config or config.rerank
+            done = replay_rerank(spark, window, rr, item_index, catalog, max(ks), recommend=config.recommend)
             held.append(done)
             recs = done.rows.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(metrics.SCORE), RANK)
         else:

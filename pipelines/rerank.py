@@ -3,7 +3,9 @@
 Reads gold.candidates (rows of this run id), gold.user_factors / gold.item_factors, the fresh events
 of silver.interactions (in [as_of - max(rerank.fresh_days, rerank.bought_window_days), as_of)),
 silver.user_index / silver.item_index and, when it exists, silver.catalog (without it no business
-rule applies: everything is in stock, no promotions, no categories).
+rule applies: everything is in stock, no promotions, no categories) and, when it exists,
+gold.item_similarities (rows of this run, source "cooccurrence": the neighbour lists of the
+co-occurrence features; without them those features are 0).
 
 Writes gold.recommendations, one row per (user, rank): user_id and item_id (the source's string
 ids), rank (int, from 1), score (double, non-increasing with rank), reasons (array<string>),
@@ -30,11 +32,14 @@ from pipelines.core import tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
+from pipelines.core.factors import factors_of_run
 from pipelines.core.quality import ts_lit
 from pipelines.core.reranking import (
     _BOUGHT,
     _USERS,
+    ALS_SCORE,
     BLOCKED,
+    NEIGHBOUR_IDX,
     RANK,
     REASONS,
     SCORE,
@@ -48,6 +53,8 @@ log = logging.getLogger("shelf.rerank")
 
 STEP = "rerank"
 POPULAR = "popular"
+COOCCURRENCE = "cooccurrence"  # gold.item_similarities source of the co-occurrence neighbour lists
+SIM_SOURCE = "source"
 
 RECOMMENDATIONS_SCHEMA = StructType(
     [
@@ -87,6 +94,20 @@ def of_run(frame: DataFrame, run_id: str, name: str) -> DataFrame:
     if run_id not in runs:
         raise InputDataError(f"{name} holds runs {runs} but not {run_id}; pass --run-id of the run to use.")
     return frame.filter(F.col(RUN_ID) == run_id)
+
+
+def read_cooccurrence(spark: SparkSession, config: ShelfConfig, run_id: str) -> DataFrame | None:
+    """This run's co-occurrence neighbour lists (item_idx, neighbour_idx, score), or None when
+    gold.item_similarities is absent or holds none (`similarities.method: als`)."""
+    if not tables.exists(spark, config, "gold", "item_similarities"):
+        log.info("[%s] no gold.item_similarities: the co-occurrence features are 0", STEP)
+        return None
+    rows = factors_of_run(tables.read(spark, config, "gold", "item_similarities"), run_id)
+    cooc = rows.filter(F.col(SIM_SOURCE) == COOCCURRENCE).select(ITEM_IDX, NEIGHBOUR_IDX, SCORE)
+    if cooc.limit(1).count() == 0:
+        log.info("[%s] gold.item_similarities has no %s rows: the co-occurrence features are 0", STEP, COOCCURRENCE)
+        return None
+    return cooc
 
 
 def to_popular_fallback(
@@ -189,18 +210,30 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         item_index = tables.read(spark, config, "silver", "item_index")
         catalog = read_catalog(spark, config)
 
-        per_user = candidates.groupBy(USER_IDX).count()
-        over = per_user.agg(F.sum(F.when(F.col("count") > rr.max_candidates, 1).otherwise(0)).alias("o")).first()
+        # The cap applies to ALS-proposed candidates and, separately, to the other sources' (to_capped_candidates).
+        per_user = candidates.groupBy(USER_IDX, F.col(ALS_SCORE).isNull()).count()
+        over = per_user.agg(
+            F.countDistinct(F.when(F.col("count") > rr.max_candidates, F.col(USER_IDX))).alias("o")
+        ).first()
         counts["candidate_cap"] = rr.max_candidates
         counts["users_over_cap"] = int(over["o"] or 0) if over else 0
         log.info(
-            "[%s] candidates capped at %d per user (%d users over the cap)",
+            "[%s] candidates capped at %d per user and source kind, ALS or other (%d users over the cap)",
             STEP,
             rr.max_candidates,
             counts["users_over_cap"],
         )
         done = rerank_candidates(
-            spark, candidates, user_factors, item_factors, item_index, catalog, interactions, rr, ctx.as_of
+            spark,
+            candidates,
+            user_factors,
+            item_factors,
+            item_index,
+            catalog,
+            interactions,
+            rr,
+            ctx.as_of,
+            neighbours=read_cooccurrence(spark, config, ctx.run_id),
         )
         try:
             reranked, fresh, attributes = done.rows, done.fresh, done.attributes

@@ -71,7 +71,7 @@ def shop(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> tuple
         f"evaluate.replay_horizon_days={HORIZON_DAYS}",
         "evaluate.models=[popularity, item_knn, als]",
         "evaluate.ks=[5, 10]",
-        "rerank.max_candidates=30",
+        "rerank.max_candidates=15",  # fewer than the unseen items: neighbours add their own
         "train.rank=4",
     )
     events = make_events()
@@ -107,9 +107,13 @@ def test_als_rerank_lists_exclude_items_seen_before_the_end_of_the_fresh_window(
         got = {(r.user_idx, r.item_idx) for r in window.relevant.collect()}
         assert got == want and len(want) >= N_USERS  # each user bought two random items later
 
+        lists = window.neighbours.toPandas()
+        cands = evaluate.replay_candidates(window, config.rerank, config.recommend).toPandas()
         item_index = tables.read(spark, config, "silver", "item_index")
         catalog = tables.read(spark, config, "silver", "catalog")
-        done = evaluate.replay_rerank(spark, window, config.rerank, item_index, catalog, k=10)
+        done = evaluate.replay_rerank(
+            spark, window, config.rerank, item_index, catalog, k=10, recommend=config.recommend
+        )
         try:
             rows = done.rows.toPandas()
         finally:
@@ -118,6 +122,22 @@ def test_als_rerank_lists_exclude_items_seen_before_the_end_of_the_fresh_window(
     finally:
         window.release()
     scored = {u for u, _ in want}
+    # Co-occurrence lists over the events before T + d: no self pair, at most top_n per item, scores in (0, 1].
+    assert len(lists) and (lists["item_idx"] != lists["neighbour_idx"]).all()
+    assert lists.groupby("item_idx").size().max() <= config.similarities.top_n
+    assert lists["score"].between(0.0, 1.0, inclusive="right").all()
+    # Candidates: ALS's best 15 unseen items plus neighbours of recent items, for scored users only.
+    assert set(cands["user_idx"]) == scored
+    sources = cands["sources"].map(tuple)
+    assert set(sources) <= {("als",), ("neighbours",), ("als", "neighbours")}
+    only_near = sources.map(lambda s: s == ("neighbours",))
+    from_near = sources.map(lambda s: "neighbours" in s)
+    assert only_near.any()  # neighbours ALS did not propose
+    assert cands[~only_near].groupby("user_idx").size().max() <= 15
+    assert cands["als_score"].isna().eq(only_near).all()
+    assert set(cands.loc[from_near, "item_idx"]) <= set(lists["neighbour_idx"])
+    for u, group in cands.groupby("user_idx"):
+        assert not set(group["item_idx"]) & seen[int(u)], u
     assert set(rows["user_idx"]) == scored  # every scored user gets a re-ranked list
     for u, group in rows.groupby("user_idx"):
         assert not set(group["item_idx"]) & seen[int(u)], u  # nothing seen before T + d, fresh items included

@@ -56,6 +56,10 @@ CANDIDATES = {
     5: [3, 5, 9, 11],
 }
 ALS_USERS = {0, 1, 2, 4, 5}
+# gold.item_similarities: item 3's co-occurrence list holds 11 (user 0 viewed 3 a day ago); als rows are ignored.
+SIMILARITIES = [(3, 11, 0.9, 1, "cooccurrence"), (3, 10, 0.4, 2, "cooccurrence"), (7, 0, 0.8, 1, "cooccurrence")]
+SIMILARITIES += [(3, 4, 0.99, 1, "als")]
+COOC_WEIGHT = 20.0  # makes the co-occurrence neighbour of a fresh item win
 
 
 def write_world(spark: SparkSession, config: ShelfConfig, catalog: bool = True) -> None:
@@ -85,6 +89,11 @@ def write_world(spark: SparkSession, config: ShelfConfig, catalog: bool = True) 
     ]
     cand_schema = "user_idx int, item_idx int, als_score double, sources array<string>, run_id string"
     tables.write(spark.createDataFrame(cands, cand_schema), config, "gold", "candidates", RUN, mode="run")
+    sims = spark.createDataFrame(
+        [(*row, RUN) for row in SIMILARITIES],
+        "item_idx int, neighbour_idx int, score double, rank int, source string, run_id string",
+    )
+    tables.write(sims, config, "gold", "item_similarities", RUN, mode="run")
     if catalog:
         cat_rows = [
             (
@@ -102,7 +111,8 @@ def write_world(spark: SparkSession, config: ShelfConfig, catalog: bool = True) 
 
 
 def with_rerank(config: ShelfConfig, **update: object) -> ShelfConfig:
-    return config.model_copy(update={"rerank": config.rerank.model_copy(update=update)})
+    weights = config.rerank.weights.model_copy(update={"cooc_sum": COOC_WEIGHT})
+    return config.model_copy(update={"rerank": config.rerank.model_copy(update={"weights": weights, **update})})
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +150,9 @@ def test_spark_kernel_equals_in_process_kernel_and_rules_hold(spark: SparkSessio
         rr,
         AS_OF,
     )
-    items = reranking.build_item_table(attributes)
+    neighbours = rerank.read_cooccurrence(spark, cfg, RUN)
+    assert neighbours is not None and neighbours.count() == 3  # the cooccurrence rows only
+    items = reranking.build_item_table(attributes, neighbours)
     user_rows = reranking.to_user_rows(
         tables.read(spark, cfg, "gold", "candidates"), tables.read(spark, cfg, "gold", "user_factors"), fresh
     ).toPandas()
@@ -175,6 +187,11 @@ def test_spark_kernel_equals_in_process_kernel_and_rules_hold(spark: SparkSessio
     )
     # User 3 has no ALS vector: folded in from its session, never an "als" reason.
     assert not any("als" in r for r in by_user[user_id(3)]["reasons"])
+    # User 0 viewed item 3 a day ago and 11 is in 3's co-occurrence list: the reason names 3.
+    first = by_user[user_id(0)].iloc[0]
+    assert first["item_id"] == item_id(11) and list(first["reasons"])[0] == f"similar_to:{item_id(3)}"
+    # User 1 carted item 7, whose list holds 0: 0 leads, although ALS alone ranks it elsewhere.
+    assert by_user[user_id(1)].iloc[0]["item_id"] == item_id(0)
 
 
 def test_user_without_candidates_gets_the_popularity_fallback(spark: SparkSession, world: ShelfConfig) -> None:

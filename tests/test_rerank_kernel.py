@@ -15,13 +15,15 @@ from udfs.rerank import (
     UserBatch,
     features,
     mmr_select,
+    neighbour_csr,
     reason_lists,
     rerank,
 )
 
 
 def make_case(seed: int, n_items: int = 30, n_users: int = 6, d: int = 4) -> tuple[ItemTable, UserBatch]:
-    """Random catalogue (sparse ids, 4 categories, some out of stock / blocked / promo) and users."""
+    """Random catalogue (sparse ids, 4 categories, some out of stock / blocked / promo, neighbour lists for
+    about half the items, a few naming unknown items) and users."""
     rng = np.random.default_rng(seed)
     ids = rng.permutation(np.arange(n_items) * 3 + 1)
     items = ItemTable.plain(
@@ -34,6 +36,7 @@ def make_case(seed: int, n_items: int = 30, n_users: int = 6, d: int = 4) -> tup
         blocked=rng.random(n_items) < 0.1,
         category=rng.integers(-1, 4, n_items),
         price=np.where(rng.random(n_items) < 0.2, np.nan, rng.lognormal(3.0, 1.0, n_items)),
+        neighbours=random_neighbours(rng, ids),
     )
     cands, events = [], []
     for _ in range(n_users):
@@ -55,6 +58,15 @@ def make_case(seed: int, n_items: int = 30, n_users: int = 6, d: int = 4) -> tup
         rng.random(n_ev) < 0.3,
     )
     return items, batch
+
+
+def random_neighbours(rng: np.random.Generator, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(items, neighbours, scores): up to 5 neighbours for about half the items; some name an unknown id."""
+    with_list = ids[rng.random(ids.size) < 0.5]
+    sizes = rng.integers(1, 6, with_list.size)
+    src = np.repeat(with_list, sizes)
+    dst = np.where(rng.random(src.size) < 0.1, 10_000, rng.choice(ids, src.size))
+    return src, dst, rng.random(src.size)
 
 
 def user_slice(batch: UserBatch, r: int) -> UserBatch:
@@ -319,3 +331,90 @@ def test_price_fit_alone_ranks_by_closeness_in_log_price(prices: list[float], vi
     np.testing.assert_allclose(out.scores, np.exp(-np.sort(gaps)))
     unknown = ItemTable.plain(np.arange(n + 1), np.ones((n + 1, 2)), price=[np.nan, *prices])
     np.testing.assert_array_equal(rerank(unknown, batch, params).scores, np.zeros(n))  # no reference price
+
+
+def _cooc_world() -> tuple[ItemTable, UserBatch]:
+    """Items 1..5 with orthogonal factors. Neighbour lists: 1 -> {2: 0.5, 3: 0.2}, 2 -> {1: 0.5}; 3, 4 and 5
+    have none. User 0 viewed 1 now and carted it 2 days ago (pull 1 + 3 / 2 = 2.5) and viewed 4 (no list);
+    user 1 only viewed 4; user 2 has no fresh event; user 3 viewed 2 (whose list holds 1 but not 3)."""
+    items = ItemTable.plain(np.arange(1, 6), np.eye(5), neighbours=([1, 1, 2], [2, 3, 1], [0.5, 0.2, 0.5]))
+    cands = [[2, 3, 5], [2, 3, 5], [2, 3, 5], [1, 3]]
+    events = [([1, 1, 4], [1.0, 3.0, 1.0], [0.0, 2.0, 0.0]), ([4], [1.0], [0.0]), ([], [], []), ([2], [1.0], [0.0])]
+    batch = UserBatch(
+        np.zeros((4, 5), np.float32),
+        np.zeros(4, bool),
+        np.r_[0, np.cumsum([len(c) for c in cands])],
+        np.concatenate(cands).astype(np.int64),
+        np.zeros(sum(len(c) for c in cands), bool),
+        np.r_[0, np.cumsum([len(e[0]) for e in events])],
+        np.concatenate([e[0] for e in events]).astype(np.int64),
+        np.concatenate([e[1] for e in events]),
+        np.concatenate([e[2] for e in events]),
+        np.zeros(sum(len(e[0]) for e in events), bool),
+    )
+    return items, batch
+
+
+def test_cooccurrence_features_by_hand() -> None:
+    items, batch = _cooc_world()
+    params = RerankParams(half_life_days=2.0, cooc_threshold=0.1)
+    feats = features(items, batch, params)
+    # Candidates in batch order: user 0: 2, 3, 5; user 1: 2, 3, 5; user 2: 2, 3, 5; user 3: 1, 3.
+    np.testing.assert_allclose(feats["cooc_sum"], [2.5 * 0.5, 2.5 * 0.2, 0, 0, 0, 0, 0, 0, 0, 0.5, 0])
+    np.testing.assert_allclose(feats["cooc_max"], [0.5, 0.2, 0, 0, 0, 0, 0, 0, 0, 0.5, 0])
+    # Reasons come from the co-occurrence list (the factors are orthogonal: no cosine reason).
+    assert feats["_similar_to"].tolist() == [1, 1, -1, -1, -1, -1, -1, -1, -1, 2, -1]
+    stricter = features(items, batch, replace(params, cooc_threshold=0.3))["_similar_to"]
+    assert stricter.tolist() == [1, -1, -1, -1, -1, -1, -1, -1, -1, 2, -1]
+
+
+def test_cooccurrence_weight_orders_the_list_and_earns_the_reason() -> None:
+    items, batch = _cooc_world()
+    params = RerankParams(top_k=3, mmr_lambda=1.0, category_cap=None, weights={"cooc_sum": 1.0, "cooc_max": 1.0})
+    out = rerank(items, batch, params)
+    mine = out.user_rows == 0
+    assert out.items[mine].tolist() == [2, 3, 5]  # 5 has no co-occurrence neighbour: last, score 0
+    np.testing.assert_allclose(out.scores[mine], [1.25 + 0.5, 0.5 + 0.2, 0.0])
+    user0 = [r for r, row in zip(reason_lists(out), out.user_rows, strict=True) if row == 0]
+    assert user0 == [["similar_to:1"], ["similar_to:1"], []]
+    for r in (1, 2):  # fresh item without a list, or no fresh item: every score is 0, id order
+        assert out.items[out.user_rows == r].tolist() == [2, 3, 5]
+        np.testing.assert_array_equal(out.scores[out.user_rows == r], [0.0, 0.0, 0.0])
+    # Lists are directed: 2's list holds 1 but not 3, although 1's list holds 3.
+    assert out.items[out.user_rows == 3].tolist() == [1, 3]
+    np.testing.assert_allclose(out.scores[out.user_rows == 3], [1.0, 0.0])
+
+
+def test_without_neighbour_lists_the_cooccurrence_features_are_zero() -> None:
+    items, batch = _cooc_world()
+    bare = ItemTable.plain(items.ids, items.factors)
+    feats = features(bare, batch, RerankParams())
+    assert not feats["cooc_sum"].any() and not feats["cooc_max"].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), half_life=st.sampled_from([0.5, 2.0, 10.0]))
+def test_cooccurrence_matches_its_definition_per_user(seed: int, half_life: float) -> None:
+    items, batch = make_case(seed)
+    rng = np.random.default_rng(seed)
+    src, dst, score = random_neighbours(rng, items.ids)
+    indptr, cols, scores = neighbour_csr(items.ids, src, dst, score)
+    items = replace(items, nb_indptr=indptr, nb_cols=cols, nb_scores=scores)
+    sim: dict[tuple[int, int], float] = {}
+    for i, j, s in zip(src.tolist(), dst.tolist(), score.tolist(), strict=True):
+        if i != j and j in set(items.ids.tolist()):
+            sim[(i, j)] = max(s, sim.get((i, j), 0.0))
+    params = RerankParams(half_life_days=half_life, fresh_days=20.0)
+    feats = features(items, batch, params)
+    for r in range(batch.cand_indptr.size - 1):
+        e = slice(batch.event_indptr[r], batch.event_indptr[r + 1])
+        pull: dict[int, float] = {}
+        for item, w, age in zip(batch.event_items[e], batch.event_weights[e], batch.event_ages[e], strict=True):
+            if age <= params.fresh_days:
+                pull[int(item)] = pull.get(int(item), 0.0) + w * 2.0 ** (-age / half_life)
+        for c in range(batch.cand_indptr[r], batch.cand_indptr[r + 1]):
+            cand = int(batch.cand_items[c])
+            sims = {j: sim.get((j, cand), 0.0) for j in pull if j != cand}
+            want_sum = sum(pull[j] * s for j, s in sims.items())
+            np.testing.assert_allclose(feats["cooc_sum"][c], want_sum, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(feats["cooc_max"][c], max(sims.values(), default=0.0))

@@ -2,8 +2,8 @@
 
 No pyspark import: runs inside `mapInPandas` on the executors and in plain unit tests. One call
 handles a whole batch of users; per-user data are segments of flat arrays (CSR / indptr style:
-user row r owns entries `indptr[r]:indptr[r + 1]`). Only the MMR selection loops over users, and
-only when `mmr_lambda < 1`, over at most `mmr_pool` candidates and `top_k` steps each.
+user row r owns entries `indptr[r]:indptr[r + 1]`). No step loops over users: the MMR selection runs
+for all users at once (`udfs.mmr.mmr_batch`, `top_k` vectorised steps; `mmr_select` is its per-user reference).
 
 Shapes (n catalogue items, d factor rank, m users in the batch, C candidates, E fresh events):
 
@@ -14,6 +14,9 @@ ItemTable (the broadcast model, one row per catalogue item):
 - `promo`, `new_arrival`, `in_stock`, `blocked` (n,) bool
 - `category`    (n,)   int64   category code, -1 = unknown (never capped)
 - `price`       (n,)   float64 price, NaN (or <= 0) = unknown
+- `nb_indptr` (n + 1,) int64, `nb_cols` (N,) int64, `nb_scores` (N,) float64: each item's bounded
+  co-occurrence neighbour list as CSR over catalogue rows (row i owns `nb_indptr[i]:nb_indptr[i + 1]`,
+  columns ascending within a row, so row * (n + 1) + col are sorted pair keys); empty by default
 
 UserBatch:
 - `user_factors`  (m, d) float32 p_u, rows of users without factors are ignored
@@ -28,10 +31,16 @@ Model, per user u with fresh events j (age <= fresh_days) and candidates c:
 - features: als = p_u . q_c, session = s_u . q_c, max/mean cosine of q_c to the user's distinct fresh
   items other than c, popularity, promo, new_arrival, price_fit = exp(-|log price_c - ref_u|) where
   ref_u is the mean log price of u's fresh priced items weighted like the session pull (0 when the
-  candidate's price is unknown or u has no fresh priced item);
+  candidate's price is unknown or u has no fresh priced item), cooc_sum = sum_j P_j * sim(j, c) and
+  cooc_max = max_j sim(j, c) over u's distinct fresh items j other than c, where sim(j, c) is c's score
+  in j's neighbour list (0 when c is not in it or j has no list) and P_j sums the pulls
+  w * 2^(-age / half_life) of u's fresh events on j (the session vector's weights);
 - rules: drop out-of-stock, blocked-category, unknown and already-bought (age <= bought_window_days)
   items; keep each category's `category_cap` most relevant candidates;
 - relevance = weights . features (promo / new-arrival weights are the boosts);
+- reasons: `similar_to:<j>` names the fresh item j with the highest co-occurrence score when it
+  reaches `cooc_threshold`, else the one with the highest factor cosine when that reaches
+  `similar_threshold` (ties: lower item id);
 - diversity: greedy MMR over the `mmr_pool` most relevant, value = lambda * relevance -
   (1 - lambda) * max(0, cosine to the already chosen). The chosen values never increase, so the
   output is sorted by score; ties go to the lower item id. lambda = 1 is the relevance order.
@@ -49,6 +58,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from udfs.mmr import mmr_batch
 from udfs.topk import normalise_rows
 
 FloatArray = npt.NDArray[np.float64]
@@ -58,7 +68,18 @@ BoolArray = npt.NDArray[np.bool_]
 ALS, PROMO, NEW_ARRIVAL, TRENDING, SIMILAR = "als", "promo", "new_arrival", "trending", "similar_to"
 REASON_FLAGS = (SIMILAR, ALS, PROMO, NEW_ARRIVAL, TRENDING)  # column order of RerankResult.flags
 PAIR_CHUNK = 1 << 15  # (candidate, fresh item) pairs per cosine block
-FEATURES = ("als", "session", "max_cosine", "mean_cosine", "popularity", "promo", "new_arrival", "price_fit")
+FEATURES = (
+    "als",
+    "session",
+    "max_cosine",
+    "mean_cosine",
+    "popularity",
+    "promo",
+    "new_arrival",
+    "price_fit",
+    "cooc_sum",
+    "cooc_max",
+)
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,7 @@ class RerankParams:
     mmr_pool: int = 50
     trending_threshold: float = 0.5
     similar_threshold: float = 0.5
+    cooc_threshold: float = 0.1
     weights: dict[str, float] = field(
         default_factory=lambda: {
             "als": 1.0,
@@ -83,8 +105,10 @@ class RerankParams:
             "promo": 0.1,
             "new_arrival": 0.1,
             "price_fit": 0.1,
+            "cooc_sum": 8.0,
+            "cooc_max": 0.5,
         }
-    )
+    )  # the kernel's own defaults, used by its tests; the product's tuned defaults live in conf/base.yaml
 
 
 @dataclass(frozen=True)
@@ -98,10 +122,22 @@ class ItemTable:
     blocked: BoolArray
     category: IntArray
     price: FloatArray
+    nb_indptr: IntArray | None = None  # None: no neighbour lists (co-occurrence features are 0)
+    nb_cols: IntArray | None = None
+    nb_scores: FloatArray | None = None
 
     @staticmethod
-    def plain(ids: npt.ArrayLike, factors: npt.ArrayLike, **attrs: npt.ArrayLike) -> ItemTable:
-        """An ItemTable sorted by id; missing attributes default to in stock, no promo, category -1."""
+    def plain(
+        ids: npt.ArrayLike,
+        factors: npt.ArrayLike,
+        neighbours: tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike] | None = None,
+        **attrs: npt.ArrayLike,
+    ) -> ItemTable:
+        """An ItemTable sorted by id; missing attributes default to in stock, no promo, category -1.
+
+        `neighbours` = (item ids, neighbour ids, scores): each item's co-occurrence neighbour list
+        (pairs naming an unknown item or the item itself are dropped; a repeated pair keeps its best score).
+        """
         ids_arr = np.asarray(ids, dtype=np.int64)
         order = np.argsort(ids_arr, kind="stable")
         n = ids_arr.size
@@ -119,7 +155,40 @@ class ItemTable:
         cols = {k: np.asarray(v, dtype=dtypes.get(k, np.bool_))[order] for k, v in defaults.items()}
         if np.any(ids_arr[order][1:] == ids_arr[order][:-1]):
             raise ValueError("item ids must be distinct")
-        return ItemTable(ids_arr[order], np.asarray(factors, dtype=np.float32)[order], **cols)  # type: ignore[arg-type]
+        csr = neighbour_csr(ids_arr[order], *neighbours) if neighbours is not None else (None, None, None)
+        return ItemTable(
+            ids_arr[order],
+            np.asarray(factors, dtype=np.float32)[order],
+            **cols,  # type: ignore[arg-type]
+            nb_indptr=csr[0],
+            nb_cols=csr[1],
+            nb_scores=csr[2],
+        )
+
+    def neighbour_keys(self) -> tuple[IntArray, FloatArray]:
+        """(sorted pair keys row * (n + 1) + col, their scores) of the neighbour lists; empty without lists."""
+        if self.nb_indptr is None or self.nb_cols is None or self.nb_scores is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        n = self.ids.size
+        return _segment_rows(self.nb_indptr) * (n + 1) + self.nb_cols, self.nb_scores
+
+
+def neighbour_csr(
+    ids: IntArray, items: npt.ArrayLike, neighbours: npt.ArrayLike, scores: npt.ArrayLike
+) -> tuple[IntArray, IntArray, FloatArray]:
+    """(indptr (n + 1,), cols, scores): neighbour lists over the rows of the sorted catalogue `ids`."""
+    n = ids.size
+    src = _columns(np.asarray(items, dtype=np.int64), ids)
+    dst = _columns(np.asarray(neighbours, dtype=np.int64), ids)
+    score = np.asarray(scores, dtype=np.float64)
+    ok = (src >= 0) & (dst >= 0) & (src != dst)
+    key, score = src[ok] * (n + 1) + dst[ok], score[ok]
+    order = np.lexsort((-score, key))  # by key, best score first
+    key, score = key[order], score[order]
+    first = np.r_[True, key[1:] != key[:-1]] if key.size else np.zeros(0, dtype=bool)
+    key, score = key[first], score[first]
+    indptr = np.searchsorted(key // (n + 1), np.arange(n + 1)).astype(np.int64)
+    return indptr, (key % (n + 1)).astype(np.int64), score
 
 
 class UserBatch(NamedTuple):
@@ -190,6 +259,8 @@ def empty_result() -> RerankResult:
 def mmr_select(relevance: FloatArray, unit: npt.NDArray[np.float64], k: int, lam: float) -> tuple[IntArray, FloatArray]:
     """Greedy MMR for one user's candidates, which must be ordered by item id (ties -> lower id).
 
+    The per-user reference of `udfs.mmr.mmr_batch` (which `rerank` uses); tests hold them bit-identical.
+
     Args:
         relevance: (p,) relevance scores.
         unit: (p, d) unit-norm factors of the same candidates.
@@ -249,6 +320,30 @@ def _price_fit(
     return np.where(np.isfinite(gap), np.exp(-np.where(np.isfinite(gap), gap, 0.0)), 0.0)
 
 
+def _cooccurrence(
+    items: ItemTable, pc: IntArray, pr: IntArray, pull: FloatArray, cand_col: IntArray, n_cands: int
+) -> tuple[FloatArray, FloatArray, IntArray]:
+    """(cooc_sum, cooc_max, the fresh item id at the max or -1), each (C,), over (candidate, fresh row, pull) pairs.
+
+    sim(j, c) is found by binary search of the pair key j * (n + 1) + c in the sorted neighbour keys.
+    """
+    n = items.ids.size
+    keys, scores = items.neighbour_keys()
+    if not (keys.size and pc.size):
+        zeros = np.zeros(n_cands)
+        return zeros, zeros.copy(), np.full(n_cands, -1, dtype=np.int64)
+    want = pr * (n + 1) + cand_col[pc]
+    pos = np.minimum(np.searchsorted(keys, want), keys.size - 1)
+    hit = np.flatnonzero((keys[pos] == want) & (cand_col[pc] >= 0) & ~np.isnan(pull))  # NaN pull: excluded pair
+    hc, sim = pc[hit], scores[pos[hit]]
+    cooc_sum = np.bincount(hc, weights=pull[hit] * sim, minlength=n_cands).astype(np.float64)
+    cooc_max: FloatArray = np.maximum(_segment_reduce(sim, hc, n_cands, np.maximum, 0.0), 0.0)
+    top = np.flatnonzero((sim > 0) & (sim >= cooc_max[hc]))
+    best = _segment_reduce(items.ids[pr[hit[top]]].astype(np.float64), hc[top], n_cands, np.minimum, np.inf)
+    cooc_to = np.where((cooc_max > 0) & np.isfinite(best), best, -1.0).astype(np.int64)
+    return cooc_sum, cooc_max, cooc_to
+
+
 def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[str, FloatArray]:
     """(C,) feature arrays (FEATURES names) plus helper arrays `_col`, `_row`, `_similar_to`."""
     m = batch.cand_indptr.size - 1
@@ -258,7 +353,7 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
 
     cand_row = _segment_rows(batch.cand_indptr)
     cand_col = _columns(batch.cand_items, items.ids)
-    cand_q = np.where(cand_col[:, None] >= 0, q[cand_col], 0.0)  # -1 would read row n anyway
+    cand_q = q[cand_col]  # -1 reads row n: zeros
 
     p = np.where(batch.has_factors[:, None], batch.user_factors.astype(np.float64), 0.0).reshape(m, d)
     ev_row = _segment_rows(batch.event_indptr)
@@ -272,34 +367,41 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
     sess = np.einsum("cd,cd->c", session[cand_row], cand_q)
 
     # Cosine of each candidate to each distinct fresh item of its user (itself excluded).
-    key = np.unique(ev_row[fresh] * (n + 1) + ev_col[fresh])  # sorted by (row, col)
+    key, inverse = np.unique(ev_row[fresh] * (n + 1) + ev_col[fresh], return_inverse=True)  # by (row, col)
     recent_row, recent_col = key // (n + 1), key % (n + 1)
+    recent_pull = np.bincount(inverse.reshape(-1), weights=pull[fresh], minlength=key.size)
     recent_ptr = np.searchsorted(recent_row, np.arange(m + 1))
     per_cand = np.diff(recent_ptr)[cand_row]
     pair_cand = np.repeat(np.arange(cand_row.size), per_cand)
     first = np.repeat(recent_ptr[cand_row], per_cand)
     offset = np.arange(pair_cand.size) - np.repeat(np.cumsum(per_cand) - per_cand, per_cand)
     pair_recent = recent_col[first + offset]
-    pair_ok = pair_recent != cand_col[pair_cand]
-    pc, pr = pair_cand[pair_ok], pair_recent[pair_ok]
+    pair_slot = first + offset
+    self_pair = pair_recent == cand_col[pair_cand]  # a candidate the user touched: not its own neighbour
+    pc, pr, pp = pair_cand, pair_recent, recent_pull[pair_slot]
     cos = np.empty(pc.size)
     for start in range(0, pc.size, PAIR_CHUNK):  # bounded memory: PAIR_CHUNK x d floats at a time
         stop = min(start + PAIR_CHUNK, pc.size)
         cos[start:stop] = np.einsum("pd,pd->p", unit[cand_col[pc[start:stop]]], unit[pr[start:stop]])
-    count = np.bincount(pc, minlength=cand_row.size).astype(np.float64)
-    max_cos = _segment_reduce(cos, pc, cand_row.size, np.maximum, -np.inf)
+    cos[self_pair] = np.nan
+    valid = ~self_pair
+    count = np.bincount(pc, weights=valid, minlength=cand_row.size)
+    max_cos = _segment_reduce(np.where(valid, cos, -np.inf), pc, cand_row.size, np.maximum, -np.inf)
     mean_cos = np.divide(
-        np.bincount(pc, weights=cos, minlength=cand_row.size),
+        np.bincount(pc, weights=np.where(valid, cos, 0.0), minlength=cand_row.size),
         count,
         out=np.zeros(cand_row.size),
         where=count > 0,
     )
-    big = np.iinfo(np.int64).max
-    at_max = np.where(cos >= max_cos[pc], items.ids[pr] if n else pr, big)
-    similar_to = _segment_reduce(at_max.astype(np.float64), pc, cand_row.size, np.minimum, np.inf)
+    at_best = np.flatnonzero(cos >= max_cos[pc])  # NaN (self) pairs never compare true
+    best_ids = (items.ids[pr[at_best]] if n else pr[at_best]).astype(np.float64)
+    similar_to = _segment_reduce(best_ids, pc[at_best], cand_row.size, np.minimum, np.inf)
     has_similar = np.isfinite(max_cos) & (max_cos >= params.similar_threshold)
     similar_to = np.where(has_similar, np.nan_to_num(similar_to, posinf=-1), -1).astype(np.int64)
     max_cos = np.where(np.isfinite(max_cos), max_cos, 0.0)
+    pp = np.where(valid, pp, np.nan)
+    cooc_sum, cooc_max, cooc_to = _cooccurrence(items, pc, pr, pp, cand_col, cand_row.size)
+    similar_to = np.where((cooc_to >= 0) & (cooc_max >= params.cooc_threshold), cooc_to, similar_to)
 
     known = cand_col >= 0
     safe = np.where(known, cand_col, 0)
@@ -317,6 +419,8 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
         "promo": attr(items.promo),
         "new_arrival": attr(items.new_arrival),
         "price_fit": price_fit,
+        "cooc_sum": cooc_sum,
+        "cooc_max": cooc_max,
         "_col": cand_col,
         "_row": cand_row,
         "_similar_to": similar_to,
@@ -343,30 +447,25 @@ def rerank(items: ItemTable, batch: UserBatch, params: RerankParams) -> RerankRe
     keep &= ~np.isin(row * (n + 1) + col, bought_keys)
 
     idx = np.flatnonzero(keep)
-    cat = items.category[safe[idx]] if n else np.zeros(idx.size, np.int64)
-    if params.category_cap is not None and idx.size:
-        by_cat = np.lexsort((batch.cand_items[idx], -relevance[idx], cat, row[idx]))
-        rank_in_cat = np.empty(idx.size, dtype=np.int64)
-        rank_in_cat[by_cat] = _group_rank(row[idx][by_cat], cat[by_cat])
-        idx = idx[(cat < 0) | (rank_in_cat < params.category_cap)]
+    order = idx[np.lexsort((batch.cand_items[idx], -relevance[idx], row[idx]))]  # (row, -relevance, item) order
+    if params.category_cap is not None and order.size:
+        # The one float sort above also orders each category; a stable integer sort by (row, category) groups them.
+        cat = items.category[safe[order]] if n else np.zeros(order.size, np.int64)
+        by_cat = np.lexsort((cat, row[order]))
+        rank_in_cat = np.empty(order.size, dtype=np.int64)
+        rank_in_cat[by_cat] = _group_rank(row[order][by_cat], cat[by_cat])
+        order = order[(cat < 0) | (rank_in_cat < params.category_cap)]
 
     pool_size = params.top_k if params.mmr_lambda >= 1.0 else max(params.mmr_pool, params.top_k)
-    order = idx[np.lexsort((batch.cand_items[idx], -relevance[idx], row[idx]))]
-    order = order[_group_rank(row[order]) < pool_size]  # (row, -relevance, item) order
+    order = order[_group_rank(row[order]) < pool_size]
     if params.mmr_lambda >= 1.0:
         chosen, scores = order, relevance[order]
     else:
-        unit = normalise_rows(items.factors).astype(np.float64) if n else np.zeros((0, 0))
-        pieces, values = [], []
-        bounds = np.searchsorted(row[order], np.arange(m + 1))
-        for r in np.flatnonzero(np.diff(bounds)):
-            pool = order[bounds[r] : bounds[r + 1]]
-            pool = pool[np.argsort(batch.cand_items[pool], kind="stable")]  # id order for tie-breaks
-            picks, vals = mmr_select(relevance[pool], unit[col[pool]], params.top_k, params.mmr_lambda)
-            pieces.append(pool[picks])
-            values.append(vals)
-        chosen = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-        scores = np.concatenate(values) if values else np.zeros(0)
+        pool = order[np.lexsort((batch.cand_items[order], row[order]))]  # each user's pool in id order: tie-breaks
+        bounds = np.searchsorted(row[pool], np.arange(m + 1))
+        unit = normalise_rows(items.factors[col[pool]])  # only the pooled rows: O(pool), not O(catalogue), per call
+        picked = mmr_batch(relevance[pool], np.arange(pool.size), unit, bounds, params.top_k, params.mmr_lambda)
+        chosen, scores = pool[picked.positions], picked.values
 
     chosen_rows = row[chosen]
     ranks = (_group_rank(chosen_rows) + 1).astype(np.int32)
@@ -389,11 +488,17 @@ def rerank(items: ItemTable, batch: UserBatch, params: RerankParams) -> RerankRe
 
 
 def reason_lists(result: RerankResult) -> list[list[str]]:
-    """Reasons of each result row as strings, e.g. ["similar_to:42", "als", "promo"] (flag order)."""
-    names = np.array(REASON_FLAGS[1:], dtype=object)
-    out: list[list[str]] = []
-    for flags, similar in zip(result.flags, result.similar_to, strict=True):  # output-sized (users x K)
-        reasons = [f"{SIMILAR}:{int(similar)}"] if flags[0] else []
-        reasons.extend(names[flags[1:]].tolist())
-        out.append(reasons)
+    """Reasons of each result row as strings, e.g. ["similar_to:42", "als", "promo"] (flag order).
+
+    The lists are output-sized (users x K), so no per-row numpy call: each row's flag combination is a
+    code into the 2^4 precomputed name lists (copied per row), and only rows with `similar_to` format a string.
+    """
+    flags = np.asarray(result.flags, dtype=bool).reshape(-1, len(REASON_FLAGS))
+    names = REASON_FLAGS[1:]
+    bits = 1 << np.arange(len(names))
+    combos = [[name for name, bit in zip(names, bits, strict=True) if code & bit] for code in range(1 << len(names))]
+    out = [combos[code][:] for code in (flags[:, 1:] @ bits).tolist()]
+    similar = np.flatnonzero(flags[:, 0])
+    for row, item in zip(similar.tolist(), np.asarray(result.similar_to)[similar].tolist(), strict=True):
+        out[row] = [f"{SIMILAR}:{item}", *out[row]]
     return out

@@ -192,39 +192,57 @@ class RecommendConfig(_Section):
 
 
 class RerankWeights(_Section):
-    """Weights of the re-ranking features in the relevance score (udfs/rerank.py)."""
+    """Weights of the re-ranking features in the relevance score (udfs/rerank.py). The defaults of the
+    session, cosine, popularity and co-occurrence weights were tuned on a validation replay window
+    (benchmarks/replay.py --tune; README "Does re-ranking help?")."""
 
     als: float = 1.0  # p_u . q_c
-    session: float = 1.0  # s_u . q_c
-    max_cosine: float = 0.5  # max cosine of q_c to the user's fresh items
-    mean_cosine: float = 0.25
-    popularity: float = 0.2  # distinct users in the fresh window / the most popular item's
+    session: float = 0.0  # s_u . q_c
+    max_cosine: float = 0.0  # max cosine of q_c to the user's fresh items
+    mean_cosine: float = 0.0
+    popularity: float = 0.5  # distinct users in the fresh window / the most popular item's
     promo: float = 0.1  # the promotion boost
     new_arrival: float = 0.1  # the new-arrival boost
     price_fit: float = 0.1  # exp(-|log price - the user's fresh weighted mean log price|), 0 without prices
+    cooc_sum: float = 8.0  # sum over fresh items j of pull_j * co-occurrence sim(j, c) (j's top-N neighbour list)
+    cooc_max: float = 0.5  # max over fresh items j of co-occurrence sim(j, c)
 
 
 class RerankConfig(_Section):
     top_k: int = Field(10, ge=1)
-    max_candidates: int = Field(300, ge=1)  # per user, before the kernel (best ALS score first)
+    max_candidates: int = Field(300, ge=1)  # ALS-proposed per user before the kernel (best first); others too
     max_fresh_events: int = Field(1000, ge=1)  # per user, before the kernel (most recent first)
-    fresh_days: float = Field(7.0, gt=0)  # events in [as_of - fresh_days, as_of) are the session
+    fresh_days: float = Field(28.0, gt=0)  # events in [as_of - fresh_days, as_of) are the session
     half_life_days: float = Field(2.0, gt=0)  # decay of a fresh event's pull on the session vector
-    alpha: float = Field(0.5, ge=0)  # s_u = p_u + alpha * sum_j w(type_j) * 2^(-age_j / half_life) * q_j
+    alpha: float = Field(0.25, ge=0)  # s_u = p_u + alpha * sum_j w(type_j) * 2^(-age_j / half_life) * q_j
     event_weights: dict[str, float] = Field(
         default_factory=lambda: {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0, "rating": 1.0}
     )
     bought_event_types: list[str] = Field(default_factory=lambda: ["purchase"])
     bought_window_days: float = Field(30.0, ge=0)  # items bought in this window are never recommended
     blocked_categories: list[str] = Field(default_factory=list)
-    category_cap: int | None = Field(3, ge=1)  # None: no cap
+    category_cap: int | None = Field(None, ge=1)  # None: no cap (a shop that wants one sets it)
     new_arrival_days: float = Field(30.0, ge=0)  # launched within this many days before as_of
     trending_threshold: float = Field(0.5, ge=0, le=1)  # popularity at or above it earns reason "trending"
     similar_threshold: float = Field(0.5, ge=-1, le=1)  # max cosine at or above it earns "similar_to:<item>"
-    mmr_lambda: float = Field(0.7, ge=0, le=1)  # 1: pure relevance order
+    cooc_threshold: float = Field(0.1, ge=0, le=1)  # co-occurrence sim at or above it earns it first
+    mmr_lambda: float = Field(0.9, ge=0, le=1)  # 1: pure relevance order
     mmr_pool: int = Field(50, ge=1)  # most relevant candidates per user that MMR chooses from
     buckets: int | None = Field(None, ge=1)  # user hash partitions; None: spark.sql.shuffle.partitions
     weights: RerankWeights = RerankWeights()
+
+
+class StreamConfig(_Section):
+    """`shelf stream`: near-real-time re-ranking of the users with new events (pipelines/stream.py)."""
+
+    source_path: str | None = None  # Delta table the tracker appends to; None: <storage.root>/landing/events
+    checkpoint: str | None = None  # None: <storage.root>/_checkpoints/stream
+    trigger: Literal["processing_time", "available_now"] = "processing_time"
+    interval_seconds: float = Field(2.0, gt=0)  # processing_time: a micro-batch at most this often
+    max_files_per_trigger: int | None = Field(None, ge=1)  # None: Delta's default (1000 files)
+    name: str = "stream"  # tags quarantine and run-metrics rows: run_id = <name>-<batch id>
+    max_hours_ahead: float = Field(48.0, gt=0)  # events later than the serving run's as_of + this are future
+    popular_k: int = Field(50, ge=0)  # popular items offered to users without ALS factors
 
 
 class PrivacyConfig(_Section):
@@ -245,6 +263,7 @@ class ShelfConfig(_Section):
     recommend: RecommendConfig = RecommendConfig()
     rerank: RerankConfig = RerankConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    stream: StreamConfig = StreamConfig()
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

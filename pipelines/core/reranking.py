@@ -1,10 +1,12 @@
 """Re-ranking on Spark, shared by `shelf rerank` and the replay protocol of `shelf evaluate`.
 
 Reads nothing itself: callers pass silver.interactions, silver.item_index, the optional silver.catalog,
-ALS factors and candidates as DataFrames. The item side (factors + catalogue attributes + popularity,
-bounded by the catalogue: the model) is collected once and broadcast. Each user's candidates (capped,
-best ALS score first) and fresh events are gathered into one row, the rows are hash-partitioned by
-user and `udfs.rerank.rerank` scores whole Arrow batches of users inside `mapInPandas`.
+ALS factors, candidates and optionally each item's co-occurrence neighbour list (item_idx, neighbour_idx,
+score; top-N per item) as DataFrames. The item side (factors + catalogue attributes + popularity +
+neighbour lists as CSR, bounded by catalogue x N: the model) is collected once and broadcast. Each
+user's candidates (capped: ALS's best and, separately, the other sources') and fresh events are gathered
+into one row, the rows are hash-partitioned by user and `udfs.rerank.rerank` scores whole Arrow batches
+of users inside `mapInPandas`.
 
 Output grain of `rerank_candidates`: one row per (user_idx, rank) with item_idx, score and reasons.
 """
@@ -52,10 +54,12 @@ REASONS = "reasons"
 POPULARITY = "popularity"
 NEW_ARRIVAL = "new_arrival"
 BLOCKED = "blocked"
+NEIGHBOUR_IDX = "neighbour_idx"
 CAND_ITEMS, CAND_ALS = "cand_items", "cand_als"
 EV_ITEMS, EV_WEIGHTS, EV_AGES, EV_BOUGHT = "ev_items", "ev_weights", "ev_ages", "ev_bought"
 _AGE, _W, _BOUGHT, _USERS = "_age", "_w", "_bought", "_users"
 SECONDS_PER_DAY = 86400.0
+KERNEL_CANDIDATES = 1 << 18  # candidates per kernel call (see kernel_chunks)
 
 KERNEL_SCHEMA = StructType(
     [
@@ -81,6 +85,7 @@ def params_from(rerank_config: RerankConfig) -> RerankParams:
         mmr_pool=rerank_config.mmr_pool,
         trending_threshold=rerank_config.trending_threshold,
         similar_threshold=rerank_config.similar_threshold,
+        cooc_threshold=rerank_config.cooc_threshold,
         weights=rerank_config.weights.model_dump(),
     )
 
@@ -148,8 +153,24 @@ def to_item_attributes(
     )
 
 
-def build_item_table(attributes: DataFrame) -> ItemTable:
+def collect_neighbours(neighbours: DataFrame | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(item, neighbour, score) arrays of the neighbour lists (catalogue x top-N rows: the model), or None."""
+    if neighbours is None:
+        return None
+    pdf = neighbours.select(ITEM_IDX, NEIGHBOUR_IDX, SCORE).toPandas()
+    return (
+        pdf[ITEM_IDX].to_numpy(dtype=np.int64),
+        pdf[NEIGHBOUR_IDX].to_numpy(dtype=np.int64),
+        pdf[SCORE].to_numpy(dtype=np.float64),
+    )
+
+
+def build_item_table(attributes: DataFrame, neighbours: DataFrame | None = None) -> ItemTable:
     """Collect the item attributes (bounded by the catalogue) into the kernel's ItemTable.
+
+    Args:
+        neighbours: item_idx, neighbour_idx, score: each item's bounded co-occurrence neighbour list
+            (the co-occurrence features); None: no lists, those features are 0.
 
     Raises:
         InputDataError: no item has factors (train has not run on these items).
@@ -168,6 +189,7 @@ def build_item_table(attributes: DataFrame) -> ItemTable:
     return ItemTable.plain(
         pdf[ITEM_IDX].to_numpy(dtype=np.int64),
         factors,
+        neighbours=collect_neighbours(neighbours),
         popularity=users / top if top > 0 else np.zeros_like(users),
         promo=pdf[PROMO].to_numpy(dtype=bool),
         new_arrival=pdf[NEW_ARRIVAL].to_numpy(dtype=bool),
@@ -179,8 +201,10 @@ def build_item_table(attributes: DataFrame) -> ItemTable:
 
 
 def to_capped_candidates(candidates: DataFrame, max_candidates: int) -> DataFrame:
-    """At most `max_candidates` per user: highest ALS score, then more sources, then item id."""
-    order = Window.partitionBy(USER_IDX).orderBy(
+    """At most `max_candidates` ALS-proposed candidates per user (highest ALS score, then more sources, then
+    item id) plus at most `max_candidates` others (e.g. neighbours of recent items: more sources, then item
+    id), so ALS's long tail never pushes out the candidates of the other sources."""
+    order = Window.partitionBy(USER_IDX, F.col(ALS_SCORE).isNull()).orderBy(
         F.col(ALS_SCORE).desc_nulls_last(), F.size(SOURCES).desc(), F.col(ITEM_IDX).asc()
     )
     return (
@@ -273,11 +297,32 @@ def rerank_frame(pdf: pd.DataFrame, items: ItemTable, params: RerankParams) -> p
 def rerank_batches(
     batches: Iterable[pd.DataFrame], items: Broadcast[ItemTable], params: RerankParams
 ) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: one kernel call per Arrow batch of users."""
+    """mapInPandas body: one kernel call per run of at most KERNEL_CANDIDATES candidates of an Arrow batch."""
     table = items.value
     for pdf in batches:
-        if not pdf.empty:
-            yield rerank_frame(pdf, table, params)
+        for chunk in kernel_chunks(pdf):
+            yield rerank_frame(chunk, table, params)
+
+
+def kernel_chunks(pdf: pd.DataFrame, max_candidates: int | None = None) -> list[pd.DataFrame]:
+    """`pdf` (user rows) cut into runs of whole users with at most `max_candidates` (default KERNEL_CANDIDATES)
+    candidates each, a user with more standing alone; no run when `pdf` is empty.
+
+    The kernel's memory grows with the candidates of one call (several candidates x rank float64 blocks, plus
+    the candidate x fresh-item pairs), while an Arrow batch is sized in users
+    (`spark.sql.execution.arrow.maxRecordsPerBatch`, 10,000 by default). At 100 candidates per user and rank
+    32 one call peaks at ~1.3 GB of numpy memory for 10,000 users and ~340 MB for 262k candidates (2,621
+    users), per Python worker; smaller calls cost nothing in throughput (the per-call overhead is
+    O(catalogue), under a millisecond for 5k items).
+    """
+    cap = max_candidates or KERNEL_CANDIDATES
+    sizes = np.fromiter((0 if v is None else len(v) for v in pdf[CAND_ITEMS]), dtype=np.int64, count=len(pdf))
+    ends = np.cumsum(sizes)
+    starts = [0]
+    while starts[-1] < len(pdf):
+        done = int(ends[starts[-1] - 1]) if starts[-1] else 0
+        starts.append(max(int(np.searchsorted(ends, done + cap, side="right")), starts[-1] + 1))
+    return [pdf.iloc[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
 def to_reranked(
@@ -321,11 +366,14 @@ def rerank_candidates(
     rerank_config: RerankConfig,
     as_of: datetime,
     top_k: int | None = None,
+    neighbours: DataFrame | None = None,
 ) -> Reranked:
     """Re-rank `candidates` (user_idx, item_idx, als_score, sources) with the events before `as_of`.
 
     Args:
         top_k: list length; None takes rerank_config.top_k.
+        neighbours: item_idx, neighbour_idx, score: bounded co-occurrence neighbour lists (gold.item_similarities
+            rows of source cooccurrence) for the co-occurrence features; None: those features are 0.
 
     Raises:
         InputDataError: no item of item_index has factors.
@@ -333,7 +381,7 @@ def rerank_candidates(
     fresh = to_fresh_events(interactions, rerank_config, as_of).cache()
     attributes = to_item_attributes(item_index, item_factors, catalog, fresh, rerank_config, as_of).cache()
     try:
-        items = build_item_table(attributes)
+        items = build_item_table(attributes, neighbours)
     except InputDataError:
         fresh.unpersist()
         attributes.unpersist()
