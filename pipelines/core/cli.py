@@ -30,6 +30,8 @@ STEPS: dict[str, str] = {
     "evaluate": "pipelines.evaluate",
 }
 TOOLS: dict[str, str] = {"generate": "pipelines.generate"}
+# Long-running jobs: own subcommands, never part of `shelf run`.
+STREAMING: dict[str, str] = {"stream": "pipelines.stream"}
 ADMIN = ("rollback", "forget")
 
 StepRun = Callable[[Any, ShelfConfig, RunContext], Any]
@@ -37,7 +39,7 @@ StepRun = Callable[[Any, ShelfConfig, RunContext], Any]
 
 def step_function(step: str) -> StepRun | None:
     """The `run` function of a step, or None when that step is not built yet."""
-    module_name = STEPS.get(step) or TOOLS[step]
+    module_name = STEPS.get(step) or STREAMING.get(step) or TOOLS[step]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--run-id", default=None, help="run id (default: derived from --as-of)")
     common.add_argument("--as-of", default=None, help="the run's 'now' (ISO; default: generate.end)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in [*TOOLS, *STEPS, "run"]:
+    for name in [*TOOLS, *STEPS, *STREAMING, "run"]:
         sub.add_parser(name, parents=[common], help=f"run the {name} step" if name != "run" else "run every step")
     rollback = sub.add_parser("rollback", parents=[common], help="restore a table to an earlier version or run")
     rollback.add_argument("--table", default="gold.recommendations", help="layer.name (default gold.recommendations)")

@@ -234,6 +234,55 @@ def write_replacing(
     _commit_with_retry(commit, layer, name, run_id)
 
 
+# ---------------------------------------------------------------- streaming (shelf stream)
+
+
+def read_stream(spark: SparkSession, path: str, config_key: str, max_files_per_trigger: int | None = None) -> DataFrame:
+    """A streaming read of the Delta table at `path` (new commits only, in commit order).
+
+    Raises:
+        InputDataError: `path` is not a Delta table; names the config key to fix.
+    """
+    if not DeltaTable.isDeltaTable(spark, path):
+        raise InputDataError(
+            f"Stream source {path} is not a Delta table; point {config_key} at the table the tracker appends to."
+        )
+    reader = spark.readStream.format("delta")
+    if max_files_per_trigger is not None:
+        reader = reader.option("maxFilesPerTrigger", str(max_files_per_trigger))
+    return reader.load(path)
+
+
+def add_columns(spark: SparkSession, config: ShelfConfig, layer: str, name: str, columns: dict[str, str]) -> None:
+    """Add the nullable `columns` (name -> SQL type) a table lacks, in one metadata commit (none when all exist)."""
+    present = set(read(spark, config, layer, name).columns)
+    missing = {c: kind for c, kind in columns.items() if c not in present}
+    if not missing:
+        return
+    where = location(config, layer, name)
+    target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
+    spec = ", ".join(f"{c} {kind}" for c, kind in missing.items())
+
+    def commit() -> None:
+        spark.sql(f"ALTER TABLE {target} ADD COLUMNS ({spec})")
+
+    _commit_with_retry(commit, layer, name, "schema")
+
+
+def merge(
+    spark: SparkSession, config: ShelfConfig, layer: str, name: str, run_id: str, apply: Callable[[DeltaTable], None]
+) -> None:
+    """Run one Delta MERGE (`apply` builds and executes it on the table) with the conflict retry of `write`.
+
+    `apply` is called again on each attempt, so it must build its source from fresh reads.
+    """
+
+    def commit() -> None:
+        apply(delta_table(spark, config, layer, name))
+
+    _commit_with_retry(commit, layer, name, run_id)
+
+
 # ---------------------------------------------------------------- maintenance: rollback, forget
 
 # Every table shelf writes, as (layer, name); what `shelf forget` scans.
@@ -250,6 +299,7 @@ KNOWN_TABLES: tuple[tuple[str, str], ...] = (
     ("gold", "item_similarities"),
     ("gold", "candidates"),
     ("gold", "recommendations"),
+    ("bronze", "stream_events"),
     ("gold", "metrics"),
     ("ops", "run_metrics"),
 )

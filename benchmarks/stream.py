@@ -1,0 +1,352 @@
+"""`shelf stream` latency: from an event's append to its user's updated list being readable.
+
+    .venv/bin/python -u -m benchmarks.stream [--rates 100 1000 10000] [--seconds 60] [--interval 1]
+        [--users 2000] [--items 800] [--rank 32] [--candidates 100]
+
+Set-up (in a temp dir, conf/local.yaml with local[2]): a synthetic nightly run (random ALS factors,
+each user's `--candidates` best items by ALS score as gold.candidates, factor-cosine neighbours as
+gold.item_similarities, two weeks of silver views) published by the real `shelf rerank`.
+
+Per rate: a writer process (its own Spark session, local[1]) appends events to a fresh landing Delta
+table at a steady rate, one small commit every 0.5 s (90% known users, 10% users first seen today;
+80% views, 15% add-to-cart, 5% purchases), for `--seconds`; this process runs the stream with a
+`--interval` s processingTime trigger on a fresh checkpoint. Each commit carries its number in
+session_id; the writer logs the wall-clock time each commit returned, the batch function logs the time
+its MERGE committed. Latency of an event = its batch's MERGE commit - its commit's append (both
+time.time() on this machine), weighted by events. The split, per event: `wait` (append -> its batch
+function starts: trigger interval, the previous batch still running, the source scan), `batch`
+(batch start -> MERGE committed), of which `kernel` (seconds inside `udfs.rerank` summed over the
+Python workers: with 2 workers it can exceed the batch's wall time / 2) and `merge` (the MERGE commit).
+Sustained events/s = events published / (last MERGE commit - first append).
+
+Baseline in the same process: one user's re-rank in process (`rerank_frame` on one user row, no Spark),
+the figure to hold against the literature's 300 ms per re-rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from pipelines import rerank, stream
+from pipelines.core import reranking, tables
+from pipelines.core.config import ShelfConfig, load_config
+from pipelines.core.runs import RunContext
+from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA, USER_IDX
+from pipelines.core.session import get_spark
+
+REPO = Path(__file__).resolve().parents[1]
+AS_OF = datetime(2026, 11, 1)
+RUN = "bench-night"
+LANDING = "user_id string, item_id string, event_type string, event_ts string, value string, session_id string"
+COMMIT_EVERY_S = 0.5
+NEW_USER_SHARE = 0.1
+TYPES, TYPE_P = ["view", "add_to_cart", "purchase"], [0.8, 0.15, 0.05]
+
+
+def bench_config(root: Path, *overrides: str) -> ShelfConfig:
+    return load_config(
+        REPO / "conf" / "local.yaml",
+        [f"storage.root={root / 'tables'}", f"spark.jars_dir={REPO / '.jars'}", "spark.master=local[2]", *overrides],
+    )
+
+
+# ---------------------------------------------------------------- the nightly run
+
+
+def write_nightly(spark: SparkSession, config: ShelfConfig, args: argparse.Namespace) -> None:
+    """Synthetic silver + gold tables of one nightly run, published by the real `shelf rerank`."""
+    rng = np.random.default_rng(7)
+    n_users, n_items, rank, k = args.users, args.items, args.rank, args.candidates
+    user_f = rng.normal(size=(n_users, rank)).astype(np.float32) / np.sqrt(rank)
+    item_f = rng.normal(size=(n_items, rank)).astype(np.float32) / np.sqrt(rank)
+    users = pd.DataFrame({"user_id": [f"u{u}" for u in range(n_users)], USER_IDX: np.arange(n_users, dtype=np.int32)})
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(n_items)], "item_idx": np.arange(n_items, dtype=np.int32)})
+    tables.write(spark.createDataFrame(users), config, "silver", "user_index", RUN)
+    tables.write(spark.createDataFrame(items), config, "silver", "item_index", RUN)
+    n_events = n_users * 10
+    ev_users = rng.integers(0, n_users, n_events)
+    ev_items = rng.integers(0, n_items, n_events)
+    ages = rng.uniform(0.01, 14.0, n_events)
+    rows = [
+        (int(u), int(i), "view", AS_OF - timedelta(days=float(a)), 1.0, 1.0, 1.0, RUN, AS_OF)
+        for u, i, a in zip(ev_users, ev_items, ages, strict=True)
+    ]
+    interactions = spark.createDataFrame(rows, INTERACTIONS_SCHEMA).dropDuplicates(["user_idx", "item_idx", "event_ts"])
+    tables.write(interactions, config, "silver", "interactions", RUN)
+    schema = "features array<float>, run_id string"
+    uf = [(u, user_f[u].tolist(), RUN) for u in range(n_users)]
+    itf = [(i, item_f[i].tolist(), RUN) for i in range(n_items)]
+    tables.write(spark.createDataFrame(uf, f"user_idx int, {schema}"), config, "gold", "user_factors", RUN)
+    tables.write(spark.createDataFrame(itf, f"item_idx int, {schema}"), config, "gold", "item_factors", RUN)
+    scores = user_f @ item_f.T
+    best = np.argsort(-scores, axis=1)[:, :k]
+    cands = pd.DataFrame(
+        {
+            USER_IDX: np.repeat(np.arange(n_users, dtype=np.int32), k),
+            "item_idx": best.ravel().astype(np.int32),
+            "als_score": np.take_along_axis(scores, best, axis=1).ravel().astype(np.float64),
+            "run_id": RUN,
+        }
+    )
+    frame = spark.createDataFrame(cands).withColumn("sources", F.array(F.lit("als")))
+    frame = frame.select(USER_IDX, "item_idx", "als_score", "sources", "run_id")
+    tables.write(frame, config, "gold", "candidates", RUN, mode="run")
+    unit = item_f / np.linalg.norm(item_f, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, -np.inf)
+    near = np.argsort(-cos, axis=1)[:, :20]
+    sims = pd.DataFrame(
+        {
+            "item_idx": np.repeat(np.arange(n_items, dtype=np.int32), 20),
+            "neighbour_idx": near.ravel().astype(np.int32),
+            "score": np.take_along_axis(cos, near, axis=1).ravel().astype(np.float64),
+            "rank": np.tile(np.arange(1, 21, dtype=np.int32), n_items),
+            "source": "als",
+            "run_id": RUN,
+        }
+    )
+    tables.write(spark.createDataFrame(sims), config, "gold", "item_similarities", RUN)
+    catalog = [(f"i{i}", f"c{i % 12}", float(5 + i % 50), True, bool(i % 25 == 0), None, None) for i in range(n_items)]
+    tables.write(spark.createDataFrame(catalog, CATALOG_SCHEMA), config, "silver", "catalog", RUN)
+    rerank.run(spark, config, RunContext(RUN, AS_OF))
+
+
+# ---------------------------------------------------------------- the writer process
+
+
+def writer_main(args: argparse.Namespace) -> int:
+    """Append events at `args.rate` per second to the landing table for `args.seconds`; log each commit."""
+    config = bench_config(
+        Path(args.root), "spark.master=local[1]", "spark.driver_memory=1g", f"stream.source_path={args.source}"
+    )
+    spark = get_spark(config)
+    rng = np.random.default_rng(args.rate)
+    log = Path(args.log)
+    landing = stream.landing_path(config)
+    # Warm the session up with one empty append, then tell the parent we are ready.
+    spark.createDataFrame([], LANDING).write.format("delta").mode("append").save(landing)
+    Path(args.log + ".ready").touch()
+    started, sent, chunk = time.time(), 0, 0
+    with log.open("w") as out:
+        while time.time() - started < args.seconds:
+            due = int(args.rate * (time.time() - started)) - sent
+            if due > 0:
+                n = due
+                known = rng.random(n) >= NEW_USER_SHARE
+                users = np.where(
+                    known,
+                    np.char.add("u", rng.integers(0, args.users, n).astype(str)),
+                    np.char.add("new-", rng.integers(0, max(1, args.users // 10), n).astype(str)),
+                )
+                items = np.char.add("i", rng.integers(0, args.items, n).astype(str))
+                types = rng.choice(TYPES, size=n, p=TYPE_P)
+                # Event time: deterministic, after the nightly's as_of, advancing with the commits.
+                ts = (AS_OF + timedelta(hours=1, seconds=chunk * COMMIT_EVERY_S)).strftime("%Y-%m-%d %H:%M:%S")
+                rows = [
+                    (str(u), str(i), str(t), ts, "1", f"c{chunk}") for u, i, t in zip(users, items, types, strict=True)
+                ]
+                spark.createDataFrame(rows, LANDING).coalesce(1).write.format("delta").mode("append").save(landing)
+                out.write(json.dumps({"chunk": chunk, "events": n, "appended": time.time()}) + "\n")
+                out.flush()
+                sent += n
+                chunk += 1
+            time.sleep(max(0.0, COMMIT_EVERY_S - (time.time() - started) % COMMIT_EVERY_S))
+    spark.stop()
+    return 0
+
+
+# ---------------------------------------------------------------- the stream side
+
+
+@dataclass
+class Batch:
+    report: stream.BatchReport
+    chunks: list[int]
+
+
+class RecordingJob(stream.StreamJob):
+    """The product's batch function, plus which writer commits each batch held (read after it finished)."""
+
+    def __init__(self, spark: SparkSession, config: ShelfConfig) -> None:
+        self.batches: list[Batch] = []
+        self.last: stream.BatchReport | None = None
+        super().__init__(spark, config, on_batch=self.remember)
+
+    def remember(self, report: stream.BatchReport) -> None:
+        self.last = report
+
+    def __call__(self, batch, batch_id: int) -> None:  # type: ignore[no-untyped-def]
+        super().__call__(batch, batch_id)
+        chunks = batch.select(F.regexp_extract("session_id", r"^c(\d+)$", 1).cast("int").alias("c")).distinct()
+        assert self.last is not None
+        self.batches.append(Batch(self.last, sorted(int(r["c"]) for r in chunks.collect() if r["c"] is not None)))
+
+
+def percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, q * cum[-1])])
+
+
+def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: int) -> dict[str, float]:
+    sub = root / f"rate-{rate}"
+    config = bench_config(
+        root,
+        f"stream.source_path={sub / 'landing'}",
+        f"stream.checkpoint={sub / 'checkpoint'}",
+        f"stream.interval_seconds={args.interval}",
+        "stream.trigger=processing_time",
+    )
+    spark.createDataFrame([], LANDING).write.format("delta").mode("append").save(stream.landing_path(config))
+    job = RecordingJob(spark, config)
+    job.serving_for()  # the model loads once per nightly run: not part of an event's latency
+    query = stream.start(spark, config, job)
+    log = sub / "writer.jsonl"
+    cmd = [sys.executable, "-m", "benchmarks.stream", "--writer", "--root", str(root), "--log", str(log)]
+    cmd += ["--rate", str(rate), "--seconds", str(args.seconds), "--users", str(args.users), "--items", str(args.items)]
+    cmd += ["--source", str(sub / "landing")]
+    writer = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    try:
+        while not Path(str(log) + ".ready").exists():
+            if writer.poll() is not None:
+                raise RuntimeError("the writer process died before it was ready")
+            time.sleep(0.2)
+        writer.wait(timeout=args.seconds + 600)
+        appended = [json.loads(line) for line in log.read_text().splitlines()]
+        wanted = {a["chunk"] for a in appended}
+        deadline = time.time() + 300
+        while time.time() < deadline and not wanted <= {c for b in job.batches for c in b.chunks}:
+            time.sleep(0.5)
+    finally:
+        if writer.poll() is None:
+            os.killpg(writer.pid, signal.SIGKILL)
+        query.stop()
+        job.close()
+    return summarise(rate, appended, job.batches)
+
+
+def summarise(rate: int, appended: list[dict[str, float]], batches: list[Batch]) -> dict[str, float]:
+    by_chunk = {int(a["chunk"]): a for a in appended}
+    lat, wait, batch_s, kernel, merge, weight = [], [], [], [], [], []
+    for b in batches:
+        r = b.report
+        for c in b.chunks:
+            if c not in by_chunk or not r.published:
+                continue
+            a = by_chunk[c]
+            lat.append(r.published - a["appended"])
+            wait.append(r.started - a["appended"])
+            batch_s.append(r.published - r.started)
+            kernel.append(r.kernel_seconds)
+            merge.append(r.publish_seconds)
+            weight.append(a["events"])
+    w = np.asarray(weight, dtype=np.float64)
+    if not w.size:
+        return {"rate": rate, "events": 0}
+    lat_a = np.asarray(lat)
+    published = sum(by_chunk[c]["events"] for b in batches for c in b.chunks if c in by_chunk)
+    span = max(b.report.published for b in batches) - min(a["appended"] for a in appended)
+
+    def mean(xs: list[float]) -> float:
+        return float(np.average(np.asarray(xs), weights=w))
+
+    return {
+        "rate": rate,
+        "events": float(published),
+        "batches": float(len([b for b in batches if b.chunks])),
+        "p50": percentile(lat_a, w, 0.5),
+        "p95": percentile(lat_a, w, 0.95),
+        "max": float(lat_a.max()),
+        "sustained": published / span if span > 0 else 0.0,
+        "wait": mean(wait),
+        "batch": mean(batch_s),
+        "kernel": mean(kernel),
+        "merge": mean(merge),
+    }
+
+
+def single_user_baseline(spark: SparkSession, config: ShelfConfig) -> float:
+    """Median seconds of one user's re-rank in process (rerank_frame on one user row, no Spark)."""
+    job = stream.StreamJob(spark, config)
+    serving = job.serving_for()
+    one = serving.candidates.filter(F.col(USER_IDX) == 0)
+    no_events = spark.createDataFrame([], "user_idx int, item_idx int, _age double, _w double, _bought boolean")
+    row = reranking.to_user_rows(one, serving.user_factors, no_events).toPandas()
+    params = reranking.params_from(config.rerank)
+    table = serving.items.value
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        reranking.rerank_frame(row, table, params)
+        times.append(time.perf_counter() - started)
+    job.close()
+    return float(np.median(times))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", type=int, nargs="+", default=[100, 1000, 10000])
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--items", type=int, default=800)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--writer", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--log", help=argparse.SUPPRESS)
+    p.add_argument("--rate", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--source", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.writer:
+        return writer_main(args)
+    with tempfile.TemporaryDirectory(prefix="shelf-stream-bench-") as tmp:
+        root = Path(tmp)
+        config = bench_config(root)
+        spark = get_spark(config)
+        started = time.perf_counter()
+        write_nightly(spark, config, args)
+        print(
+            f"nightly run: {args.users} users x {args.items} items, rank {args.rank}, {args.candidates} candidates "
+            f"per user, published in {time.perf_counter() - started:.1f}s"
+        )
+        baseline = single_user_baseline(spark, config)
+        print(f"baseline: one user's re-rank in process (rerank_frame, no Spark): {baseline * 1000:.1f} ms")
+        print()
+        print(
+            "| rate (events/s) | events | batches | p50 s | p95 s | max s | sustained events/s "
+            "| wait s | batch s | kernel s | merge s | p50 / in-process re-rank |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for rate in args.rates:
+            r = run_rate(spark, root, args, rate)
+            if not r.get("events"):
+                print(f"| {rate} | 0 | - | - | - | - | - | - | - | - | - | - |")
+                continue
+            print(
+                f"| {rate:,} | {int(r['events']):,} | {int(r['batches'])} | {r['p50']:.2f} | {r['p95']:.2f} "
+                f"| {r['max']:.2f} | {r['sustained']:,.0f} | {r['wait']:.2f} | {r['batch']:.2f} | {r['kernel']:.3f} "
+                f"| {r['merge']:.2f} | {r['p50'] / baseline:,.0f}x |",
+                flush=True,
+            )
+        spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,329 @@
+"""pipelines/stream.py on a hand-built nightly run: `availableNow` micro-batches re-rank the users with new
+events and MERGE their lists into gold.recommendations.
+
+The world: 16 items, sku-00..07 in category A (factors along e1), sku-08..15 in category B (along e2); six
+users whose ALS vectors favour B. The nightly publish (`pipelines.rerank.run`) lists B items for all of
+them. Then the tracker appends two commits to the landing table (one micro-batch each):
+- batch 0: u01 views three A items; u02 buys two of its five candidates; two users first seen today
+  (new-a views A items, new-b views B items); five bad rows, one per reason code;
+- batch 1: u03 views one A item.
+u00, u04, u05 do nothing: their rows must stay exactly as the nightly wrote them.
+
+Crash and restart: the same landing commits run again on a copy of the nightly tables, with a failure
+injected into the batch function of batch 1 after its quarantine and stream-event writes and before its
+MERGE (the query dies with the exception); a new query restarts from the checkpoint, Spark replays batch 1,
+and every table the stream writes must equal the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyspark.errors import StreamingQueryException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines import rerank, stream
+from pipelines.core import cli, tables
+from pipelines.core.config import ShelfConfig
+from pipelines.core.runs import RunContext
+from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA, RUN_ID, STEP
+from tests.conftest import REPO, make_test_config
+
+AS_OF = datetime(2026, 11, 1)
+RUN = "night-1"
+N_USERS, N_ITEMS, RANK = 6, 16, 4
+A_ITEMS, B_ITEMS = range(0, 8), range(8, 16)
+TOP_K = 5
+# The re-rank's weights are pinned (not the tuned defaults of conf/base.yaml): the session-vector features
+# carry the fresh behaviour here, so the expectations below follow from the factors alone.
+OVERRIDES = (
+    f"rerank.top_k={TOP_K}",
+    "rerank.category_cap=null",
+    "rerank.mmr_lambda=1.0",
+    "rerank.fresh_days=7",
+    "rerank.alpha=0.5",
+    "rerank.weights={als: 1.0, session: 1.0, max_cosine: 0.5, mean_cosine: 0.25, popularity: 0.2, promo: 0.1, "
+    "new_arrival: 0.1, price_fit: 0.1, cooc_sum: 0.0, cooc_max: 0.0}",
+    "stream.max_files_per_trigger=1",
+)
+LANDING = "user_id string, item_id string, event_type string, event_ts string, value string, session_id string"
+
+
+def user_id(u: int) -> str:
+    return f"u{u:02d}"
+
+
+def item_id(i: int) -> str:
+    return f"sku-{i:02d}"
+
+
+def category(item: str) -> str:
+    return "A" if int(item.split("-")[1]) in A_ITEMS else "B"
+
+
+def at(hours: float) -> str:
+    return (AS_OF + timedelta(hours=hours)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+BATCH_0 = [
+    (user_id(1), item_id(0), "view", at(1.0), "1", "s1"),
+    (user_id(1), item_id(1), "view", at(1.01), "1", "s1"),
+    (user_id(1), item_id(2), "view", at(1.02), "1", "s1"),
+    (user_id(2), item_id(8), "purchase", at(1.0), "1", "s2"),
+    (user_id(2), item_id(9), "purchase", at(1.0), "1", "s2"),
+    ("new-a", item_id(3), "view", at(1.5), "1", "s3"),
+    ("new-a", item_id(4), "view", at(1.6), "1", "s3"),
+    ("new-b", item_id(12), "view", at(1.5), "1", "s4"),
+    ("new-b", item_id(13), "view", at(1.6), "1", "s4"),
+    # Bad rows, one per reason code.
+    (None, item_id(1), "view", at(1.0), "1", "bad"),
+    (user_id(4), item_id(1), "click", at(1.0), "1", "bad"),
+    (user_id(4), item_id(1), "view", "not-a-time", "1", "bad"),
+    (user_id(4), item_id(1), "view", at(100.0), "1", "bad"),
+    (user_id(4), item_id(1), "view", at(1.0), "-1", "bad"),
+]
+BAD_REASONS = {"null_user", "unknown_event_type", "bad_timestamp", "future_timestamp", "negative_value"}
+BATCH_1 = [(user_id(3), item_id(5), "add_to_cart", at(2.0), "1", "s5")]
+AFFECTED = {user_id(1), user_id(2), user_id(3), "new-a", "new-b"}
+UNTOUCHED = {user_id(0), user_id(4), user_id(5)}
+
+
+def write_nightly(spark: SparkSession, config: ShelfConfig) -> None:
+    """Silver and gold tables of one nightly run, then its publish (the real `shelf rerank`)."""
+    rng = np.random.default_rng(5)
+    item_f = np.zeros((N_ITEMS, RANK))
+    item_f[list(A_ITEMS), 0], item_f[list(B_ITEMS), 1] = 1.0, 1.0
+    item_f += rng.normal(scale=0.1, size=item_f.shape)
+    user_f = np.tile([0.1, 1.0, 0.0, 0.0], (N_USERS, 1)) + rng.normal(scale=0.05, size=(N_USERS, RANK))
+    users = spark.createDataFrame([(user_id(u), u) for u in range(N_USERS)], "user_id string, user_idx int")
+    items = spark.createDataFrame([(item_id(i), i) for i in range(N_ITEMS)], "item_id string, item_idx int")
+    tables.write(users, config, "silver", "user_index", RUN)
+    tables.write(items, config, "silver", "item_index", RUN)
+    # Old views (outside the 7-day session): every user three B items, u05 every A item (so all are popular).
+    old = [(u, 8 + (u + k) % 8, 10.0) for u in range(N_USERS) for k in range(3)] + [(5, i, 20.0) for i in A_ITEMS]
+    rows = [(u, i, "view", AS_OF - timedelta(days=d), 1.0, 1.0, 1.0, RUN, AS_OF) for u, i, d in old]
+    tables.write(spark.createDataFrame(rows, INTERACTIONS_SCHEMA), config, "silver", "interactions", RUN)
+    schema = "features array<float>, run_id string"
+    uf = [(u, [float(v) for v in user_f[u]], RUN) for u in range(N_USERS)]
+    itf = [(i, [float(v) for v in item_f[i]], RUN) for i in range(N_ITEMS)]
+    tables.write(spark.createDataFrame(uf, f"user_idx int, {schema}"), config, "gold", "user_factors", RUN)
+    tables.write(spark.createDataFrame(itf, f"item_idx int, {schema}"), config, "gold", "item_factors", RUN)
+    per_user = {u: list(range(N_ITEMS)) for u in range(N_USERS)}
+    per_user[2] = [8, 9, 10, 11, 12]  # exactly a list's length: buying two shortens its list
+    cands = [(u, i, float(user_f[u] @ item_f[i]), ["als"], RUN) for u, its in per_user.items() for i in its]
+    cand_schema = "user_idx int, item_idx int, als_score double, sources array<string>, run_id string"
+    tables.write(spark.createDataFrame(cands, cand_schema), config, "gold", "candidates", RUN, mode="run")
+    unit = item_f / np.linalg.norm(item_f, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    group = np.array([0] * 8 + [1] * 5 + [2] * 3)  # neighbours stay inside A, sku-08..12, sku-13..15
+    cos[(group[:, None] != group[None, :]) | np.eye(N_ITEMS, dtype=bool)] = -np.inf
+    sims = []
+    for i in range(N_ITEMS):
+        order = [int(j) for j in np.argsort(-cos[i]) if np.isfinite(cos[i, j])][:4]
+        sims += [(i, j, float(cos[i, j]), r + 1, "als", RUN) for r, j in enumerate(order)]
+    sim_schema = "item_idx int, neighbour_idx int, score double, rank int, source string, run_id string"
+    tables.write(spark.createDataFrame(sims, sim_schema), config, "gold", "item_similarities", RUN)
+    catalog = [(item_id(i), category(item_id(i)), 10.0, True, False, None, f"t{i}") for i in range(N_ITEMS)]
+    tables.write(spark.createDataFrame(catalog, CATALOG_SCHEMA), config, "silver", "catalog", RUN)
+    rerank.run(spark, config, RunContext(RUN, AS_OF))
+
+
+def append_landing(spark: SparkSession, config: ShelfConfig, rows: Sequence[tuple[str | None, ...]]) -> None:
+    """One tracker commit to the landing table (one file: one micro-batch with maxFilesPerTrigger 1)."""
+    frame = spark.createDataFrame(rows, LANDING).coalesce(1)
+    frame.write.format("delta").mode("append").save(stream.landing_path(config))
+
+
+def run_stream(spark: SparkSession, config: ShelfConfig, job: stream.StreamJob) -> None:
+    query = stream.start(spark, config, job, available_now=True)
+    try:
+        query.awaitTermination()
+    finally:
+        job.close()
+
+
+class FailBeforePublish(stream.StreamJob):
+    """Injected crash: batch `fail_at` dies after its quarantine and stream-event writes, before its MERGE."""
+
+    def __init__(self, spark: SparkSession, config: ShelfConfig, fail_at: int) -> None:
+        super().__init__(spark, config)
+        self.fail_at = fail_at
+
+    def rerank_users(
+        self, accepted: DataFrame, batch_id: int, serving: stream.Serving, report: stream.BatchReport
+    ) -> None:
+        if batch_id == self.fail_at:
+            raise RuntimeError(f"injected crash in batch {batch_id}")
+        super().rerank_users(accepted, batch_id, serving, report)
+
+
+def rows_of(frame: DataFrame) -> list[tuple[object, ...]]:
+    columns = sorted(frame.columns)
+    return sorted(tuple(str(r[c]) for c in columns) for r in frame.select(*columns).collect())
+
+
+@pytest.fixture(scope="module")
+def nightly(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stream_nightly")
+    write_nightly(spark, make_test_config(root, *OVERRIDES))
+    return root
+
+
+@pytest.fixture(scope="module")
+def streamed(spark: SparkSession, nightly: Path, tmp_path_factory: pytest.TempPathFactory) -> ShelfConfig:
+    """A copy of the nightly tables after both micro-batches ran uninterrupted."""
+    root = tmp_path_factory.mktemp("stream_run")
+    shutil.copytree(nightly / "tables", root / "tables")
+    config = make_test_config(root, *OVERRIDES)
+    append_landing(spark, config, BATCH_0)
+    append_landing(spark, config, BATCH_1)
+    run_stream(spark, config, stream.StreamJob(spark, config))
+    return config
+
+
+def lists(spark: SparkSession, config: ShelfConfig, version: int | None = None) -> dict[str, list[str]]:
+    frame = tables.read(spark, config, "gold", "recommendations", version=version).filter(F.col(RUN_ID) == RUN)
+    found: dict[str, list[tuple[int, str]]] = {}
+    for r in frame.select("user_id", "rank", "item_id").collect():
+        found.setdefault(r["user_id"], []).append((r["rank"], r["item_id"]))
+    return {u: [i for _, i in sorted(v)] for u, v in found.items()}
+
+
+def test_affected_lists_follow_the_new_events(spark: SparkSession, nightly: Path, streamed: ShelfConfig) -> None:
+    before = lists(spark, make_test_config(nightly, *OVERRIDES))
+    after = lists(spark, streamed)
+    # Nightly: every known user's list is category B (their ALS vectors favour it).
+    assert all(category(i) == "B" for u in range(N_USERS) for i in before[user_id(u)])
+    # u01 viewed three A items: A now leads its list (its session vector moved towards A).
+    assert category(after[user_id(1)][0]) == "A"
+    assert sum(category(i) == "A" for i in after[user_id(1)]) >= 3
+    # u02 bought sku-08 and sku-09 of its five candidates (whose neighbours are the same five): a list of
+    # three, and the nightly's ranks 4 and 5 are deleted.
+    assert sorted(before[user_id(2)]) == [item_id(i) for i in range(8, 13)]
+    assert sorted(after[user_id(2)]) == [item_id(i) for i in range(10, 13)]
+    # u03 put sku-05 in its cart in the second batch: A items enter its list.
+    assert any(category(i) == "A" for i in after[user_id(3)])
+    rows = tables.read(spark, streamed, "gold", "recommendations").filter(F.col("user_id").isin(*AFFECTED))
+    tags = {(r["user_id"], r["stream_batch"]) for r in rows.select("user_id", "stream_batch").distinct().collect()}
+    assert tags == {(u, 0) for u in AFFECTED - {user_id(3)}} | {(user_id(3), 1)}
+    times = {r[0] for r in rows.filter(F.col("user_id") == user_id(3)).select("event_time").distinct().collect()}
+    assert times == {AS_OF + timedelta(hours=2)}  # the batch's latest event, not the wall clock
+
+
+def test_users_without_events_keep_their_exact_rows(spark: SparkSession, nightly: Path, streamed: ShelfConfig) -> None:
+    nightly_rows = tables.read(spark, make_test_config(nightly, *OVERRIDES), "gold", "recommendations")
+    after = tables.read(spark, streamed, "gold", "recommendations")
+    assert set(after.columns) == set(nightly_rows.columns) | {"stream_batch", "event_time"}
+    untouched_after = after.filter(F.col("user_id").isin(*UNTOUCHED))
+    assert untouched_after.filter(F.col("stream_batch").isNotNull() | F.col("event_time").isNotNull()).count() == 0
+    want = rows_of(nightly_rows.filter(F.col("user_id").isin(*UNTOUCHED)))
+    assert len(want) == len(UNTOUCHED) * TOP_K
+    assert rows_of(untouched_after.select(*nightly_rows.columns)) == want  # same ids, ranks, scores, reasons
+
+
+def test_users_first_seen_today_get_lists_from_their_session(spark: SparkSession, streamed: ShelfConfig) -> None:
+    after = lists(spark, streamed)
+    assert tables.read(spark, streamed, "silver", "user_index").filter(F.col("user_id") == "new-a").count() == 0
+    assert len(after["new-a"]) == TOP_K and len(after["new-b"]) == TOP_K
+    assert all(category(i) == "A" for i in after["new-a"])  # folded in from views of A items
+    assert all(category(i) == "B" for i in after["new-b"])
+    reasons = tables.read(spark, streamed, "gold", "recommendations").filter(F.col("user_id") == "new-a")
+    assert not any("als" in r[0] for r in reasons.select("reasons").collect())  # no ALS vector to speak of
+
+
+def test_bad_rows_are_quarantined_and_counts_reconcile(spark: SparkSession, streamed: ShelfConfig) -> None:
+    tag = stream.batch_tag(streamed, 0)
+    quarantined = tables.read(spark, streamed, "quarantine", "events").filter(
+        (F.col(RUN_ID) == tag) & (F.col(STEP) == "stream")
+    )
+    assert sorted(r["reason"] for r in quarantined.collect()) == sorted(BAD_REASONS)
+    assert all('"session_id":"bad"' in r["raw"] for r in quarantined.collect())
+    accepted = tables.read(spark, streamed, "bronze", "stream_events").filter(F.col(RUN_ID) == tag).count()
+    metrics = {
+        r["metric"]: r["value"]
+        for r in tables.read(spark, streamed, "ops", "run_metrics").filter(F.col(RUN_ID) == tag).collect()
+    }
+    assert metrics["input_rows"] == len(BATCH_0) == accepted + quarantined.count()
+    assert (metrics["accepted"], metrics["quarantined"]) == (accepted, len(BAD_REASONS))
+    assert metrics["cold_users"] == 2
+
+
+def test_replaying_a_batch_id_changes_nothing(spark: SparkSession, streamed: ShelfConfig) -> None:
+    before = rows_of(tables.read(spark, streamed, "gold", "recommendations"))
+    landing = tables.read_source(spark, stream.landing_path(streamed), "delta", stream.SOURCE_KEY)
+    first_commit = landing.filter(F.col("session_id") != "s5").drop("_source_file")
+    job = stream.StreamJob(spark, streamed)
+    try:
+        job(first_commit, 0)  # what Spark does after a crash between the MERGE and the checkpoint commit
+    finally:
+        job.close()
+    assert rows_of(tables.read(spark, streamed, "gold", "recommendations")) == before
+
+
+@pytest.mark.slow
+def test_crash_mid_batch_then_restart_from_checkpoint_equals_uninterrupted_run(
+    spark: SparkSession, nightly: Path, streamed: ShelfConfig, tmp_path: Path
+) -> None:
+    shutil.copytree(nightly / "tables", tmp_path / "tables")
+    config = make_test_config(tmp_path, *OVERRIDES)
+    append_landing(spark, config, BATCH_0)
+    append_landing(spark, config, BATCH_1)
+    with pytest.raises(StreamingQueryException, match="injected crash in batch 1"):
+        run_stream(spark, config, FailBeforePublish(spark, config, fail_at=1))
+    # Batch 1's side tables were written, its MERGE was not: u03 still has its nightly list.
+    assert tables.read(spark, config, "bronze", "stream_events").filter(F.col(RUN_ID) == "stream-1").count() == 1
+    assert lists(spark, config)[user_id(3)] == lists(spark, make_test_config(nightly, *OVERRIDES))[user_id(3)]
+    run_stream(spark, config, stream.StreamJob(spark, config))
+    for layer, name in (("gold", "recommendations"), ("quarantine", "events"), ("bronze", "stream_events")):
+        got = tables.read(spark, config, layer, name)
+        want = tables.read(spark, streamed, layer, name)
+        assert rows_of(got.drop("source_file")) == rows_of(want.drop("source_file")), f"{layer}.{name} differs"
+
+
+def test_shelf_stream_without_a_landing_table_says_what_to_do(
+    spark: SparkSession, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(
+        ["stream", "--conf", str(REPO / "conf" / "test.yaml"), "--set", f"storage.root={tmp_path / 'tables'}"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is not a Delta table; point stream.source_path at the table the tracker appends to" in err
+
+
+def test_next_nightly_takes_over_and_the_newer_information_wins(
+    spark: SparkSession, streamed: ShelfConfig, tmp_path: Path
+) -> None:
+    shutil.copytree(Path(streamed.storage.root), tmp_path / "tables")
+    config = make_test_config(tmp_path, *OVERRIDES)
+    night_2 = AS_OF + timedelta(days=1)
+    candidates = tables.read(spark, config, "gold", "candidates").withColumn(RUN_ID, F.lit("night-2"))
+    tables.write(candidates, config, "gold", "candidates", "night-2", mode="run")
+    rerank.run(spark, config, RunContext("night-2", night_2))  # the batch publish still works on the wider table
+    assert stream.serving_run(spark, config) == ("night-2", night_2)
+    night_1_rows = rows_of(tables.read(spark, config, "gold", "recommendations").filter(F.col(RUN_ID) == RUN))
+    published = tables.read(spark, config, "gold", "recommendations").filter(F.col(RUN_ID) == "night-2")
+    assert published.filter(F.col("stream_batch").isNotNull()).count() == 0
+    before = {u: items for u, items in lists_of_run(spark, config, "night-2").items()}
+    # Batch 2: u01 again, with an event older than night-2's as_of (night-2 knows better); u00 after it.
+    append_landing(spark, config, [(user_id(1), item_id(6), "view", at(3.0), "1", "s6")])
+    append_landing(spark, config, [(user_id(0), item_id(7), "add_to_cart", at(25.0), "1", "s7")])
+    run_stream(spark, config, stream.StreamJob(spark, config))
+    after = lists_of_run(spark, config, "night-2")
+    assert after[user_id(1)] == before[user_id(1)]  # older information than the nightly: ignored
+    assert after[user_id(0)] != before[user_id(0)] and any(category(i) == "A" for i in after[user_id(0)])
+    assert rows_of(tables.read(spark, config, "gold", "recommendations").filter(F.col(RUN_ID) == RUN)) == night_1_rows
+
+
+def lists_of_run(spark: SparkSession, config: ShelfConfig, run_id: str) -> dict[str, list[str]]:
+    frame = tables.read(spark, config, "gold", "recommendations").filter(F.col(RUN_ID) == run_id)
+    found: dict[str, list[tuple[int, str]]] = {}
+    for r in frame.select("user_id", "rank", "item_id").collect():
+        found.setdefault(r["user_id"], []).append((r["rank"], r["item_id"]))
+    return {u: [i for _, i in sorted(v)] for u, v in found.items()}
