@@ -9,7 +9,7 @@ Reads silver.interactions. Splits it by `evaluate.protocol`:
   fresh window [T, T + d) feeds the re-rank (`pipelines.core.reranking`, model `als_rerank`) and
   `item_knn_fresh`; the test window is [T + d, as_of). The re-rank gets the kind of candidates
   `shelf candidates` gives it: ALS's rerank.max_candidates best unseen items plus the co-occurrence
-  neighbours (`pipelines.similarities`' recipe over the events before T + d) of each user's
+  neighbours (`pipelines.core.neighbours`, the similarities step's recipe, over the events before T + d) of each user's
   recommend.recent_items most recent items; the same neighbour lists feed its co-occurrence features.
   Items a user touched before T + d are removed from the relevant set and from every list.
 
@@ -35,6 +35,7 @@ from pipelines.core.als import AlsParams, als_recommend, fit_als, to_pairs
 from pipelines.core.cli import step_main
 from pipelines.core.config import EvaluateConfig, RecommendConfig, RerankConfig, ShelfConfig
 from pipelines.core.errors import InputDataError
+from pipelines.core.neighbours import to_cooccurrence_neighbours
 from pipelines.core.quality import ts_lit
 from pipelines.core.reranking import (
     ALS_SCORE,
@@ -50,7 +51,6 @@ from pipelines.core.reranking import (
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, RUN_ID, USER_IDX
 from pipelines.core.splits import leave_last_n_split, random_stratified_split, temporal_split
-from pipelines.similarities import to_cooccurrence_neighbours
 
 STEP = "evaluate"
 MODEL = "model"

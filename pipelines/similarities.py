@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pandas as pd
 from pyspark import Broadcast
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
 
@@ -29,14 +29,18 @@ from pipelines.core import tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, SimilarityConfig
 from pipelines.core.factors import factors_of_run, item_factor_matrix
+from pipelines.core.neighbours import (
+    NEIGHBOUR_IDX,
+    RANK,
+    SCORE,
+    rank_neighbours,
+    to_cooccurrence_neighbours,
+)
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import EVENT_TS, ITEM_IDX, RUN_ID, USER_IDX, WEIGHT
+from pipelines.core.schemas import ITEM_IDX, RUN_ID
 from udfs.topk import normalise_rows, to_long, top_n_dot
 
 STEP = "similarities"
-NEIGHBOUR_IDX = "neighbour_idx"
-SCORE = "score"
-RANK = "rank"
 SOURCE = "source"
 ALS = "als"
 COOCCURRENCE = "cooccurrence"
@@ -116,69 +120,6 @@ def to_als_neighbours(spark: SparkSession, item_factors: DataFrame, config: Simi
             _NEIGHBOURS_SCHEMA,
         )
     )
-
-
-def with_recent_items(interactions: DataFrame, max_items_per_user: int) -> DataFrame:
-    """One row per (user, item) among the user's `max_items_per_user` most recent, then heaviest, items."""
-    per_item = interactions.groupBy(USER_IDX, ITEM_IDX).agg(
-        F.max(EVENT_TS).alias(EVENT_TS), F.sum(WEIGHT).alias(WEIGHT)
-    )
-    latest = Window.partitionBy(USER_IDX).orderBy(F.col(EVENT_TS).desc(), F.col(WEIGHT).desc(), F.col(ITEM_IDX).asc())
-    return (
-        per_item.withColumn("_n", F.row_number().over(latest))
-        .filter(F.col("_n") <= max_items_per_user)
-        .select(USER_IDX, ITEM_IDX)
-    )
-
-
-def rank_neighbours(pairs: DataFrame, top_n: int) -> DataFrame:
-    """Keep each item's top_n pairs by score desc, neighbour asc, numbered from 1."""
-    order = Window.partitionBy(ITEM_IDX).orderBy(F.col(SCORE).desc(), F.col(NEIGHBOUR_IDX).asc())
-    return (
-        pairs.withColumn(RANK, F.row_number().over(order))
-        .filter(F.col(RANK) <= top_n)
-        .select(
-            F.col(ITEM_IDX).cast("int"),
-            F.col(NEIGHBOUR_IDX).cast("int"),
-            F.col(SCORE).cast("double"),
-            F.col(RANK).cast("int"),
-        )
-    )
-
-
-def to_cooccurrence_neighbours(interactions: DataFrame, config: SimilarityConfig) -> DataFrame:
-    """Top-N co-occurrence neighbours per item (binary users-in-common cosine or Jaccard)."""
-    baskets = with_recent_items(interactions, config.max_items_per_user).cache()
-    support = baskets.groupBy(ITEM_IDX).agg(F.count(F.lit(1)).alias("_users"))
-    left, right = baskets.alias("a"), baskets.alias("b")
-    pairs = (
-        left.join(
-            right,
-            on=[
-                F.col(f"a.{USER_IDX}") == F.col(f"b.{USER_IDX}"),
-                F.col(f"a.{ITEM_IDX}") < F.col(f"b.{ITEM_IDX}"),
-            ],
-            how="inner",
-        )
-        .groupBy(F.col(f"a.{ITEM_IDX}").alias("i"), F.col(f"b.{ITEM_IDX}").alias("j"))
-        .agg(F.count(F.lit(1)).alias("_both"))
-        .filter(F.col("_both") >= config.min_support)
-    )
-    si, sj = support.alias("si"), support.alias("sj")
-    scored = (
-        pairs.join(F.broadcast(si), on=F.col("i") == F.col(f"si.{ITEM_IDX}"), how="inner")
-        .join(F.broadcast(sj), on=F.col("j") == F.col(f"sj.{ITEM_IDX}"), how="inner")
-        .select("i", "j", "_both", F.col("si._users").alias("_ni"), F.col("sj._users").alias("_nj"))
-    )
-    if config.cooccurrence_measure == "jaccard":
-        score = F.col("_both") / (F.col("_ni") + F.col("_nj") - F.col("_both"))
-    else:
-        score = F.col("_both") / F.sqrt(F.col("_ni") * F.col("_nj"))
-    scored = scored.withColumn(SCORE, score.cast("double"))
-    both_ways = scored.select(F.col("i").alias(ITEM_IDX), F.col("j").alias(NEIGHBOUR_IDX), SCORE).unionByName(
-        scored.select(F.col("j").alias(ITEM_IDX), F.col("i").alias(NEIGHBOUR_IDX), SCORE)
-    )
-    return rank_neighbours(both_ways, config.top_n)
 
 
 def to_blend(als: DataFrame, cooc: DataFrame, config: SimilarityConfig) -> DataFrame:
