@@ -383,7 +383,9 @@ def test_user_with_100k_candidates_and_events_is_capped_not_crashed(
 
     messages = [r.getMessage() for r in caplog.records]
     cap, events_cap = config.rerank.max_candidates, config.rerank.max_fresh_events
-    assert f"candidates capped at {cap} per user (1 users over the cap)" in " ".join(messages), messages
+    assert f"candidates capped at {cap} per user and source kind, ALS or other (1 users over the cap)" in " ".join(
+        messages
+    ), messages
     assert f"fresh events capped at {events_cap} per user, most recent first (1 users over the cap)" in " ".join(
         messages
     ), messages
