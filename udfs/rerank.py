@@ -53,6 +53,7 @@ REASON_FLAGS order, `similar_to` (R,) int64 (-1 = none).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -164,6 +165,16 @@ class ItemTable:
             nb_cols=csr[1],
             nb_scores=csr[2],
         )
+
+    @cached_property
+    def padded(self) -> tuple[FloatArray, FloatArray]:
+        """(q, unit): float64 factors and unit-norm factors with a zero row n for unknown items.
+
+        Built once per ItemTable (per executor after the broadcast), not on every kernel call."""
+        d = self.factors.shape[1]
+        q = np.vstack([self.factors.astype(np.float64), np.zeros((1, d))])
+        unit = np.vstack([normalise_rows(self.factors).astype(np.float64), np.zeros((1, d))])
+        return q, unit
 
     def neighbour_keys(self) -> tuple[IntArray, FloatArray]:
         """(sorted pair keys row * (n + 1) + col, their scores) of the neighbour lists; empty without lists."""
@@ -348,8 +359,7 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
     """(C,) feature arrays (FEATURES names) plus helper arrays `_col`, `_row`, `_similar_to`."""
     m = batch.cand_indptr.size - 1
     n, d = items.factors.shape
-    q = np.vstack([items.factors.astype(np.float64), np.zeros((1, d))])  # row n: unknown items
-    unit = np.vstack([normalise_rows(items.factors).astype(np.float64), np.zeros((1, d))])
+    q, unit = items.padded  # row n: unknown items
 
     cand_row = _segment_rows(batch.cand_indptr)
     cand_col = _columns(batch.cand_items, items.ids)
