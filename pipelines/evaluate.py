@@ -220,7 +220,8 @@ def evaluate_models(
     for recs in lists[1:]:
         combined = combined.unionByName(recs)
     factors = diversity_factors(spark, config, run_id)
-    scored = metrics.ranking_metrics(combined, relevant, train, ks, by=[MODEL], item_factors=factors)
+    named = spark.createDataFrame([(m,) for m in config.evaluate.models], f"{MODEL} string")
+    scored = metrics.ranking_metrics(combined, relevant, train, ks, by=[MODEL], item_factors=factors, groups=named)
     # models x metrics x ks rows: small, brought back so the caches can be released.
     table = spark.createDataFrame(scored.collect(), scored.schema)
     for recs in lists:
@@ -417,8 +418,9 @@ def replay_metrics(
     for recs in lists[1:]:
         combined = combined.unionByName(recs)
     factors = window.model.itemFactors.select(F.col("id").cast("int").alias(ITEM_IDX), F.col(FEATURES))
+    named = spark.createDataFrame([(m,) for m in models], f"{MODEL} string")  # a model with no list scores 0
     scored = metrics.ranking_metrics(
-        combined, window.relevant, window.train, ks, by=[MODEL], item_factors=factors
+        combined, window.relevant, window.train, ks, by=[MODEL], item_factors=factors, groups=named
     )  # diversity: cosine of the ALS item factors fitted at T
     table = spark.createDataFrame(scored.collect(), scored.schema)  # models x metrics x ks rows
     for recs in lists:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from pipelines.core.config import load_config
+from pipelines.core.config import config_warnings, load_config
 from pipelines.core.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+NO_COOC = ["rerank.weights.cooc_sum=0", "rerank.weights.cooc_max=0"]
 
 
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.name)
@@ -64,3 +66,17 @@ def test_bad_override_and_missing_file_are_one_sentence() -> None:
         load_config(CONF / "missing.yaml")
     with pytest.raises(ConfigError, match="source.preset"):
         load_config(CONF / "test.yaml", ["source.preset=shopify"])
+
+
+def test_similarity_method_without_cooccurrence_lists_warns_that_cooc_weights_are_dead(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="shelf.config"):
+        load_config(CONF / "test.yaml", ["similarities.method=both"])
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="shelf.config"):
+        config = load_config(CONF / "test.yaml", ["similarities.method=als", "rerank.weights.cooc_sum=8"])
+    assert config_warnings(config) == [caplog.records[0].getMessage()]
+    assert "similarities.method=als" in caplog.text and "cooc_sum=8.0" in caplog.text
+    quiet = load_config(CONF / "test.yaml", ["similarities.method=blend"] + NO_COOC)
+    assert config_warnings(quiet) == []

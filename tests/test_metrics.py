@@ -143,6 +143,24 @@ def test_ranking_metrics_scores_several_models_in_one_pass(spark: SparkSession) 
     assert table[("b", "coverage", 2)] == pytest.approx(2 / 4)
 
 
+def test_ranking_metrics_scores_a_named_model_with_no_list_at_all_as_zero(spark: SparkSession) -> None:
+    # Model "empty" returned nothing for anybody: without `groups` it would silently vanish from the table.
+    recs = _recs(spark, {1: [11, 10]}).withColumn("model", F.lit("a"))
+    relevant = _pairs(spark, {1: [11], 2: [21]})
+    train = _pairs(spark, {1: [10, 20], 2: [11, 21]})
+    models = spark.createDataFrame([("a",), ("empty",)], "model string")
+    without = {r.model for r in metrics.ranking_metrics(recs, relevant, train, ks=[2], by=["model"]).collect()}
+    rows = metrics.ranking_metrics(recs, relevant, train, ks=[2], by=["model"], groups=models).collect()
+    table = {(r.model, r.metric): r.value for r in rows}
+    assert without == {"a"}
+    assert len(table) == len(rows) == 2 * 9
+    assert {m: v for (model, m), v in table.items() if model == "empty"} == dict.fromkeys(
+        (*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS), 0.0
+    )
+    assert table[("a", "hit_rate")] == pytest.approx(1 / 2)  # unchanged by the extra group
+    assert table[("a", "coverage")] == pytest.approx(2 / 4)
+
+
 def test_intra_list_diversity_from_item_factors(spark: SparkSession) -> None:
     # cos(1,2) = 0, cos(1,3) = cos(2,3) = 1/sqrt(2), cos(1,4) = 1 (parallel vectors of different length).
     factors = spark.createDataFrame(

@@ -7,6 +7,7 @@ with the key's full path and the file it came from instead of being silently ign
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipelines.core.errors import ConfigError
 
 BASE_FILE = "base.yaml"
+
+log = logging.getLogger("shelf.config")
 
 
 class _Section(BaseModel):
@@ -266,6 +269,19 @@ class ShelfConfig(_Section):
     stream: StreamConfig = StreamConfig()
 
 
+def config_warnings(config: ShelfConfig) -> list[str]:
+    """Settings that are valid each on their own but defeat each other; load_config logs each as a warning."""
+    found = []
+    weights = config.rerank.weights
+    if config.similarities.method in ("als", "blend") and (weights.cooc_sum or weights.cooc_max):
+        found.append(
+            f"similarities.method={config.similarities.method} writes no co-occurrence neighbour lists, so the "
+            f"re-rank's co-occurrence features (rerank.weights.cooc_sum={weights.cooc_sum}, "
+            f"cooc_max={weights.cooc_max}) are always 0; use method both or cooccurrence, or set those weights to 0."
+        )
+    return found
+
+
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     """Return `base` with `overlay` merged in: nested dicts merge, everything else replaces."""
     merged = copy.deepcopy(base)
@@ -353,7 +369,7 @@ def load_config(conf: str | Path | None = None, overrides: list[str] | None = No
         merged = deep_merge(merged, tree)
         origins.update(_origins(tree, origin))
     try:
-        return ShelfConfig.model_validate(merged)
+        config = ShelfConfig.model_validate(merged)
     except ValidationError as exc:
         error = exc.errors()[0]
         path = ".".join(str(p) for p in error["loc"])
@@ -363,3 +379,6 @@ def load_config(conf: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(
             f"Config key '{path}' in {origin} is invalid ({error['msg']}, got {error.get('input')!r}); fix its value."
         ) from exc
+    for warning in config_warnings(config):
+        log.warning(warning)
+    return config

@@ -69,6 +69,11 @@ def remove_seen(
     return candidates.join(seen.select(user_col, item_col).distinct(), on=[user_col, item_col], how="left_anti")
 
 
+def _groups(recs: DataFrame, by: Sequence[str], groups: DataFrame | None) -> DataFrame:
+    """The `by` groups to score: `groups` when given (a group with no list at all then scores 0), else those in `recs`."""
+    return F.broadcast((groups if groups is not None else recs).select(*by).distinct())
+
+
 def _ideal_dcg(k_col: str, relevant_col: str) -> Column:
     """DCG of a perfect list: sum_{i=1}^{min(k, relevant)} 1 / log2(i + 1), as a higher-order SQL function."""
     positions = F.sequence(F.lit(1), F.least(F.col(k_col), F.col(relevant_col)))
@@ -82,6 +87,7 @@ def per_user_metrics(
     user_col: str = USER_IDX,
     item_col: str = ITEM_IDX,
     by: Sequence[str] = (),
+    groups: DataFrame | None = None,
 ) -> DataFrame:
     """One row per (user, k) for each user with a relevant item: precision, recall, ndcg, map, map_rel,
     hit_rate.
@@ -91,7 +97,8 @@ def per_user_metrics(
         relevant: (user, item); duplicates are ignored.
         ks: the cut-offs.
         by: extra columns of `recs` that name separate lists (e.g. the model), scored in one pass;
-            every group present in `recs` is scored against every user of `relevant`.
+            every group present in `recs` (or in `groups`) is scored against every user of `relevant`.
+        groups: the `by` groups to score, when some may have no recommendation at all (they score 0).
     """
     spark = recs.sparkSession
     cutoffs = F.broadcast(spark.createDataFrame([(int(k),) for k in sorted(set(ks))], f"{K} int"))
@@ -119,7 +126,7 @@ def per_user_metrics(
     ap_sum = F.coalesce(F.col("_ap_sum"), F.lit(0.0))
     base = n_relevant.crossJoin(cutoffs)
     if by:
-        base = base.crossJoin(F.broadcast(recs.select(*by).distinct()))
+        base = base.crossJoin(_groups(recs, by, groups))
     return (
         base.join(sums, on=[*keys, K], how="left")
         .withColumn("precision", hits / F.col(K))
@@ -139,6 +146,7 @@ def catalog_metrics(
     user_col: str = USER_IDX,
     item_col: str = ITEM_IDX,
     by: Sequence[str] = (),
+    groups: DataFrame | None = None,
 ) -> DataFrame:
     """One row per k (and `by` group): coverage of the training catalog and novelty of the top-k lists."""
     spark = recs.sparkSession
@@ -159,7 +167,7 @@ def catalog_metrics(
         )
         .withColumn("coverage", F.col("_shown_items") / F.col("_items"))
     )
-    base = cutoffs.crossJoin(F.broadcast(recs.select(*by).distinct())) if by else cutoffs
+    base = cutoffs.crossJoin(_groups(recs, by, groups)) if by else cutoffs
     return base.join(per_k, on=[*by, K], how="left").select(
         *by,
         K,
@@ -240,6 +248,7 @@ def intra_list_diversity(
     user_col: str = USER_IDX,
     item_col: str = ITEM_IDX,
     by: Sequence[str] = (),
+    groups: DataFrame | None = None,
 ) -> DataFrame:
     """One row per k (and `by` group): mean over users of the mean (1 - cosine) within their top-k list.
 
@@ -261,7 +270,7 @@ def intra_list_diversity(
     per_user = scored.groupBy(*by, user_col, K).agg(F.avg(F.lit(1.0) - F.col("_cosine")).alias("_diversity"))
     per_k = per_user.groupBy(*by, K).agg(F.avg("_diversity").alias("diversity"))
     cutoffs = _cutoffs(recs, ks)
-    base = cutoffs.crossJoin(F.broadcast(recs.select(*by).distinct())) if by else cutoffs
+    base = cutoffs.crossJoin(_groups(recs, by, groups)) if by else cutoffs
     return base.join(per_k, on=[*by, K], how="left").select(
         *by, K, F.coalesce("diversity", F.lit(0.0)).alias("diversity")
     )
@@ -276,18 +285,21 @@ def ranking_metrics(
     item_col: str = ITEM_IDX,
     by: Sequence[str] = (),
     item_factors: DataFrame | None = None,
+    groups: DataFrame | None = None,
 ) -> DataFrame:
     """Every metric at every k, long: one row per (`by` group, metric, k) with its `value` (a double).
 
     Diversity uses the cosine of `item_factors` when given, else the co-occurrence cosine in `train`.
+    `groups` (a frame with the `by` columns) names every group to score: one whose lists are all empty
+    is then scored (0 for every metric) instead of missing from the result.
     """
     user_means = (
-        per_user_metrics(recs, relevant, ks, user_col, item_col, by)
+        per_user_metrics(recs, relevant, ks, user_col, item_col, by, groups)
         .groupBy(*by, K)
         .agg(*[F.avg(m).alias(m) for m in PER_USER_METRICS])
     )
-    catalog = catalog_metrics(recs, train, ks, user_col, item_col, by)
-    diversity = intra_list_diversity(recs, ks, item_factors, train, user_col, item_col, by)
+    catalog = catalog_metrics(recs, train, ks, user_col, item_col, by, groups)
+    diversity = intra_list_diversity(recs, ks, item_factors, train, user_col, item_col, by, groups)
     wide = user_means.join(catalog, on=[*by, K], how="inner").join(diversity, on=[*by, K], how="inner")
     names = [*PER_USER_METRICS, *CATALOG_METRICS]
     pairs = ", ".join(f"'{m}', cast({m} as double)" for m in names)
