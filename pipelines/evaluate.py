@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -494,10 +495,19 @@ def run_replay(
 
 
 def report_dir(config: ShelfConfig, run_id: str) -> Path:
-    base = (
-        Path(config.storage.report_dir) if config.storage.report_dir else Path(config.storage.root).parent / "reports"
-    )
-    return base / run_id
+    """The local folder of a run's report: storage.report_dir, else `reports/` beside a local storage root.
+
+    The report (markdown + PNG) is written with local file IO, so a remote root (s3a://, abfss://, hdfs://,
+    dbfs:/) gets `./reports` under the working directory unless storage.report_dir names a mounted path.
+    """
+    if config.storage.report_dir:
+        return Path(config.storage.report_dir) / run_id
+    root = urlparse(config.storage.root)
+    if root.scheme == "file":
+        return Path(root.path).parent / "reports" / run_id
+    if root.scheme and len(root.scheme) > 1:  # a URI; a one-letter scheme is a Windows drive
+        return Path("reports") / run_id
+    return Path(config.storage.root).parent / "reports" / run_id
 
 
 def write_report(rows: list[dict[str, object]], config: ShelfConfig, ctx: RunContext, sizes: dict[str, float]) -> Path:

@@ -165,3 +165,20 @@ def test_als_beats_popularity_on_generated_shop_data(spark: SparkSession, tmp_pa
     value = {(r.model, r.metric): r.value for r in tables.read(spark, config, "gold", "metrics").collect()}
     assert value[("als", "ndcg")] > 1.2 * value[("popularity", "ndcg")]
     assert value[("als", "recall")] > value[("popularity", "recall")]
+
+
+@pytest.mark.parametrize(
+    ("root", "report_dir", "expected"),
+    [
+        ("/data/shelf/tables", None, "/data/shelf/reports/r1"),
+        ("file:/data/shelf/tables", None, "/data/shelf/reports/r1"),
+        ("s3a://bucket/shelf/tables", None, "reports/r1"),  # not "s3a:/bucket/shelf/reports"
+        ("abfss://c@acct.dfs.core.windows.net/shelf", None, "reports/r1"),
+        ("s3a://bucket/shelf/tables", "/dbfs/reports", "/dbfs/reports/r1"),
+    ],
+)
+def test_report_dir_is_local_even_for_a_remote_storage_root(
+    tmp_path: Path, root: str, report_dir: str | None, expected: str
+) -> None:
+    config = _with(make_test_config(tmp_path), "storage", root=root, report_dir=report_dir)
+    assert evaluate.report_dir(config, "r1") == Path(expected)
