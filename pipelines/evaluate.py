@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Literal, cast
 from urllib.parse import urlparse
 
 from pyspark.ml.recommendation import ALSModel
@@ -75,7 +76,7 @@ def split_pairs(interactions: DataFrame, evaluate: EvaluateConfig, ctx: RunConte
     pairs = to_pairs(interactions)
     if evaluate.protocol == "leave_last":
         return leave_last_n_split(pairs, n=evaluate.leave_last_n)
-    by = "user" if evaluate.protocol == "random_user" else "item"
+    by: Literal["user", "item"] = "user" if evaluate.protocol == "random_user" else "item"
     return random_stratified_split(pairs, ratio=1.0 - evaluate.test_ratio, seed=evaluate.seed, by=by)
 
 
@@ -91,7 +92,8 @@ def to_relevant(train: DataFrame, test: DataFrame) -> DataFrame:
 
 def _max_seen(train: DataFrame, users: DataFrame) -> int:
     own = train.select(USER_IDX, ITEM_IDX).distinct().join(users, on=USER_IDX, how="inner")
-    return int(own.groupBy(USER_IDX).count().agg(F.max("count")).first()[0] or 0)
+    most = own.groupBy(USER_IDX).count().agg(F.max("count")).first()
+    return int((most[0] if most is not None else 0) or 0)
 
 
 def recommend_popular(item_scores: DataFrame, users: DataFrame, train: DataFrame, k: int) -> DataFrame:
@@ -392,6 +394,59 @@ def replay_rerank(
     )
 
 
+@dataclass(frozen=True)
+class ReplayLists:
+    """Every model's top-k lists on one window, (model, user_idx, item_idx, score, rank), cached: `release` them."""
+
+    models: tuple[str, ...]
+    combined: DataFrame
+    parts: tuple[DataFrame, ...]
+    held: tuple[Reranked, ...]
+
+    def release(self) -> None:
+        for recs in self.parts:
+            recs.unpersist()
+        for done in self.held:
+            done.unpersist()
+
+
+def replay_lists(
+    spark: SparkSession,
+    window: ReplayWindow,
+    config: ShelfConfig,
+    item_index: DataFrame,
+    catalog: DataFrame | None,
+    models: dict[str, RerankConfig | None],
+    k: int,
+) -> ReplayLists:
+    """Top-k lists of each named model, built once; a name mapped to a RerankConfig is ALS + that re-rank."""
+    parts, held = [], []
+    for name, rr in models.items():
+        if rr is not None:
+            done = replay_rerank(spark, window, rr, item_index, catalog, k, recommend=config.recommend)
+            held.append(done)
+            recs = done.rows.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(metrics.SCORE), RANK)
+        else:
+            recs = replay_baseline(name, window, config.evaluate, k)
+        recs = recs.withColumn(MODEL, F.lit(name)).cache()
+        recs.count()
+        parts.append(recs)
+    combined = parts[0]
+    for recs in parts[1:]:
+        combined = combined.unionByName(recs)
+    return ReplayLists(tuple(models), combined, tuple(parts), tuple(held))
+
+
+def score_replay_lists(spark: SparkSession, window: ReplayWindow, lists: ReplayLists, ks: list[int]) -> DataFrame:
+    """Metric rows (model, metric, k, value) of the lists; diversity uses the ALS item factors fitted at T."""
+    factors = window.model.itemFactors.select(F.col("id").cast("int").alias(ITEM_IDX), F.col(FEATURES))
+    named = spark.createDataFrame([(m,) for m in lists.models], f"{MODEL} string")  # a model with no list scores 0
+    scored = metrics.ranking_metrics(
+        lists.combined, window.relevant, window.train, ks, by=[MODEL], item_factors=factors, groups=named
+    )
+    return spark.createDataFrame(scored.collect(), scored.schema)  # models x metrics x ks rows
+
+
 def replay_metrics(
     spark: SparkSession,
     window: ReplayWindow,
@@ -403,32 +458,13 @@ def replay_metrics(
 ) -> DataFrame:
     """Metric rows (model, metric, k, value) of `models` on one window; `als_rerank` uses `rerank_config`."""
     ks = cutoffs(config.evaluate)
-    lists, held = [], []
-    for name in models:
-        if name == ALS_RERANK:
-            rr = rerank_config or config.rerank
-            done = replay_rerank(spark, window, rr, item_index, catalog, max(ks), recommend=config.recommend)
-            held.append(done)
-            recs = done.rows.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(metrics.SCORE), RANK)
-        else:
-            recs = replay_baseline(name, window, config.evaluate, max(ks))
-        recs = recs.withColumn(MODEL, F.lit(name)).cache()
-        recs.count()
-        lists.append(recs)
-    combined = lists[0]
-    for recs in lists[1:]:
-        combined = combined.unionByName(recs)
-    factors = window.model.itemFactors.select(F.col("id").cast("int").alias(ITEM_IDX), F.col(FEATURES))
-    named = spark.createDataFrame([(m,) for m in models], f"{MODEL} string")  # a model with no list scores 0
-    scored = metrics.ranking_metrics(
-        combined, window.relevant, window.train, ks, by=[MODEL], item_factors=factors, groups=named
-    )  # diversity: cosine of the ALS item factors fitted at T
-    table = spark.createDataFrame(scored.collect(), scored.schema)  # models x metrics x ks rows
-    for recs in lists:
-        recs.unpersist()
-    for done in held:
-        done.unpersist()
-    return table
+    rr = rerank_config or config.rerank
+    named = {name: (rr if name == ALS_RERANK else None) for name in models}
+    lists = replay_lists(spark, window, config, item_index, catalog, named, max(ks))
+    try:
+        return score_replay_lists(spark, window, lists, ks)
+    finally:
+        lists.release()
 
 
 def replay_models(evaluate: EvaluateConfig) -> list[str]:
@@ -523,7 +559,10 @@ def write_report(rows: list[dict[str, object]], config: ShelfConfig, ctx: RunCon
     present = {str(r[MODEL]) for r in rows}
     models = [m for m in (*config.evaluate.models, *REPLAY_EXTRA_MODELS) if m in present]
     names = [*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS]
-    value = {(str(r[MODEL]), str(r[metrics.METRIC]), int(r[metrics.K])): float(r[metrics.METRIC_VALUE]) for r in rows}  # type: ignore[arg-type]
+    value = {
+        (str(r[MODEL]), str(r[metrics.METRIC]), cast(int, r[metrics.K])): cast(float, r[metrics.METRIC_VALUE])
+        for r in rows
+    }
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(1, len(models))

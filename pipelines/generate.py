@@ -100,9 +100,9 @@ def make_shop(cfg: GenerateConfig, end: datetime, rng: np.random.Generator) -> S
 
 def _sample_rows(cdf: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """For each entry of `rows`, draw a column index from that row's cumulative distribution."""
-    draws = rng.random(rows.shape[0])
+    draws = np.asarray(rng.random(rows.shape[0]))
     picked = (cdf[rows] < draws[:, None]).sum(axis=1)
-    return np.minimum(picked, cdf.shape[1] - 1)
+    return np.asarray(np.minimum(picked, cdf.shape[1] - 1))
 
 
 def _sample_items_in_category(shop: Shop, categories: np.ndarray, rng: np.random.Generator, n_cats: int) -> np.ndarray:

@@ -57,8 +57,8 @@ def validation_ndcg(
         train_pairs.select(USER_IDX).distinct(), on=USER_IDX, how="inner"
     )
     recs = als_recommend(model, relevant.select(USER_IDX), train_pairs, k)
-    mean = metrics.per_user_metrics(recs, relevant, [k]).agg(F.avg("ndcg")).first()[0]
-    return float(mean or 0.0)
+    row = metrics.per_user_metrics(recs, relevant, [k]).agg(F.avg("ndcg")).first()
+    return float(row[0] or 0.0) if row is not None else 0.0
 
 
 def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunContext) -> tuple[DataFrame, AlsParams]:

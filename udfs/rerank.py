@@ -248,7 +248,7 @@ def _group_rank(*keys: npt.NDArray[Any]) -> IntArray:
         change |= key[1:] != key[:-1]
     starts = np.r_[0, np.flatnonzero(change) + 1]
     lengths = np.diff(np.r_[starts, n])
-    return np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
+    return np.asarray(np.arange(n, dtype=np.int64) - np.repeat(starts, lengths), dtype=np.int64)
 
 
 def _segment_reduce(

@@ -119,7 +119,8 @@ def als_recommend(model: ALSModel, users: DataFrame, seen: DataFrame, k: int) ->
     """
     targets = users.select(USER_IDX).distinct()
     own = seen.select(USER_IDX, ITEM_IDX).distinct().join(targets, on=USER_IDX, how="inner")
-    max_seen = own.groupBy(USER_IDX).count().agg(F.max("count")).first()[0] or 0
+    most = own.groupBy(USER_IDX).count().agg(F.max("count")).first()
+    max_seen = (most[0] if most is not None else 0) or 0
     items = model.itemFactors.count()
     pool = int(min(items, k + max_seen))
     exploded = model.recommendForUserSubset(targets, pool).select(

@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import metrics, tables
@@ -125,7 +126,7 @@ def metrics_at_k(spark: SparkSession, config: ShelfConfig, run_id: str, k: int |
     """gold.metrics of a run at cut-off k (default evaluate.k) as a model x metric table."""
     cut = config.evaluate.k if k is None else k
     rows = table(spark, config, "gold", "metrics", run_id).filter(F.col(metrics.K) == cut)
-    frame = rows.select(MODEL, metrics.METRIC, metrics.METRIC_VALUE).toPandas()  # models x metrics: a few dozen
+    frame = cast(pd.DataFrame, rows.select(MODEL, metrics.METRIC, metrics.METRIC_VALUE).toPandas())  # a few dozen
     if frame.empty:
         raise InputDataError(f"gold.metrics has no rows for run {run_id} at k={cut}; run 'shelf evaluate' first.")
     return frame.pivot(index=MODEL, columns=metrics.METRIC, values=metrics.METRIC_VALUE)
@@ -227,7 +228,7 @@ def _interactions(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> 
     return table(spark, config, "silver", "interactions", ctx.run_id)
 
 
-def _fresh_window(config: ShelfConfig, ctx: RunContext) -> F.Column:
+def _fresh_window(config: ShelfConfig, ctx: RunContext) -> Column:
     start = ctx.as_of - timedelta(days=config.rerank.fresh_days)
     return (F.col(EVENT_TS) >= F.lit(start)) & (F.col(EVENT_TS) < F.lit(ctx.as_of))
 

@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pipelines.core.config import ShelfConfig, load_config
 from pipelines.core.errors import ShelfError
@@ -35,6 +35,12 @@ STREAMING: dict[str, str] = {"stream": "pipelines.stream"}
 ADMIN = ("rollback", "forget")
 
 StepRun = Callable[[Any, ShelfConfig, RunContext], Any]
+
+
+class StepMain(Protocol):
+    """A step's console-script entry point: argv defaults to sys.argv[1:]."""
+
+    def __call__(self, argv: list[str] | None = None) -> int: ...
 
 
 def step_function(step: str) -> StepRun | None:
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
-def step_main(step: str) -> Callable[[list[str] | None], int]:
+def step_main(step: str) -> StepMain:
     """A spark-submit / console-script entry point for one step: `shelf <step> ARGS`."""
 
     def entry(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -157,7 +158,7 @@ def collect_neighbours(neighbours: DataFrame | None) -> tuple[np.ndarray, np.nda
     """(item, neighbour, score) arrays of the neighbour lists (catalogue x top-N rows: the model), or None."""
     if neighbours is None:
         return None
-    pdf = neighbours.select(ITEM_IDX, NEIGHBOUR_IDX, SCORE).toPandas()
+    pdf = cast(pd.DataFrame, neighbours.select(ITEM_IDX, NEIGHBOUR_IDX, SCORE).toPandas())
     return (
         pdf[ITEM_IDX].to_numpy(dtype=np.int64),
         pdf[NEIGHBOUR_IDX].to_numpy(dtype=np.int64),
@@ -175,7 +176,7 @@ def build_item_table(attributes: DataFrame, neighbours: DataFrame | None = None)
     Raises:
         InputDataError: no item has factors (train has not run on these items).
     """
-    pdf = attributes.orderBy(ITEM_IDX).toPandas()
+    pdf = cast(pd.DataFrame, attributes.orderBy(ITEM_IDX).toPandas())
     with_factors = pdf[FEATURES].dropna()
     if with_factors.empty:
         raise InputDataError("No item of silver.item_index has factors in gold.item_factors; run 'shelf train' first.")
