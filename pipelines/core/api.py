@@ -79,15 +79,11 @@ def run_pipeline(
     if skip_if_done and _has_run(spark, config, "gold", "recommendations", ctx.run_id):
         return []
     if config.source.preset == "synthetic" and not Path(config.source.path).exists():
-        generate = step_function("generate")
-        assert generate is not None
-        generate(spark, config, ctx)
+        step_function("generate")(spark, config, ctx)
     ran: list[str] = []
     for name in (s for s in STEPS if s in chosen):
-        fn = step_function(name)
-        if fn is not None:
-            fn(spark, config, ctx)
-            ran.append(name)
+        step_function(name)(spark, config, ctx)
+        ran.append(name)
     return ran
 
 

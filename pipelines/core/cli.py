@@ -43,16 +43,11 @@ class StepMain(Protocol):
     def __call__(self, argv: list[str] | None = None) -> int: ...
 
 
-def step_function(step: str) -> StepRun | None:
-    """The `run` function of a step, or None when that step is not built yet."""
-    module_name = STEPS.get(step) or STREAMING.get(step) or TOOLS[step]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
-    return getattr(module, "run", None)
+def step_function(step: str) -> StepRun:
+    """The `run` function of a step (its module is imported on first use, so `shelf generate` needs no Spark)."""
+    module = importlib.import_module(STEPS.get(step) or STREAMING.get(step) or TOOLS[step])
+    run: StepRun = module.run
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,32 +85,23 @@ def setup_logging() -> None:
 
 
 def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
-    """Run one step, or every built step in order for `run`. Returns the exit code."""
+    """Run one step, or every step in order for `run`. Returns the exit code."""
     from pipelines.core.session import get_spark
 
-    log = logging.getLogger("shelf")
     if command in TOOLS:  # generating demo data needs no Spark
-        fn = step_function(command)
-        assert fn is not None
-        fn(None, config, ctx)
+        step_function(command)(None, config, ctx)
         return 0
     spark = get_spark(config)
     if command == "run":
         from pathlib import Path
 
         if config.source.preset == "synthetic" and not Path(config.source.path).exists():
-            generate = step_function("generate")
-            assert generate is not None
-            generate(spark, config, ctx)
+            step_function("generate")(spark, config, ctx)
         names = list(STEPS)
     else:
         names = [command]
     for name in names:
-        fn = step_function(name)
-        if fn is None:
-            log.warning("[%s] is not built yet in this version of shelf; skipped", name)
-            continue
-        fn(spark, config, ctx)
+        step_function(name)(spark, config, ctx)
     return 0
 
 
