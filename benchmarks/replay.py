@@ -1,29 +1,36 @@
 """Does re-ranking with fresh behaviour help? The temporal replay protocol on one or more datasets.
 
-    .venv/bin/python -u -m benchmarks.replay \\
+    .venv/bin/python -u -m benchmarks.replay --test-windows 4 --paired \\
         --data demo=conf/local.yaml@.data/tables@2026-11-01 \\
-        --data retail=conf/online_retail.yaml@.data/online-retail-tables@2011-12-10 [--tune]
+        --data retail=conf/online_retail.yaml@.data/online-retail-tables@2011-12-10@6 [--tune]
 
-Each `--data NAME=CONF@STORAGE_ROOT@AS_OF` names a config overlay, the storage root holding its
-silver tables (run `shelf ingest` and `shelf clean` first) and the as_of that ends its test window.
-Windows (pipelines/evaluate.py, protocol `replay`): ALS trains before T, [T, T + d) is the fresh
-behaviour the re-rank sees, the test window is [T + d, as_of), with d = evaluate.replay_fresh_days and
-h = evaluate.replay_horizon_days. Items a user touched before T + d are neither relevant nor listed.
+Each `--data NAME=CONF@STORAGE_ROOT@AS_OF[@N]` names a config overlay, the storage root holding its
+silver tables (run `shelf ingest` and `shelf clean` first), the as_of that ends its latest test window
+and, optionally, its number of test windows (default `--test-windows`, default 1). A window
+(pipelines/evaluate.py, protocol `replay`) ending at E has T = E - h - d: ALS trains before T, [T, T + d)
+is the fresh behaviour the re-rank sees, the scored days are [T + d, E), with d = evaluate.replay_fresh_days
+and h = evaluate.replay_horizon_days. Items a user touched before T + d are neither relevant nor listed.
+Test window i (i = 0 .. N - 1) ends at as_of - i x h, so the scored days of consecutive windows tile
+[as_of - N x h, as_of) without overlap; each window has its own T, ALS fit and fresh window.
 
-With `--tune`, the re-rank parameters are tuned on the *validation* window (the one ending at
-as_of - h, so its test window precedes the reported one) by greedy coordinate search (`GRID`, two
-rounds) on the mean over datasets of NDCG@k(ALS + re-rank) / NDCG@k(ALS); the test window is then
-scored with both the configured and the tuned parameters. Tuning builds each validation window's
-kernel input once (the same frames `rerank_candidates` builds: candidates, fresh events, item table
-with the co-occurrence lists), caches it with each user's relevant items, and scores all values of
+With `--tune`, the re-rank parameters are tuned on `--validation-windows` validation windows, the j-th
+ending at as_of - (N + j) x h: the latest ends at the earliest test window's T + d, so no scored test day
+is used for tuning. Greedy coordinate search (`GRID`, three rounds) on the mean over datasets of the pooled
+NDCG@k(ALS + re-rank) / NDCG@k(ALS) over that dataset's validation windows. Tuning builds each validation
+window's kernel input once (the same frames `rerank_candidates` builds: candidates, fresh events, item
+table with the co-occurrence lists), caches it with each user's relevant items, and scores all values of
 one coordinate in a single `mapInPandas` pass (kernel + NDCG@k per user, summed per value), so a
-coordinate costs one Spark job, not one replay each. NDCG@k of ALS comes from the regular replay.
-Prints markdown tables: every model at k, and the lift.
+coordinate costs one Spark job, not one replay each. The test windows are then scored with both the
+configured (`als_rerank`) and the tuned (`als_rerank_tuned`) parameters.
 
-With `--paired`, it prints instead, per dataset, the test window's NDCG@k lift of the configured
-re-rank over ALS with a paired bootstrap 95% interval over the scored users (2,000 resamples, seed 0)
-and how many users gain, lose or tie; that needs one NDCG value per scored user on the driver (a
-few hundred floats here: a benchmark's read-out, not a pipeline step).
+Every model's lists are built once per test window. It prints, per dataset, the windows' days, NDCG@k per
+window and model, and the pooled table: per-user metrics averaged over all scored (window, user) pairs,
+catalog metrics (coverage, novelty, diversity) averaged over windows. With `--paired` it adds the NDCG@k
+lift of each re-rank over ALS per window and pooled, with a 95% percentile interval from a cluster
+bootstrap by user (users resampled with replacement, each carrying all their windows; 2,000 resamples,
+seed 0) and how many (window, user) pairs gain, lose or tie; that brings one NDCG value per scored
+(window, user) pair and model to the driver (a few thousand floats: a benchmark's read-out, not a
+pipeline step).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import argparse
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -45,7 +52,7 @@ from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 from pipelines import evaluate as ev
 from pipelines.core import metrics, reranking, tables
 from pipelines.core.cli import setup_logging
-from pipelines.core.config import RerankConfig, ShelfConfig, load_config
+from pipelines.core.config import EvaluateConfig, RerankConfig, ShelfConfig, load_config
 from pipelines.core.reranking import read_catalog
 from pipelines.core.runs import parse_as_of
 from pipelines.core.schemas import ITEM_IDX, USER_IDX
@@ -53,6 +60,7 @@ from pipelines.core.session import get_spark
 from udfs.rerank import ItemTable, RerankParams, rerank
 
 SHOWN = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage", "novelty", "diversity")
+TUNED = "als_rerank_tuned"
 # Greedy coordinate search: each key's values are tried in turn, keeping the best so far.
 GRID: list[tuple[str, list[Any]]] = [
     ("category_cap", [None, 3, 5]),
@@ -60,15 +68,17 @@ GRID: list[tuple[str, list[Any]]] = [
     ("weights.cooc_sum", [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]),
     ("weights.cooc_max", [0.0, 0.5, 1.0, 2.0, 4.0]),
     ("alpha", [0.0, 0.25, 0.5, 1.0]),
-    ("half_life_days", [1.0, 2.0, 4.0, 8.0]),
-    ("fresh_days", [7.0, 14.0, 28.0]),
-    ("weights.session", [0.0, 0.5, 1.0]),
+    ("half_life_days", [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]),
+    ("fresh_days", [7.0, 14.0, 28.0, 56.0, 112.0]),
+    ("weights.session", [0.0, 0.5, 1.0, 2.0, 4.0]),
     ("weights.max_cosine", [0.0, 0.5, 1.0]),
     ("weights.mean_cosine", [0.0, 0.25]),
-    ("weights.popularity", [0.0, 0.2, 0.5]),
+    ("weights.popularity", [0.0, 0.2, 0.5, 1.0, 2.0]),
 ]
-ROUNDS = 2
+ROUNDS = 3
+RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 RELEVANT, VALUE, NDCG_SUM = "_relevant", "_value", "_ndcg_sum"
+WINDOW = "window"
 GRID_SCHEMA = StructType([StructField(VALUE, IntegerType(), False), StructField(NDCG_SUM, DoubleType(), False)])
 
 
@@ -77,13 +87,99 @@ class Dataset:
     name: str
     config: ShelfConfig
     as_of_text: str
+    test_windows: int = 1
 
 
-def parse_data(text: str) -> Dataset:
+def parse_data(text: str, test_windows: int = 1) -> Dataset:
+    """NAME=CONF@STORAGE_ROOT@AS_OF[@N] -> a dataset with N (default `test_windows`) test windows."""
     name, rest = text.split("=", 1)
-    conf, root, as_of = rest.split("@")
+    conf, root, as_of, *windows = rest.split("@")
     config = load_config(conf, [f"storage.root={root}", "spark.master=local[2]", "spark.driver_memory=3g"])
-    return Dataset(name, config, as_of)
+    return Dataset(name, config, as_of, int(windows[0]) if windows else test_windows)
+
+
+@dataclass(frozen=True)
+class WindowSpan:
+    """One replay window's days: ALS trains before `cut` (T), the fresh window is [T, T + d), scored [T + d, end)."""
+
+    cut: datetime
+    fresh_end: datetime
+    end: datetime
+
+    def describe(self) -> str:
+        return f"ALS before {self.cut:%Y-%m-%d}, fresh [{self.cut:%Y-%m-%d}, {self.fresh_end:%Y-%m-%d}), " + (
+            f"scored [{self.fresh_end:%Y-%m-%d}, {self.end:%Y-%m-%d})"
+        )
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """Test windows (latest first) and validation windows (latest first) of one dataset."""
+
+    test: list[WindowSpan]
+    validation: list[WindowSpan]
+
+
+def replay_plan(
+    evaluate: EvaluateConfig, as_of: datetime, test_windows: int, validation_windows: int = 1
+) -> ReplayPlan:
+    """Test window i ends at as_of - i x h (i < N); validation window j at as_of - (N + j) x h, so the latest
+    validation window's scored days end where the earliest test window's scored days begin (its T + d).
+
+    Raises:
+        ValueError: fewer than one test or validation window.
+    """
+    if test_windows < 1 or validation_windows < 1:
+        raise ValueError(
+            f"Need at least one test and one validation window, got {test_windows} and "
+            f"{validation_windows}; pass --test-windows 1 or more."
+        )
+
+    def span(i: int) -> WindowSpan:
+        end = as_of - timedelta(days=i * evaluate.replay_horizon_days)
+        cut, fresh_end = ev.replay_cuts(evaluate, end)
+        return WindowSpan(cut, fresh_end, end)
+
+    return ReplayPlan(
+        [span(i) for i in range(test_windows)],
+        [span(test_windows + j) for j in range(validation_windows)],
+    )
+
+
+@dataclass(frozen=True)
+class Lift:
+    """Relative lift of sum(other) / sum(base) - 1 with its bootstrap interval and the per-pair signs."""
+
+    lift: float
+    low: float
+    high: float
+    gain: int
+    lose: int
+    tie: int
+
+    def describe(self) -> str:
+        return f"{self.lift:+.1%} [{self.low:+.1%}, {self.high:+.1%}] | {self.gain} / {self.lose} / {self.tie}"
+
+
+def cluster_bootstrap(
+    users: np.ndarray, base: np.ndarray, other: np.ndarray, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> Lift:
+    """Lift of mean(other) over mean(base) across (window, user) pairs, 95% percentile interval from resampling
+    users with replacement, each user carrying all of their pairs (a cluster bootstrap: a user's windows are
+    not independent). With one pair per user it is the plain paired bootstrap.
+
+    Args:
+        users: the user of each pair; base, other: the two models' metric for that pair (same length).
+    """
+    codes, inverse = np.unique(users, return_inverse=True)
+    base_sum = np.bincount(inverse, weights=base, minlength=codes.size)
+    other_sum = np.bincount(inverse, weights=other, minlength=codes.size)
+    picks = np.random.default_rng(seed).integers(0, codes.size, size=(resamples, codes.size))
+    base_draw, other_draw = base_sum[picks].sum(axis=1), other_sum[picks].sum(axis=1)
+    ok = base_draw > 0  # a resample with no ALS hit at all has no ratio
+    low, high = np.percentile(other_draw[ok] / base_draw[ok] - 1.0, [2.5, 97.5])
+    gain, lose = int(np.sum(other > base)), int(np.sum(other < base))
+    return Lift(float(other.sum() / base.sum() - 1.0), float(low), float(high), gain, lose, base.size - gain - lose)
 
 
 def with_value(rerank: RerankConfig, key: str, value: Any) -> RerankConfig:
@@ -130,28 +226,18 @@ def grid_batches(
         yield pd.DataFrame({VALUE: np.arange(len(trials), dtype=np.int32), NDCG_SUM: np.asarray(sums)})
 
 
-def bootstrap_lift(als: np.ndarray, reranked: np.ndarray, resamples: int = 2000, seed: int = 0) -> str:
-    """'lift [2.5%, 97.5%] of mean(reranked) / mean(als) - 1 over users resampled in pairs; gain/lose/tie'."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, als.size, size=(resamples, als.size))
-    lifts = reranked[picks].mean(axis=1) / als[picks].mean(axis=1) - 1.0
-    low, high = np.percentile(lifts, [2.5, 97.5])
-    gain, lose = int(np.sum(reranked > als)), int(np.sum(reranked < als))
-    lift = reranked.mean() / als.mean() - 1.0
-    return f"{lift:+.1%} [{low:+.1%}, {high:+.1%}]; users gaining {gain}, losing {lose}, tied {als.size - gain - lose}"
-
-
 class Window:
-    """One dataset's replay window, ALS fitted once; scores any re-rank config on it."""
+    """One dataset's replay window ending at `span.end`, ALS fitted once; scores any re-rank config on it."""
 
-    def __init__(self, spark: SparkSession, data: Dataset, end_shift_days: float) -> None:
-        self.spark, self.data = spark, data
-        self.as_of = parse_as_of(data.as_of_text) - timedelta(days=end_shift_days)
+    def __init__(self, spark: SparkSession, data: Dataset, span: WindowSpan, label: str) -> None:
+        self.spark, self.data, self.span, self.label = spark, data, span, label
+        self.as_of = span.end
         interactions = tables.read(spark, data.config, "silver", "interactions")
         self.window = ev.prepare_replay(spark, interactions, data.config, self.as_of)
         self.item_index = tables.read(spark, data.config, "silver", "item_index")
         self.catalog = read_catalog(spark, data.config)
         self.users = self.window.users.count()
+        print(f"  {data.name} {label}: {span.describe()}, {self.users} users scored", flush=True)
 
         self._rows: DataFrame | None = None
         self._tables: Broadcast[dict[float, ItemTable]] | None = None
@@ -161,6 +247,28 @@ class Window:
             self.spark, self.window, self.data.config, self.item_index, self.catalog, models, rerank
         )
         return values_at(table, self.data.config.evaluate.k)
+
+    def score_lists(
+        self, models: dict[str, RerankConfig | None], paired: bool
+    ) -> tuple[dict[tuple[str, str], float], pd.DataFrame | None]:
+        """Every model's metrics at k from lists built once, and (with `paired`) NDCG@k per scored user of ALS
+        and of each re-rank: columns user_idx, model..., one row per user."""
+        cfg, k = self.data.config, self.data.config.evaluate.k
+        ks = ev.cutoffs(cfg.evaluate)
+        lists = ev.replay_lists(self.spark, self.window, cfg, self.item_index, self.catalog, models, max(ks))
+        try:
+            values = values_at(ev.score_replay_lists(self.spark, self.window, lists, ks), k)
+            if not paired:
+                return values, None
+            names = [ev.ALS_MODEL, *[m for m, rr in models.items() if rr is not None]]
+            groups = self.spark.createDataFrame([(m,) for m in names], f"{ev.MODEL} string")
+            recs = lists.combined.filter(F.col(ev.MODEL).isin(names))
+            per_user = metrics.per_user_metrics(recs, self.window.relevant, [k], by=[ev.MODEL], groups=groups)
+            pdf = per_user.select(ev.MODEL, USER_IDX, "ndcg").toPandas()  # scored users x models rows
+        finally:
+            lists.release()
+        wide = pdf.pivot(index=USER_IDX, columns=ev.MODEL, values="ndcg").fillna(0.0).reset_index()
+        return values, wide
 
     def prepare_grid(self, rr: RerankConfig, fresh_days: list[float]) -> None:
         """Cache the kernel input of this window (as `replay_rerank` builds it) with each user's relevant
@@ -187,7 +295,7 @@ class Window:
         relevant = self.window.relevant.groupBy(USER_IDX).agg(F.collect_list(ITEM_IDX).alias(RELEVANT))
         rows = reranking.to_user_rows(candidates, user_factors, events).join(relevant, on=USER_IDX, how="inner")
         self._rows = rows.repartition(4, USER_IDX).cache()
-        print(f"  {self.data.name}: {self._rows.count()} user rows cached for tuning", flush=True)
+        print(f"  {self.data.name} {self.label}: {self._rows.count()} user rows cached for tuning", flush=True)
 
     def grid_ndcg(self, trials: list[RerankConfig]) -> list[float]:
         """Mean NDCG@k over the scored users (no list counts 0) of each trial, in one Spark pass."""
@@ -204,20 +312,6 @@ class Window:
         got = {int(r[VALUE]): float(r[NDCG_SUM]) for r in sums}
         return [got.get(i, 0.0) / self.users for i in range(len(trials))]
 
-    def paired(self, rr: RerankConfig) -> str:
-        """The re-rank's NDCG@k lift over ALS with a paired bootstrap interval (see the module doc)."""
-        k, cfg = self.data.config.evaluate.k, self.data.config
-        als = ev.replay_baseline(ev.ALS_MODEL, self.window, cfg.evaluate, k).select(USER_IDX, ITEM_IDX, ev.RANK)
-        done = ev.replay_rerank(self.spark, self.window, rr, self.item_index, self.catalog, k, recommend=cfg.recommend)
-        lists = als.withColumn(ev.MODEL, F.lit(ev.ALS_MODEL)).unionByName(
-            done.rows.select(USER_IDX, ITEM_IDX, ev.RANK).withColumn(ev.MODEL, F.lit(ev.ALS_RERANK))
-        )
-        per_user = metrics.per_user_metrics(lists, self.window.relevant, [k], by=[ev.MODEL])
-        pdf = per_user.select(ev.MODEL, USER_IDX, "ndcg").toPandas()  # scored users x 2 rows
-        done.unpersist()
-        wide = pdf.pivot(index=USER_IDX, columns=ev.MODEL, values="ndcg").fillna(0.0)
-        return bootstrap_lift(wide[ev.ALS_MODEL].to_numpy(), wide[ev.ALS_RERANK].to_numpy())
-
     def release(self) -> None:
         if self._rows is not None:
             self._rows.unpersist()
@@ -225,20 +319,37 @@ class Window:
 
 
 def tune(windows: list[Window], start: RerankConfig, check: bool = False) -> RerankConfig:
-    """Greedy coordinate search on the validation windows; returns the best re-rank config found."""
+    """Greedy coordinate search on the validation windows; returns the best re-rank config found.
+
+    The objective is the mean over datasets of the pooled NDCG@k ratio to ALS over that dataset's windows
+    (NDCG summed over all scored (window, user) pairs, re-rank over ALS)."""
+    names = list(dict.fromkeys(w.data.name for w in windows))
     base = [w.score([ev.ALS_MODEL])[(ev.ALS_MODEL, "ndcg")] for w in windows]
     fresh_days = [start.fresh_days, *dict(GRID).get("fresh_days", [])]
     for w, b in zip(windows, base, strict=True):
-        print(f"validation {w.data.name}: ALS NDCG@{w.data.config.evaluate.k} = {b:.4f}, {w.users} users", flush=True)
+        print(f"{w.data.name} {w.label}: ALS NDCG@{w.data.config.evaluate.k} = {b:.4f}, {w.users} users", flush=True)
         w.prepare_grid(start, fresh_days)
 
+    def ratios(per_window: list[list[float]], i: int) -> list[float]:
+        """Pooled ratio per dataset of trial i."""
+        out = []
+        for name in names:
+            own = [j for j, w in enumerate(windows) if w.data.name == name]
+            got = sum(per_window[j][i] * windows[j].users for j in own)
+            als = sum(base[j] * windows[j].users for j in own)
+            out.append(got / als)
+        return out
+
     def objective(trials: list[RerankConfig]) -> list[float]:
-        per_window = [[v / b for v in w.grid_ndcg(trials)] for w, b in zip(windows, base, strict=True)]
-        for trial, ratios in zip(trials, zip(*per_window, strict=True), strict=True):
+        per_window = [w.grid_ndcg(trials) for w in windows]
+        values = []
+        for i, trial in enumerate(trials):
+            by_data = ratios(per_window, i)
             per_dataset[trial.model_dump_json()] = ", ".join(
-                f"{w.data.name} {r:.4f}" for w, r in zip(windows, ratios, strict=True)
+                f"{n} {r:.4f}" for n, r in zip(names, by_data, strict=True)
             )
-        return [sum(r) / len(r) for r in zip(*per_window, strict=True)]
+            values.append(sum(by_data) / len(by_data))
+        return values
 
     per_dataset: dict[str, str] = {}  # trial (as JSON) -> its ratio per dataset, for the log
 
@@ -250,7 +361,9 @@ def tune(windows: list[Window], start: RerankConfig, check: bool = False) -> Rer
         regular = [
             w.score([ev.ALS_RERANK], start)[(ev.ALS_RERANK, "ndcg")] / b for w, b in zip(windows, base, strict=True)
         ]
-        print(f"validation: the same from the regular replay = {sum(regular) / len(regular):.4f}", flush=True)
+        print(
+            f"validation: the same from the regular replay, per window = {[round(r, 4) for r in regular]}", flush=True
+        )
     for round_ in range(ROUNDS):
         for key, values in GRID:
             trials = [t for t in (with_value(best, key, v) for v in values) if t != best]
@@ -272,65 +385,148 @@ def _value_of(rerank: RerankConfig, key: str) -> Any:
     return getattr(rerank, key)
 
 
-def print_table(title: str, window: Window, values: dict[tuple[str, str], float], models: list[str]) -> None:
-    cut, fresh_end = ev.replay_cuts(window.data.config.evaluate, window.as_of)
-    k = window.data.config.evaluate.k
-    print(f"\n### {title}: T = {cut:%Y-%m-%d}, T + d = {fresh_end:%Y-%m-%d}, as_of = {window.as_of:%Y-%m-%d}, ", end="")
-    print(f"{window.users} users scored, k = {k}\n")
+def changes(configured: RerankConfig, tuned: RerankConfig) -> dict[str, Any]:
+    before, after = configured.model_dump(), tuned.model_dump()
+    changed = {k: v for k, v in after.items() if v != before[k] and k != "weights"}
+    changed.update({f"weights.{k}": v for k, v in after["weights"].items() if v != before["weights"][k]})
+    return changed
+
+
+def pooled(values: list[dict[tuple[str, str], float]], users: list[int]) -> dict[tuple[str, str], float]:
+    """Per-user metrics averaged over all scored (window, user) pairs; catalog metrics averaged over windows."""
+    out = {}
+    for key in values[0]:
+        if key[1] in metrics.PER_USER_METRICS:
+            out[key] = sum(v[key] * n for v, n in zip(values, users, strict=True)) / sum(users)
+        else:
+            out[key] = sum(v[key] for v in values) / len(values)
+    return out
+
+
+def print_table(title: str, values: dict[tuple[str, str], float], models: list[str]) -> None:
+    print(f"\n### {title}\n")
     print("| model | " + " | ".join(SHOWN) + " |")
     print("|---|" + "---:|" * len(SHOWN))
     for model in models:
         print(f"| {model} | " + " | ".join(f"{values.get((model, m), float('nan')):.4f}" for m in SHOWN) + " |")
-    als, rr = ev.ALS_MODEL, ev.ALS_RERANK
-    lifts = [values[(rr, m)] / values[(als, m)] - 1 if values.get((als, m)) else float("nan") for m in SHOWN]
-    print("| **re-rank vs ALS** | " + " | ".join(f"{x:+.1%}" for x in lifts) + " |", flush=True)
+    als = ev.ALS_MODEL
+    for rr in (m for m in models if m in (ev.ALS_RERANK, TUNED)):
+        lifts = [values[(rr, m)] / values[(als, m)] - 1 if values.get((als, m)) else float("nan") for m in SHOWN]
+        print(f"| **{rr} vs ALS** | " + " | ".join(f"{x:+.1%}" for x in lifts) + " |", flush=True)
+
+
+def print_windows(
+    data: Dataset, windows: list[Window], values: list[dict[tuple[str, str], float]], models: list[str]
+) -> None:
+    k = data.config.evaluate.k
+    print(f"\n### {data.name}: NDCG@{k} per test window\n")
+    print("| window | scored days | users | " + " | ".join(models) + " |")
+    print("|---|---|---:|" + "---:|" * len(models))
+    for i, (w, v) in enumerate(zip(windows, values, strict=True)):
+        days = f"{w.span.fresh_end:%Y-%m-%d} to {w.span.end:%Y-%m-%d}"
+        print(
+            f"| {i} | {days} | {w.users} | "
+            + " | ".join(f"{v.get((m, 'ndcg'), float('nan')):.4f}" for m in models)
+            + " |"
+        )
+
+
+def print_paired(data: Dataset, windows: list[Window], per_user: list[pd.DataFrame], rerankers: list[str]) -> None:
+    k = data.config.evaluate.k
+    print(
+        f"\n### {data.name}: NDCG@{k} lift over ALS, 95% cluster-bootstrap interval by user; pairs gaining / losing / tied\n"
+    )
+    print("| window | users | " + " | ".join(f"{r}: lift [95%] | gain / lose / tie" for r in rerankers) + " |")
+    print("|---|---:|" + "---|---:|" * len(rerankers))
+    for i, (w, pdf) in enumerate(zip(windows, per_user, strict=True)):
+        lifts = [
+            cluster_bootstrap(pdf[USER_IDX].to_numpy(), pdf[ev.ALS_MODEL].to_numpy(), pdf[r].to_numpy())
+            for r in rerankers
+        ]
+        print(
+            f"| {i} ({w.span.fresh_end:%Y-%m-%d} to {w.span.end:%Y-%m-%d}) | {w.users} | "
+            + " | ".join(x.describe() for x in lifts)
+            + " |"
+        )
+    every = pd.concat(per_user, ignore_index=True)
+    lifts = [
+        cluster_bootstrap(every[USER_IDX].to_numpy(), every[ev.ALS_MODEL].to_numpy(), every[r].to_numpy())
+        for r in rerankers
+    ]
+    users = every[USER_IDX].nunique()
+    print(
+        f"| **pooled** ({len(every)} pairs) | {users} | " + " | ".join(x.describe() for x in lifts) + " |", flush=True
+    )
+
+
+def score_dataset(spark: SparkSession, data: Dataset, models: dict[str, RerankConfig | None], paired: bool) -> None:
+    """Every model on each test window (lists built once per window), then the per-window, pooled and paired tables."""
+    plan = replay_plan(data.config.evaluate, parse_as_of(data.as_of_text), data.test_windows)
+    print(f"\n{data.name}: {data.test_windows} test window(s)", flush=True)
+    windows, values, per_user = [], [], []
+    for i, span in enumerate(plan.test):
+        window = Window(spark, data, span, f"test window {i}")
+        got, wide = window.score_lists(models, paired)
+        window.release()
+        windows.append(window)
+        values.append(got)
+        if wide is not None:
+            per_user.append(wide)
+    names = list(models)
+    print_windows(data, windows, values, names)
+    users = [w.users for w in windows]
+    k = data.config.evaluate.k
+    print_table(
+        f"{data.name}, pooled over {len(windows)} test windows ({sum(users)} scored pairs), k = {k}",
+        pooled(values, users),
+        names,
+    )
+    if paired:
+        print_paired(data, windows, per_user, [m for m, rr in models.items() if rr is not None])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", action="append", required=True, help="NAME=CONF@STORAGE_ROOT@AS_OF")
+    parser.add_argument("--data", action="append", required=True, help="NAME=CONF@STORAGE_ROOT@AS_OF[@N]")
+    parser.add_argument("--test-windows", type=int, default=1, help="consecutive test windows per dataset (default 1)")
+    parser.add_argument("--validation-windows", type=int, default=1, help="with --tune: validation windows per dataset")
     parser.add_argument("--tune", action="store_true", help="tune the re-rank on the validation windows first")
-    parser.add_argument("--models", nargs="+", help="models scored on the test window (default: all)")
+    parser.add_argument("--models", nargs="+", help="models scored on the test windows (default: all)")
     parser.add_argument("--check", action="store_true", help="with --tune: also score the start by the regular replay")
-    parser.add_argument("--paired", action="store_true", help="only the paired bootstrap of NDCG@k, re-rank vs ALS")
+    parser.add_argument("--paired", action="store_true", help="add the NDCG@k lift over ALS with bootstrap intervals")
     args = parser.parse_args()
     setup_logging()
-    datasets = [parse_data(text) for text in args.data]
+    datasets = [parse_data(text, args.test_windows) for text in args.data]
     spark = get_spark(datasets[0].config)
     started = time.perf_counter()
     configured = datasets[0].config.rerank
-    if args.paired:
-        for data in datasets:
-            window = Window(spark, data, 0.0)
-            k = data.config.evaluate.k
-            print(f"{data.name}: NDCG@{k} re-rank vs ALS, {window.users} users: {window.paired(data.config.rerank)}")
-            window.release()
-        print(f"\n{time.perf_counter() - started:.0f} s", flush=True)
-        return
     tuned = None
     if args.tune:
-        validation = [Window(spark, d, d.config.evaluate.replay_horizon_days) for d in datasets]
+        validation = []
+        for data in datasets:
+            plan = replay_plan(
+                data.config.evaluate, parse_as_of(data.as_of_text), data.test_windows, args.validation_windows
+            )
+            first_test_day = plan.test[-1].fresh_end
+            assert all(v.end <= first_test_day for v in plan.validation), "a validation window reaches a test day"
+            validation += [
+                Window(spark, data, span, f"validation window {j}") for j, span in enumerate(plan.validation)
+            ]
         tuned = tune(validation, configured, args.check)
         for w in validation:
             w.release()
-        changed = {k: v for k, v in tuned.model_dump().items() if v != configured.model_dump()[k] and k != "weights"}
-        changed.update(
-            {
-                f"weights.{k}": v
-                for k, v in tuned.weights.model_dump().items()
-                if v != configured.weights.model_dump()[k]
-            }
-        )
-        print(f"\ntuned re-rank (changes from the configured one): {changed}", flush=True)
+        print(f"\ntuned re-rank (changes from the configured one): {changes(configured, tuned)}", flush=True)
+        print(f"tuning took {time.perf_counter() - started:.0f} s", flush=True)
     for data in datasets:
-        window = Window(spark, data, 0.0)
-        models = args.models or ev.replay_models(data.config.evaluate)
-        values = window.score(models, data.config.rerank)
-        print_table(f"{data.name}, configured re-rank", window, values, models)
+        names = args.models or ev.replay_models(data.config.evaluate)
+        models: dict[str, RerankConfig | None] = {
+            m: (data.config.rerank if m == ev.ALS_RERANK else None) for m in names
+        }
         if tuned is not None:
-            values.update(window.score([ev.ALS_RERANK], tuned))
-            print_table(f"{data.name}, tuned re-rank", window, values, models)
-        window.release()
+            models[TUNED] = tuned
+        if args.paired and ev.ALS_MODEL not in models:
+            models = {ev.ALS_MODEL: None, **models}
+        score_dataset(spark, data, models, args.paired)
     print(f"\n{time.perf_counter() - started:.0f} s", flush=True)
 
 

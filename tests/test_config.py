@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipelines.core.config import config_warnings, load_config
+from pipelines.core.config import RerankConfig, config_warnings, load_config
 from pipelines.core.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -24,6 +25,13 @@ def test_required_keys_exist_with_their_names() -> None:
     config = load_config(CONF / "local.yaml")
     assert config.source.preset == "synthetic"
     assert config.source.path and config.storage.root and config.recommend.top_k == 10
+
+
+def test_tuned_rerank_defaults_in_base_yaml_agree_with_the_model_defaults() -> None:
+    # The re-rank's weights were tuned on validation windows (README "Does re-ranking help?"); code that
+    # builds RerankConfig() without a file must get the same values as conf/base.yaml.
+    section = yaml.safe_load((CONF / "base.yaml").read_text())["rerank"]
+    assert RerankConfig.model_validate(section) == RerankConfig()
 
 
 def test_overlay_deep_merges_over_base() -> None:

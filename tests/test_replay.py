@@ -1,5 +1,6 @@
 """The temporal replay protocol of pipelines/evaluate.py on a small hand-built shop: windows, the models
-it compares, and that no list (ALS + re-rank included) recommends an item seen before T + d."""
+it compares, and that no list (ALS + re-rank included) recommends an item seen before T + d; and
+benchmarks/replay.py's consecutive test windows, validation window and cluster bootstrap."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from benchmarks import replay
 from pipelines import evaluate
 from pipelines.core import metrics, tables
-from pipelines.core.config import ShelfConfig
+from pipelines.core.config import RerankConfig, ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA
 from tests.conftest import make_test_config
@@ -171,3 +173,101 @@ def test_replay_run_scores_every_model_and_reports_the_lift(
     summary = (evaluate.report_dir(config, RUN) / "summary.md").read_text(encoding="utf-8")
     assert "| ndcg |" in summary and "als_rerank" in summary and "Replay windows" in summary
     assert (evaluate.report_dir(config, RUN) / "metrics_at_k.png").stat().st_size > 0
+
+
+# benchmarks/replay.py: consecutive test windows, the validation window before them, the cluster bootstrap.
+
+
+def test_test_windows_tile_the_scored_days_and_validation_ends_at_the_first_test_day() -> None:
+    config = make_test_config(Path("/unused"), "evaluate.replay_fresh_days=3", "evaluate.replay_horizon_days=7")
+    plan = replay.replay_plan(config.evaluate, AS_OF, test_windows=3, validation_windows=2)
+    day = timedelta(days=1)
+    assert [s.end for s in plan.test] == [AS_OF, AS_OF - 7 * day, AS_OF - 14 * day]
+    for span in [*plan.test, *plan.validation]:  # each window has its own T and fresh window
+        assert (span.fresh_end, span.cut) == (span.end - 7 * day, span.end - 10 * day)
+    scored = [(s.fresh_end, s.end) for s in plan.test]
+    for (start, end), (prev_start, _) in zip(scored[1:], scored[:-1], strict=True):
+        assert end == prev_start and start < end  # consecutive, never overlapping
+    first_test_day = plan.test[-1].fresh_end
+    assert first_test_day == AS_OF - 21 * day
+    assert plan.validation[0].end == first_test_day  # the latest validation window stops where testing starts
+    assert plan.validation[1].end == first_test_day - 7 * day
+    assert all(v.end <= first_test_day for v in plan.validation)
+    with pytest.raises(ValueError, match="--test-windows"):
+        replay.replay_plan(config.evaluate, AS_OF, test_windows=0)
+
+
+def test_cluster_bootstrap_of_identical_models_is_zero_with_a_zero_width_interval() -> None:
+    users = np.array([1, 2, 3, 1, 2, 3])
+    ndcg = np.array([0.1, 0.0, 0.3, 0.2, 0.5, 0.0])
+    got = replay.cluster_bootstrap(users, ndcg, ndcg.copy())
+    assert (got.lift, got.low, got.high) == (0.0, 0.0, 0.0)
+    assert (got.gain, got.lose, got.tie) == (0, 0, 6)
+
+
+def test_cluster_bootstrap_of_a_model_better_for_every_user_is_above_zero() -> None:
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(50), 3)  # 50 users x 3 windows
+    base = rng.uniform(0.05, 0.5, users.size)
+    got = replay.cluster_bootstrap(users, base, base * 1.2)
+    assert got.lift == pytest.approx(0.2)
+    assert got.low == pytest.approx(0.2) and got.high == pytest.approx(0.2)  # every resample gains 20%
+    noisy = replay.cluster_bootstrap(users, base, base + rng.uniform(0.01, 0.1, users.size))
+    assert 0.0 < noisy.low < noisy.lift < noisy.high and noisy.gain == users.size
+
+
+def test_cluster_bootstrap_resamples_users_with_all_their_windows() -> None:
+    # User 0 gains in three windows, user 1 ties in one. Resampling users, a draw of two has no user 0 with
+    # probability 1/4, so the 2.5% quantile is exactly 0; resampling the four pairs independently, no gain
+    # at all needs all four draws on user 1's pair (1/256), so that interval would sit above 0.
+    users = np.array([0, 0, 0, 1])
+    base = np.ones(4)
+    other = np.array([2.0, 2.0, 2.0, 1.0])
+    got = replay.cluster_bootstrap(users, base, other)
+    assert got.lift == pytest.approx(0.75)  # (6 + 1) / (3 + 1) - 1
+    assert got.low == 0.0 and got.high == 1.0  # both draws user 1: 0; both user 0: 6 / 3 - 1
+    pairs = replay.cluster_bootstrap(np.arange(4), base, other)
+    assert pairs.low > 0.0
+
+
+def test_pooled_metrics_weight_windows_by_their_scored_users() -> None:
+    first = {("als", "ndcg"): 0.2, ("als", "coverage"): 0.4}
+    second = {("als", "ndcg"): 0.5, ("als", "coverage"): 0.6}
+    got = replay.pooled([first, second], [10, 30])
+    assert got[("als", "ndcg")] == pytest.approx((0.2 * 10 + 0.5 * 30) / 40)  # mean over (window, user) pairs
+    assert got[("als", "coverage")] == pytest.approx(0.5)  # a catalog metric: mean over windows
+
+
+def test_data_argument_takes_an_optional_number_of_test_windows() -> None:
+    root = Path(__file__).resolve().parents[1]
+    assert replay.parse_data(f"d={root}/conf/test.yaml@/tmp/x@2026-11-01", 2).test_windows == 2
+    data = replay.parse_data(f"d={root}/conf/test.yaml@/tmp/x@2026-11-01@5", 2)
+    assert (data.name, data.as_of_text, data.test_windows) == ("d", "2026-11-01", 5)
+    assert data.config.storage.root == "/tmp/x"
+
+
+def test_each_test_window_scores_its_own_users_and_the_paired_values_match_the_table(
+    spark: SparkSession, shop: tuple[ShelfConfig, list[Event]]
+) -> None:
+    config, events = shop
+    data = replay.Dataset("shop", config, AS_OF.isoformat(), test_windows=2)
+    plan = replay.replay_plan(config.evaluate, AS_OF, data.test_windows)
+    models: dict[str, RerankConfig | None] = {evaluate.ALS_MODEL: None, evaluate.ALS_RERANK: config.rerank}
+    for span in plan.test:
+        window = replay.Window(spark, data, span, "test")
+        try:
+            values, wide = window.score_lists(models, paired=True)
+        finally:
+            window.release()
+        assert wide is not None
+        # The scored users of this window, from the raw events: trained before its T, a new item in its days.
+        trained = {u for u, _, _, ts in events if ts < span.cut}
+        seen = seen_before(events, span.fresh_end)
+        want = {
+            u
+            for u, i, _, ts in events
+            if span.fresh_end <= ts < span.end and u in trained and i not in seen.get(u, set())
+        }
+        assert set(wide["user_idx"]) == want and window.users == len(want) > 0
+        for model in models:  # the per-user NDCG the bootstrap resamples averages to the table's value
+            assert wide[model].mean() == pytest.approx(values[(model, "ndcg")])

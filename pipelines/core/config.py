@@ -196,19 +196,19 @@ class RecommendConfig(_Section):
 
 class RerankWeights(_Section):
     """Weights of the re-ranking features in the relevance score (udfs/rerank.py). The defaults of the
-    session, cosine, popularity and co-occurrence weights were tuned on a validation replay window
-    (benchmarks/replay.py --tune; README "Does re-ranking help?")."""
+    session, cosine, popularity and co-occurrence weights were tuned on validation replay windows before the
+    test windows (benchmarks/replay.py --tune; README "Does re-ranking help?")."""
 
     als: float = 1.0  # p_u . q_c
-    session: float = 0.0  # s_u . q_c
+    session: float = 0.5  # s_u . q_c (with alpha 0: s_u = p_u, so this adds to the ALS weight)
     max_cosine: float = 0.0  # max cosine of q_c to the user's fresh items
     mean_cosine: float = 0.0
     popularity: float = 0.5  # distinct users in the fresh window / the most popular item's
     promo: float = 0.1  # the promotion boost
     new_arrival: float = 0.1  # the new-arrival boost
     price_fit: float = 0.1  # exp(-|log price - the user's fresh weighted mean log price|), 0 without prices
-    cooc_sum: float = 8.0  # sum over fresh items j of pull_j * co-occurrence sim(j, c) (j's top-N neighbour list)
-    cooc_max: float = 0.5  # max over fresh items j of co-occurrence sim(j, c)
+    cooc_sum: float = 0.5  # sum over fresh items j of pull_j * co-occurrence sim(j, c) (j's top-N neighbour list)
+    cooc_max: float = 2.0  # max over fresh items j of co-occurrence sim(j, c)
 
 
 class RerankConfig(_Section):
@@ -216,8 +216,8 @@ class RerankConfig(_Section):
     max_candidates: int = Field(300, ge=1)  # ALS-proposed per user before the kernel (best first); others too
     max_fresh_events: int = Field(1000, ge=1)  # per user, before the kernel (most recent first)
     fresh_days: float = Field(28.0, gt=0)  # events in [as_of - fresh_days, as_of) are the session
-    half_life_days: float = Field(2.0, gt=0)  # decay of a fresh event's pull on the session vector
-    alpha: float = Field(0.25, ge=0)  # s_u = p_u + alpha * sum_j w(type_j) * 2^(-age_j / half_life) * q_j
+    half_life_days: float = Field(8.0, gt=0)  # decay of a fresh event's pull on the session vector
+    alpha: float = Field(0.0, ge=0)  # s_u = p_u + alpha * sum_j w(type_j) * 2^(-age_j / half_life) * q_j
     event_weights: dict[str, float] = Field(
         default_factory=lambda: {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0, "rating": 1.0}
     )
@@ -229,7 +229,7 @@ class RerankConfig(_Section):
     trending_threshold: float = Field(0.5, ge=0, le=1)  # popularity at or above it earns reason "trending"
     similar_threshold: float = Field(0.5, ge=-1, le=1)  # max cosine at or above it earns "similar_to:<item>"
     cooc_threshold: float = Field(0.1, ge=0, le=1)  # co-occurrence sim at or above it earns it first
-    mmr_lambda: float = Field(0.9, ge=0, le=1)  # 1: pure relevance order
+    mmr_lambda: float = Field(1.0, ge=0, le=1)  # 1: pure relevance order
     mmr_pool: int = Field(50, ge=1)  # most relevant candidates per user that MMR chooses from
     buckets: int | None = Field(None, ge=1)  # user hash partitions; None: spark.sql.shuffle.partitions
     weights: RerankWeights = RerankWeights()
