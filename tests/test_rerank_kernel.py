@@ -256,15 +256,55 @@ def test_session_vector_reasons_and_cold_user_fold_in() -> None:
     params = RerankParams(top_k=2, mmr_lambda=1.0, alpha=1.0, weights={"session": 1.0})
     out = rerank(items, batch, params)
     assert out.items.tolist() == [11, 12]
-    np.testing.assert_allclose(out.scores, [1.0, 0.0])  # s_u = q_10 (folded in), s.q_11 = 1, s.q_12 = 0
+    # p_u = q_10 / |q_10|^2 = (1, 0) folded in, s_u = p_u + 1.0 * q_10 = (2, 0): s.q_11 = 2, s.q_12 = 0
+    np.testing.assert_allclose(out.scores, [2.0, 0.0])
     assert reason_lists(out) == [["similar_to:10"], ["promo", "trending"]]  # no ALS vector: no "als"
+
+
+def test_cold_user_fold_in_is_the_pull_weighted_mean_of_q_over_its_squared_norm() -> None:
+    # Cold user 0 viewed 10 (q = (2, 0), pull 1) and bought 12 (q = (0, 1), pull 3, an hour old, half-life 1 day);
+    # item 13 has no factors (says nothing); warm user 1 keeps its ALS vector; cold user 2 has no fresh event.
+    items = ItemTable.plain([10, 11, 12, 13], [[2.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    age = 1 / 24
+    batch = UserBatch(
+        np.array([[9.0, 9.0], [0.5, -0.5], [9.0, 9.0]], np.float32),
+        np.array([False, True, False]),
+        np.array([0, 1, 2, 3]),
+        np.array([11, 11, 11]),
+        np.array([True, True, True]),
+        np.array([0, 3, 3, 3]),
+        np.array([10, 12, 13]),
+        np.array([1.0, 3.0, 5.0]),
+        np.array([0.0, age, 0.0]),
+        np.array([False, False, False]),
+    )
+    params = RerankParams(top_k=1, mmr_lambda=1.0, alpha=0.0, half_life_days=1.0, weights={"als": 1.0})
+    pull_12 = 3.0 * 2 ** (-age)
+    fold = (1.0 * np.array([2.0, 0.0]) / 4.0 + pull_12 * np.array([0.0, 1.0]) / 1.0) / (1.0 + pull_12)
+    feats = features(items, batch, params)
+    np.testing.assert_allclose(feats["als"], [fold @ [1.0, 1.0], 0.0, 0.0])  # warm: (0.5, -0.5) . (1, 1) = 0
+    np.testing.assert_allclose(feats["session"], feats["als"])  # alpha 0: s_u = p_u, folded in or not
+    single = replace(params, weights={"als": 1.0})
+    one = UserBatch(
+        np.zeros((1, 2), np.float32),
+        np.array([False]),
+        np.array([0, 1]),
+        np.array([10]),
+        np.array([True]),
+        np.array([0, 1]),
+        np.array([10]),
+        np.array([5.0]),
+        np.array([3.0]),
+        np.array([False]),
+    )
+    np.testing.assert_allclose(features(items, one, single)["als"], [1.0])  # p_u . q_j = 1 for its only item j
 
 
 def test_half_life_halves_an_events_pull() -> None:
     items = ItemTable.plain([0, 1], [[1.0, 0.0], [0.0, 1.0]])
-    base = dict(
+    base = dict(  # a warm user with p_u = 0, so the session term is the event's pull alone (no fold-in)
         user_factors=np.zeros((1, 2), np.float32),
-        has_factors=np.array([False]),
+        has_factors=np.array([True]),
         cand_indptr=np.array([0, 1]),
         cand_items=np.array([0]),
         cand_als=np.array([False]),

@@ -26,8 +26,11 @@ UserBatch:
   `event_ages` (E,) float64 days before as_of, `event_bought` (E,) bool (a purchase-like event)
 
 Model, per user u with fresh events j (age <= fresh_days) and candidates c:
-- session vector s_u = p_u + alpha * sum_j w_j * 2^(-age_j / half_life) * q_j (p_u = 0 without factors:
-  a cold user folds in from the session items alone);
+- session vector s_u = p_u + alpha * sum_j w_j * 2^(-age_j / half_life) * q_j;
+- a cold user (no ALS vector) folds in from the session items: p_u = sum_j P_j q_j / |q_j|^2 / sum_j P_j
+  with the pulls P_j = w_j * 2^(-age_j / half_life), so p_u . q_j = 1 for a user who touched only j (the
+  scale of an implicit-ALS preference) and `als` / `session` rank the cold user's candidates like a warm
+  user's; without fresh events on items with factors p_u = 0;
 - features: als = p_u . q_c, session = s_u . q_c, max/mean cosine of q_c to the user's distinct fresh
   items other than c, popularity, promo, new_arrival, price_fit = exp(-|log price_c - ref_u|) where
   ref_u is the mean log price of u's fresh priced items weighted like the session pull (0 when the
@@ -355,6 +358,17 @@ def _cooccurrence(
     return cooc_sum, cooc_max, cooc_to
 
 
+def _fold_in(q: FloatArray, ev_row: IntArray, ev_col: IntArray, pull: FloatArray, m: int) -> FloatArray:
+    """(m, d) fold-in vectors from the fresh events: sum_j P_j q_j / |q_j|^2 / sum_j P_j (0 without events)."""
+    vectors = q[ev_col]
+    norm2 = np.einsum("ed,ed->e", vectors, vectors)
+    weight = np.where(norm2 > 0, pull, 0.0)  # an item without factors says nothing about the user
+    scaled = (weight / np.where(norm2 > 0, norm2, 1.0))[:, None] * vectors
+    total = _segment_reduce(scaled, ev_row, m, np.add, 0.0)
+    mass = np.bincount(ev_row, weights=weight, minlength=m)[:, None]
+    return np.divide(total, mass, out=np.zeros_like(total), where=mass > 0)
+
+
 def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[str, FloatArray]:
     """(C,) feature arrays (FEATURES names) plus helper arrays `_col`, `_row`, `_similar_to`."""
     m = batch.cand_indptr.size - 1
@@ -365,11 +379,12 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
     cand_col = _columns(batch.cand_items, items.ids)
     cand_q = q[cand_col]  # -1 reads row n: zeros
 
-    p = np.where(batch.has_factors[:, None], batch.user_factors.astype(np.float64), 0.0).reshape(m, d)
     ev_row = _segment_rows(batch.event_indptr)
     ev_col = _columns(batch.event_items, items.ids)
     fresh = (batch.event_ages <= params.fresh_days) & (ev_col >= 0)
     pull = batch.event_weights * np.power(2.0, -np.maximum(batch.event_ages, 0.0) / params.half_life_days)
+    warm = batch.user_factors.astype(np.float64).reshape(m, d)
+    p = np.where(batch.has_factors[:, None], warm, _fold_in(q, ev_row[fresh], ev_col[fresh], pull[fresh], m))
     contrib = (pull[fresh])[:, None] * q[ev_col[fresh]]
     session = p + params.alpha * _segment_reduce(contrib.reshape(-1, d), ev_row[fresh], m, np.add, 0.0)
 
