@@ -13,10 +13,15 @@ table at a steady rate, one small commit every 0.5 s (90% known users, 10% users
 `--interval` s processingTime trigger on a fresh checkpoint. Each commit carries its number in
 session_id; the writer logs the wall-clock time each commit returned, the batch function logs the time
 its MERGE committed. Latency of an event = its batch's MERGE commit - its commit's append (both
-time.time() on this machine), weighted by events. The split, per event: `wait` (append -> its batch
-function starts: trigger interval, the previous batch still running, the source scan), `batch`
-(batch start -> MERGE committed), of which `kernel` (seconds inside `udfs.rerank` summed over the
-Python workers: with 2 workers it can exceed the batch's wall time / 2) and `merge` (the MERGE commit).
+time.time() on this machine), weighted by events. The split, per event (means, event-weighted): `wait` (append ->
+its batch function starts: trigger interval, the previous batch still running, the source scan), then inside
+the batch up to the MERGE's commit (when the list is readable): `validate` (classify the rows and count them by
+reason: one Spark job), `prepare` (serving-run check from the Delta log, plan building), `MERGE call` (the
+Spark jobs of the MERGE: the kernel runs inside it, as the MERGE's source), of which `Delta MERGE` is the
+MERGE's own executionTimeMs from DESCRIBE HISTORY and `kernel` the seconds inside `udfs.rerank` summed over
+the Python workers (with 2 workers it can exceed the wall time / 2); after the commit, `side writes`
+(quarantine, bronze.stream_events, run metrics: they delay the next batch, not this one's lists); `jobs/batch`:
+the Spark jobs of the batch function (its job group).
 Sustained events/s = events published / (last MERGE commit - first append).
 
 Baseline in the same process: one user's re-rank in process (`rerank_frame` on one user row, no Spark),
@@ -180,21 +185,41 @@ class Batch:
 
 
 class RecordingJob(stream.StreamJob):
-    """The product's batch function, plus which writer commits each batch held (read after it finished)."""
+    """The product's batch function, plus which writer commits each batch held (read from the batch's cached rows
+    after the product's work, so it adds one small job at the end of a batch, after the lists are readable)."""
 
     def __init__(self, spark: SparkSession, config: ShelfConfig) -> None:
         self.batches: list[Batch] = []
-        self.last: stream.BatchReport | None = None
+        self.chunks: dict[int, list[int]] = {}
         super().__init__(spark, config, on_batch=self.remember)
 
     def remember(self, report: stream.BatchReport) -> None:
-        self.last = report
+        self.batches.append(Batch(report, self.chunks.pop(report.batch_id, [])))
 
-    def __call__(self, batch, batch_id: int) -> None:  # type: ignore[no-untyped-def]
-        super().__call__(batch, batch_id)
-        chunks = batch.select(F.regexp_extract("session_id", r"^c(\d+)$", 1).cast("int").alias("c")).distinct()
-        assert self.last is not None
-        self.batches.append(Batch(self.last, sorted(int(r["c"]) for r in chunks.collect() if r["c"] is not None)))
+    def process(self, classified, batch_id: int, serving: stream.Serving, report: stream.BatchReport) -> None:  # type: ignore[no-untyped-def]
+        super().process(classified, batch_id, serving, report)
+        chunks = classified.select(F.regexp_extract("session_id", r"^c(\d+)$", 1).cast("int").alias("c")).distinct()
+        self.chunks[batch_id] = sorted(int(r["c"]) for r in chunks.collect() if r["c"] is not None)
+
+
+def job_seconds_by_name(spark: SparkSession, prefix: str, since: float) -> list[tuple[str, int, float]]:
+    """(job name, jobs, seconds) of the Spark jobs whose job group starts with `prefix`, most seconds first: where a
+    micro-batch's time goes, from Spark's own status store (the jobs the stream's batch function ran after `since`)."""
+    store = spark.sparkContext._jsc.sc().statusStore()
+    found: dict[str, list[float]] = {}
+    jobs = store.jobsList(None)  # a Scala Seq
+    for i in range(jobs.size()):
+        job = jobs.apply(i)
+        group = job.jobGroup()
+        if not group.isDefined() or not str(group.get()).startswith(prefix):
+            continue
+        if not job.submissionTime().isDefined() or not job.completionTime().isDefined():
+            continue
+        if job.submissionTime().get().getTime() < since * 1000:
+            continue
+        seconds = (job.completionTime().get().getTime() - job.submissionTime().get().getTime()) / 1000
+        found.setdefault(str(job.name()).split(" at ")[0][:60], []).append(seconds)
+    return sorted(((n, len(v), sum(v)) for n, v in found.items()), key=lambda t: -t[2])
 
 
 def percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
@@ -214,6 +239,7 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
     )
     spark.createDataFrame([], LANDING).write.format("delta").mode("append").save(stream.landing_path(config))
     job = RecordingJob(spark, config)
+    started = time.time()
     job.serving_for()  # the model loads once per nightly run: not part of an event's latency
     query = stream.start(spark, config, job)
     log = sub / "writer.jsonl"
@@ -235,37 +261,69 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
     finally:
         if writer.poll() is None:
             os.killpg(writer.pid, signal.SIGKILL)
+        failed = query.exception()
+        if failed is not None:
+            print(f"rate {rate}: the stream query failed: {str(failed)[:2000]}", flush=True)
         query.stop()
         job.close()
-    return summarise(rate, appended, job.batches)
+    jobs = job_seconds_by_name(spark, f"{config.stream.name}-", started)
+    batches = max(1, len(job.batches))
+    print(f"rate {rate}: Spark jobs of the batch function per batch, by job name (count, seconds):")
+    for name, count, seconds in jobs[:12]:
+        print(f"    {name}: {count / batches:.1f} jobs, {seconds / batches:.2f} s")
+    return summarise(rate, appended, job.batches, merge_metrics(spark, config), config.stream.name)
 
 
-def summarise(rate: int, appended: list[dict[str, float]], batches: list[Batch]) -> dict[str, float]:
+MERGE_METRICS = ("executionTimeMs", "scanTimeMs", "rewriteTimeMs")
+
+
+def merge_metrics(spark: SparkSession, config: ShelfConfig) -> dict[str, dict[str, float]]:
+    """Per batch tag: the Delta MERGE's own operationMetrics (ms) and the files it added / removed / marked."""
+    history = tables.history(spark, config, "gold", "recommendations").filter(F.col("operation") == "MERGE")
+    found: dict[str, dict[str, float]] = {}
+    for r in history.select("userMetadata", "operationMetrics").collect():
+        m = r["operationMetrics"] or {}
+        keys = (*MERGE_METRICS, "numTargetFilesAdded", "numTargetFilesRemoved", "numTargetDeletionVectorsAdded")
+        found[str(r["userMetadata"]).removeprefix("run_id=")] = {k: float(m.get(k, 0) or 0) for k in keys}
+    return found
+
+
+def summarise(
+    rate: int, appended: list[dict[str, float]], batches: list[Batch], merges: dict[str, dict[str, float]], name: str
+) -> dict[str, float]:
+    """Event-weighted latency percentiles and the mean split of an event's latency (seconds)."""
     by_chunk = {int(a["chunk"]): a for a in appended}
-    lat, wait, batch_s, kernel, merge, weight = [], [], [], [], [], []
+    parts: dict[str, list[float]] = {
+        k: [] for k in ("lat", "wait", "validate", "prepare", "merge", "kernel", "delta", "side", "jobs", "w")
+    }
     for b in batches:
         r = b.report
+        delta = merges.get(f"{name}-{r.batch_id}", {}).get("executionTimeMs", 0.0) / 1000
         for c in b.chunks:
             if c not in by_chunk or not r.published:
                 continue
             a = by_chunk[c]
-            lat.append(r.published - a["appended"])
-            wait.append(r.started - a["appended"])
-            batch_s.append(r.published - r.started)
-            kernel.append(r.kernel_seconds)
-            merge.append(r.publish_seconds)
-            weight.append(a["events"])
-    w = np.asarray(weight, dtype=np.float64)
+            values = {
+                "lat": r.published - a["appended"],
+                "wait": r.started - a["appended"],
+                "validate": r.validate_seconds,
+                "prepare": r.prepare_seconds,
+                "merge": r.publish_seconds,
+                "kernel": r.kernel_seconds,
+                "delta": delta,
+                "side": r.side_seconds,
+                "jobs": float(r.jobs),
+                "w": float(a["events"]),
+            }
+            for k, v in values.items():
+                parts[k].append(v)
+    w = np.asarray(parts["w"], dtype=np.float64)
     if not w.size:
         return {"rate": rate, "events": 0}
-    lat_a = np.asarray(lat)
+    lat_a = np.asarray(parts["lat"])
     published = sum(by_chunk[c]["events"] for b in batches for c in b.chunks if c in by_chunk)
     span = max(b.report.published for b in batches) - min(a["appended"] for a in appended)
-
-    def mean(xs: list[float]) -> float:
-        return float(np.average(np.asarray(xs), weights=w))
-
-    return {
+    out = {
         "rate": rate,
         "events": float(published),
         "batches": float(len([b for b in batches if b.chunks])),
@@ -273,11 +331,10 @@ def summarise(rate: int, appended: list[dict[str, float]], batches: list[Batch])
         "p95": percentile(lat_a, w, 0.95),
         "max": float(lat_a.max()),
         "sustained": published / span if span > 0 else 0.0,
-        "wait": mean(wait),
-        "batch": mean(batch_s),
-        "kernel": mean(kernel),
-        "merge": mean(merge),
     }
+    for k in ("wait", "validate", "prepare", "merge", "kernel", "delta", "side", "jobs"):
+        out[k] = float(np.average(np.asarray(parts[k]), weights=w))
+    return out
 
 
 def single_user_baseline(spark: SparkSession, config: ShelfConfig) -> float:
@@ -330,18 +387,20 @@ def main() -> int:
         print()
         print(
             "| rate (events/s) | events | batches | p50 s | p95 s | max s | sustained events/s "
-            "| wait s | batch s | kernel s | merge s | p50 / in-process re-rank |"
+            "| wait s | validate s | prepare s | MERGE call s | of it Delta MERGE s | kernel s | side writes s "
+            "| jobs/batch | p50 / in-process re-rank |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for rate in args.rates:
             r = run_rate(spark, root, args, rate)
             if not r.get("events"):
-                print(f"| {rate} | 0 | - | - | - | - | - | - | - | - | - | - |")
+                print(f"| {rate} | 0 |" + " - |" * 14)
                 continue
             print(
                 f"| {rate:,} | {int(r['events']):,} | {int(r['batches'])} | {r['p50']:.2f} | {r['p95']:.2f} "
-                f"| {r['max']:.2f} | {r['sustained']:,.0f} | {r['wait']:.2f} | {r['batch']:.2f} | {r['kernel']:.3f} "
-                f"| {r['merge']:.2f} | {r['p50'] / baseline:,.0f}x |",
+                f"| {r['max']:.2f} | {r['sustained']:,.0f} | {r['wait']:.2f} | {r['validate']:.2f} "
+                f"| {r['prepare']:.2f} | {r['merge']:.2f} | {r['delta']:.2f} | {r['kernel']:.3f} | {r['side']:.2f} "
+                f"| {r['jobs']:.1f} | {r['p50'] / baseline:,.0f}x |",
                 flush=True,
             )
         spark.stop()

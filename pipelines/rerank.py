@@ -14,7 +14,8 @@ run_id, as_of. Rows of this run id are replaced (`replaceWhere`), so a rerun is 
 `pipelines.core.reranking.rerank_candidates` does the work: the item side (factors + catalogue
 attributes + popularity: the model) is broadcast, each user's candidates (capped at
 rerank.max_candidates, best ALS score first) and fresh events become one row, and
-`udfs.rerank.rerank` scores whole Arrow batches of users inside `mapInPandas`. Users of
+`udfs.rerank.rerank` scores whole Arrow batches of users inside `mapInPandas`; `pipelines.core.publishing`
+holds the gold.recommendations contract and the dense -> string id mapping (shared with `shelf stream`). Users of
 silver.user_index that get no re-ranked row (no candidates, or all filtered) get the most popular
 in-stock items they have not bought, reason "popular".
 """
@@ -22,24 +23,23 @@ in-stock items they have not bought, reason "popular".
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType, TimestampType
 
 from pipelines.core import tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
-from pipelines.core.factors import factors_of_run
-from pipelines.core.quality import ts_lit
+from pipelines.core.publishing import RECOMMENDATIONS_SCHEMA as RECOMMENDATIONS_SCHEMA  # re-exported
+from pipelines.core.publishing import TABLE_COMMENT
+from pipelines.core.publishing import read_cooccurrence as read_cooccurrence  # re-exported
+from pipelines.core.publishing import to_recommendations as to_recommendations  # re-exported
 from pipelines.core.reranking import (
     _BOUGHT,
     _USERS,
     ALS_SCORE,
     BLOCKED,
-    NEIGHBOUR_IDX,
     RANK,
     REASONS,
     SCORE,
@@ -47,39 +47,12 @@ from pipelines.core.reranking import (
     rerank_candidates,
 )
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import AS_OF, IN_STOCK, ITEM_ID, ITEM_IDX, RUN_ID, USER_ID, USER_IDX
+from pipelines.core.schemas import IN_STOCK, ITEM_IDX, RUN_ID, USER_ID, USER_IDX
 
 log = logging.getLogger("shelf.rerank")
 
 STEP = "rerank"
 POPULAR = "popular"
-COOCCURRENCE = "cooccurrence"  # gold.item_similarities source of the co-occurrence neighbour lists
-SIM_SOURCE = "source"
-
-RECOMMENDATIONS_SCHEMA = StructType(
-    [
-        StructField(USER_ID, StringType(), False),
-        StructField(ITEM_ID, StringType(), False),
-        StructField(RANK, IntegerType(), False),
-        StructField(SCORE, DoubleType(), False),
-        StructField(REASONS, ArrayType(StringType(), True), False),
-        StructField(RUN_ID, StringType(), False),
-        StructField(AS_OF, TimestampType(), False),
-    ]
-)
-COLUMN_COMMENTS = {
-    USER_ID: "the source's user id",
-    ITEM_ID: "the source's item id",
-    RANK: "1 = best; one row per (user, rank), at most rerank.top_k per user",
-    SCORE: "re-ranked score (MMR value), non-increasing with rank; popularity share for fallback rows",
-    REASONS: "why: similar_to:<item_id>, als, promo, new_arrival, trending, or popular (fallback)",
-    RUN_ID: "the run that wrote the row; a rerun of the same run id replaces its rows",
-    AS_OF: "the run's now: fresh events, bought window and new arrivals are relative to it",
-}
-TABLE_COMMENT = (
-    "Top-K recommendations per user and run: rank, score and reasons; string ids of the source; "
-    "rows of one run id are replaced as a whole on rerun"
-)
 
 
 def of_run(frame: DataFrame, run_id: str, name: str) -> DataFrame:
@@ -94,20 +67,6 @@ def of_run(frame: DataFrame, run_id: str, name: str) -> DataFrame:
     if run_id not in runs:
         raise InputDataError(f"{name} holds runs {runs} but not {run_id}; pass --run-id of the run to use.")
     return frame.filter(F.col(RUN_ID) == run_id)
-
-
-def read_cooccurrence(spark: SparkSession, config: ShelfConfig, run_id: str) -> DataFrame | None:
-    """This run's co-occurrence neighbour lists (item_idx, neighbour_idx, score), or None when
-    gold.item_similarities is absent or holds none (`similarities.method: als`)."""
-    if not tables.exists(spark, config, "gold", "item_similarities"):
-        log.info("[%s] no gold.item_similarities: the co-occurrence features are 0", STEP)
-        return None
-    rows = factors_of_run(tables.read(spark, config, "gold", "item_similarities"), run_id)
-    cooc = rows.filter(F.col(SIM_SOURCE) == COOCCURRENCE).select(ITEM_IDX, NEIGHBOUR_IDX, SCORE)
-    if cooc.limit(1).count() == 0:
-        log.info("[%s] gold.item_similarities has no %s rows: the co-occurrence features are 0", STEP, COOCCURRENCE)
-        return None
-    return cooc
 
 
 def to_popular_fallback(
@@ -150,51 +109,6 @@ def to_popular_fallback(
             F.col(SCORE),
             F.array(F.lit(POPULAR)).alias(REASONS),
         )
-    )
-
-
-_SIMILAR_PREFIX = "similar_to:"
-_SIMILAR_IDX, _SIMILAR_ID = "_similar_idx", "_similar_id"
-
-
-def _similar_idx(reasons: Column) -> Column:
-    """The dense item id inside a `similar_to:<item_idx>` reason (null when there is none)."""
-    found = F.filter(reasons, lambda r: r.startswith(_SIMILAR_PREFIX))
-    return F.substring_index(F.try_element_at(found, F.lit(1)), ":", -1).cast("int")
-
-
-def to_recommendations(
-    ranked: DataFrame, user_index: DataFrame, item_index: DataFrame, run_id: str, as_of: datetime
-) -> DataFrame:
-    """Dense ids -> the source's string ids; the gold.recommendations contract with column comments."""
-    joined = (
-        ranked.join(user_index.select(USER_IDX, USER_ID), on=USER_IDX, how="inner")
-        .join(item_index.select(ITEM_IDX, ITEM_ID), on=ITEM_IDX, how="inner")
-        .withColumn(_SIMILAR_IDX, _similar_idx(F.col(REASONS)))
-        .join(
-            item_index.select(F.col(ITEM_IDX).alias(_SIMILAR_IDX), F.col(ITEM_ID).alias(_SIMILAR_ID)),
-            on=_SIMILAR_IDX,
-            how="left",
-        )
-    )
-    # The kernel names the recent item by its dense id; the contract speaks the source's item ids.
-    reasons = F.transform(
-        F.col(REASONS),
-        lambda r: F.when(r.startswith(_SIMILAR_PREFIX), F.concat(F.lit(_SIMILAR_PREFIX), F.col(_SIMILAR_ID))).otherwise(
-            r
-        ),
-    )
-    values = {
-        **{c: F.col(c) for c in (USER_ID, ITEM_ID, RANK, SCORE)},
-        REASONS: reasons,
-        RUN_ID: F.lit(run_id),
-        AS_OF: ts_lit(as_of),
-    }
-    return joined.select(
-        *[
-            values[f.name].cast(f.dataType).alias(f.name, metadata={"comment": COLUMN_COMMENTS[f.name]})
-            for f in RECOMMENDATIONS_SCHEMA.fields
-        ]
     )
 
 

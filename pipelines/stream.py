@@ -3,35 +3,47 @@
 A Structured Streaming query reads the Delta table a tracker appends raw events to (`stream.source_path`,
 default `<storage.root>/landing/events`; the columns batch ingest reads, mapped by `source.columns`), with
 its checkpoint at `stream.checkpoint` and a `processing_time` (every `stream.interval_seconds`) or
-`available_now` trigger. Each micro-batch (`foreachBatch`, batch id N, tag `<stream.name>-<N>`):
+`available_now` trigger. Each micro-batch (`foreachBatch`, batch id N, tag `<stream.name>-<N>`), with
+`stream.shuffle_partitions` shuffle partitions:
 
-1. validates the rows with batch ingest's own parsing and rules (`pipelines.ingest.classify`): rejected
-   rows -> quarantine.events (step "stream", run_id = the tag) with their reason codes; accepted rows ->
-   bronze.stream_events (BRONZE_EVENTS_SCHEMA, run_id = the tag). Both writes replace the tag's rows,
-   and input = accepted + quarantined is checked and kept in ops.run_metrics (run_id = the tag);
+1. validates the rows with batch ingest's own parsing and rules (`pipelines.core.events.classify`) and counts
+   them by reason code, with the batch's event time T = its latest accepted event_ts, in one Spark job (no wall
+   clock anywhere); input = accepted + quarantined is checked. The kernel's "now" is T + 1 s (fresh events must
+   be strictly older than now). Events later than the serving run's as_of + `stream.max_hours_ahead` are
+   quarantined as future_timestamp;
 2. takes the serving run: the run of gold.recommendations with the latest as_of (the nightly publish),
    and its model: gold.candidates, gold.*_factors, gold.item_similarities of that run, silver indexes,
-   silver.catalog; loaded once per serving run and cached;
-3. the batch's event time T is its latest accepted event_ts (no wall clock anywhere); the kernel's "now"
-   is T + 1 s (fresh events must be strictly older than now). Events later than the serving run's as_of +
-   `stream.max_hours_ahead` are quarantined as future_timestamp;
-4. for each user with accepted events: candidates = the stored gold.candidates of the serving run, plus
+   silver.catalog; loaded once per serving run and cached (looked up again only when the table's Delta log
+   shows a commit other than this stream's MERGEs);
+3. for each user with accepted events: candidates = the stored gold.candidates of the serving run, plus
    the top `recommend.neighbours_per_item` neighbours of the items the batch touched, plus the
    `stream.popular_k` most popular items for users without ALS factors (users absent from
    silver.user_index get a batch-local negative user_idx: the kernel folds them in from their session);
-   fresh events = silver.interactions of the serving run and bronze.stream_events (every batch so far)
-   within max(rerank.fresh_days, rerank.bought_window_days) before now, for known items;
-5. re-ranks them with the batch kernel (`udfs.rerank` via `pipelines.core.reranking.rerank_frame` in
+   fresh events = silver.interactions of the serving run, the stream's earlier accepted events (kept in
+   executor memory by RecentEvents, filled from bronze.stream_events on start) and this batch's rows, within
+   max(rerank.fresh_days, rerank.bought_window_days) before now, for known items;
+4. re-ranks them with the batch kernel (`udfs.rerank` via `pipelines.core.reranking.rerank_frame` in
    `mapInPandas`, the item table broadcast) and MERGEs each user's whole new list into the serving run's
-   rows of gold.recommendations: ranks beyond the new list's length are deleted. Stream rows keep the
-   run's run_id and as_of and carry `stream_batch` (N) and `event_time` (T); nightly rows have them null.
+   rows of gold.recommendations (deletion vectors on: a few users' rows are marked deleted, files are not
+   rewritten): ranks beyond the new list's length are deleted. Stream rows keep the run's run_id and as_of
+   and carry `stream_batch` (N) and `event_time` (T); nightly rows have them null. The lists are readable
+   from this commit on;
+5. then the side writes, each replacing the tag's rows: rejected rows -> quarantine.events (step "stream",
+   run_id = the tag) with their reason codes, accepted rows -> bronze.stream_events (BRONZE_EVENTS_SCHEMA),
+   the counts -> ops.run_metrics. A crash between the MERGE and these is repaired by Spark's replay of the
+   batch: its MERGE is a no-op (below), its side writes happen.
 
 Newer information wins per user: a user's list has an information time, `event_time` for a stream list
 and `as_of` for a nightly one. A micro-batch replaces the list only when T is later than that, or the
 list was written by an earlier batch id (a later batch has seen every event an earlier one saw). So a
 replayed batch id (after a crash) finds its own rows and changes nothing, a batch holding only events the
 nightly already saw changes nothing, and a new nightly run takes over as the serving run. Users whose new
-list is empty keep their list. Commits that lose to a concurrent writer are retried (tables.merge).
+list is empty keep their list. Commits that lose to a concurrent writer are retried (tables.merge): each
+attempt re-reads the table, so the gate sees the winner's rows.
+
+Test-only hooks (tests/test_stream.py): the environment variable SHELF_STREAM_PAUSE_AFTER_MERGE =
+"<batch id>:<marker file>" makes that batch write the marker after its MERGE and sleep before its side writes
+(the SIGKILL test); StreamJob.merge_gate makes the MERGE's source wait for a file (the race test).
 
 Output grain: gold.recommendations, one row per (run_id, user_id, rank).
 """
@@ -39,10 +51,13 @@ Output grain: gold.recommendations, one row per (run_id, user_id, rank).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +68,7 @@ from pyspark.accumulators import Accumulator
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines import ingest, rerank
-from pipelines.core import reranking, tables
+from pipelines.core import events, publishing, reranking, tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
@@ -169,7 +183,7 @@ def load_serving(spark: SparkSession, config: ShelfConfig, run_id: str, as_of: d
     attributes = reranking.to_item_attributes(
         item_index, item_factors, reranking.read_catalog(spark, config), fresh, rr, as_of
     )
-    table = reranking.build_item_table(attributes, rerank.read_cooccurrence(spark, config, run_id))
+    table = reranking.build_item_table(attributes, publishing.read_cooccurrence(spark, config, run_id))
     candidates = (
         tables.read(spark, config, "gold", "candidates")
         .filter(F.col(RUN_ID) == run_id)
@@ -227,8 +241,8 @@ def to_classified(batch: DataFrame, config: ShelfConfig, reference: datetime) ->
 
     `reference` plays ingest's as_of: events after it (+ clean.future_tolerance_hours) are future_timestamp.
     """
-    canonical = ingest.to_canonical_from_table(batch.withColumn("_source_file", F.input_file_name()), config.source)
-    classified = ingest.classify(canonical, ingest.rules_for(config, reference))
+    canonical = events.to_canonical_from_table(batch.withColumn("_source_file", F.input_file_name()), config.source)
+    classified = events.classify(canonical, events.rules_for(config, reference))
     if config.privacy.pseudonymize_users:
         classified = with_pseudonymous_users(
             classified, key_from_env(config.privacy), USER_ID, RAW, F.col(REASON) == UNPARSEABLE_ROW
@@ -236,9 +250,74 @@ def to_classified(batch: DataFrame, config: ShelfConfig, reference: datetime) ->
     return classified
 
 
+def batch_stats(classified: DataFrame) -> tuple[dict[str, int], datetime | None]:
+    """Rows per reason code ("accepted" for accepted rows) and the latest accepted event time, in one Spark job
+    (one row per reason code on the driver)."""
+    rows = classified.groupBy(REASON).agg(F.count(F.lit(1)).alias("n"), F.max(EVENT_TS).alias("t")).collect()
+    by_reason = {(r[REASON] or "accepted"): int(r["n"]) for r in rows}
+    latest = [r["t"] for r in rows if r[REASON] is None]
+    return by_reason, (latest[0] if latest else None)
+
+
 def count_by_reason(classified: DataFrame) -> dict[str, int]:
     """Rows per reason code ("accepted" for accepted rows): one row per reason code on the driver."""
-    return {(r[REASON] or "accepted"): int(r["count"]) for r in classified.groupBy(REASON).count().collect()}
+    return batch_stats(classified)[0]
+
+
+# ---------------------------------------------------------------- the stream's own recent events
+
+
+STREAMED_COLUMNS = (USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS)
+COMPACT_AFTER = 16  # batch slices kept before they are compacted into one
+
+
+@dataclass
+class _Slice:
+    frame: DataFrame  # STREAMED_COLUMNS, local-checkpointed (materialised, no lineage back to its batch)
+    latest: datetime  # its latest event_ts: the slice is dropped once that falls out of the horizon
+
+
+class RecentEvents:
+    """The stream's accepted events within the fresh/bought horizon, kept in executor memory between batches.
+
+    Filled once from bronze.stream_events (a restart: every batch the previous process finished), then one
+    local-checkpointed slice per micro-batch (its accepted rows, taken from the batch's cached rows), so a
+    batch never re-reads bronze.stream_events. Slices older than the horizon are dropped; after
+    COMPACT_AFTER slices they are merged into one. Bounded by the events of the horizon, spread over the
+    executors: nothing is collected to the driver.
+    """
+
+    def __init__(self) -> None:
+        self.slices: list[_Slice] = []
+        self.loaded = False
+
+    def load(self, spark: SparkSession, config: ShelfConfig, earliest: datetime, skip_tag: str) -> None:
+        """Read bronze.stream_events since `earliest`, without the rows of `skip_tag` (the batch being replayed)."""
+        self.loaded = True
+        if not tables.exists(spark, config, *STREAM_EVENTS):
+            return
+        stored = tables.read(spark, config, *STREAM_EVENTS).filter(
+            (F.col(EVENT_TS) >= ts_lit(earliest)) & (F.col(RUN_ID) != skip_tag)
+        )
+        frame = stored.select(*STREAMED_COLUMNS).localCheckpoint(eager=True)
+        latest = stored.agg(F.max(EVENT_TS)).first()
+        if latest is not None and latest[0] is not None:
+            self.slices.append(_Slice(frame, latest[0]))
+
+    def frame(self, spark: SparkSession) -> DataFrame:
+        """Every kept event (STREAMED_COLUMNS): the union of the slices."""
+        empty = spark.createDataFrame([], "user_id string, item_id string, event_type string, event_ts timestamp")
+        return reduce(DataFrame.unionByName, [s.frame for s in self.slices], empty)
+
+    def add(self, accepted: DataFrame, latest: datetime, earliest: datetime) -> None:
+        """Keep a batch's accepted rows (materialised now, from the batch's cached rows); drop expired slices."""
+        self.slices = [s for s in self.slices if s.latest >= earliest]
+        self.slices.append(_Slice(accepted.select(*STREAMED_COLUMNS).localCheckpoint(eager=True), latest))
+        if len(self.slices) > COMPACT_AFTER:
+            merged = reduce(DataFrame.unionByName, [s.frame for s in self.slices]).filter(
+                F.col(EVENT_TS) >= ts_lit(earliest)
+            )
+            self.slices = [_Slice(merged.localCheckpoint(eager=True), max(s.latest for s in self.slices))]
 
 
 # ---------------------------------------------------------------- users, events and candidates of a batch
@@ -307,17 +386,51 @@ def to_batch_candidates(serving: Serving, users: DataFrame, touched: DataFrame) 
     )
 
 
+@dataclass(frozen=True)
+class KernelMeter:
+    """Accumulators the kernel adds to (measurements and counts for logs and metrics, never a result)."""
+
+    seconds: Accumulator[float]
+    users: Accumulator[int]
+    cold_users: Accumulator[int]
+    rows: Accumulator[int]
+
+    @classmethod
+    def create(cls, spark: SparkSession) -> KernelMeter:
+        sc = spark.sparkContext
+        return cls(sc.accumulator(0.0), sc.accumulator(0), sc.accumulator(0), sc.accumulator(0))
+
+
+def gated_rows(batches: Iterable[pd.DataFrame], gate: str) -> Iterator[pd.DataFrame]:
+    """Test-only hook (the race test in tests/test_stream.py): a pass-through of the MERGE's source that, until
+    `<gate>/released` exists, writes `<gate>/entered` and waits for it (at most 120 s). The MERGE reads its source
+    inside its transaction, so a test can commit to gold.recommendations between the MERGE's read and commit."""
+    for pdf in batches:
+        if not (Path(gate) / "released").exists():
+            (Path(gate) / "entered").touch()
+            deadline = time.monotonic() + 120
+            while not (Path(gate) / "released").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        yield pdf
+
+
 def timed_rerank_batches(
-    batches: Iterable[pd.DataFrame], items: Broadcast[ItemTable], params: RerankParams, seconds: Accumulator[float]
+    batches: Iterable[pd.DataFrame],
+    items: Broadcast[ItemTable],
+    params: RerankParams,
+    meter: KernelMeter,
 ) -> Iterator[pd.DataFrame]:
     """mapInPandas body: `reranking.rerank_frame` per run of at most KERNEL_CANDIDATES candidates (as the
-    batch step); adds the time spent in it to `seconds` (a measurement for the benchmark: never a result)."""
+    batch step); adds its time, its users (cold: batch-local negative ids) and its output rows to `meter`."""
     table = items.value
     for pdf in batches:
+        meter.users.add(len(pdf))
+        meter.cold_users.add(int((pdf[USER_IDX] < 0).sum()))
         for chunk in reranking.kernel_chunks(pdf):
             started = time.perf_counter()
             out = reranking.rerank_frame(chunk, table, params)
-            seconds.add(time.perf_counter() - started)
+            meter.seconds.add(time.perf_counter() - started)
+            meter.rows.add(len(out))
             yield out
 
 
@@ -358,43 +471,114 @@ def to_merge_source(recs: DataFrame, current: DataFrame, run_id: str, batch_id: 
     return upserts.unionByName(deletes, allowMissingColumns=True)
 
 
-def publish(
-    spark: SparkSession, config: ShelfConfig, recs: DataFrame, run_id: str, batch_id: int, event_time: datetime
-) -> None:
-    """MERGE the users' new lists into the serving run's rows of gold.recommendations (one commit, retried)."""
+def prepare_recommendations(spark: SparkSession, config: ShelfConfig) -> None:
+    """Once per stream: add the stream columns to gold.recommendations and turn on deletion vectors there, so
+    a MERGE that touches a few users marks their old rows deleted instead of rewriting whole files."""
     tables.add_columns(spark, config, *RECOMMENDATIONS, STREAM_COLUMNS)
-    columns = [*[f.name for f in rerank.RECOMMENDATIONS_SCHEMA.fields], STREAM_BATCH, EVENT_TIME]
+    tables.set_properties(spark, config, *RECOMMENDATIONS, {"delta.enableDeletionVectors": "true"})
+
+
+def publish(
+    spark: SparkSession,
+    config: ShelfConfig,
+    recs: DataFrame,
+    run_id: str,
+    batch_id: int,
+    event_time: datetime,
+    before_attempt: Callable[[int], None] | None = None,
+    gate: str | None = None,
+) -> int:
+    """MERGE the users' new lists into the serving run's rows of gold.recommendations (one commit, retried).
+
+    `before_attempt(n)` runs at the start of attempt n and `gate` (see gated_rows) pauses the MERGE's source: test
+    hooks. Returns the number of attempts.
+    """
+    columns = [*[f.name for f in publishing.RECOMMENDATIONS_SCHEMA.fields], STREAM_BATCH, EVENT_TIME]
     assignments: dict[str, str | Column] = {c: F.col(f"s.{c}") for c in columns}
+    # The run_id literal lets Delta skip the files of other runs (min/max stats) when it looks for matches.
+    on = f"t.{RUN_ID} = '{run_id}' AND t.run_id = s.run_id AND t.user_id = s.user_id AND t.rank = s.rank"
+    attempts = 0
 
     def apply(target: DeltaTable) -> None:  # rebuilt per attempt: reads the table as it is now
+        nonlocal attempts
+        attempts += 1
+        if before_attempt is not None:
+            before_attempt(attempts)
         current = tables.read(spark, config, *RECOMMENDATIONS)
         source = to_merge_source(recs, current, run_id, batch_id, event_time)
+        if gate is not None:  # one task waits, the other cores stay free for the test's concurrent writer
+            source = source.coalesce(1).mapInPandas(lambda it: gated_rows(it, gate), source.schema)
         (
             target.alias("t")
-            .merge(source.alias("s"), "t.run_id = s.run_id AND t.user_id = s.user_id AND t.rank = s.rank")
+            .merge(source.alias("s"), on)
             .whenMatchedDelete(condition=F.col(f"s.{_OP}") == _DELETE)
             .whenMatchedUpdate(condition=F.col(f"s.{_OP}") == _UPSERT, set=assignments)
             .whenNotMatchedInsert(condition=F.col(f"s.{_OP}") == _UPSERT, values=assignments)
             .execute()
         )
 
-    tables.merge(spark, config, *RECOMMENDATIONS, f"{config.stream.name}-{batch_id}", apply)
+    tag = batch_tag(config, batch_id)
+    # The commit carries run_id=<tag> like every other write (DESCRIBE HISTORY: which batch wrote which version).
+    with _session_conf(spark, {"spark.databricks.delta.commitInfo.userMetadata": f"run_id={tag}"}):
+        tables.merge(spark, config, *RECOMMENDATIONS, tag, apply)
+    return attempts
+
+
+@contextmanager
+def _session_conf(spark: SparkSession, values: dict[str, str]) -> Iterator[None]:
+    before: dict[str, str | None] = {k: spark.conf.get(k, None) for k in values}
+    for k, v in values.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, old in before.items():
+            if old is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, old)
 
 
 # ---------------------------------------------------------------- the micro-batch
 
+# Test-only hook (tests/test_stream.py, the SIGKILL test): "<batch id>:<marker file>" makes that batch write the
+# marker right after its MERGE committed, then sleep before its side writes, so a test can kill the process there.
+PAUSE_AFTER_MERGE_ENV = "SHELF_STREAM_PAUSE_AFTER_MERGE"
+
+
+def pause_after_merge(batch_id: int) -> None:
+    hook = os.environ.get(PAUSE_AFTER_MERGE_ENV)
+    if not hook:
+        return
+    wanted, marker = hook.split(":", 1)
+    if int(wanted) == batch_id:
+        Path(marker).write_text(str(batch_id))
+        time.sleep(600)
+
 
 @dataclass
 class BatchReport:
-    """What one micro-batch did, for logs and the benchmark (seconds are wall-clock measurements)."""
+    """What one micro-batch did, for logs and the benchmark (seconds are wall-clock measurements).
+
+    From `started`: `validate_seconds` (parse and classify the rows, counts by reason: one Spark job),
+    `prepare_seconds` (serving-run check, users, session events, candidates: plan building), `rerank_seconds`
+    (the Spark jobs up to the MERGE's commit that run the kernel and the MERGE: `merge_seconds` of it is the MERGE
+    call, which also runs the kernel, whose own time is `kernel_seconds`, summed over the Python workers), then
+    `side_seconds` (quarantine, bronze.stream_events, run metrics and the recent-events slice: after `published`).
+    """
 
     batch_id: int
     counts: dict[str, float]
     event_time: datetime | None
     started: float  # time.time() at the start of the batch function
+    validate_seconds: float = 0.0
+    prepare_seconds: float = 0.0
     kernel_seconds: float = 0.0
-    publish_seconds: float = 0.0
+    publish_seconds: float = 0.0  # the MERGE call (kernel included: the MERGE's source runs it)
     published: float = 0.0  # time.time() when the MERGE committed: the new lists are readable from here
+    side_seconds: float = 0.0
+    merge_attempts: int = 0
+    jobs: int = 0  # Spark jobs the batch function ran (its job group)
     finished: float = 0.0
 
 
@@ -406,10 +590,35 @@ class StreamJob:
         self.config = config
         self.on_batch = on_batch
         self.serving: Serving | None = None
+        self.recent = RecentEvents()
+        self.known_version: int | None = None  # gold.recommendations version the serving run was checked at
+        self.prepared = False
+        self.merge_gate: str | None = None  # test-only: see gated_rows
+
+    def batch_conf(self) -> dict[str, str]:
+        """Session settings while a micro-batch runs. A micro-batch is small: a few shuffle partitions, and no
+        broadcast joins or adaptive re-planning, each of which costs a Spark job of its own (measured: ~40 of
+        them per batch, most of the batch's time on 2 cores), so each action stays one job."""
+        conf = {
+            "spark.sql.shuffle.partitions": str(self.config.stream.shuffle_partitions),
+            "spark.sql.adaptive.enabled": str(self.config.stream.adaptive).lower(),
+        }
+        if not self.config.stream.broadcast_joins:
+            conf["spark.sql.autoBroadcastJoinThreshold"] = "-1"
+        return conf
 
     def serving_for(self) -> Serving:
-        """The cached model of the current serving run, reloaded when a newer nightly run appears."""
+        """The cached model of the current serving run, reloaded when a newer nightly run appears.
+
+        The serving run is looked up again only when gold.recommendations has a commit other than this
+        stream's MERGEs since the last look (its history, read from the Delta log: no Spark job).
+        """
+        version, others = tables.commits_since(self.spark, self.config, *RECOMMENDATIONS, self.known_version)
+        if self.serving is not None and not others:
+            self.known_version = version
+            return self.serving
         run_id, as_of = serving_run(self.spark, self.config)
+        self.known_version = version
         if self.serving is None or (self.serving.run_id, self.serving.as_of) != (run_id, as_of):
             if self.serving is not None:
                 self.serving.unpersist()
@@ -423,23 +632,38 @@ class StreamJob:
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         report = BatchReport(batch_id, {}, None, time.time())
-        serving = self.serving_for()
-        reference = serving.as_of + timedelta(hours=self.config.stream.max_hours_ahead)
-        classified = to_classified(batch, self.config, reference).persist()
+        group = f"{batch_tag(self.config, batch_id)}-{report.started:.6f}"
+        sc = self.spark.sparkContext
+        sc.setJobGroup(group, f"shelf stream batch {batch_id}")
         try:
-            self.process(classified, batch_id, serving, report)
+            with _session_conf(self.spark, self.batch_conf()):
+                serving = self.serving_for()
+                reference = serving.as_of + timedelta(hours=self.config.stream.max_hours_ahead)
+                classified = to_classified(batch, self.config, reference).persist()
+                try:
+                    self.process(classified, batch_id, serving, report)
+                finally:
+                    classified.unpersist()
         finally:
-            classified.unpersist()
+            report.jobs = len(sc.statusTracker().getJobIdsForGroup(group))
+            sc.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
         report.finished = time.time()
         shown = ", ".join(f"{k}={int(v)}" for k, v in sorted(report.counts.items()))
         log.info(
-            "[%s] batch %d event_time=%s: %s; kernel %.3fs, publish %.3fs, batch %.3fs",
+            "[%s] batch %d event_time=%s: %s; validate %.2fs, prepare %.2fs, MERGE %.2fs (kernel %.3fs, %d attempt(s)), "
+            "readable after %.2fs; side writes %.2fs; %d Spark jobs; batch %.2fs",
             STEP_NAME,
             batch_id,
             report.event_time,
             shown,
-            report.kernel_seconds,
+            report.validate_seconds,
+            report.prepare_seconds,
             report.publish_seconds,
+            report.kernel_seconds,
+            report.merge_attempts,
+            (report.published - report.started) if report.published else 0.0,
+            report.side_seconds,
+            report.jobs,
             report.finished - report.started,
         )
         if self.on_batch is not None:
@@ -447,7 +671,8 @@ class StreamJob:
 
     def process(self, classified: DataFrame, batch_id: int, serving: Serving, report: BatchReport) -> None:
         config, spark, tag = self.config, self.spark, batch_tag(self.config, batch_id)
-        by_reason = count_by_reason(classified)
+        by_reason, event_time = batch_stats(classified)
+        report.validate_seconds = time.time() - report.started
         input_rows = sum(by_reason.values())
         if input_rows == 0:
             return
@@ -457,20 +682,29 @@ class StreamJob:
         counts = report.counts
         counts.update({"input_rows": input_rows, "accepted": accepted_rows, "quarantined": quarantined})
         counts.update({f"quarantined.{reason}": n for reason, n in by_reason.items()})
+        accepted = classified.filter(F.col(REASON).isNull())
+        if event_time is not None:
+            # The users' lists first: readable as soon as this MERGE commits.
+            self.rerank_users(accepted, batch_id, event_time, serving, report)
+            pause_after_merge(batch_id)
+        # Then the side writes, each replacing this batch's rows: a replay after a crash anywhere in between redoes
+        # them (its MERGE is a no-op by the newer-wins gate), so every table ends as after an uninterrupted run.
+        side_started = time.perf_counter()
         if quarantined:
             tables.write_replacing(
-                ingest.to_quarantine(classified, STEP_NAME, tag, serving.as_of),
+                events.to_quarantine(classified, STEP_NAME, tag, serving.as_of),
                 config,
                 "quarantine",
                 "events",
                 tag,
                 {RUN_ID: tag, STEP: STEP_NAME},
             )
-        if accepted_rows:
+        if event_time is not None:
             tables.write_replacing(
-                ingest.to_bronze(classified, tag, serving.as_of), config, *STREAM_EVENTS, tag, {RUN_ID: tag}
+                events.to_bronze(classified, tag, serving.as_of), config, *STREAM_EVENTS, tag, {RUN_ID: tag}
             )
-            self.rerank_users(classified.filter(F.col(REASON).isNull()), batch_id, serving, report)
+            earliest = event_time + NOW_AFTER_LAST_EVENT - timedelta(days=_horizon_days(config))
+            self.recent.add(accepted, event_time, earliest)
         tables.write_replacing(
             run_metrics_frame(spark, tag, STEP_NAME, counts),
             config,
@@ -479,58 +713,74 @@ class StreamJob:
             tag,
             {RUN_ID: tag, STEP: STEP_NAME},
         )
+        report.side_seconds = time.perf_counter() - side_started
 
-    def rerank_users(self, accepted: DataFrame, batch_id: int, serving: Serving, report: BatchReport) -> None:
+    def rerank_users(
+        self, accepted: DataFrame, batch_id: int, event_time: datetime, serving: Serving, report: BatchReport
+    ) -> None:
         config, spark = self.config, self.spark
-        latest = accepted.agg(F.max(EVENT_TS).alias("t")).first()
-        assert latest is not None and latest["t"] is not None
-        event_time: datetime = latest["t"]
+        prepare_started = time.perf_counter()
         report.event_time = event_time
         now = event_time + NOW_AFTER_LAST_EVENT
+        earliest = now - timedelta(days=_horizon_days(config))
+        if not self.recent.loaded:
+            self.recent.load(spark, config, earliest, batch_tag(config, batch_id))
+        if not self.prepared:
+            prepare_recommendations(spark, config)
+            self.prepared = True
         users = to_affected_users(accepted, serving.user_index).cache()
         try:
-            stored_stream = tables.read(spark, config, *STREAM_EVENTS)
-            earliest = now - timedelta(days=_horizon_days(config))
-            session = to_session_events(serving.history, stored_stream, users, serving.item_index, earliest)
+            streamed = self.recent.frame(spark).unionByName(accepted.select(*STREAMED_COLUMNS))
+            session = to_session_events(serving.history, streamed, users, serving.item_index, earliest)
             fresh = reranking.to_fresh_events(session, config.rerank, now)
-            events = reranking.to_capped_events(fresh, config.rerank.max_fresh_events)
+            capped = reranking.to_capped_events(fresh, config.rerank.max_fresh_events)
             touched = to_touched_items(accepted, users, serving.item_index)
             candidates = reranking.to_capped_candidates(
                 to_batch_candidates(serving, users, touched), config.rerank.max_candidates
             )
-            user_rows = reranking.to_user_rows(candidates, serving.user_factors, events)
-            seconds = spark.sparkContext.accumulator(0.0)
+            user_rows = reranking.to_user_rows(candidates, serving.user_factors, capped)
+            meter = KernelMeter.create(spark)
             params = reranking.params_from(config.rerank)
             items = serving.items
-            buckets = config.rerank.buckets or int(spark.conf.get("spark.sql.shuffle.partitions") or 4)
+            buckets = config.stream.kernel_buckets or spark.sparkContext.defaultParallelism
             ranked = (
                 user_rows.repartition(buckets, USER_IDX)
-                .mapInPandas(lambda it: timed_rerank_batches(it, items, params, seconds), reranking.KERNEL_SCHEMA)
-                .cache()
+                .mapInPandas(lambda it: timed_rerank_batches(it, items, params, meter), reranking.KERNEL_SCHEMA)
+                .cache()  # the MERGE reads its source more than once: the kernel runs once
             )
             try:
-                sizes = users.agg(
-                    F.count(F.lit(1)).alias("users"), F.sum((F.col(USER_IDX) < 0).cast("int")).alias("cold")
-                ).first()
-                assert sizes is not None
-                report.counts["users"], report.counts["cold_users"] = sizes["users"], sizes["cold"] or 0
-                report.counts["rows"] = ranked.count()  # runs the kernel once; the MERGE reads the cache
-                report.kernel_seconds = float(seconds.value)
-                recs = rerank.to_recommendations(
+                recs = publishing.to_recommendations(
                     ranked, users, serving.item_index, serving.run_id, serving.as_of
                 ).select(
-                    *[f.name for f in rerank.RECOMMENDATIONS_SCHEMA.fields],
+                    *[f.name for f in publishing.RECOMMENDATIONS_SCHEMA.fields],
                     F.lit(batch_id).cast("long").alias(STREAM_BATCH),
                     ts_lit(event_time).alias(EVENT_TIME),
                 )
+                report.prepare_seconds = time.perf_counter() - prepare_started
                 started = time.perf_counter()
-                publish(spark, config, recs, serving.run_id, batch_id, event_time)
+                report.merge_attempts = publish(
+                    spark,
+                    config,
+                    recs,
+                    serving.run_id,
+                    batch_id,
+                    event_time,
+                    self.before_merge_attempt,
+                    self.merge_gate,
+                )
                 report.publish_seconds = time.perf_counter() - started
                 report.published = time.time()
+                report.kernel_seconds = float(meter.seconds.value)
+                report.counts.update(
+                    {"users": meter.users.value, "cold_users": meter.cold_users.value, "rows": meter.rows.value}
+                )
             finally:
                 ranked.unpersist()
         finally:
             users.unpersist()
+
+    def before_merge_attempt(self, attempt: int) -> None:
+        """Called at the start of each MERGE attempt; nothing here (tests override it to force a conflict)."""
 
 
 # ---------------------------------------------------------------- the query

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 from pyspark.sql import SparkSession
 
+from pipelines.core import tables
 from pipelines.core.config import ShelfConfig, load_config
 from pipelines.core.session import get_spark
 
@@ -48,3 +49,17 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (real datasets exist only on developer and CI machines)")
     return path
+
+
+def write_factor_tables(
+    spark: SparkSession,
+    config: ShelfConfig,
+    run_id: str,
+    user_factors: Mapping[int, Sequence[float]],
+    item_factors: Mapping[int, Sequence[float]],
+) -> None:
+    """gold.user_factors and gold.item_factors of one run: one row per user_idx / item_idx with its vector."""
+    schema = "features array<float>, run_id string"
+    for name, idx, factors in (("user_factors", "user_idx", user_factors), ("item_factors", "item_idx", item_factors)):
+        rows = [(i, [float(v) for v in vec], run_id) for i, vec in sorted(factors.items())]
+        tables.write(spark.createDataFrame(rows, f"{idx} int, {schema}"), config, "gold", name, run_id)

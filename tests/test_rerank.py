@@ -18,6 +18,7 @@ from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA
 from tests.conftest import make_test_config as make_config
+from tests.conftest import write_factor_tables
 
 AS_OF = datetime(2026, 11, 1)
 RUN = "r1"
@@ -71,11 +72,7 @@ def write_world(spark: SparkSession, config: ShelfConfig, catalog: bool = True) 
     tables.write(items, config, "silver", "item_index", RUN)
     rows = [(u, i, t, AS_OF - timedelta(days=d), None, 1.0, 1.0, RUN, AS_OF) for u, i, t, d in EVENTS]
     tables.write(spark.createDataFrame(rows, INTERACTIONS_SCHEMA), config, "silver", "interactions", RUN)
-    schema = "features array<float>, run_id string"
-    uf = [(u, [float(v) for v in user_f[u]], RUN) for u in sorted(ALS_USERS)]
-    itf = [(i, [float(v) for v in item_f[i]], RUN) for i in range(N_ITEMS)]
-    tables.write(spark.createDataFrame(uf, f"user_idx int, {schema}"), config, "gold", "user_factors", RUN)
-    tables.write(spark.createDataFrame(itf, f"item_idx int, {schema}"), config, "gold", "item_factors", RUN)
+    write_factor_tables(spark, config, RUN, {u: user_f[u] for u in ALS_USERS}, dict(enumerate(item_f)))
     cands = [
         (
             u,

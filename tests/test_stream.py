@@ -17,14 +17,20 @@ and every table the stream writes must equal the uninterrupted run's.
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -33,7 +39,7 @@ from pipelines.core import cli, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA, RUN_ID, STEP
-from tests.conftest import REPO, make_test_config
+from tests.conftest import REPO, make_test_config, write_factor_tables
 
 AS_OF = datetime(2026, 11, 1)
 RUN = "night-1"
@@ -109,11 +115,7 @@ def write_nightly(spark: SparkSession, config: ShelfConfig) -> None:
     old = [(u, 8 + (u + k) % 8, 10.0) for u in range(N_USERS) for k in range(3)] + [(5, i, 20.0) for i in A_ITEMS]
     rows = [(u, i, "view", AS_OF - timedelta(days=d), 1.0, 1.0, 1.0, RUN, AS_OF) for u, i, d in old]
     tables.write(spark.createDataFrame(rows, INTERACTIONS_SCHEMA), config, "silver", "interactions", RUN)
-    schema = "features array<float>, run_id string"
-    uf = [(u, [float(v) for v in user_f[u]], RUN) for u in range(N_USERS)]
-    itf = [(i, [float(v) for v in item_f[i]], RUN) for i in range(N_ITEMS)]
-    tables.write(spark.createDataFrame(uf, f"user_idx int, {schema}"), config, "gold", "user_factors", RUN)
-    tables.write(spark.createDataFrame(itf, f"item_idx int, {schema}"), config, "gold", "item_factors", RUN)
+    write_factor_tables(spark, config, RUN, dict(enumerate(user_f)), dict(enumerate(item_f)))
     per_user = {u: list(range(N_ITEMS)) for u in range(N_USERS)}
     per_user[2] = [8, 9, 10, 11, 12]  # exactly a list's length: buying two shortens its list
     cands = [(u, i, float(user_f[u] @ item_f[i]), ["als"], RUN) for u, its in per_user.items() for i in its]
@@ -146,21 +148,6 @@ def run_stream(spark: SparkSession, config: ShelfConfig, job: stream.StreamJob) 
         query.awaitTermination()
     finally:
         job.close()
-
-
-class FailBeforePublish(stream.StreamJob):
-    """Injected crash: batch `fail_at` dies after its quarantine and stream-event writes, before its MERGE."""
-
-    def __init__(self, spark: SparkSession, config: ShelfConfig, fail_at: int) -> None:
-        super().__init__(spark, config)
-        self.fail_at = fail_at
-
-    def rerank_users(
-        self, accepted: DataFrame, batch_id: int, serving: stream.Serving, report: stream.BatchReport
-    ) -> None:
-        if batch_id == self.fail_at:
-            raise RuntimeError(f"injected crash in batch {batch_id}")
-        super().rerank_users(accepted, batch_id, serving, report)
 
 
 def rows_of(frame: DataFrame) -> list[tuple[object, ...]]:
@@ -266,24 +253,120 @@ def test_replaying_a_batch_id_changes_nothing(spark: SparkSession, streamed: She
     assert rows_of(tables.read(spark, streamed, "gold", "recommendations")) == before
 
 
+STREAM_TABLES = (("gold", "recommendations"), ("quarantine", "events"), ("bronze", "stream_events"))
+
+
+def stream_cli(config: ShelfConfig) -> list[str]:
+    """`shelf stream` as a subprocess command line on `config`'s tables (conf/test.yaml: available_now)."""
+    sets = [f"storage.root={config.storage.root}", f"spark.jars_dir={REPO / '.jars'}", *OVERRIDES]
+    return [sys.executable, "-m", "pipelines.core.cli", "stream", "--conf", str(REPO / "conf" / "test.yaml")] + [
+        arg for value in sets for arg in ("--set", value)
+    ]
+
+
 @pytest.mark.slow
-def test_crash_mid_batch_then_restart_from_checkpoint_equals_uninterrupted_run(
+def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupted_run(
     spark: SparkSession, nightly: Path, streamed: ShelfConfig, tmp_path: Path
 ) -> None:
     shutil.copytree(nightly / "tables", tmp_path / "tables")
     config = make_test_config(tmp_path, *OVERRIDES)
     append_landing(spark, config, BATCH_0)
     append_landing(spark, config, BATCH_1)
-    with pytest.raises(StreamingQueryException, match="injected crash in batch 1"):
-        run_stream(spark, config, FailBeforePublish(spark, config, fail_at=1))
-    # Batch 1's side tables were written, its MERGE was not: u03 still has its nightly list.
-    assert tables.read(spark, config, "bronze", "stream_events").filter(F.col(RUN_ID) == "stream-1").count() == 1
-    assert lists(spark, config)[user_id(3)] == lists(spark, make_test_config(nightly, *OVERRIDES))[user_id(3)]
+    marker = tmp_path / "merged-1"
+    # The test-only hook: batch 1 writes the marker right after its MERGE committed, then sleeps before its side
+    # writes; the process (and its JVM: its own process group) is killed there with SIGKILL.
+    env = {**os.environ, stream.PAUSE_AFTER_MERGE_ENV: f"1:{marker}"}
+    log = tmp_path / "stream.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(stream_cli(config), cwd=REPO, env=env, start_new_session=True, stdout=err, stderr=err)
+        try:
+            deadline = time.monotonic() + 240
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert marker.exists(), f"shelf stream never reached batch 1's MERGE: {log.read_text()[-2000:]}"
+    # Killed between batch 1's MERGE and its side writes: u03's new list is readable, batch 1's other rows are not.
+    assert lists(spark, config)[user_id(3)] == lists(spark, streamed)[user_id(3)]
+    assert tables.read(spark, config, "bronze", "stream_events").filter(F.col(RUN_ID) == "stream-1").count() == 0
+    assert tables.read(spark, config, "ops", "run_metrics").filter(F.col(RUN_ID) == "stream-1").count() == 0
+    # Restart from the same checkpoint (in this process): Spark replays batch 1; its MERGE changes nothing (its
+    # own rows are there), its side writes happen.
     run_stream(spark, config, stream.StreamJob(spark, config))
-    for layer, name in (("gold", "recommendations"), ("quarantine", "events"), ("bronze", "stream_events")):
+    for layer, name in STREAM_TABLES:
         got = tables.read(spark, config, layer, name)
         want = tables.read(spark, streamed, layer, name)
         assert rows_of(got.drop("source_file")) == rows_of(want.drop("source_file")), f"{layer}.{name} differs"
+    metrics = tables.read(spark, config, "ops", "run_metrics").filter(F.col(RUN_ID).startswith("stream-"))
+    want_metrics = tables.read(spark, streamed, "ops", "run_metrics").filter(F.col(RUN_ID).startswith("stream-"))
+    assert rows_of(metrics.select(RUN_ID, "metric", "value")) == rows_of(want_metrics.select(RUN_ID, "metric", "value"))
+
+
+class NightlyCommitsMidMerge(stream.StreamJob):
+    """Forces the race deterministically: the first MERGE attempt's source (read inside the MERGE's transaction,
+    after it chose its snapshot) waits at a gate while another thread republishes the serving run with the real
+    `shelf rerank`; then the MERGE tries to commit."""
+
+    def __init__(self, spark: SparkSession, config: ShelfConfig, gate: Path) -> None:
+        super().__init__(spark, config)
+        self.merge_gate = str(gate)
+        self.attempts: list[int] = []
+
+    def before_merge_attempt(self, attempt: int) -> None:
+        self.attempts.append(attempt)
+
+
+def republish_while_the_merge_waits(spark: SparkSession, config: ShelfConfig, gate: Path, errors: list[str]) -> None:
+    try:
+        deadline = time.monotonic() + 120
+        while not (gate / "entered").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (gate / "nightly-started").touch()
+        rerank.run(spark, config, RunContext(RUN, AS_OF))
+        (gate / "nightly-done").touch()
+    except Exception as exc:  # noqa: BLE001 - reported by the test thread
+        errors.append(repr(exc))
+    finally:
+        (gate / "released").touch()
+
+
+def test_stream_merge_racing_the_nightly_publish_retries_and_newer_information_wins(
+    spark: SparkSession, nightly: Path, streamed: ShelfConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.copytree(Path(streamed.storage.root), tmp_path / "tables")
+    config = make_test_config(tmp_path, *OVERRIDES)
+    start_version = tables.latest_version(spark, config, "gold", "recommendations")
+    # Batch 2: u00 puts an A item in its cart after the nightly's as_of, while the nightly republishes its run.
+    append_landing(spark, config, [(user_id(0), item_id(7), "add_to_cart", at(3.0), "1", "s7")])
+    gate, errors = tmp_path / "gate", list[str]()
+    gate.mkdir()
+    job = NightlyCommitsMidMerge(spark, config, gate)
+    nightly_thread = threading.Thread(target=republish_while_the_merge_waits, args=(spark, config, gate, errors))
+    nightly_thread.start()
+    with caplog.at_level(logging.WARNING, logger="shelf.tables"):
+        run_stream(spark, config, job)
+    nightly_thread.join()
+    assert not errors
+    # The MERGE lost to the nightly's commit once and was retried; no commit is lost: both are in the history.
+    assert job.attempts == [1, 2]
+    assert any("lost to a concurrent writer" in r.getMessage() for r in caplog.records)
+    history = tables.history(spark, config, "gold", "recommendations").filter(F.col("version") > start_version)
+    ops = [r["operation"] for r in history.orderBy("version").collect()]
+    assert ops == ["WRITE", "MERGE"], ops
+    # Newer information wins per user: u00's stream list (an event after as_of) over the republished nightly list;
+    # every other user has the republished list (the rerun rewrote its run from its as_of, the stream rows too).
+    republished = lists(spark, config, version=start_version + 1)
+    assert republished == lists(spark, make_test_config(nightly, *OVERRIDES))
+    after = lists(spark, config)
+    assert any(category(i) == "A" for i in after[user_id(0)])
+    assert {u: v for u, v in after.items() if u != user_id(0)} == {
+        u: v for u, v in republished.items() if u != user_id(0)
+    }
+    tagged = tables.read(spark, config, "gold", "recommendations").filter(F.col("stream_batch").isNotNull())
+    assert {
+        (r["user_id"], r["stream_batch"]) for r in tagged.select("user_id", "stream_batch").distinct().collect()
+    } == {(user_id(0), 2)}
 
 
 def test_shelf_stream_without_a_landing_table_says_what_to_do(
@@ -327,3 +410,24 @@ def lists_of_run(spark: SparkSession, config: ShelfConfig, run_id: str) -> dict[
     for r in frame.select("user_id", "rank", "item_id").collect():
         found.setdefault(r["user_id"], []).append((r["rank"], r["item_id"]))
     return {u: [i for _, i in sorted(v)] for u, v in found.items()}
+
+
+def test_vacuum_after_a_delete_removes_rows_physically_despite_deletion_vectors(
+    spark: SparkSession, streamed: ShelfConfig, tmp_path: Path
+) -> None:
+    """`shelf forget --vacuum` (tables.delete_where + tables.vacuum) on gold.recommendations once the stream turned
+    deletion vectors on: the forgotten user's rows must leave the data files, not only be marked deleted."""
+    shutil.copytree(Path(streamed.storage.root), tmp_path / "tables")
+    config = make_test_config(tmp_path, *OVERRIDES)
+    props = tables.delta_table(spark, config, "gold", "recommendations").detail().first()
+    assert props is not None and props["properties"].get("delta.enableDeletionVectors") == "true"
+    tables.delete_where(spark, config, "gold", "recommendations", F.col("user_id") == user_id(1))
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    try:
+        tables.vacuum(spark, config, "gold", "recommendations", 0.0)
+    finally:
+        spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+    files = spark.read.parquet(tables.location(config, "gold", "recommendations"))  # every row in the data files
+    assert files.filter(F.col("user_id") == user_id(1)).count() == 0
+    # Other users keep exactly their live rows (u02's list is three long after its purchases).
+    assert files.filter(F.col("user_id") == user_id(2)).count() == len(lists(spark, config)[user_id(2)]) == 3

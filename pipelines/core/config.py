@@ -246,6 +246,10 @@ class StreamConfig(_Section):
     name: str = "stream"  # tags quarantine and run-metrics rows: run_id = <name>-<batch id>
     max_hours_ahead: float = Field(48.0, gt=0)  # events later than the serving run's as_of + this are future
     popular_k: int = Field(50, ge=0)  # popular items offered to users without ALS factors
+    kernel_buckets: int | None = Field(None, ge=1)  # partitions of a batch's users for the kernel; None: the cores
+    shuffle_partitions: int = Field(2, ge=1)  # spark.sql.shuffle.partitions while a micro-batch re-ranks and MERGEs
+    adaptive: bool = False  # spark.sql.adaptive.enabled while a micro-batch runs (each adaptive stage is a job)
+    broadcast_joins: bool = False  # broadcast joins while a micro-batch runs (each broadcast is a job)
 
 
 class PrivacyConfig(_Section):

@@ -269,6 +269,38 @@ def add_columns(spark: SparkSession, config: ShelfConfig, layer: str, name: str,
     _commit_with_retry(commit, layer, name, "schema")
 
 
+def set_properties(spark: SparkSession, config: ShelfConfig, layer: str, name: str, properties: dict[str, str]) -> None:
+    """Set Delta table properties the table does not have yet, in one commit (none when all are set)."""
+    detail = delta_table(spark, config, layer, name).detail().select("properties").first()
+    present = dict(detail["properties"] or {}) if detail is not None else {}
+    missing = {k: v for k, v in properties.items() if present.get(k) != v}
+    if not missing:
+        return
+    where = location(config, layer, name)
+    target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
+    spec = ", ".join(f"'{k}' = '{v}'" for k, v in missing.items())
+
+    def commit() -> None:
+        spark.sql(f"ALTER TABLE {target} SET TBLPROPERTIES ({spec})")
+
+    _commit_with_retry(commit, layer, name, "properties")
+
+
+HISTORY_LOOKBACK = 100  # commits commits_since reads from the log at most
+
+
+def commits_since(
+    spark: SparkSession, config: ShelfConfig, layer: str, name: str, version: int | None, own: str = "MERGE"
+) -> tuple[int, bool]:
+    """(latest version, whether a commit after `version` is not an `own` operation), read from the Delta log
+    (the history of the last HISTORY_LOOKBACK commits: no Spark job). `version` None: every commit counts."""
+    rows = delta_table(spark, config, layer, name).history(HISTORY_LOOKBACK).select("version", "operation").collect()
+    latest = max(int(r["version"]) for r in rows)
+    if version is None or min(int(r["version"]) for r in rows) > version + 1:
+        return latest, True
+    return latest, any(r["operation"] != own for r in rows if int(r["version"]) > version)
+
+
 def merge(
     spark: SparkSession, config: ShelfConfig, layer: str, name: str, run_id: str, apply: Callable[[DeltaTable], None]
 ) -> None:
@@ -339,5 +371,16 @@ def delete_where(spark: SparkSession, config: ShelfConfig, layer: str, name: str
 
 
 def vacuum(spark: SparkSession, config: ShelfConfig, layer: str, name: str, retention_hours: float) -> None:
-    """Remove data files no version younger than `retention_hours` needs (makes deletes physical)."""
-    delta_table(spark, config, layer, name).vacuum(retention_hours)
+    """Remove data files no version younger than `retention_hours` needs (makes deletes physical).
+
+    On a table with deletion vectors (gold.recommendations once `shelf stream` wrote it) a delete only marks
+    rows, so the files holding them are rewritten first (REORG ... APPLY (PURGE)) and the old ones vacuumed.
+    """
+    table = delta_table(spark, config, layer, name)
+    detail = table.detail().select("properties").first()
+    properties = dict(detail["properties"] or {}) if detail is not None else {}
+    if properties.get("delta.enableDeletionVectors") == "true":
+        where = location(config, layer, name)
+        target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
+        spark.sql(f"REORG TABLE {target} APPLY (PURGE)")
+    table.vacuum(retention_hours)
