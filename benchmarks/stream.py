@@ -236,6 +236,7 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
         f"stream.checkpoint={sub / 'checkpoint'}",
         f"stream.interval_seconds={args.interval}",
         "stream.trigger=processing_time",
+        *args.set,
     )
     spark.createDataFrame([], LANDING).write.format("delta").mode("append").save(stream.landing_path(config))
     job = RecordingJob(spark, config)
@@ -364,6 +365,7 @@ def main() -> int:
     p.add_argument("--items", type=int, default=800)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for the stream")
     p.add_argument("--writer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--log", help=argparse.SUPPRESS)
