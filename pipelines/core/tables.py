@@ -259,14 +259,8 @@ def add_columns(spark: SparkSession, config: ShelfConfig, layer: str, name: str,
     missing = {c: kind for c, kind in columns.items() if c not in present}
     if not missing:
         return
-    where = location(config, layer, name)
-    target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
     spec = ", ".join(f"{c} {kind}" for c, kind in missing.items())
-
-    def commit() -> None:
-        spark.sql(f"ALTER TABLE {target} ADD COLUMNS ({spec})")
-
-    _commit_with_retry(commit, layer, name, "schema")
+    _alter(spark, config, layer, name, f"ADD COLUMNS ({spec})", "schema")
 
 
 def set_properties(spark: SparkSession, config: ShelfConfig, layer: str, name: str, properties: dict[str, str]) -> None:
@@ -276,14 +270,19 @@ def set_properties(spark: SparkSession, config: ShelfConfig, layer: str, name: s
     missing = {k: v for k, v in properties.items() if present.get(k) != v}
     if not missing:
         return
+    spec = ", ".join(f"'{k}' = '{v}'" for k, v in missing.items())
+    _alter(spark, config, layer, name, f"SET TBLPROPERTIES ({spec})", "properties")
+
+
+def _alter(spark: SparkSession, config: ShelfConfig, layer: str, name: str, clause: str, what: str) -> None:
+    """`ALTER TABLE <the table> <clause>` as one metadata commit, retried on a concurrent commit."""
     where = location(config, layer, name)
     target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
-    spec = ", ".join(f"'{k}' = '{v}'" for k, v in missing.items())
 
     def commit() -> None:
-        spark.sql(f"ALTER TABLE {target} SET TBLPROPERTIES ({spec})")
+        spark.sql(f"ALTER TABLE {target} {clause}")
 
-    _commit_with_retry(commit, layer, name, "properties")
+    _commit_with_retry(commit, layer, name, what)
 
 
 HISTORY_LOOKBACK = 100  # commits commits_since reads from the log at most
