@@ -384,7 +384,11 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
     fresh = (batch.event_ages <= params.fresh_days) & (ev_col >= 0)
     pull = batch.event_weights * np.power(2.0, -np.maximum(batch.event_ages, 0.0) / params.half_life_days)
     warm = batch.user_factors.astype(np.float64).reshape(m, d)
-    p = np.where(batch.has_factors[:, None], warm, _fold_in(q, ev_row[fresh], ev_col[fresh], pull[fresh], m))
+    p = warm.copy()
+    cold = ~batch.has_factors
+    if cold.any():  # only cold users' events are folded in: warm users (most of a batch) skip the gather
+        on_cold = fresh & cold[ev_row]
+        p[cold] = _fold_in(q, ev_row[on_cold], ev_col[on_cold], pull[on_cold], m)[cold]
     contrib = (pull[fresh])[:, None] * q[ev_col[fresh]]
     session = p + params.alpha * _segment_reduce(contrib.reshape(-1, d), ev_row[fresh], m, np.add, 0.0)
 
