@@ -300,7 +300,7 @@ class RecentEvents:
             (F.col(EVENT_TS) >= ts_lit(earliest)) & (F.col(RUN_ID) != skip_tag)
         )
         frame = stored.select(*STREAMED_COLUMNS).localCheckpoint(eager=True)
-        latest = stored.agg(F.max(EVENT_TS)).first()
+        latest = frame.agg(F.max(EVENT_TS)).first()  # from the checkpoint: no second read of the Delta table
         if latest is not None and latest[0] is not None:
             self.slices.append(_Slice(frame, latest[0]))
 
