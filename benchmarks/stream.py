@@ -16,10 +16,11 @@ its MERGE committed. Latency of an event = its batch's MERGE commit - its commit
 time.time() on this machine), weighted by events. The split, per event (means, event-weighted): `wait` (append ->
 its batch function starts: trigger interval, the previous batch still running, the source scan), then inside
 the batch up to the MERGE's commit (when the list is readable): `validate` (classify the rows and count them by
-reason: one Spark job), `prepare` (serving-run check from the Delta log, plan building), `MERGE call` (the
-Spark jobs of the MERGE: the kernel runs inside it, as the MERGE's source), of which `Delta MERGE` is the
-MERGE's own executionTimeMs from DESCRIBE HISTORY and `kernel` the seconds inside `udfs.rerank` summed over
-the Python workers (with 2 workers it can exceed the wall time / 2); after the commit, `side writes`
+reason: one Spark job), `prepare` (serving-run check from the Delta log, the batch's users, plan building),
+`rank` (the one job that materialises the users' new lists: joins and kernel; `kernel` is the seconds inside
+`udfs.rerank` summed over the Python workers, so with 2 workers it can exceed the wall time / 2), `MERGE call`
+(the newer-wins gate's read of gold.recommendations, then the MERGE), of which `Delta MERGE` is the MERGE's own
+executionTimeMs from DESCRIBE HISTORY; after the commit, `side writes`
 (quarantine, bronze.stream_events, run metrics: they delay the next batch, not this one's lists); `jobs/batch`:
 the Spark jobs of the batch function (its job group).
 Sustained events/s = events published / (last MERGE commit - first append).
@@ -295,7 +296,7 @@ def summarise(
     """Event-weighted latency percentiles and the mean split of an event's latency (seconds)."""
     by_chunk = {int(a["chunk"]): a for a in appended}
     parts: dict[str, list[float]] = {
-        k: [] for k in ("lat", "wait", "validate", "prepare", "merge", "kernel", "delta", "side", "jobs", "w")
+        k: [] for k in ("lat", "wait", "validate", "prepare", "rank", "merge", "kernel", "delta", "side", "jobs", "w")
     }
     for b in batches:
         r = b.report
@@ -309,6 +310,7 @@ def summarise(
                 "wait": r.started - a["appended"],
                 "validate": r.validate_seconds,
                 "prepare": r.prepare_seconds,
+                "rank": r.rank_seconds,
                 "merge": r.publish_seconds,
                 "kernel": r.kernel_seconds,
                 "delta": delta,
@@ -333,7 +335,7 @@ def summarise(
         "max": float(lat_a.max()),
         "sustained": published / span if span > 0 else 0.0,
     }
-    for k in ("wait", "validate", "prepare", "merge", "kernel", "delta", "side", "jobs"):
+    for k in ("wait", "validate", "prepare", "rank", "merge", "kernel", "delta", "side", "jobs"):
         out[k] = float(np.average(np.asarray(parts[k]), weights=w))
     return out
 
@@ -389,19 +391,20 @@ def main() -> int:
         print()
         print(
             "| rate (events/s) | events | batches | p50 s | p95 s | max s | sustained events/s "
-            "| wait s | validate s | prepare s | MERGE call s | of it Delta MERGE s | kernel s | side writes s "
-            "| jobs/batch | p50 / in-process re-rank |"
+            "| wait s | validate s | prepare s | rank s | of it kernel s | MERGE call s | of it Delta MERGE s "
+            "| side writes s | jobs/batch | p50 / in-process re-rank |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for rate in args.rates:
             r = run_rate(spark, root, args, rate)
             if not r.get("events"):
-                print(f"| {rate} | 0 |" + " - |" * 14)
+                print(f"| {rate} | 0 |" + " - |" * 15)
                 continue
             print(
                 f"| {rate:,} | {int(r['events']):,} | {int(r['batches'])} | {r['p50']:.2f} | {r['p95']:.2f} "
                 f"| {r['max']:.2f} | {r['sustained']:,.0f} | {r['wait']:.2f} | {r['validate']:.2f} "
-                f"| {r['prepare']:.2f} | {r['merge']:.2f} | {r['delta']:.2f} | {r['kernel']:.3f} | {r['side']:.2f} "
+                f"| {r['prepare']:.2f} | {r['rank']:.2f} | {r['kernel']:.3f} | {r['merge']:.2f} | {r['delta']:.2f} "
+                f"| {r['side']:.2f} "
                 f"| {r['jobs']:.1f} | {r['p50'] / baseline:,.0f}x |",
                 flush=True,
             )

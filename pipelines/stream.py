@@ -22,28 +22,32 @@ its checkpoint at `stream.checkpoint` and a `processing_time` (every `stream.int
    fresh events = silver.interactions of the serving run, the stream's earlier accepted events (kept in
    executor memory by RecentEvents, filled from bronze.stream_events on start) and this batch's rows, within
    max(rerank.fresh_days, rerank.bought_window_days) before now, for known items;
+   Every join against the serving run's cached frames broadcasts the batch side (users, touched items,
+   streamed events: bounded by the micro-batch), so those frames are never shuffled per batch;
 4. re-ranks them with the batch kernel (`udfs.rerank` via `pipelines.core.reranking.rerank_frame` in
-   `mapInPandas`, the item table broadcast) and MERGEs each user's whole new list into the serving run's
+   `mapInPandas`, the item table broadcast), materialises the new lists in one Spark job, and MERGEs each
+   user's whole new list into the serving run's
    rows of gold.recommendations (deletion vectors on: a few users' rows are marked deleted, files are not
    rewritten): ranks beyond the new list's length are deleted. Stream rows keep the run's run_id and as_of
    and carry `stream_batch` (N) and `event_time` (T); nightly rows have them null. The lists are readable
    from this commit on;
-5. then the side writes, each replacing the tag's rows: rejected rows -> quarantine.events (step "stream",
-   run_id = the tag) with their reason codes, accepted rows -> bronze.stream_events (BRONZE_EVENTS_SCHEMA),
-   the counts -> ops.run_metrics. A crash between the MERGE and these is repaired by Spark's replay of the
-   batch: its MERGE is a no-op (below), its side writes happen.
+5. the side writes, each replacing the tag's rows: rejected rows -> quarantine.events (step "stream",
+   run_id = the tag) with their reason codes and accepted rows -> bronze.stream_events (BRONZE_EVENTS_SCHEMA),
+   both on a second thread while steps 3-4 run; after the MERGE, the counts -> ops.run_metrics. A crash
+   anywhere is repaired by Spark's replay of the batch: its MERGE is a no-op (below), its side writes happen.
 
 Newer information wins per user: a user's list has an information time, `event_time` for a stream list
 and `as_of` for a nightly one. A micro-batch replaces the list only when T is later than that, or the
 list was written by an earlier batch id (a later batch has seen every event an earlier one saw). So a
 replayed batch id (after a crash) finds its own rows and changes nothing, a batch holding only events the
 nightly already saw changes nothing, and a new nightly run takes over as the serving run. Users whose new
-list is empty keep their list. Commits that lose to a concurrent writer are retried (tables.merge): each
-attempt re-reads the table, so the gate sees the winner's rows.
+list is empty keep their list. The gate reads the table just before the MERGE (outside it: see publish); the
+MERGE's conditions check each matched row again. Commits that lose to a concurrent writer are retried
+(tables.merge): each attempt re-reads the table, so the gate sees the winner's rows.
 
 Test-only hooks (tests/test_stream.py): the environment variable SHELF_STREAM_PAUSE_AFTER_MERGE =
-"<batch id>:<marker file>" makes that batch write the marker after its MERGE and sleep before its side writes
-(the SIGKILL test); StreamJob.merge_gate makes the MERGE's source wait for a file (the race test).
+"<batch id>:<marker file>" makes that batch write the marker after its MERGE and sleep before its run-metrics
+write (the SIGKILL test); StreamJob.merge_gate makes the MERGE's source wait for a file (the race test).
 
 Output grain: gold.recommendations, one row per (run_id, user_id, rank).
 """
@@ -63,7 +67,7 @@ from typing import Any
 
 import pandas as pd
 from delta.tables import DeltaTable
-from pyspark import Broadcast
+from pyspark import Broadcast, InheritableThread
 from pyspark.accumulators import Accumulator
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -323,9 +327,15 @@ class RecentEvents:
 # ---------------------------------------------------------------- users, events and candidates of a batch
 
 
+# Joins of a micro-batch against the serving run's cached frames broadcast the batch side (its users, items and
+# events: bounded by the micro-batch), so the serving frames (all users' candidates, history and factors) are only
+# streamed through a hash lookup, never shuffled or sorted per batch. Spark's automatic broadcasts stay off in a
+# micro-batch (stream.broadcast_joins): left to itself it broadcast the cached serving frames instead, every batch.
+
+
 def to_affected_users(accepted: DataFrame, user_index: DataFrame) -> DataFrame:
     """The batch's users: user_id, user_idx (silver's, else a batch-local negative id by user_id order)."""
-    users = accepted.select(USER_ID).distinct().join(user_index, on=USER_ID, how="left")
+    users = user_index.join(F.broadcast(accepted.select(USER_ID).distinct()), on=USER_ID, how="right")
     # One partition over the batch's distinct users: bounded by the micro-batch, not by all users.
     local = -F.dense_rank().over(Window.orderBy(F.col(USER_IDX).isNotNull(), F.col(USER_ID)))
     return users.select(USER_ID, F.coalesce(F.col(USER_IDX), local).cast("int").alias(USER_IDX))
@@ -338,40 +348,35 @@ def to_session_events(
 
     Stream events on items the model does not know are left out (no factors to fold in).
     """
-    stored = history.join(users.select(USER_IDX), on=USER_IDX, how="inner").select(
+    stored = history.join(F.broadcast(users.select(USER_IDX)), on=USER_IDX, how="inner").select(
         USER_IDX, ITEM_IDX, EVENT_TYPE, EVENT_TS
     )
-    streamed = (
-        stream_events.filter(F.col(EVENT_TS) >= ts_lit(earliest))
-        .join(users, on=USER_ID, how="inner")
-        .join(item_index, on=ITEM_ID, how="inner")
-        .select(USER_IDX, ITEM_IDX, EVENT_TYPE, EVENT_TS)
+    theirs = stream_events.filter(F.col(EVENT_TS) >= ts_lit(earliest)).join(F.broadcast(users), on=USER_ID, how="inner")
+    streamed = item_index.join(F.broadcast(theirs), on=ITEM_ID, how="inner").select(
+        USER_IDX, ITEM_IDX, EVENT_TYPE, EVENT_TS
     )
     return stored.unionByName(streamed).distinct()
 
 
 def to_touched_items(accepted: DataFrame, users: DataFrame, item_index: DataFrame) -> DataFrame:
     """(user_idx, item_idx) of the batch's own accepted events on known items."""
-    return (
-        accepted.select(USER_ID, ITEM_ID)
-        .distinct()
-        .join(users, on=USER_ID, how="inner")
-        .join(item_index, on=ITEM_ID, how="inner")
-        .select(USER_IDX, ITEM_IDX)
-    )
+    theirs = accepted.select(USER_ID, ITEM_ID).distinct().join(users, on=USER_ID, how="inner")
+    return item_index.join(F.broadcast(theirs), on=ITEM_ID, how="inner").select(USER_IDX, ITEM_IDX)
 
 
 def to_batch_candidates(serving: Serving, users: DataFrame, touched: DataFrame) -> DataFrame:
     """Stored candidates + neighbours of the touched items + popular items for users without factors:
     user_idx, item_idx, als_score, sources (one row per user and item)."""
-    stored = serving.candidates.join(users.select(USER_IDX), on=USER_IDX, how="inner")
-    neighbours = touched.join(serving.neighbours, on=ITEM_IDX, how="inner").select(
+    keys = F.broadcast(users.select(USER_IDX))
+    stored = serving.candidates.join(keys, on=USER_IDX, how="inner")
+    neighbours = serving.neighbours.join(F.broadcast(touched), on=ITEM_IDX, how="inner").select(
         USER_IDX,
         F.col(NEIGHBOUR_IDX).alias(ITEM_IDX),
         F.lit(None).cast("double").alias(ALS_SCORE),
         F.array(F.lit(NEIGHBOURS)).alias(SOURCES),
     )
-    cold = users.select(USER_IDX).join(serving.user_factors.select(USER_IDX), on=USER_IDX, how="left_anti")
+    warm = serving.user_factors.select(USER_IDX).join(keys, on=USER_IDX, how="inner")
+    cold = users.select(USER_IDX).join(F.broadcast(warm), on=USER_IDX, how="left_anti")
     popular = cold.crossJoin(F.broadcast(serving.popular)).select(  # constant-size right side
         USER_IDX, ITEM_IDX, F.lit(None).cast("double").alias(ALS_SCORE), F.array(F.lit(POPULAR)).alias(SOURCES)
     )
@@ -441,13 +446,18 @@ def _stream_column(frame: DataFrame, name: str) -> Column:
     return F.col(name) if name in frame.columns else F.lit(None)
 
 
-def to_merge_source(recs: DataFrame, current: DataFrame, run_id: str, batch_id: int, event_time: datetime) -> DataFrame:
+def to_merge_source(
+    recs: DataFrame, current: DataFrame, run_id: str, batch_id: int, event_time: datetime, top_k: int
+) -> DataFrame:
     """The MERGE source: the new lists of users whose information is newer (op upsert), plus one delete row
-    per rank of their current list beyond the new list's length (op delete)."""
+    per rank past the new list's length, up to the longer of their current list and `top_k` (op delete).
+
+    Reads `current` now (the gate is materialised: one Spark job), not when the MERGE evaluates its source.
+    """
     info = F.coalesce(_stream_column(current, EVENT_TIME).cast("timestamp"), F.col(AS_OF))
     existing = (
         current.filter(F.col(RUN_ID) == run_id)
-        .join(recs.select(USER_ID).distinct(), on=USER_ID, how="inner")
+        .join(F.broadcast(recs.select(USER_ID).distinct()), on=USER_ID, how="inner")
         .groupBy(USER_ID)
         .agg(
             F.max(RANK).alias(_OLD_LEN),
@@ -461,11 +471,17 @@ def to_merge_source(recs: DataFrame, current: DataFrame, run_id: str, batch_id: 
         | (F.col(_BATCH).isNotNull() & (F.lit(batch_id) > F.col(_BATCH)))
     )
     gate = recs.groupBy(USER_ID).agg(F.max(RANK).alias(_NEW_LEN)).join(existing, on=USER_ID, how="left").filter(newer)
+    gate = gate.localCheckpoint(eager=True)  # one read of the table now (one small job), used twice below
     upserts = recs.join(gate.select(USER_ID), on=USER_ID, how="left_semi").withColumn(_OP, F.lit(_UPSERT))
-    deletes = gate.filter(F.col(_OLD_LEN) > F.col(_NEW_LEN)).select(
+    # Ranks up to top_k too: a rerun of the nightly committed between this read and the MERGE may have written
+    # a longer list than the one read here (a delete row without a target row does nothing).
+    tail = F.greatest(F.col(_OLD_LEN), F.lit(top_k))
+    deletes = gate.filter(tail > F.col(_NEW_LEN)).select(
         USER_ID,
-        F.explode(F.sequence(F.col(_NEW_LEN) + 1, F.col(_OLD_LEN))).alias(RANK),
+        F.explode(F.sequence(F.col(_NEW_LEN) + 1, tail)).alias(RANK),
         F.lit(run_id).alias(RUN_ID),
+        F.lit(batch_id).cast("long").alias(STREAM_BATCH),
+        ts_lit(event_time).alias(EVENT_TIME),
         F.lit(_DELETE).alias(_OP),
     )
     return upserts.unionByName(deletes, allowMissingColumns=True)
@@ -490,6 +506,13 @@ def publish(
 ) -> int:
     """MERGE the users' new lists into the serving run's rows of gold.recommendations (one commit, retried).
 
+    The newer-wins gate (to_merge_source) reads the table just before the MERGE and is materialised, so the MERGE
+    plans and reads a small in-memory source (with the read inside the MERGE, Delta listed the table's files again
+    each time it evaluated its source: about 6 s a batch). A commit between that read and the MERGE cannot make an
+    older list win: the MERGE's own conditions compare each matched row's information with the batch's on the
+    table as the MERGE sees it, and the delete rows reach rerank.top_k (see to_merge_source). A commit during the
+    MERGE is a Delta conflict: the MERGE is retried with a fresh read.
+
     `before_attempt(n)` runs at the start of attempt n and `gate` (see gated_rows) pauses the MERGE's source: test
     hooks. Returns the number of attempts.
     """
@@ -497,6 +520,11 @@ def publish(
     assignments: dict[str, str | Column] = {c: F.col(f"s.{c}") for c in columns}
     # The run_id literal lets Delta skip the files of other runs (min/max stats) when it looks for matches.
     on = f"t.{RUN_ID} = '{run_id}' AND t.run_id = s.run_id AND t.user_id = s.user_id AND t.rank = s.rank"
+    # A matched row is replaced or deleted only if the batch's information is newer than the row's (as the gate).
+    held = F.coalesce(F.col(f"t.{EVENT_TIME}"), F.col(f"t.{AS_OF}"))
+    newer = (held < F.col(f"s.{EVENT_TIME}")) | (
+        F.col(f"t.{STREAM_BATCH}").isNotNull() & (F.col(f"t.{STREAM_BATCH}") < F.col(f"s.{STREAM_BATCH}"))
+    )
     attempts = 0
 
     def apply(target: DeltaTable) -> None:  # rebuilt per attempt: reads the table as it is now
@@ -505,21 +533,23 @@ def publish(
         if before_attempt is not None:
             before_attempt(attempts)
         current = tables.read(spark, config, *RECOMMENDATIONS)
-        source = to_merge_source(recs, current, run_id, batch_id, event_time)
+        top_k = config.rerank.top_k
+        source = to_merge_source(recs, current, run_id, batch_id, event_time, top_k)
         if gate is not None:  # one task waits, the other cores stay free for the test's concurrent writer
             source = source.coalesce(1).mapInPandas(lambda it: gated_rows(it, gate), source.schema)
         (
             target.alias("t")
             .merge(source.alias("s"), on)
-            .whenMatchedDelete(condition=F.col(f"s.{_OP}") == _DELETE)
-            .whenMatchedUpdate(condition=F.col(f"s.{_OP}") == _UPSERT, set=assignments)
+            .whenMatchedDelete(condition=(F.col(f"s.{_OP}") == _DELETE) & newer)
+            .whenMatchedUpdate(condition=(F.col(f"s.{_OP}") == _UPSERT) & newer, set=assignments)
             .whenNotMatchedInsert(condition=F.col(f"s.{_OP}") == _UPSERT, values=assignments)
             .execute()
         )
 
     tag = batch_tag(config, batch_id)
+    merge_conf = {"spark.databricks.delta.commitInfo.userMetadata": f"run_id={tag}"}
     # The commit carries run_id=<tag> like every other write (DESCRIBE HISTORY: which batch wrote which version).
-    with _session_conf(spark, {"spark.databricks.delta.commitInfo.userMetadata": f"run_id={tag}"}):
+    with _session_conf(spark, merge_conf):
         tables.merge(spark, config, *RECOMMENDATIONS, tag, apply)
     return attempts
 
@@ -542,7 +572,7 @@ def _session_conf(spark: SparkSession, values: dict[str, str]) -> Iterator[None]
 # ---------------------------------------------------------------- the micro-batch
 
 # Test-only hook (tests/test_stream.py, the SIGKILL test): "<batch id>:<marker file>" makes that batch write the
-# marker right after its MERGE committed, then sleep before its side writes, so a test can kill the process there.
+# marker right after its MERGE committed, then sleep before its run-metrics write, so a test can kill it there.
 PAUSE_AFTER_MERGE_ENV = "SHELF_STREAM_PAUSE_AFTER_MERGE"
 
 
@@ -556,15 +586,41 @@ def pause_after_merge(batch_id: int) -> None:
         time.sleep(600)
 
 
+class _Background:
+    """Run `work` on a Spark-aware thread (it inherits the job group and local properties); join() re-raises."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+        self.thread = InheritableThread(target=self._run, args=(work,), daemon=True)
+        self.thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as exc:  # handed to the batch's thread by join()
+            self.error = exc
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            log.error("[%s] side write failed while the batch was failing: %s", STEP_NAME, self.error)
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 @dataclass
 class BatchReport:
     """What one micro-batch did, for logs and the benchmark (seconds are wall-clock measurements).
 
     From `started`: `validate_seconds` (parse and classify the rows, counts by reason: one Spark job),
-    `prepare_seconds` (serving-run check, users, session events, candidates: plan building), `rerank_seconds`
-    (the Spark jobs up to the MERGE's commit that run the kernel and the MERGE: `merge_seconds` of it is the MERGE
-    call, which also runs the kernel, whose own time is `kernel_seconds`, summed over the Python workers), then
-    `side_seconds` (quarantine, bronze.stream_events, run metrics and the recent-events slice: after `published`).
+    `prepare_seconds` (serving-run check, the batch's users: one small job, then plan building), `rank_seconds`
+    (the one job that computes the users' new lists: joins and kernel, whose own time is `kernel_seconds`, summed
+    over the Python workers), `publish_seconds` (the MERGE call: the gate's read, Delta's MERGE, its commit), then
+    `side_seconds` (after `published`: waiting for the quarantine and bronze.stream_events writes, which run on a
+    second thread from the start, then the recent-events slice and the run metrics).
     """
 
     batch_id: int
@@ -574,7 +630,8 @@ class BatchReport:
     validate_seconds: float = 0.0
     prepare_seconds: float = 0.0
     kernel_seconds: float = 0.0
-    publish_seconds: float = 0.0  # the MERGE call (kernel included: the MERGE's source runs it)
+    rank_seconds: float = 0.0  # the job that computes the users' new lists (joins and kernel), materialised
+    publish_seconds: float = 0.0  # the MERGE call: the newer-wins gate's read, then Delta's MERGE
     published: float = 0.0  # time.time() when the MERGE committed: the new lists are readable from here
     side_seconds: float = 0.0
     merge_attempts: int = 0
@@ -650,7 +707,8 @@ class StreamJob:
         report.finished = time.time()
         shown = ", ".join(f"{k}={int(v)}" for k, v in sorted(report.counts.items()))
         log.info(
-            "[%s] batch %d event_time=%s: %s; validate %.2fs, prepare %.2fs, MERGE %.2fs (kernel %.3fs, %d attempt(s)), "
+            "[%s] batch %d event_time=%s: %s; validate %.2fs, prepare %.2fs, rank %.2fs (kernel %.3fs), "
+            "MERGE %.2fs (%d attempt(s)), "
             "readable after %.2fs; side writes %.2fs; %d Spark jobs; batch %.2fs",
             STEP_NAME,
             batch_id,
@@ -658,8 +716,9 @@ class StreamJob:
             shown,
             report.validate_seconds,
             report.prepare_seconds,
-            report.publish_seconds,
+            report.rank_seconds,
             report.kernel_seconds,
+            report.publish_seconds,
             report.merge_attempts,
             (report.published - report.started) if report.published else 0.0,
             report.side_seconds,
@@ -683,26 +742,39 @@ class StreamJob:
         counts.update({"input_rows": input_rows, "accepted": accepted_rows, "quarantined": quarantined})
         counts.update({f"quarantined.{reason}": n for reason, n in by_reason.items()})
         accepted = classified.filter(F.col(REASON).isNull())
-        if event_time is not None:
-            # The users' lists first: readable as soon as this MERGE commits.
-            self.rerank_users(accepted, batch_id, event_time, serving, report)
-            pause_after_merge(batch_id)
-        # Then the side writes, each replacing this batch's rows: a replay after a crash anywhere in between redoes
-        # them (its MERGE is a no-op by the newer-wins gate), so every table ends as after an uninterrupted run.
+
+        def write_batch_rows() -> None:
+            if quarantined:
+                tables.write_replacing(
+                    events.to_quarantine(classified, STEP_NAME, tag, serving.as_of),
+                    config,
+                    "quarantine",
+                    "events",
+                    tag,
+                    {RUN_ID: tag, STEP: STEP_NAME},
+                )
+            if event_time is not None:
+                tables.write_replacing(
+                    events.to_bronze(classified, tag, serving.as_of), config, *STREAM_EVENTS, tag, {RUN_ID: tag}
+                )
+
+        # The batch's rows go to quarantine.events and bronze.stream_events on a second thread (their own Delta
+        # commits, other tables) while this one re-ranks and MERGEs, so they stop delaying the next batch; the
+        # lists do not wait for them. Every side write replaces this batch's rows, so a replay after a crash
+        # anywhere redoes them (its MERGE changes nothing: the newer-wins gate) and every table ends as after an
+        # uninterrupted run.
+        side = _Background(write_batch_rows)
+        try:
+            if event_time is not None:
+                # The users' lists: readable as soon as this MERGE commits.
+                self.rerank_users(accepted, batch_id, event_time, serving, report)
+                pause_after_merge(batch_id)
+        except BaseException:
+            side.wait()
+            raise
         side_started = time.perf_counter()
-        if quarantined:
-            tables.write_replacing(
-                events.to_quarantine(classified, STEP_NAME, tag, serving.as_of),
-                config,
-                "quarantine",
-                "events",
-                tag,
-                {RUN_ID: tag, STEP: STEP_NAME},
-            )
+        side.join()
         if event_time is not None:
-            tables.write_replacing(
-                events.to_bronze(classified, tag, serving.as_of), config, *STREAM_EVENTS, tag, {RUN_ID: tag}
-            )
             earliest = event_time + NOW_AFTER_LAST_EVENT - timedelta(days=_horizon_days(config))
             self.recent.add(accepted, event_time, earliest)
         tables.write_replacing(
@@ -728,7 +800,8 @@ class StreamJob:
         if not self.prepared:
             prepare_recommendations(spark, config)
             self.prepared = True
-        users = to_affected_users(accepted, serving.user_index).cache()
+        # Materialised now (one small job): every later join broadcasts it.
+        users = to_affected_users(accepted, serving.user_index).localCheckpoint(eager=True)
         try:
             streamed = self.recent.frame(spark).unionByName(accepted.select(*STREAMED_COLUMNS))
             session = to_session_events(serving.history, streamed, users, serving.item_index, earliest)
@@ -738,44 +811,44 @@ class StreamJob:
             candidates = reranking.to_capped_candidates(
                 to_batch_candidates(serving, users, touched), config.rerank.max_candidates
             )
-            user_rows = reranking.to_user_rows(candidates, serving.user_factors, capped)
+            factors = serving.user_factors.join(F.broadcast(users.select(USER_IDX)), on=USER_IDX, how="inner")
+            user_rows = reranking.to_user_rows(candidates, factors, capped)
             meter = KernelMeter.create(spark)
             params = reranking.params_from(config.rerank)
             items = serving.items
             buckets = config.stream.kernel_buckets or spark.sparkContext.defaultParallelism
-            ranked = (
-                user_rows.repartition(buckets, USER_IDX)
-                .mapInPandas(lambda it: timed_rerank_batches(it, items, params, meter), reranking.KERNEL_SCHEMA)
-                .cache()  # the MERGE reads its source more than once: the kernel runs once
+            ranked = user_rows.repartition(buckets, USER_IDX).mapInPandas(
+                lambda it: timed_rerank_batches(it, items, params, meter), reranking.KERNEL_SCHEMA
             )
-            try:
-                recs = publishing.to_recommendations(
-                    ranked, users, serving.item_index, serving.run_id, serving.as_of
-                ).select(
-                    *[f.name for f in publishing.RECOMMENDATIONS_SCHEMA.fields],
-                    F.lit(batch_id).cast("long").alias(STREAM_BATCH),
-                    ts_lit(event_time).alias(EVENT_TIME),
-                )
-                report.prepare_seconds = time.perf_counter() - prepare_started
-                started = time.perf_counter()
-                report.merge_attempts = publish(
-                    spark,
-                    config,
-                    recs,
-                    serving.run_id,
-                    batch_id,
-                    event_time,
-                    self.before_merge_attempt,
-                    self.merge_gate,
-                )
-                report.publish_seconds = time.perf_counter() - started
-                report.published = time.time()
-                report.kernel_seconds = float(meter.seconds.value)
-                report.counts.update(
-                    {"users": meter.users.value, "cold_users": meter.cold_users.value, "rows": meter.rows.value}
-                )
-            finally:
-                ranked.unpersist()
+            recs = publishing.to_recommendations(ranked, users, serving.item_index, serving.run_id, serving.as_of)
+            recs = recs.select(
+                *[f.name for f in publishing.RECOMMENDATIONS_SCHEMA.fields],
+                F.lit(batch_id).cast("long").alias(STREAM_BATCH),
+                ts_lit(event_time).alias(EVENT_TIME),
+            )
+            report.prepare_seconds = time.perf_counter() - prepare_started
+            started = time.perf_counter()
+            # The new lists, materialised in one job (joins and kernel): the MERGE's source is small and in memory,
+            # and a retried MERGE reuses the lists without running the kernel again.
+            recs = recs.localCheckpoint(eager=True)
+            report.rank_seconds = time.perf_counter() - started
+            report.kernel_seconds = float(meter.seconds.value)
+            report.counts.update(
+                {"users": meter.users.value, "cold_users": meter.cold_users.value, "rows": meter.rows.value}
+            )
+            started = time.perf_counter()
+            report.merge_attempts = publish(
+                spark,
+                config,
+                recs,
+                serving.run_id,
+                batch_id,
+                event_time,
+                self.before_merge_attempt,
+                self.merge_gate,
+            )
+            report.publish_seconds = time.perf_counter() - started
+            report.published = time.time()
         finally:
             users.unpersist()
 

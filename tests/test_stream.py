@@ -33,9 +33,10 @@ import numpy as np
 import pytest
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
 
 from pipelines import rerank, stream
-from pipelines.core import cli, tables
+from pipelines.core import cli, publishing, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA, RUN_ID, STEP
@@ -273,8 +274,9 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
     append_landing(spark, config, BATCH_0)
     append_landing(spark, config, BATCH_1)
     marker = tmp_path / "merged-1"
-    # The test-only hook: batch 1 writes the marker right after its MERGE committed, then sleeps before its side
-    # writes; the process (and its JVM: its own process group) is killed there with SIGKILL.
+    # The test-only hook: batch 1 writes the marker right after its MERGE committed, then sleeps before its
+    # run-metrics write; the process (and its JVM: its own process group) is killed there with SIGKILL. Its
+    # quarantine and bronze.stream_events writes run on a second thread meanwhile, so they may or may not be done.
     env = {**os.environ, stream.PAUSE_AFTER_MERGE_ENV: f"1:{marker}"}
     log = tmp_path / "stream.log"
     with log.open("wb") as err:
@@ -287,9 +289,8 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert marker.exists(), f"shelf stream never reached batch 1's MERGE: {log.read_text()[-2000:]}"
-    # Killed between batch 1's MERGE and its side writes: u03's new list is readable, batch 1's other rows are not.
+    # Killed between batch 1's MERGE and its run metrics: u03's new list is readable, batch 1's metrics are not.
     assert lists(spark, config)[user_id(3)] == lists(spark, streamed)[user_id(3)]
-    assert tables.read(spark, config, "bronze", "stream_events").filter(F.col(RUN_ID) == "stream-1").count() == 0
     assert tables.read(spark, config, "ops", "run_metrics").filter(F.col(RUN_ID) == "stream-1").count() == 0
     # Restart from the same checkpoint (in this process): Spark replays batch 1; its MERGE changes nothing (its
     # own rows are there), its side writes happen.
@@ -431,3 +432,47 @@ def test_vacuum_after_a_delete_removes_rows_physically_despite_deletion_vectors(
     assert files.filter(F.col("user_id") == user_id(1)).count() == 0
     # Other users keep exactly their live rows (u02's list is three long after its purchases).
     assert files.filter(F.col("user_id") == user_id(2)).count() == len(lists(spark, config)[user_id(2)]) == 3
+
+
+def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_win(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stream.publish reads gold.recommendations for its newer-wins gate before the MERGE starts. Here the gate reads
+    a stale version (a rerun of the nightly and a newer stream batch committed after it): the MERGE's own row
+    conditions must keep u-b's newer rows, and the delete rows up to rerank.top_k must remove the tail ranks of
+    u-a's longer rerun list, so each user ends with one whole list, never a mix."""
+    config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}")
+    schema = (
+        StructType([*publishing.RECOMMENDATIONS_SCHEMA.fields])
+        .add("stream_batch", "long")
+        .add("event_time", "timestamp")
+    )
+
+    def frame(rows: list[tuple[str, int, str, int | None, datetime | None]]) -> DataFrame:
+        data = [(u, i, r, 1.0 / r, ["als"], RUN, AS_OF, b, t) for u, r, i, b, t in rows]
+        return spark.createDataFrame(data, schema)
+
+    def nightly_list(user: str, length: int) -> list[tuple[str, int, str, int | None, datetime | None]]:
+        return [(user, r, f"{user}-night-{r}", None, None) for r in range(1, length + 1)]
+
+    tables.write(frame(nightly_list("u-a", 2) + nightly_list("u-b", 2)), config, "gold", "recommendations", RUN)
+    stream.prepare_recommendations(spark, config)
+    stale = tables.latest_version(spark, config, "gold", "recommendations")
+    # After the gate's read: the nightly reruns (u-a's list is now 4 long) and a later stream batch (9, event time
+    # 3 h after as_of) rewrote u-b's list.
+    newer_b = [("u-b", r, f"u-b-batch9-{r}", 9, AS_OF + timedelta(hours=3)) for r in (1, 2)]
+    tables.write(frame(nightly_list("u-a", 4) + newer_b), config, "gold", "recommendations", RUN)
+    read = tables.read
+
+    def stale_read(spark_: SparkSession, config_: ShelfConfig, layer: str, name: str, version: int | None = None):  # type: ignore[no-untyped-def]
+        if (layer, name) == ("gold", "recommendations") and version is None:
+            version = stale
+        return read(spark_, config_, layer, name, version)
+
+    monkeypatch.setattr(stream.tables, "read", stale_read)
+    batch_5 = AS_OF + timedelta(hours=2)
+    new = [(u, r, f"{u}-batch5-{r}", 5, batch_5) for u in ("u-a", "u-b") for r in (1, 2)]
+    stream.publish(spark, config, frame(new), RUN, 5, batch_5)
+    monkeypatch.undo()
+    after = lists(spark, config)
+    assert after == {"u-a": ["u-a-batch5-1", "u-a-batch5-2"], "u-b": ["u-b-batch9-1", "u-b-batch9-2"]}
