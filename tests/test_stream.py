@@ -305,9 +305,9 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
 
 
 class NightlyCommitsMidMerge(stream.StreamJob):
-    """Forces the race deterministically: the first MERGE attempt's source (read inside the MERGE's transaction,
-    after it chose its snapshot) waits at a gate while another thread republishes the serving run with the real
-    `shelf rerank`; then the MERGE tries to commit."""
+    """Forces the race deterministically: the first MERGE attempt's source (evaluated inside the MERGE's
+    transaction, after it chose its snapshot) waits at a gate while another thread republishes the serving run
+    with the real `shelf rerank`; then the MERGE tries to commit."""
 
     def __init__(self, spark: SparkSession, config: ShelfConfig, gate: Path) -> None:
         super().__init__(spark, config)
