@@ -205,11 +205,21 @@ class RecordingJob(stream.StreamJob):
         self.chunks[batch_id] = sorted(int(r["c"]) for r in chunks.collect() if r["c"] is not None)
 
 
-def job_seconds_by_name(spark: SparkSession, prefix: str, since: float) -> list[tuple[str, int, float]]:
-    """(job name, jobs, seconds) of the Spark jobs whose job group starts with `prefix`, most seconds first: where a
-    micro-batch's time goes, from Spark's own status store (the jobs the stream's batch function ran after `since`)."""
+@dataclass(frozen=True)
+class JobTiming:
+    start: float  # time.time() seconds
+    end: float
+    job_id: int
+    tasks: int
+    name: str  # Spark's call-site name ("localCheckpoint at ...")
+    description: str  # the job description (Delta names its MERGE phases there), else the name
+
+
+def finished_jobs(spark: SparkSession, prefix: str, since: float) -> list[JobTiming]:
+    """The finished Spark jobs whose job group starts with `prefix` and that started after `since`, in start order
+    (from Spark's own status store: the jobs the stream's batch function ran)."""
     store = spark.sparkContext._jsc.sc().statusStore()
-    found: dict[str, list[float]] = {}
+    found = []
     jobs = store.jobsList(None)  # a Scala Seq
     for i in range(jobs.size()):
         job = jobs.apply(i)
@@ -218,10 +228,21 @@ def job_seconds_by_name(spark: SparkSession, prefix: str, since: float) -> list[
             continue
         if not job.submissionTime().isDefined() or not job.completionTime().isDefined():
             continue
-        if job.submissionTime().get().getTime() < since * 1000:
+        start = job.submissionTime().get().getTime() / 1000
+        if start < since:
             continue
-        seconds = (job.completionTime().get().getTime() - job.submissionTime().get().getTime()) / 1000
-        found.setdefault(str(job.name()).split(" at ")[0][:60], []).append(seconds)
+        name = str(job.name())
+        text = str(job.description().get()) if job.description().isDefined() else name
+        end = job.completionTime().get().getTime() / 1000
+        found.append(JobTiming(start, end, int(job.jobId()), int(job.numTasks()), name, text))
+    return sorted(found, key=lambda j: j.start)
+
+
+def job_seconds_by_name(spark: SparkSession, prefix: str, since: float) -> list[tuple[str, int, float]]:
+    """(job name, jobs, seconds) of finished_jobs, most seconds first: where a micro-batch's time goes."""
+    found: dict[str, list[float]] = {}
+    for job in finished_jobs(spark, prefix, since):
+        found.setdefault(job.name.split(" at ")[0][:60], []).append(job.end - job.start)
     return sorted(((n, len(v), sum(v)) for n, v in found.items()), key=lambda t: -t[2])
 
 

@@ -27,27 +27,6 @@ from benchmarks import stream as bench
 from pipelines.core.session import get_spark
 
 
-def jobs_of(spark: SparkSession, prefix: str, since: float) -> list[tuple[float, float, int, int, str]]:
-    """(start, end, job id, tasks, description) of the finished jobs whose group starts with `prefix`."""
-    store = spark.sparkContext._jsc.sc().statusStore()
-    jobs = store.jobsList(None)
-    found = []
-    for i in range(jobs.size()):
-        job = jobs.apply(i)
-        group = job.jobGroup()
-        if not group.isDefined() or not str(group.get()).startswith(prefix):
-            continue
-        if not job.submissionTime().isDefined() or not job.completionTime().isDefined():
-            continue
-        start = job.submissionTime().get().getTime() / 1000
-        if start < since:
-            continue
-        end = job.completionTime().get().getTime() / 1000
-        text = str(job.description().get()) if job.description().isDefined() else str(job.name())
-        found.append((start, end, int(job.jobId()), int(job.numTasks()), text))
-    return sorted(found)
-
-
 def print_stages(spark: SparkSession, job_id: int) -> None:
     store = spark.sparkContext._jsc.sc().statusStore()
     ids = store.job(job_id).stageIds()
@@ -110,14 +89,14 @@ def main() -> int:
             )
             if b == args.batches - 1:
                 previous = since
-                for start, end, job_id, tasks, text in jobs_of(spark, f"{config.stream.name}-", since):
+                for j in bench.finished_jobs(spark, f"{config.stream.name}-", since):
                     print(
-                        f"    +{start - since:6.2f} s  gap {start - previous:5.2f}  {end - start:5.2f} s  "
-                        f"{tasks:3d} tasks  job {job_id}: {text[:110]}"
+                        f"    +{j.start - since:6.2f} s  gap {j.start - previous:5.2f}  {j.end - j.start:5.2f} s  "
+                        f"{j.tasks:3d} tasks  job {j.job_id}: {j.description[:110]}"
                     )
-                    if end - start > 0.5:
-                        print_stages(spark, job_id)
-                    previous = max(previous, end)
+                    if j.end - j.start > 0.5:
+                        print_stages(spark, j.job_id)
+                    previous = max(previous, j.end)
         for tag, m in bench.merge_metrics(spark, config).items():
             shown = ", ".join(f"{k} {v:.0f}" for k, v in m.items())
             print(f"Delta MERGE {tag}: {shown}")
