@@ -34,6 +34,7 @@ the figure to hold against the literature's 300 ms per re-rank.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import signal
@@ -41,12 +42,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -61,6 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 AS_OF = datetime(2026, 11, 1)
 RUN = "bench-night"
 LANDING = "user_id string, item_id string, event_type string, event_ts string, value string, session_id string"
+LANDING_NAMES = [column.split()[0] for column in LANDING.split(", ")]
 COMMIT_EVERY_S = 0.5
 NEW_USER_SHARE = 0.1
 TYPES, TYPE_P = ["view", "add_to_cart", "purchase"], [0.8, 0.15, 0.05]
@@ -139,16 +143,10 @@ def write_nightly(spark: SparkSession, config: ShelfConfig, args: argparse.Names
 
 def writer_main(args: argparse.Namespace) -> int:
     """Append events at `args.rate` per second to the landing table for `args.seconds`; log each commit."""
-    config = bench_config(
-        Path(args.root), "spark.master=local[1]", "spark.driver_memory=1g", f"stream.source_path={args.source}"
-    )
-    spark = get_spark(config)
     rng = np.random.default_rng(args.rate)
     log = Path(args.log)
-    landing = stream.landing_path(config)
-    # Warm the session up with one empty append, then tell the parent we are ready.
-    spark.createDataFrame([], LANDING).write.format("delta").mode("append").save(landing)
-    Path(args.log + ".ready").touch()
+    append = _appender(args)
+    Path(args.log + ".ready").touch()  # the appender is warm: tell the parent we are ready
     started, sent, chunk = time.time(), 0, 0
     with log.open("w") as out:
         while time.time() - started < args.seconds:
@@ -165,17 +163,56 @@ def writer_main(args: argparse.Namespace) -> int:
                 types = rng.choice(TYPES, size=n, p=TYPE_P)
                 # Event time: deterministic, after the nightly's as_of, advancing with the commits.
                 ts = (AS_OF + timedelta(hours=1, seconds=chunk * COMMIT_EVERY_S)).strftime("%Y-%m-%d %H:%M:%S")
-                rows = [
-                    (str(u), str(i), str(t), ts, "1", f"c{chunk}") for u, i, t in zip(users, items, types, strict=True)
-                ]
-                spark.createDataFrame(rows, LANDING).coalesce(1).write.format("delta").mode("append").save(landing)
+                append(
+                    {
+                        "user_id": users.astype(str).tolist(),
+                        "item_id": items.astype(str).tolist(),
+                        "event_type": types.astype(str).tolist(),
+                        "event_ts": [ts] * n,
+                        "value": ["1"] * n,
+                        "session_id": [f"c{chunk}"] * n,
+                    }
+                )
                 out.write(json.dumps({"chunk": chunk, "events": n, "appended": time.time()}) + "\n")
                 out.flush()
                 sent += n
                 chunk += 1
             time.sleep(max(0.0, COMMIT_EVERY_S - (time.time() - started) % COMMIT_EVERY_S))
-    spark.stop()
     return 0
+
+
+def _appender(args: argparse.Namespace) -> Callable[[dict[str, list[str]]], None]:
+    """One landing-table commit per call, by `--append-with`: delta-rs (`deltalake`, no JVM: what a tracker's
+    ingest service would run) or a Spark session of its own (local[1]: the earlier rounds' writer, which shares
+    the two cores with the stream's JVM). Warmed up with one empty commit."""
+    if args.append_with == "spark":
+        config = bench_config(
+            Path(args.root), "spark.master=local[1]", "spark.driver_memory=1g", f"stream.source_path={args.source}"
+        )
+        spark = get_spark(config)
+        landing = stream.landing_path(config)
+        atexit.register(spark.stop)
+
+        def append_spark(columns: dict[str, list[str]]) -> None:
+            rows = list(zip(*columns.values(), strict=True))
+            spark.createDataFrame(rows, LANDING).coalesce(1).write.format("delta").mode("append").save(landing)
+
+        append_spark({name: [] for name in LANDING_NAMES})
+        return append_spark
+    try:
+        from deltalake import write_deltalake
+    except ImportError as exc:
+        raise SystemExit(
+            "benchmarks.stream --append-with delta-rs needs the deltalake package; "
+            "install it with .venv/bin/pip install '.[bench]' or pass --append-with spark."
+        ) from exc
+    schema = pa.schema([(name, pa.string()) for name in LANDING_NAMES])
+
+    def append_delta_rs(columns: dict[str, list[str]]) -> None:
+        write_deltalake(args.source, pa.table(columns, schema=schema), mode="append")
+
+    append_delta_rs({name: [] for name in LANDING_NAMES})
+    return append_delta_rs
 
 
 # ---------------------------------------------------------------- the stream side
@@ -271,7 +308,7 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
     cmd = [sys.executable, "-m", "benchmarks.stream", "--writer", "--root", str(root), "--log", str(log)]
     total = args.warmup + args.seconds
     cmd += ["--rate", str(rate), "--seconds", str(total), "--users", str(args.users), "--items", str(args.items)]
-    cmd += ["--source", str(sub / "landing")]
+    cmd += ["--source", str(sub / "landing"), "--append-with", args.append_with]
     writer = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
     try:
         while not Path(str(log) + ".ready").exists():
@@ -395,6 +432,12 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for the stream")
+    p.add_argument(
+        "--append-with",
+        choices=["delta-rs", "spark"],
+        default="delta-rs",
+        help="what the writer process appends with: delta-rs (no JVM) or its own Spark session (earlier rounds)",
+    )
     p.add_argument("--writer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--log", help=argparse.SUPPRESS)

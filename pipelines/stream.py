@@ -129,6 +129,11 @@ def batch_tag(config: ShelfConfig, batch_id: int) -> str:
     return f"{config.stream.name}-{batch_id}"
 
 
+def own_commits(config: ShelfConfig) -> str:
+    """The userMetadata prefix of this stream's MERGE commits (each carries run_id=<its batch_tag>)."""
+    return f"run_id={batch_tag(config, 0)[:-1]}"
+
+
 # ---------------------------------------------------------------- the serving run and its model
 
 
@@ -446,11 +451,34 @@ def _stream_column(frame: DataFrame, name: str) -> Column:
     return F.col(name) if name in frame.columns else F.lit(None)
 
 
+def _merge_rows(
+    recs: DataFrame, gate: DataFrame, run_id: str, batch_id: int, event_time: datetime, top_k: int
+) -> DataFrame:
+    """The MERGE source for the users in `gate` (user_id, _new_len, _old_len: null when not known): their new
+    lists (op upsert) plus one delete row per rank past the new list's length, up to the longer of _old_len and
+    `top_k` (op delete). Ranks up to top_k even when the old list was shorter: a rerun of the nightly committed
+    after the gate looked may have written a longer list (a delete row without a target row does nothing)."""
+    upserts = recs.join(gate.select(USER_ID), on=USER_ID, how="left_semi").withColumn(_OP, F.lit(_UPSERT))
+    tail = F.greatest(F.col(_OLD_LEN), F.lit(top_k))  # greatest skips a null _old_len
+    deletes = gate.filter(tail > F.col(_NEW_LEN)).select(
+        USER_ID,
+        F.explode(F.sequence(F.col(_NEW_LEN) + 1, tail)).alias(RANK),
+        F.lit(run_id).alias(RUN_ID),
+        F.lit(batch_id).cast("long").alias(STREAM_BATCH),
+        ts_lit(event_time).alias(EVENT_TIME),
+        F.lit(_DELETE).alias(_OP),
+    )
+    return upserts.unionByName(deletes, allowMissingColumns=True)
+
+
+def _new_lengths(recs: DataFrame) -> DataFrame:
+    return recs.groupBy(USER_ID).agg(F.max(RANK).alias(_NEW_LEN))
+
+
 def to_merge_source(
     recs: DataFrame, current: DataFrame, run_id: str, batch_id: int, event_time: datetime, top_k: int
 ) -> DataFrame:
-    """The MERGE source: the new lists of users whose information is newer (op upsert), plus one delete row
-    per rank past the new list's length, up to the longer of their current list and `top_k` (op delete).
+    """The MERGE source (see _merge_rows) for the users whose information is newer than their rows in `current`.
 
     Reads `current` now (the gate is materialised: one Spark job), not when the MERGE evaluates its source.
     """
@@ -470,21 +498,41 @@ def to_merge_source(
         | (ts_lit(event_time) > F.col(_INFO))
         | (F.col(_BATCH).isNotNull() & (F.lit(batch_id) > F.col(_BATCH)))
     )
-    gate = recs.groupBy(USER_ID).agg(F.max(RANK).alias(_NEW_LEN)).join(existing, on=USER_ID, how="left").filter(newer)
+    gate = _new_lengths(recs).join(existing, on=USER_ID, how="left").filter(newer)
     gate = gate.localCheckpoint(eager=True)  # one read of the table now (one small job), used twice below
-    upserts = recs.join(gate.select(USER_ID), on=USER_ID, how="left_semi").withColumn(_OP, F.lit(_UPSERT))
-    # Ranks up to top_k too: a rerun of the nightly committed between this read and the MERGE may have written
-    # a longer list than the one read here (a delete row without a target row does nothing).
-    tail = F.greatest(F.col(_OLD_LEN), F.lit(top_k))
-    deletes = gate.filter(tail > F.col(_NEW_LEN)).select(
-        USER_ID,
-        F.explode(F.sequence(F.col(_NEW_LEN) + 1, tail)).alias(RANK),
-        F.lit(run_id).alias(RUN_ID),
-        F.lit(batch_id).cast("long").alias(STREAM_BATCH),
-        ts_lit(event_time).alias(EVENT_TIME),
-        F.lit(_DELETE).alias(_OP),
-    )
-    return upserts.unionByName(deletes, allowMissingColumns=True)
+    return _merge_rows(recs, gate, run_id, batch_id, event_time, top_k)
+
+
+@dataclass
+class GateState:
+    """What this stream knows of the serving run's rows in gold.recommendations, so most MERGEs need no gate read.
+
+    Set by a full gate read (publish) and by the stream's own MERGEs: `version` is the table version at the last
+    look; `max_batch` and `max_rank` are the largest stream_batch and rank of the run's rows then (or of the
+    stream's MERGEs since). While only this stream commits to the table (its Delta log says so: no Spark job), a
+    batch with a larger id than `max_batch` and an event time after the run's as_of is newer than every row of
+    the run, so every user of the batch passes the gate, and delete rows up to max(max_rank, rerank.top_k) cover
+    every old list. Any other commit (a nightly rerun, `shelf forget`, a second writer) means a full read again.
+    """
+
+    run_id: str | None = None
+    version: int | None = None
+    max_batch: int = -1
+    max_rank: int = 0
+
+    def trusted(self, run_id: str, batch_id: int, event_time: datetime, as_of: datetime, others: bool) -> bool:
+        return self.run_id == run_id and not others and batch_id > self.max_batch and event_time > as_of
+
+    def read_run(self, current: DataFrame, run_id: str, version: int) -> None:
+        """Refresh from the run's rows in `current` (one small aggregation job)."""
+        row = (
+            current.filter(F.col(RUN_ID) == run_id)
+            .agg(F.max(RANK).alias(RANK), F.max(_stream_column(current, STREAM_BATCH).cast("long")).alias(_BATCH))
+            .first()
+        )
+        self.run_id, self.version = run_id, version
+        self.max_rank = int(row[RANK]) if row is not None and row[RANK] is not None else 0
+        self.max_batch = int(row[_BATCH]) if row is not None and row[_BATCH] is not None else -1
 
 
 def prepare_recommendations(spark: SparkSession, config: ShelfConfig) -> None:
@@ -503,6 +551,8 @@ def publish(
     event_time: datetime,
     before_attempt: Callable[[int], None] | None = None,
     gate: str | None = None,
+    state: GateState | None = None,
+    as_of: datetime | None = None,
 ) -> int:
     """MERGE the users' new lists into the serving run's rows of gold.recommendations (one commit, retried).
 
@@ -512,6 +562,10 @@ def publish(
     older list win: the MERGE's own conditions compare each matched row's information with the batch's on the
     table as the MERGE sees it, and the delete rows reach rerank.top_k (see to_merge_source). A commit during the
     MERGE is a Delta conflict: the MERGE is retried with a fresh read.
+
+    With `state` (the stream's GateState) and the serving run's `as_of`, the gate's read is skipped when the state
+    says every user of the batch is newer (the Delta log shows no commit but the stream's own since its last look);
+    the state is kept up to date here.
 
     `before_attempt(n)` runs at the start of attempt n and `gate` (see gated_rows) pauses the MERGE's source: test
     hooks. Returns the number of attempts.
@@ -532,9 +586,22 @@ def publish(
         attempts += 1
         if before_attempt is not None:
             before_attempt(attempts)
-        current = tables.read(spark, config, *RECOMMENDATIONS)
         top_k = config.rerank.top_k
-        source = to_merge_source(recs, current, run_id, batch_id, event_time, top_k)
+        if state is None:
+            source = to_merge_source(
+                recs, tables.read(spark, config, *RECOMMENDATIONS), run_id, batch_id, event_time, top_k
+            )
+        else:
+            version, others = tables.commits_since(
+                spark, config, *RECOMMENDATIONS, state.version, own_metadata=own_commits(config)
+            )
+            if as_of is not None and state.trusted(run_id, batch_id, event_time, as_of, others):
+                lengths = _new_lengths(recs).withColumn(_OLD_LEN, F.lit(state.max_rank))
+                source = _merge_rows(recs, lengths, run_id, batch_id, event_time, top_k)
+            else:
+                current = tables.read(spark, config, *RECOMMENDATIONS, version)
+                state.read_run(current, run_id, version)
+                source = to_merge_source(recs, current, run_id, batch_id, event_time, top_k)
         if gate is not None:  # one task waits, the other cores stay free for the test's concurrent writer
             source = source.coalesce(1).mapInPandas(lambda it: gated_rows(it, gate), source.schema)
         (
@@ -551,6 +618,8 @@ def publish(
     # The commit carries run_id=<tag> like every other write (DESCRIBE HISTORY: which batch wrote which version).
     with _session_conf(spark, merge_conf):
         tables.merge(spark, config, *RECOMMENDATIONS, tag, apply)
+    if state is not None:
+        state.max_batch = max(state.max_batch, batch_id)  # its lists are at most rerank.top_k long
     return attempts
 
 
@@ -651,6 +720,7 @@ class StreamJob:
         self.known_version: int | None = None  # gold.recommendations version the serving run was checked at
         self.prepared = False
         self.merge_gate: str | None = None  # test-only: see gated_rows
+        self.gate = GateState()  # what the stream knows of the serving run's rows (publish keeps it)
 
     def batch_conf(self) -> dict[str, str]:
         """Session settings while a micro-batch runs. A micro-batch is small: a few shuffle partitions, and no
@@ -670,7 +740,9 @@ class StreamJob:
         The serving run is looked up again only when gold.recommendations has a commit other than this
         stream's MERGEs since the last look (its history, read from the Delta log: no Spark job).
         """
-        version, others = tables.commits_since(self.spark, self.config, *RECOMMENDATIONS, self.known_version)
+        version, others = tables.commits_since(
+            self.spark, self.config, *RECOMMENDATIONS, self.known_version, own_metadata=own_commits(self.config)
+        )
         if self.serving is not None and not others:
             self.known_version = version
             return self.serving
@@ -846,6 +918,8 @@ class StreamJob:
                 event_time,
                 self.before_merge_attempt,
                 self.merge_gate,
+                self.gate,
+                serving.as_of,
             )
             report.publish_seconds = time.perf_counter() - started
             report.published = time.time()

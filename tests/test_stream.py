@@ -434,6 +434,23 @@ def test_vacuum_after_a_delete_removes_rows_physically_despite_deletion_vectors(
     assert files.filter(F.col("user_id") == user_id(2)).count() == len(lists(spark, config)[user_id(2)]) == 3
 
 
+ListRow = tuple[str, int, str, int | None, datetime | None]  # user_id, rank, item_id, stream_batch, event_time
+
+
+def recommendation_rows(spark: SparkSession, rows: list[ListRow]) -> DataFrame:
+    """gold.recommendations rows of RUN (with the stream's columns) from (user, rank, item, batch, event time)."""
+    schema = (
+        StructType([*publishing.RECOMMENDATIONS_SCHEMA.fields])
+        .add("stream_batch", "long")
+        .add("event_time", "timestamp")
+    )
+    return spark.createDataFrame([(u, i, r, 1.0 / r, ["als"], RUN, AS_OF, b, t) for u, r, i, b, t in rows], schema)
+
+
+def nightly_list(user: str, length: int) -> list[ListRow]:
+    return [(user, r, f"{user}-night-{r}", None, None) for r in range(1, length + 1)]
+
+
 def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_win(
     spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -442,18 +459,9 @@ def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_wi
     conditions must keep u-b's newer rows, and the delete rows up to rerank.top_k must remove the tail ranks of
     u-a's longer rerun list, so each user ends with one whole list, never a mix."""
     config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}")
-    schema = (
-        StructType([*publishing.RECOMMENDATIONS_SCHEMA.fields])
-        .add("stream_batch", "long")
-        .add("event_time", "timestamp")
-    )
 
-    def frame(rows: list[tuple[str, int, str, int | None, datetime | None]]) -> DataFrame:
-        data = [(u, i, r, 1.0 / r, ["als"], RUN, AS_OF, b, t) for u, r, i, b, t in rows]
-        return spark.createDataFrame(data, schema)
-
-    def nightly_list(user: str, length: int) -> list[tuple[str, int, str, int | None, datetime | None]]:
-        return [(user, r, f"{user}-night-{r}", None, None) for r in range(1, length + 1)]
+    def frame(rows: list[ListRow]) -> DataFrame:
+        return recommendation_rows(spark, rows)
 
     tables.write(frame(nightly_list("u-a", 2) + nightly_list("u-b", 2)), config, "gold", "recommendations", RUN)
     stream.prepare_recommendations(spark, config)
@@ -476,3 +484,52 @@ def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_wi
     monkeypatch.undo()
     after = lists(spark, config)
     assert after == {"u-a": ["u-a-batch5-1", "u-a-batch5-2"], "u-b": ["u-b-batch9-1", "u-b-batch9-2"]}
+
+
+def test_the_gate_reads_the_table_only_after_another_writer_committed(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """publish with the stream's GateState: after one full read of gold.recommendations, the stream's next MERGE
+    reads only the Delta log (its own commit is the only one since). A commit by another writer (a rerun of the
+    nightly, u-a's list now longer than rerank.top_k) makes the next MERGE read the table again, so the rerun's
+    tail ranks are deleted too and u-a ends with one whole list, not the new list plus the rerun's tail."""
+    config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}")
+    tables.write(
+        recommendation_rows(spark, nightly_list("u-a", 2) + nightly_list("u-b", 2)),
+        config,
+        "gold",
+        "recommendations",
+        RUN,
+    )
+    stream.prepare_recommendations(spark, config)
+    reads: list[int | None] = []
+    read = tables.read
+
+    def counting_read(spark_: SparkSession, config_: ShelfConfig, layer: str, name: str, version: int | None = None):  # type: ignore[no-untyped-def]
+        if (layer, name) == ("gold", "recommendations"):
+            reads.append(version)
+        return read(spark_, config_, layer, name, version)
+
+    state = stream.GateState()
+
+    def batch(batch_id: int) -> None:
+        time_ = AS_OF + timedelta(hours=batch_id)
+        rows = [("u-a", r, f"u-a-batch{batch_id}-{r}", batch_id, time_) for r in (1, 2)]
+        monkeypatch.setattr(stream.tables, "read", counting_read)
+        stream.publish(spark, config, recommendation_rows(spark, rows), RUN, batch_id, time_, state=state, as_of=AS_OF)
+        monkeypatch.undo()
+
+    batch(5)
+    batch(6)
+    assert len(reads) == 1, reads  # batch 6: only the stream's own MERGE since the read
+    assert lists(spark, config) == {"u-a": ["u-a-batch6-1", "u-a-batch6-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
+    tables.write(
+        recommendation_rows(spark, nightly_list("u-a", TOP_K + 2) + nightly_list("u-b", 2)),
+        config,
+        "gold",
+        "recommendations",
+        RUN,
+    )
+    batch(7)
+    assert len(reads) == 2, reads
+    assert lists(spark, config) == {"u-a": ["u-a-batch7-1", "u-a-batch7-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}

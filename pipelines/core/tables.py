@@ -25,7 +25,7 @@ from delta.exceptions import (
     ProtocolChangedException,
 )
 from delta.tables import DeltaTable
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
@@ -289,15 +289,31 @@ HISTORY_LOOKBACK = 100  # commits commits_since reads from the log at most
 
 
 def commits_since(
-    spark: SparkSession, config: ShelfConfig, layer: str, name: str, version: int | None, own: str = "MERGE"
+    spark: SparkSession,
+    config: ShelfConfig,
+    layer: str,
+    name: str,
+    version: int | None,
+    own: str = "MERGE",
+    own_metadata: str = "",
 ) -> tuple[int, bool]:
-    """(latest version, whether a commit after `version` is not an `own` operation), read from the Delta log
-    (the history of the last HISTORY_LOOKBACK commits: no Spark job). `version` None: every commit counts."""
-    rows = delta_table(spark, config, layer, name).history(HISTORY_LOOKBACK).select("version", "operation").collect()
+    """(latest version, whether a commit after `version` is not one's own: an `own` operation whose userMetadata
+    starts with `own_metadata`), read from the Delta log (the history of the last HISTORY_LOOKBACK commits: no
+    Spark job). `version` None: every commit counts."""
+    rows = (
+        delta_table(spark, config, layer, name)
+        .history(HISTORY_LOOKBACK)
+        .select("version", "operation", "userMetadata")
+        .collect()
+    )
     latest = max(int(r["version"]) for r in rows)
     if version is None or min(int(r["version"]) for r in rows) > version + 1:
         return latest, True
-    return latest, any(r["operation"] != own for r in rows if int(r["version"]) > version)
+
+    def mine(r: Row) -> bool:
+        return r["operation"] == own and (r["userMetadata"] or "").startswith(own_metadata)
+
+    return latest, any(not mine(r) for r in rows if int(r["version"]) > version)
 
 
 def merge(
