@@ -407,7 +407,8 @@ def single_user_baseline(spark: SparkSession, config: ShelfConfig) -> float:
     """Median seconds of one user's re-rank in process (rerank_frame on one user row, no Spark)."""
     job = stream.StreamJob(spark, config)
     serving = job.serving_for()
-    one = serving.candidates.filter(F.col(USER_IDX) == 0)
+    stored = tables.read(spark, config, "gold", "candidates").filter(F.col("run_id") == serving.run_id)
+    one = stored.filter(F.col(USER_IDX) == 0).select(USER_IDX, "item_idx", "als_score", "sources")
     no_events = spark.createDataFrame([], "user_idx int, item_idx int, _age double, _w double, _bought boolean")
     row = reranking.to_user_rows(one, serving.user_factors, no_events).toPandas()
     params = reranking.params_from(config.rerank)

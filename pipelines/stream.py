@@ -33,21 +33,25 @@ its checkpoint at `stream.checkpoint` and a `processing_time` (every `stream.int
    from this commit on;
 5. the side writes, each replacing the tag's rows: rejected rows -> quarantine.events (step "stream",
    run_id = the tag) with their reason codes and accepted rows -> bronze.stream_events (BRONZE_EVENTS_SCHEMA),
-   both on a second thread while steps 3-4 run; after the MERGE, the counts -> ops.run_metrics. A crash
-   anywhere is repaired by Spark's replay of the batch: its MERGE is a no-op (below), its side writes happen.
+   on a second thread from the batch's start; the counts -> ops.run_metrics and the batch's slice of the recent
+   events, on a third thread while the MERGE runs. The batch ends when all are done. A crash anywhere is
+   repaired by Spark's replay of the batch: its MERGE is a no-op (below), its side writes happen.
 
 Newer information wins per user: a user's list has an information time, `event_time` for a stream list
 and `as_of` for a nightly one. A micro-batch replaces the list only when T is later than that, or the
 list was written by an earlier batch id (a later batch has seen every event an earlier one saw). So a
 replayed batch id (after a crash) finds its own rows and changes nothing, a batch holding only events the
 nightly already saw changes nothing, and a new nightly run takes over as the serving run. Users whose new
-list is empty keep their list. The gate reads the table just before the MERGE (outside it: see publish); the
-MERGE's conditions check each matched row again. Commits that lose to a concurrent writer are retried
-(tables.merge): each attempt re-reads the table, so the gate sees the winner's rows.
+list is empty keep their list. The gate reads the table just before the MERGE (outside it: see publish), but
+only when it must: the stream keeps what it knows of the serving run's rows (GateState), and while the Delta
+log shows no commit but its own MERGEs since, a later batch id with T after the run's as_of is newer than
+every row, so the read is skipped. The MERGE's conditions check each matched row again. Commits that lose to a
+concurrent writer are retried (tables.merge): each attempt reads the log again, and the table when another
+writer committed, so the gate sees the winner's rows.
 
 Test-only hooks (tests/test_stream.py): the environment variable SHELF_STREAM_PAUSE_AFTER_MERGE =
-"<batch id>:<marker file>" makes that batch write the marker after its MERGE and sleep before its run-metrics
-write (the SIGKILL test); StreamJob.merge_gate makes the MERGE's source wait for a file (the race test).
+"<batch id>:<marker file>" makes that batch write the marker after its MERGE and sleep before it ends (the
+SIGKILL test); StreamJob.merge_gate makes the MERGE's source wait for a file (the race test).
 
 Output grain: gold.recommendations, one row per (run_id, user_id, rank).
 """
@@ -65,6 +69,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from delta.tables import DeltaTable
 from pyspark import Broadcast, InheritableThread
@@ -79,7 +84,15 @@ from pipelines.core.errors import InputDataError
 from pipelines.core.factors import factors_of_run
 from pipelines.core.privacy import key_from_env, with_pseudonymous_users
 from pipelines.core.quality import reconcile, run_metrics_frame, ts_lit
-from pipelines.core.reranking import ALS_SCORE, FEATURES, RANK, SOURCES
+from pipelines.core.reranking import (
+    ALS_SCORE,
+    CAND_ALS,
+    CAND_ITEMS,
+    EVENT_COLUMNS,
+    FEATURES,
+    RANK,
+    SOURCES,
+)
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import (
     AS_OF,
@@ -95,6 +108,7 @@ from pipelines.core.schemas import (
     USER_ID,
     USER_IDX,
 )
+from udfs.candidates import NEIGHBOURS_BIT, POPULAR_BIT, merge_candidates
 from udfs.rerank import ItemTable, RerankParams
 
 log = logging.getLogger("shelf.stream")
@@ -148,7 +162,7 @@ class Serving:
     user_index: DataFrame
     item_index: DataFrame
     user_factors: DataFrame
-    candidates: DataFrame  # user_idx, item_idx, als_score, sources
+    candidate_lists: DataFrame  # user_idx and its stored candidates as arrays (see to_candidate_lists)
     neighbours: DataFrame  # item_idx, neighbour_idx (top recommend.neighbours_per_item per item)
     popular: DataFrame  # item_idx: the stream.popular_k items with most distinct users in silver
     history: DataFrame  # silver.interactions that can still be fresh after as_of: user_idx, item_idx, type, ts
@@ -193,12 +207,8 @@ def load_serving(spark: SparkSession, config: ShelfConfig, run_id: str, as_of: d
         item_index, item_factors, reranking.read_catalog(spark, config), fresh, rr, as_of
     )
     table = reranking.build_item_table(attributes, publishing.read_cooccurrence(spark, config, run_id))
-    candidates = (
-        tables.read(spark, config, "gold", "candidates")
-        .filter(F.col(RUN_ID) == run_id)
-        .select(USER_IDX, ITEM_IDX, ALS_SCORE, SOURCES)
-        .cache()
-    )
+    stored = tables.read(spark, config, "gold", "candidates").filter(F.col(RUN_ID) == run_id)
+    candidate_lists = to_candidate_lists(stored).cache()
     if tables.exists(spark, config, "gold", "item_similarities"):
         similar = factors_of_run(tables.read(spark, config, "gold", "item_similarities"), run_id)
         neighbours = (
@@ -223,7 +233,7 @@ def load_serving(spark: SparkSession, config: ShelfConfig, run_id: str, as_of: d
         .select(USER_IDX, ITEM_IDX, EVENT_TYPE, EVENT_TS)
         .cache()
     )
-    cached = [item_index, user_index, user_factors, candidates, neighbours, popular, history]
+    cached = [item_index, user_index, user_factors, candidate_lists, neighbours, popular, history]
     rank = int(table.factors.shape[1])
     log.info("[%s] serving run %s (as_of %s): %d items in the model", STEP_NAME, run_id, as_of, table.ids.size)
     return Serving(
@@ -234,7 +244,7 @@ def load_serving(spark: SparkSession, config: ShelfConfig, run_id: str, as_of: d
         user_index,
         item_index,
         user_factors,
-        candidates,
+        candidate_lists,
         neighbours,
         popular,
         history,
@@ -369,31 +379,96 @@ def to_touched_items(accepted: DataFrame, users: DataFrame, item_index: DataFram
     return item_index.join(F.broadcast(theirs), on=ITEM_ID, how="inner").select(USER_IDX, ITEM_IDX)
 
 
-def to_batch_candidates(serving: Serving, users: DataFrame, touched: DataFrame) -> DataFrame:
-    """Stored candidates + neighbours of the touched items + popular items for users without factors:
-    user_idx, item_idx, als_score, sources (one row per user and item)."""
+_S_ITEMS, _S_ALS, _S_OTHERS, _S_KINDS = "_s_items", "_s_als", "_s_others", "_s_kinds"
+_X_ITEMS, _X_KINDS, _KINDS = "_x_items", "_x_kinds", "_kinds"
+
+
+def to_candidate_lists(stored: DataFrame) -> DataFrame:
+    """A run's gold.candidates rows grouped per user, once per serving run (udfs.candidates merges them with a
+    batch's extra candidates): user_idx, _s_items, _s_als (NaN: no ALS score), _s_others (how many of its
+    sources are neither "neighbours" nor "popular"), _s_kinds (bit mask of those two), in item order."""
+    has = [F.array_contains(SOURCES, NEIGHBOURS).cast("int"), F.array_contains(SOURCES, POPULAR).cast("int")]
+    entry = F.struct(
+        F.col(ITEM_IDX).cast("int").alias(ITEM_IDX),
+        F.coalesce(F.col(ALS_SCORE).cast("double"), F.lit(float("nan"))).alias(ALS_SCORE),
+        (F.size(SOURCES) - has[0] - has[1]).alias("others"),
+        (has[0] * NEIGHBOURS_BIT + has[1] * POPULAR_BIT).alias("kinds"),
+    )
+    grouped = stored.groupBy(USER_IDX).agg(F.array_sort(F.collect_list(entry)).alias("_s"))
+    return grouped.select(
+        F.col(USER_IDX).cast("int"),
+        F.col(f"_s.{ITEM_IDX}").alias(_S_ITEMS),
+        F.col(f"_s.{ALS_SCORE}").alias(_S_ALS),
+        F.col("_s.others").alias(_S_OTHERS),
+        F.col("_s.kinds").alias(_S_KINDS),
+    )
+
+
+def to_batch_user_rows(serving: Serving, users: DataFrame, touched: DataFrame, events: DataFrame) -> DataFrame:
+    """One row per user of the batch with candidates: user_idx, features, the stored candidate arrays
+    (to_candidate_lists), the extra ones (_x_items, _x_kinds: neighbours of the touched items, and the popular
+    items for users without factors) and the kernel's event columns from `events` (capped fresh events).
+
+    Only the batch's extra candidates and events are grouped here; the stored ones were grouped at load."""
     keys = F.broadcast(users.select(USER_IDX))
-    stored = serving.candidates.join(keys, on=USER_IDX, how="inner")
+    stored = serving.candidate_lists.join(keys, on=USER_IDX, how="inner")
     neighbours = serving.neighbours.join(F.broadcast(touched), on=ITEM_IDX, how="inner").select(
-        USER_IDX,
-        F.col(NEIGHBOUR_IDX).alias(ITEM_IDX),
-        F.lit(None).cast("double").alias(ALS_SCORE),
-        F.array(F.lit(NEIGHBOURS)).alias(SOURCES),
+        USER_IDX, F.col(NEIGHBOUR_IDX).alias(ITEM_IDX), F.lit(NEIGHBOURS_BIT).alias(_KINDS)
     )
     warm = serving.user_factors.select(USER_IDX).join(keys, on=USER_IDX, how="inner")
     cold = users.select(USER_IDX).join(F.broadcast(warm), on=USER_IDX, how="left_anti")
     popular = cold.crossJoin(F.broadcast(serving.popular)).select(  # constant-size right side
-        USER_IDX, ITEM_IDX, F.lit(None).cast("double").alias(ALS_SCORE), F.array(F.lit(POPULAR)).alias(SOURCES)
+        USER_IDX, ITEM_IDX, F.lit(POPULAR_BIT).alias(_KINDS)
     )
+    extras = (
+        neighbours.unionByName(popular)
+        .groupBy(USER_IDX)
+        .agg(F.collect_list(F.struct(F.col(ITEM_IDX).cast("int").alias(ITEM_IDX), _KINDS)).alias("_x"))
+    )
+    factors = serving.user_factors.join(keys, on=USER_IDX, how="inner")
     return (
-        stored.unionByName(neighbours)
-        .unionByName(popular)
-        .groupBy(USER_IDX, ITEM_IDX)
-        .agg(
-            F.max(ALS_SCORE).alias(ALS_SCORE),
-            F.array_sort(F.array_distinct(F.flatten(F.collect_list(SOURCES)))).alias(SOURCES),
+        stored.join(extras, on=USER_IDX, how="full")
+        .join(factors, on=USER_IDX, how="left")
+        .join(reranking.to_event_lists(events), on=USER_IDX, how="left")
+        .select(
+            F.col(USER_IDX).cast("int"),
+            F.col(FEATURES),
+            _S_ITEMS,
+            _S_ALS,
+            _S_OTHERS,
+            _S_KINDS,
+            F.col(f"_x.{ITEM_IDX}").alias(_X_ITEMS),
+            F.col(f"_x.{_KINDS}").alias(_X_KINDS),
+            *reranking.event_columns(),
         )
     )
+
+
+def with_candidates(pdf: pd.DataFrame, max_candidates: int) -> pd.DataFrame:
+    """to_batch_user_rows' pandas rows -> the kernel's user rows (cand_items, cand_als: udfs.candidates' union
+    and cap of the stored and extra candidates, as reranking.to_capped_candidates does in the batch step)."""
+    stored_ptr, stored_items = reranking.segments(pdf[_S_ITEMS], np.int64)
+    _, stored_als = reranking.segments(pdf[_S_ALS], np.float64)
+    _, stored_others = reranking.segments(pdf[_S_OTHERS], np.int64)
+    _, stored_kinds = reranking.segments(pdf[_S_KINDS], np.int64)
+    extra_ptr, extra_items = reranking.segments(pdf[_X_ITEMS], np.int64)
+    _, extra_kinds = reranking.segments(pdf[_X_KINDS], np.int64)
+    merged = merge_candidates(
+        stored_ptr,
+        stored_items,
+        stored_als,
+        stored_others,
+        stored_kinds,
+        extra_ptr,
+        extra_items,
+        extra_kinds,
+        max_candidates,
+    )
+    cuts = merged.indptr[1:-1]
+    out = pdf[[USER_IDX, FEATURES, *EVENT_COLUMNS]].copy()
+    out[CAND_ITEMS] = np.split(merged.items, cuts)
+    out[CAND_ALS] = np.split(merged.als, cuts)
+    return out
 
 
 @dataclass(frozen=True)
@@ -428,12 +503,17 @@ def timed_rerank_batches(
     batches: Iterable[pd.DataFrame],
     items: Broadcast[ItemTable],
     params: RerankParams,
+    max_candidates: int,
     meter: KernelMeter,
 ) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: `reranking.rerank_frame` per run of at most KERNEL_CANDIDATES candidates (as the
-    batch step); adds its time, its users (cold: batch-local negative ids) and its output rows to `meter`."""
+    """mapInPandas body over to_batch_user_rows: the users' candidates (with_candidates), then
+    `reranking.rerank_frame` per run of at most KERNEL_CANDIDATES candidates (as the batch step); adds the time of
+    both, its users (cold: batch-local negative ids) and its output rows to `meter`."""
     table = items.value
-    for pdf in batches:
+    for rows in batches:
+        started = time.perf_counter()
+        pdf = with_candidates(rows, max_candidates)
+        meter.seconds.add(time.perf_counter() - started)
         meter.users.add(len(pdf))
         meter.cold_users.add(int((pdf[USER_IDX] < 0).sum()))
         for chunk in reranking.kernel_chunks(pdf):
@@ -641,7 +721,7 @@ def _session_conf(spark: SparkSession, values: dict[str, str]) -> Iterator[None]
 # ---------------------------------------------------------------- the micro-batch
 
 # Test-only hook (tests/test_stream.py, the SIGKILL test): "<batch id>:<marker file>" makes that batch write the
-# marker right after its MERGE committed, then sleep before its run-metrics write, so a test can kill it there.
+# marker right after its MERGE committed, then sleep before the batch ends, so a test can kill it there.
 PAUSE_AFTER_MERGE_ENV = "SHELF_STREAM_PAUSE_AFTER_MERGE"
 
 
@@ -688,8 +768,8 @@ class BatchReport:
     `prepare_seconds` (serving-run check, the batch's users: one small job, then plan building), `rank_seconds`
     (the one job that computes the users' new lists: joins and kernel, whose own time is `kernel_seconds`, summed
     over the Python workers), `publish_seconds` (the MERGE call: the gate's read, Delta's MERGE, its commit), then
-    `side_seconds` (after `published`: waiting for the quarantine and bronze.stream_events writes, which run on a
-    second thread from the start, then the recent-events slice and the run metrics).
+    `side_seconds` (after `published`: waiting for the side threads, the quarantine and bronze.stream_events writes
+    from the start, the recent-events slice and the run metrics from the end of the rank job).
     """
 
     batch_id: int
@@ -830,38 +910,54 @@ class StreamJob:
                     events.to_bronze(classified, tag, serving.as_of), config, *STREAM_EVENTS, tag, {RUN_ID: tag}
                 )
 
-        # The batch's rows go to quarantine.events and bronze.stream_events on a second thread (their own Delta
-        # commits, other tables) while this one re-ranks and MERGEs, so they stop delaying the next batch; the
-        # lists do not wait for them. Every side write replaces this batch's rows, so a replay after a crash
-        # anywhere redoes them (its MERGE changes nothing: the newer-wins gate) and every table ends as after an
-        # uninterrupted run.
-        side = _Background(write_batch_rows)
+        def keep_and_count() -> None:
+            if event_time is not None:  # the next batch's session events
+                earliest = event_time + NOW_AFTER_LAST_EVENT - timedelta(days=_horizon_days(config))
+                self.recent.add(accepted, event_time, earliest)
+            tables.write_replacing(
+                run_metrics_frame(spark, tag, STEP_NAME, counts),
+                config,
+                "ops",
+                "run_metrics",
+                tag,
+                {RUN_ID: tag, STEP: STEP_NAME},
+            )
+
+        # Nothing but the lists stands between the batch's start and its MERGE's commit. The batch's rows go to
+        # quarantine.events and bronze.stream_events on a second thread from the start; the recent-events slice
+        # and the run metrics (whose counts are complete once the lists are computed) on a third while the MERGE
+        # runs. The batch ends when all are done, so the next batch sees this one's events. Every side write
+        # replaces this batch's rows, so a replay after a crash anywhere redoes them (its MERGE changes nothing:
+        # the newer-wins gate) and every table ends as after an uninterrupted run.
+        side = [_Background(write_batch_rows)]
         try:
             if event_time is not None:
                 # The users' lists: readable as soon as this MERGE commits.
-                self.rerank_users(accepted, batch_id, event_time, serving, report)
+                self.rerank_users(
+                    accepted, batch_id, event_time, serving, report, lambda: side.append(_Background(keep_and_count))
+                )
                 pause_after_merge(batch_id)
+            else:
+                side.append(_Background(keep_and_count))
         except BaseException:
-            side.wait()
+            for work in side:
+                work.wait()
             raise
         side_started = time.perf_counter()
-        side.join()
-        if event_time is not None:
-            earliest = event_time + NOW_AFTER_LAST_EVENT - timedelta(days=_horizon_days(config))
-            self.recent.add(accepted, event_time, earliest)
-        tables.write_replacing(
-            run_metrics_frame(spark, tag, STEP_NAME, counts),
-            config,
-            "ops",
-            "run_metrics",
-            tag,
-            {RUN_ID: tag, STEP: STEP_NAME},
-        )
+        for work in side:
+            work.join()
         report.side_seconds = time.perf_counter() - side_started
 
     def rerank_users(
-        self, accepted: DataFrame, batch_id: int, event_time: datetime, serving: Serving, report: BatchReport
+        self,
+        accepted: DataFrame,
+        batch_id: int,
+        event_time: datetime,
+        serving: Serving,
+        report: BatchReport,
+        on_ranked: Callable[[], None],
     ) -> None:
+        """Compute the users' new lists (one job), call `on_ranked()`, then MERGE them (publish)."""
         config, spark = self.config, self.spark
         prepare_started = time.perf_counter()
         report.event_time = event_time
@@ -880,17 +976,13 @@ class StreamJob:
             fresh = reranking.to_fresh_events(session, config.rerank, now)
             capped = reranking.to_capped_events(fresh, config.rerank.max_fresh_events)
             touched = to_touched_items(accepted, users, serving.item_index)
-            candidates = reranking.to_capped_candidates(
-                to_batch_candidates(serving, users, touched), config.rerank.max_candidates
-            )
-            factors = serving.user_factors.join(F.broadcast(users.select(USER_IDX)), on=USER_IDX, how="inner")
-            user_rows = reranking.to_user_rows(candidates, factors, capped)
+            user_rows = to_batch_user_rows(serving, users, touched, capped)
             meter = KernelMeter.create(spark)
             params = reranking.params_from(config.rerank)
-            items = serving.items
+            items, cap = serving.items, config.rerank.max_candidates
             buckets = config.stream.kernel_buckets or spark.sparkContext.defaultParallelism
             ranked = user_rows.repartition(buckets, USER_IDX).mapInPandas(
-                lambda it: timed_rerank_batches(it, items, params, meter), reranking.KERNEL_SCHEMA
+                lambda it: timed_rerank_batches(it, items, params, cap, meter), reranking.KERNEL_SCHEMA
             )
             recs = publishing.to_recommendations(ranked, users, serving.item_index, serving.run_id, serving.as_of)
             recs = recs.select(
@@ -908,6 +1000,7 @@ class StreamJob:
             report.counts.update(
                 {"users": meter.users.value, "cold_users": meter.cold_users.value, "rows": meter.rows.value}
             )
+            on_ranked()
             started = time.perf_counter()
             report.merge_attempts = publish(
                 spark,

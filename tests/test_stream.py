@@ -274,9 +274,9 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
     append_landing(spark, config, BATCH_0)
     append_landing(spark, config, BATCH_1)
     marker = tmp_path / "merged-1"
-    # The test-only hook: batch 1 writes the marker right after its MERGE committed, then sleeps before its
-    # run-metrics write; the process (and its JVM: its own process group) is killed there with SIGKILL. Its
-    # quarantine and bronze.stream_events writes run on a second thread meanwhile, so they may or may not be done.
+    # The test-only hook: batch 1 writes the marker right after its MERGE committed, then sleeps before it ends;
+    # the process (and its JVM: its own process group) is killed there with SIGKILL. Its quarantine,
+    # bronze.stream_events and run-metrics writes run on other threads meanwhile, so they may or may not be done.
     env = {**os.environ, stream.PAUSE_AFTER_MERGE_ENV: f"1:{marker}"}
     log = tmp_path / "stream.log"
     with log.open("wb") as err:
@@ -289,9 +289,11 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert marker.exists(), f"shelf stream never reached batch 1's MERGE: {log.read_text()[-2000:]}"
-    # Killed between batch 1's MERGE and its run metrics: u03's new list is readable, batch 1's metrics are not.
+    # Killed after batch 1's MERGE, before the batch ended: u03's new list is readable, and the checkpoint has
+    # batch 1's offsets but not its commit, so Spark replays it.
     assert lists(spark, config)[user_id(3)] == lists(spark, streamed)[user_id(3)]
-    assert tables.read(spark, config, "ops", "run_metrics").filter(F.col(RUN_ID) == "stream-1").count() == 0
+    checkpoint = Path(stream.checkpoint_path(config))
+    assert (checkpoint / "offsets" / "1").exists() and not (checkpoint / "commits" / "1").exists()
     # Restart from the same checkpoint (in this process): Spark replays batch 1; its MERGE changes nothing (its
     # own rows are there), its side writes happen.
     run_stream(spark, config, stream.StreamJob(spark, config))

@@ -22,7 +22,7 @@ from typing import cast
 import numpy as np
 import pandas as pd
 from pyspark import Broadcast
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
 
@@ -58,6 +58,7 @@ BLOCKED = "blocked"
 NEIGHBOUR_IDX = "neighbour_idx"
 CAND_ITEMS, CAND_ALS = "cand_items", "cand_als"
 EV_ITEMS, EV_WEIGHTS, EV_AGES, EV_BOUGHT = "ev_items", "ev_weights", "ev_ages", "ev_bought"
+EVENT_COLUMNS = (EV_ITEMS, EV_WEIGHTS, EV_AGES, EV_BOUGHT)
 _AGE, _W, _BOUGHT, _USERS = "_age", "_w", "_bought", "_users"
 SECONDS_PER_DAY = 86400.0
 KERNEL_CANDIDATES = 1 << 18  # candidates per kernel call (see kernel_chunks)
@@ -229,6 +230,21 @@ def log_event_cap(fresh: DataFrame, max_events: int) -> None:
     log.info("[rerank] fresh events capped at %d per user, most recent first (%d users over the cap)", max_events, over)
 
 
+def to_event_lists(fresh: DataFrame) -> DataFrame:
+    """user_idx, _e: each user's fresh events as one array of (_age, item_idx, _w, _bought), by age then item."""
+    return fresh.groupBy(USER_IDX).agg(F.array_sort(F.collect_list(F.struct(_AGE, ITEM_IDX, _W, _BOUGHT))).alias("_e"))
+
+
+def event_columns() -> list[Column]:
+    """The kernel's event columns (ev_items, ev_weights, ev_ages, ev_bought) from to_event_lists' `_e`."""
+    return [
+        F.col(f"_e.{ITEM_IDX}").alias(EV_ITEMS),
+        F.col(f"_e.{_W}").alias(EV_WEIGHTS),
+        F.col(f"_e.{_AGE}").alias(EV_AGES),
+        F.col(f"_e.{_BOUGHT}").alias(EV_BOUGHT),
+    ]
+
+
 def to_user_rows(candidates: DataFrame, user_factors: DataFrame, fresh: DataFrame) -> DataFrame:
     """One row per user with candidates: user_idx, features (null without factors), cand_items,
     cand_als (candidate arrays in item order), ev_items, ev_weights, ev_ages, ev_bought (by age, item)."""
@@ -237,26 +253,20 @@ def to_user_rows(candidates: DataFrame, user_factors: DataFrame, fresh: DataFram
             "_c"
         )
     )
-    events = fresh.groupBy(USER_IDX).agg(
-        F.array_sort(F.collect_list(F.struct(_AGE, ITEM_IDX, _W, _BOUGHT))).alias("_e")
-    )
     return (
         cand.join(user_factors.select(USER_IDX, FEATURES), on=USER_IDX, how="left")
-        .join(events, on=USER_IDX, how="left")
+        .join(to_event_lists(fresh), on=USER_IDX, how="left")
         .select(
             F.col(USER_IDX).cast("int"),
             F.col(FEATURES),
             F.col(f"_c.{ITEM_IDX}").alias(CAND_ITEMS),
             F.col(f"_c.{CAND_ALS}").alias(CAND_ALS),
-            F.col(f"_e.{ITEM_IDX}").alias(EV_ITEMS),
-            F.col(f"_e.{_W}").alias(EV_WEIGHTS),
-            F.col(f"_e.{_AGE}").alias(EV_AGES),
-            F.col(f"_e.{_BOUGHT}").alias(EV_BOUGHT),
+            *event_columns(),
         )
     )
 
 
-def _segments(column: pd.Series, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+def segments(column: pd.Series, dtype: type) -> tuple[np.ndarray, np.ndarray]:
     """(indptr (m + 1,), values) from a column of arrays (None = empty)."""
     lengths = np.fromiter((0 if v is None else len(v) for v in column), dtype=np.int64, count=len(column))
     indptr = np.zeros(len(column) + 1, dtype=np.int64)
@@ -271,12 +281,12 @@ def to_user_batch(pdf: pd.DataFrame, rank: int) -> UserBatch:
     factors = np.zeros((len(pdf), rank), dtype=np.float32)
     if has.any():
         factors[has] = np.stack([np.asarray(v, dtype=np.float32) for v in pdf[FEATURES][has]])
-    cand_ptr, cand_items = _segments(pdf[CAND_ITEMS], np.int64)
-    _, cand_als = _segments(pdf[CAND_ALS], np.bool_)
-    ev_ptr, ev_items = _segments(pdf[EV_ITEMS], np.int64)
-    _, ev_weights = _segments(pdf[EV_WEIGHTS], np.float64)
-    _, ev_ages = _segments(pdf[EV_AGES], np.float64)
-    _, ev_bought = _segments(pdf[EV_BOUGHT], np.bool_)
+    cand_ptr, cand_items = segments(pdf[CAND_ITEMS], np.int64)
+    _, cand_als = segments(pdf[CAND_ALS], np.bool_)
+    ev_ptr, ev_items = segments(pdf[EV_ITEMS], np.int64)
+    _, ev_weights = segments(pdf[EV_WEIGHTS], np.float64)
+    _, ev_ages = segments(pdf[EV_AGES], np.float64)
+    _, ev_bought = segments(pdf[EV_BOUGHT], np.bool_)
     return UserBatch(factors, has, cand_ptr, cand_items, cand_als, ev_ptr, ev_items, ev_weights, ev_ages, ev_bought)
 
 
