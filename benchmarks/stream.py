@@ -1,30 +1,32 @@
 """`shelf stream` latency: from an event's append to its user's updated list being readable.
 
     .venv/bin/python -u -m benchmarks.stream [--rates 100 1000 10000] [--seconds 60] [--warmup 30] [--interval 1]
-        [--users 2000] [--items 800] [--rank 32] [--candidates 100]
+        [--users 2000] [--items 800] [--rank 32] [--candidates 100] [--append-with delta-rs|spark]
 
 Set-up (in a temp dir, conf/local.yaml with local[2]): a synthetic nightly run (random ALS factors,
 each user's `--candidates` best items by ALS score as gold.candidates, factor-cosine neighbours as
 gold.item_similarities, two weeks of silver views) published by the real `shelf rerank`.
 
-Per rate: a writer process (its own Spark session, local[1]) appends events to a fresh landing Delta
-table at a steady rate, one small commit every 0.5 s (90% known users, 10% users first seen today;
-80% views, 15% add-to-cart, 5% purchases), for `--warmup` + `--seconds`; this process runs the stream with a
-`--interval` s processingTime trigger on a fresh checkpoint. Each commit carries its number in
-session_id; the writer logs the wall-clock time each commit returned, the batch function logs the time
-its MERGE committed. Latency of an event = its batch's MERGE commit - its commit's append (both
-time.time() on this machine), weighted by events. The split, per event (means, event-weighted): `wait` (append ->
-its batch function starts: trigger interval, the previous batch still running, the source scan), then inside
-the batch up to the MERGE's commit (when the list is readable): `validate` (classify the rows and count them by
-reason: one Spark job), `prepare` (serving-run check from the Delta log, the batch's users, plan building),
-`rank` (the one job that materialises the users' new lists: joins and kernel; `kernel` is the seconds inside
-`udfs.rerank` summed over the Python workers, so with 2 workers it can exceed the wall time / 2), `MERGE call`
-(the newer-wins gate's read of gold.recommendations, then the MERGE), of which `Delta MERGE` is the MERGE's own
-executionTimeMs from DESCRIBE HISTORY; after the commit, `side writes`
-(quarantine, bronze.stream_events, run metrics: they delay the next batch, not this one's lists); `jobs/batch`:
-the Spark jobs of the batch function (its job group).
-Only the events appended after the first `--warmup` seconds are scored (the stream's first micro-batch starts
-the Python workers and makes one-off table changes; with 3-4 batches a minute it would otherwise weigh on every
+Per rate: a writer process appends events to a fresh landing Delta table at a steady rate, through delta-rs
+(`deltalake`, no JVM: `pip install '.[bench]'`) or, with `--append-with spark`, its own Spark session
+(local[1], the earlier rounds' writer: its JVM shares the two cores with the stream), one small commit every
+0.5 s (90% known users, 10% users first seen today; 80% views, 15% add-to-cart, 5% purchases), for `--warmup`
++ `--seconds`; this process runs the stream with a `--interval` s processingTime trigger on a fresh
+checkpoint. Each commit carries its number in session_id; the writer logs the wall-clock time each commit
+returned, the batch function logs the time its MERGE committed. Latency of an event = its batch's MERGE commit
+- its commit's append (both time.time() on this machine), weighted by events. The split, per event (means,
+event-weighted): `wait` (append -> its batch function starts: trigger interval, the previous batch still
+running, the source scan), then inside the batch up to the MERGE's commit (when the list is readable):
+`validate` (classify the rows and count them by reason: one Spark job), `prepare` (serving-run check from the
+Delta log, the batch's users, plan building), `rank` (the one job that materialises the users' new lists:
+joins and kernel; `kernel` is the seconds inside `udfs.candidates` and `udfs.rerank` summed over the Python
+workers, so with 2 workers it can exceed the wall time / 2), `MERGE call` (the Delta log check, the newer-wins gate's
+read of gold.recommendations when another writer committed, then the MERGE), of which `Delta MERGE` is the MERGE's own executionTimeMs from DESCRIBE
+HISTORY; after the commit, `side writes` (waiting for the quarantine,
+bronze.stream_events and run-metrics writes on their own threads: they delay the next batch, not this one's
+lists); `jobs/batch`: the Spark jobs of the batch function (its job group). Only the
+events appended after the first `--warmup` seconds are scored (the stream's first micro-batch starts the
+Python workers and makes one-off table changes; with 3-4 batches a minute it would otherwise weigh on every
 percentile). Sustained events/s = scored events published / (last MERGE commit - first scored append).
 
 Baseline in the same process: one user's re-rank in process (`rerank_frame` on one user row, no Spark),
