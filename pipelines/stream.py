@@ -615,11 +615,17 @@ class GateState:
         self.max_batch = int(row[_BATCH]) if row is not None and row[_BATCH] is not None else -1
 
 
+RECOMMENDATIONS_PROPERTIES = {"delta.enableDeletionVectors": "true", "delta.autoOptimize.autoCompact": "true"}
+
+
 def prepare_recommendations(spark: SparkSession, config: ShelfConfig) -> None:
-    """Once per stream: add the stream columns to gold.recommendations and turn on deletion vectors there, so
-    a MERGE that touches a few users marks their old rows deleted instead of rewriting whole files."""
+    """Once per stream: add the stream columns to gold.recommendations and set its properties: deletion vectors,
+    so a MERGE that touches a few users marks their old rows deleted instead of rewriting whole files, and Delta's
+    auto compaction, so the small files every MERGE adds (a few a batch, hundreds an hour) are compacted after a
+    write once enough of them gathered (spark.databricks.delta.autoCompact.minNumFiles), and the MERGEs' file
+    scans stay bounded over a long-running stream."""
     tables.add_columns(spark, config, *RECOMMENDATIONS, STREAM_COLUMNS)
-    tables.set_properties(spark, config, *RECOMMENDATIONS, {"delta.enableDeletionVectors": "true"})
+    tables.set_properties(spark, config, *RECOMMENDATIONS, RECOMMENDATIONS_PROPERTIES)
 
 
 def publish(

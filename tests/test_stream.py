@@ -488,6 +488,32 @@ def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_wi
     assert after == {"u-a": ["u-a-batch5-1", "u-a-batch5-2"], "u-b": ["u-b-batch9-1", "u-b-batch9-2"]}
 
 
+def publish_counting_reads(
+    spark: SparkSession,
+    config: ShelfConfig,
+    state: stream.GateState,
+    batch_id: int,
+    reads: list[int | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stream.publish of batch `batch_id`: u-a's new 2-long list, event time `batch_id` hours after AS_OF; each read
+    of gold.recommendations it makes (the gate's) is appended to `reads`."""
+    read = tables.read
+
+    def counting_read(spark_: SparkSession, config_: ShelfConfig, layer: str, name: str, version: int | None = None):  # type: ignore[no-untyped-def]
+        if (layer, name) == ("gold", "recommendations"):
+            reads.append(version)
+        return read(spark_, config_, layer, name, version)
+
+    time_ = AS_OF + timedelta(hours=batch_id)
+    rows = [("u-a", r, f"u-a-batch{batch_id}-{r}", batch_id, time_) for r in (1, 2)]
+    monkeypatch.setattr(stream.tables, "read", counting_read)
+    try:
+        stream.publish(spark, config, recommendation_rows(spark, rows), RUN, batch_id, time_, state=state, as_of=AS_OF)
+    finally:
+        monkeypatch.undo()
+
+
 def test_the_gate_reads_the_table_only_after_another_writer_committed(
     spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -495,6 +521,28 @@ def test_the_gate_reads_the_table_only_after_another_writer_committed(
     reads only the Delta log (its own commit is the only one since). A commit by another writer (a rerun of the
     nightly, u-a's list now longer than rerank.top_k) makes the next MERGE read the table again, so the rerun's
     tail ranks are deleted too and u-a ends with one whole list, not the new list plus the rerun's tail."""
+    config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}")
+    nightly = nightly_list("u-a", 2) + nightly_list("u-b", 2)
+    tables.write(recommendation_rows(spark, nightly), config, "gold", "recommendations", RUN)
+    stream.prepare_recommendations(spark, config)
+    state, reads = stream.GateState(), list[int | None]()
+    publish_counting_reads(spark, config, state, 5, reads, monkeypatch)
+    publish_counting_reads(spark, config, state, 6, reads, monkeypatch)
+    assert len(reads) == 1, reads  # batch 6: only the stream's own MERGE since the read
+    assert lists(spark, config) == {"u-a": ["u-a-batch6-1", "u-a-batch6-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
+    rerun = nightly_list("u-a", TOP_K + 2) + nightly_list("u-b", 2)
+    tables.write(recommendation_rows(spark, rerun), config, "gold", "recommendations", RUN)
+    publish_counting_reads(spark, config, state, 7, reads, monkeypatch)
+    assert len(reads) == 2, reads
+    assert lists(spark, config) == {"u-a": ["u-a-batch7-1", "u-a-batch7-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
+
+
+def test_auto_compaction_keeps_the_stream_files_few_without_forcing_gate_reads(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream turns on Delta's auto compaction for gold.recommendations: after enough small files (a low
+    threshold here) a write is followed by an OPTIMIZE commit. The OPTIMIZE changes no rows, so the gate still
+    skips its read, and the lists are those of the last batch."""
     config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}")
     tables.write(
         recommendation_rows(spark, nightly_list("u-a", 2) + nightly_list("u-b", 2)),
@@ -504,34 +552,14 @@ def test_the_gate_reads_the_table_only_after_another_writer_committed(
         RUN,
     )
     stream.prepare_recommendations(spark, config)
-    reads: list[int | None] = []
-    read = tables.read
-
-    def counting_read(spark_: SparkSession, config_: ShelfConfig, layer: str, name: str, version: int | None = None):  # type: ignore[no-untyped-def]
-        if (layer, name) == ("gold", "recommendations"):
-            reads.append(version)
-        return read(spark_, config_, layer, name, version)
-
-    state = stream.GateState()
-
-    def batch(batch_id: int) -> None:
-        time_ = AS_OF + timedelta(hours=batch_id)
-        rows = [("u-a", r, f"u-a-batch{batch_id}-{r}", batch_id, time_) for r in (1, 2)]
-        monkeypatch.setattr(stream.tables, "read", counting_read)
-        stream.publish(spark, config, recommendation_rows(spark, rows), RUN, batch_id, time_, state=state, as_of=AS_OF)
-        monkeypatch.undo()
-
-    batch(5)
-    batch(6)
-    assert len(reads) == 1, reads  # batch 6: only the stream's own MERGE since the read
-    assert lists(spark, config) == {"u-a": ["u-a-batch6-1", "u-a-batch6-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
-    tables.write(
-        recommendation_rows(spark, nightly_list("u-a", TOP_K + 2) + nightly_list("u-b", 2)),
-        config,
-        "gold",
-        "recommendations",
-        RUN,
-    )
-    batch(7)
-    assert len(reads) == 2, reads
-    assert lists(spark, config) == {"u-a": ["u-a-batch7-1", "u-a-batch7-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
+    state, reads = stream.GateState(), list[int | None]()
+    spark.conf.set("spark.databricks.delta.autoCompact.minNumFiles", "3")
+    try:
+        for batch_id in range(5, 11):
+            publish_counting_reads(spark, config, state, batch_id, reads, monkeypatch)
+    finally:
+        spark.conf.unset("spark.databricks.delta.autoCompact.minNumFiles")
+    ops = [r["operation"] for r in tables.history(spark, config, "gold", "recommendations").collect()]
+    assert ops.count("MERGE") == 6 and "OPTIMIZE" in ops, ops
+    assert len(reads) == 1, reads
+    assert lists(spark, config) == {"u-a": ["u-a-batch10-1", "u-a-batch10-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}

@@ -286,6 +286,8 @@ def _alter(spark: SparkSession, config: ShelfConfig, layer: str, name: str, clau
 
 
 HISTORY_LOOKBACK = 100  # commits commits_since reads from the log at most
+# Operations that never change a table's rows (compaction, vacuum): commits_since does not count them.
+NO_DATA_CHANGE = ("OPTIMIZE", "VACUUM START", "VACUUM END")
 
 
 def commits_since(
@@ -297,9 +299,10 @@ def commits_since(
     own: str = "MERGE",
     own_metadata: str = "",
 ) -> tuple[int, bool]:
-    """(latest version, whether a commit after `version` is not one's own: an `own` operation whose userMetadata
-    starts with `own_metadata`), read from the Delta log (the history of the last HISTORY_LOOKBACK commits: no
-    Spark job). `version` None: every commit counts."""
+    """(latest version, whether a commit after `version` may have changed rows and is not one's own: an `own`
+    operation whose userMetadata starts with `own_metadata`), read from the Delta log (the history of the last
+    HISTORY_LOOKBACK commits: no Spark job). Compaction and vacuum commits (NO_DATA_CHANGE) do not count.
+    `version` None: every commit counts."""
     rows = (
         delta_table(spark, config, layer, name)
         .history(HISTORY_LOOKBACK)
@@ -310,10 +313,11 @@ def commits_since(
     if version is None or min(int(r["version"]) for r in rows) > version + 1:
         return latest, True
 
-    def mine(r: Row) -> bool:
-        return r["operation"] == own and (r["userMetadata"] or "").startswith(own_metadata)
+    def harmless(r: Row) -> bool:
+        mine = r["operation"] == own and (r["userMetadata"] or "").startswith(own_metadata)
+        return mine or r["operation"] in NO_DATA_CHANGE
 
-    return latest, any(not mine(r) for r in rows if int(r["version"]) > version)
+    return latest, any(not harmless(r) for r in rows if int(r["version"]) > version)
 
 
 def merge(
