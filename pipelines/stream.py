@@ -108,6 +108,7 @@ from pipelines.core.schemas import (
     USER_ID,
     USER_IDX,
 )
+from pipelines.core.session import SIDE_POOL
 from udfs.candidates import NEIGHBOURS_BIT, POPULAR_BIT, merge_candidates
 from udfs.rerank import ItemTable, RerankParams
 
@@ -742,15 +743,17 @@ def pause_after_merge(batch_id: int) -> None:
 
 
 class _Background:
-    """Run `work` on a Spark-aware thread (it inherits the job group and local properties); join() re-raises."""
+    """Run `work` on a Spark-aware thread (it inherits the job group and local properties) in the FAIR pool
+    session.SIDE_POOL, so the lists' jobs and the MERGE get the cores first; join() re-raises."""
 
-    def __init__(self, work: Callable[[], None]) -> None:
+    def __init__(self, spark: SparkSession, work: Callable[[], None]) -> None:
         self.error: BaseException | None = None
-        self.thread = InheritableThread(target=self._run, args=(work,), daemon=True)
+        self.thread = InheritableThread(target=self._run, args=(spark, work), daemon=True)
         self.thread.start()
 
-    def _run(self, work: Callable[[], None]) -> None:
+    def _run(self, spark: SparkSession, work: Callable[[], None]) -> None:
         try:
+            spark.sparkContext.setLocalProperty("spark.scheduler.pool", SIDE_POOL)
             work()
         except BaseException as exc:  # handed to the batch's thread by join()
             self.error = exc
@@ -935,16 +938,21 @@ class StreamJob:
         # runs. The batch ends when all are done, so the next batch sees this one's events. Every side write
         # replaces this batch's rows, so a replay after a crash anywhere redoes them (its MERGE changes nothing:
         # the newer-wins gate) and every table ends as after an uninterrupted run.
-        side = [_Background(write_batch_rows)]
+        side = [_Background(spark, write_batch_rows)]
         try:
             if event_time is not None:
                 # The users' lists: readable as soon as this MERGE commits.
                 self.rerank_users(
-                    accepted, batch_id, event_time, serving, report, lambda: side.append(_Background(keep_and_count))
+                    accepted,
+                    batch_id,
+                    event_time,
+                    serving,
+                    report,
+                    lambda: side.append(_Background(spark, keep_and_count)),
                 )
                 pause_after_merge(batch_id)
             else:
-                side.append(_Background(keep_and_count))
+                side.append(_Background(spark, keep_and_count))
         except BaseException:
             for work in side:
                 work.wait()

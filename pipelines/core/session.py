@@ -55,6 +55,27 @@ def check_java() -> None:
         )
 
 
+# Background work (the stream's side writes) runs in this FAIR pool. In the local session the default pool's
+# minShare exceeds any core count, so its pending tasks always go first and the side pool gets the cores the
+# main work leaves idle (e.g. while the driver plans); elsewhere the pool gets the cluster's defaults.
+SIDE_POOL = "shelf-side"
+_POOLS = f"""<?xml version="1.0"?>
+<allocations>
+  <pool name="default"><schedulingMode>FIFO</schedulingMode><weight>1</weight><minShare>100000</minShare></pool>
+  <pool name="{SIDE_POOL}"><schedulingMode>FIFO</schedulingMode><weight>1</weight><minShare>0</minShare></pool>
+</allocations>
+"""
+
+
+def _pools_file(root: Path) -> str:
+    """The FAIR scheduler's pool file for the local session, written under storage.root (same text each time)."""
+    path = root / "_spark" / "fairscheduler.xml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != _POOLS:
+        path.write_text(_POOLS)
+    return str(path)
+
+
 def get_spark(config: ShelfConfig) -> SparkSession:
     """Return the active session (cluster, Databricks, notebook) or build a local Delta-enabled one."""
     active = SparkSession.getActiveSession()
@@ -83,6 +104,8 @@ def get_spark(config: ShelfConfig) -> SparkSession:
         .config("spark.databricks.delta.snapshotPartitions", "2")
         .config("spark.sql.warehouse.dir", str(Path(config.storage.root).resolve() / "_warehouse"))
         .config("spark.driver.extraJavaOptions", "-Dderby.system.home=" + str(Path(config.storage.root).resolve()))
+        .config("spark.scheduler.mode", "FAIR")
+        .config("spark.scheduler.allocation.file", _pools_file(Path(config.storage.root).resolve()))
     )
     for key, value in config.spark.extra.items():
         builder = builder.config(key, value)
