@@ -146,7 +146,7 @@ def batch_tag(config: ShelfConfig, batch_id: int) -> str:
 
 def own_commits(config: ShelfConfig) -> str:
     """The userMetadata prefix of this stream's MERGE commits (each carries run_id=<its batch_tag>)."""
-    return f"run_id={batch_tag(config, 0)[:-1]}"
+    return f"run_id={config.stream.name}-"
 
 
 # ---------------------------------------------------------------- the serving run and its model
