@@ -92,7 +92,7 @@ def main() -> int:
                 for j in bench.finished_jobs(spark, f"{config.stream.name}-", since):
                     print(
                         f"    +{j.start - since:6.2f} s  gap {j.start - previous:5.2f}  {j.end - j.start:5.2f} s  "
-                        f"{j.tasks:3d} tasks  job {j.job_id}: {j.description[:110]}"
+                        f"{j.tasks:3d} tasks  job {j.job_id}: {j.description[:90]} | {j.name[:80]}"
                     )
                     if j.end - j.start > 0.5:
                         print_stages(spark, j.job_id)

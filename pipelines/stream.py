@@ -35,7 +35,9 @@ its checkpoint at `stream.checkpoint` and a `processing_time` (every `stream.int
    run_id = the tag) with their reason codes and accepted rows -> bronze.stream_events (BRONZE_EVENTS_SCHEMA),
    on a second thread from the batch's start; the counts -> ops.run_metrics and the batch's slice of the recent
    events, on a third thread while the MERGE runs. The batch ends when all are done. A crash anywhere is
-   repaired by Spark's replay of the batch: its MERGE is a no-op (below), its side writes happen.
+   repaired by Spark's replay of the batch: its MERGE is a no-op (below), its side writes happen again. A batch
+   id running for the first time (the one after a batch this process finished: StreamJob.next_fresh) has no
+   rows to replace, so its side writes are blind appends, which read none of the table's files.
 
 Newer information wins per user: a user's list has an information time, `event_time` for a stream list
 and `as_of` for a nightly one. A micro-batch replaces the list only when T is later than that, or the
@@ -49,9 +51,9 @@ every row, so the read is skipped. The MERGE's conditions check each matched row
 concurrent writer are retried (tables.merge): each attempt reads the log again, and the table when another
 writer committed, so the gate sees the winner's rows.
 
-Test-only hooks (tests/test_stream.py): the environment variable SHELF_STREAM_PAUSE_AFTER_MERGE =
-"<batch id>:<marker file>" makes that batch write the marker after its MERGE and sleep before it ends (the
-SIGKILL test); StreamJob.merge_gate makes the MERGE's source wait for a file (the race test).
+Test-only hooks (tests/test_stream.py): the environment variable SHELF_STREAM_PAUSE_AFTER_WRITES =
+"<batch id>:<marker file>" makes that batch write the marker once its MERGE and side writes are done and sleep
+before it ends (the SIGKILL test); StreamJob.merge_gate makes the MERGE's source wait for a file (the race test).
 
 Output grain: gold.recommendations, one row per (run_id, user_id, rank).
 """
@@ -125,8 +127,7 @@ NEIGHBOUR_IDX = "neighbour_idx"
 NEIGHBOURS, POPULAR = "neighbours", "popular"
 NOW_AFTER_LAST_EVENT = timedelta(seconds=1)  # the kernel keeps events strictly older than its now
 
-_OP, _UPSERT, _DELETE = "_op", "upsert", "delete"
-_NEW_LEN, _OLD_LEN, _INFO, _BATCH = "_new_len", "_old_len", "_info", "_batch"
+_NEW_LEN, _INFO, _BATCH = "_new_len", "_info", "_batch"
 _TOUCHED = "_touched"
 
 
@@ -532,56 +533,33 @@ def _stream_column(frame: DataFrame, name: str) -> Column:
     return F.col(name) if name in frame.columns else F.lit(None)
 
 
-def _merge_rows(
-    recs: DataFrame, gate: DataFrame, run_id: str, batch_id: int, event_time: datetime, top_k: int
-) -> DataFrame:
-    """The MERGE source for the users in `gate` (user_id, _new_len, _old_len: null when not known): their new
-    lists (op upsert) plus one delete row per rank past the new list's length, up to the longer of _old_len and
-    `top_k` (op delete). Ranks up to top_k even when the old list was shorter: a rerun of the nightly committed
-    after the gate looked may have written a longer list (a delete row without a target row does nothing)."""
-    upserts = recs.join(gate.select(USER_ID), on=USER_ID, how="left_semi").withColumn(_OP, F.lit(_UPSERT))
-    tail = F.greatest(F.col(_OLD_LEN), F.lit(top_k))  # greatest skips a null _old_len
-    deletes = gate.filter(tail > F.col(_NEW_LEN)).select(
-        USER_ID,
-        F.explode(F.sequence(F.col(_NEW_LEN) + 1, tail)).alias(RANK),
-        F.lit(run_id).alias(RUN_ID),
-        F.lit(batch_id).cast("long").alias(STREAM_BATCH),
-        ts_lit(event_time).alias(EVENT_TIME),
-        F.lit(_DELETE).alias(_OP),
-    )
-    return upserts.unionByName(deletes, allowMissingColumns=True)
+def with_list_lengths(recs: DataFrame) -> DataFrame:
+    """A batch's new lists with `_new_len`, each user's list length (its largest rank: ranks are 1..length), which
+    the MERGE's condition needs (see publish)."""
+    return recs.withColumn(_NEW_LEN, F.max(RANK).over(Window.partitionBy(USER_ID)))
 
 
-def _new_lengths(recs: DataFrame) -> DataFrame:
-    return recs.groupBy(USER_ID).agg(F.max(RANK).alias(_NEW_LEN))
-
-
-def to_merge_source(
-    recs: DataFrame, current: DataFrame, run_id: str, batch_id: int, event_time: datetime, top_k: int
-) -> DataFrame:
-    """The MERGE source (see _merge_rows) for the users whose information is newer than their rows in `current`.
+def to_merge_source(recs: DataFrame, current: DataFrame, run_id: str, batch_id: int, event_time: datetime) -> DataFrame:
+    """The rows of `recs` (with_list_lengths) of the users whose information is newer than their rows in `current`.
 
     Reads `current` now (the gate is materialised: one Spark job), not when the MERGE evaluates its source.
     """
     info = F.coalesce(_stream_column(current, EVENT_TIME).cast("timestamp"), F.col(AS_OF))
+    users = recs.select(USER_ID).distinct()
     existing = (
         current.filter(F.col(RUN_ID) == run_id)
-        .join(F.broadcast(recs.select(USER_ID).distinct()), on=USER_ID, how="inner")
+        .join(F.broadcast(users), on=USER_ID, how="inner")
         .groupBy(USER_ID)
-        .agg(
-            F.max(RANK).alias(_OLD_LEN),
-            F.max(info).alias(_INFO),
-            F.max(_stream_column(current, STREAM_BATCH).cast("long")).alias(_BATCH),
-        )
+        .agg(F.max(info).alias(_INFO), F.max(_stream_column(current, STREAM_BATCH).cast("long")).alias(_BATCH))
     )
     newer = (
         F.col(_INFO).isNull()
         | (ts_lit(event_time) > F.col(_INFO))
         | (F.col(_BATCH).isNotNull() & (F.lit(batch_id) > F.col(_BATCH)))
     )
-    gate = _new_lengths(recs).join(existing, on=USER_ID, how="left").filter(newer)
-    gate = gate.localCheckpoint(eager=True)  # one read of the table now (one small job), used twice below
-    return _merge_rows(recs, gate, run_id, batch_id, event_time, top_k)
+    gate = users.join(existing, on=USER_ID, how="left").filter(newer).select(USER_ID)
+    gate = gate.localCheckpoint(eager=True)  # one read of the table now (one small job)
+    return recs.join(gate, on=USER_ID, how="left_semi")
 
 
 @dataclass
@@ -589,17 +567,15 @@ class GateState:
     """What this stream knows of the serving run's rows in gold.recommendations, so most MERGEs need no gate read.
 
     Set by a full gate read (publish) and by the stream's own MERGEs: `version` is the table version at the last
-    look; `max_batch` and `max_rank` are the largest stream_batch and rank of the run's rows then (or of the
-    stream's MERGEs since). While only this stream commits to the table (its Delta log says so: no Spark job), a
-    batch with a larger id than `max_batch` and an event time after the run's as_of is newer than every row of
-    the run, so every user of the batch passes the gate, and delete rows up to max(max_rank, rerank.top_k) cover
-    every old list. Any other commit (a nightly rerun, `shelf forget`, a second writer) means a full read again.
+    look; `max_batch` is the largest stream_batch of the run's rows then (or of the stream's MERGEs since). While
+    only this stream commits to the table (its Delta log says so: no Spark job), a batch with a larger id than
+    `max_batch` and an event time after the run's as_of is newer than every row of the run, so every user of the
+    batch passes the gate. Any other commit (a nightly rerun, `shelf forget`, a second writer) means a full read.
     """
 
     run_id: str | None = None
     version: int | None = None
     max_batch: int = -1
-    max_rank: int = 0
 
     def trusted(self, run_id: str, batch_id: int, event_time: datetime, as_of: datetime, others: bool) -> bool:
         return self.run_id == run_id and not others and batch_id > self.max_batch and event_time > as_of
@@ -608,11 +584,10 @@ class GateState:
         """Refresh from the run's rows in `current` (one small aggregation job)."""
         row = (
             current.filter(F.col(RUN_ID) == run_id)
-            .agg(F.max(RANK).alias(RANK), F.max(_stream_column(current, STREAM_BATCH).cast("long")).alias(_BATCH))
+            .agg(F.max(_stream_column(current, STREAM_BATCH).cast("long")).alias(_BATCH))
             .first()
         )
         self.run_id, self.version = run_id, version
-        self.max_rank = int(row[RANK]) if row is not None and row[RANK] is not None else 0
         self.max_batch = int(row[_BATCH]) if row is not None and row[_BATCH] is not None else -1
 
 
@@ -641,14 +616,20 @@ def publish(
     state: GateState | None = None,
     as_of: datetime | None = None,
 ) -> int:
-    """MERGE the users' new lists into the serving run's rows of gold.recommendations (one commit, retried).
+    """MERGE the users' new lists (`recs`: with_list_lengths, materialised) into the serving run's rows of
+    gold.recommendations (one commit, retried).
+
+    The source is the lists themselves: a target row matches its user's row of the same rank (replaced), or, past
+    the new list's length, the user's last row (deleted), so every old list loses all of its tail whatever its
+    length, and each target row matches one source row (lists have ranks 1..length). Ranks of the new list that
+    the old one lacks are inserted.
 
     The newer-wins gate (to_merge_source) reads the table just before the MERGE and is materialised, so the MERGE
     plans and reads a small in-memory source (with the read inside the MERGE, Delta listed the table's files again
     each time it evaluated its source: about 6 s a batch). A commit between that read and the MERGE cannot make an
-    older list win: the MERGE's own conditions compare each matched row's information with the batch's on the
-    table as the MERGE sees it, and the delete rows reach rerank.top_k (see to_merge_source). A commit during the
-    MERGE is a Delta conflict: the MERGE is retried with a fresh read.
+    older list win over its matched rows: the MERGE's own conditions compare each matched row's information with
+    the batch's on the table as the MERGE sees it. A commit during the MERGE is a Delta conflict: the MERGE is
+    retried with a fresh read.
 
     With `state` (the stream's GateState) and the serving run's `as_of`, the gate's read is skipped when the state
     says every user of the batch is newer (the Delta log shows no commit but the stream's own since its last look);
@@ -660,7 +641,11 @@ def publish(
     columns = [*[f.name for f in publishing.RECOMMENDATIONS_SCHEMA.fields], STREAM_BATCH, EVENT_TIME]
     assignments: dict[str, str | Column] = {c: F.col(f"s.{c}") for c in columns}
     # The run_id literal lets Delta skip the files of other runs (min/max stats) when it looks for matches.
-    on = f"t.{RUN_ID} = '{run_id}' AND t.run_id = s.run_id AND t.user_id = s.user_id AND t.rank = s.rank"
+    on = (
+        f"t.{RUN_ID} = '{run_id}' AND t.{RUN_ID} = s.{RUN_ID} AND t.{USER_ID} = s.{USER_ID} "
+        f"AND (t.{RANK} = s.{RANK} OR (s.{RANK} = s.{_NEW_LEN} AND t.{RANK} > s.{RANK}))"
+    )
+    tail = F.col(f"t.{RANK}") > F.col(f"s.{RANK}")
     # A matched row is replaced or deleted only if the batch's information is newer than the row's (as the gate).
     held = F.coalesce(F.col(f"t.{EVENT_TIME}"), F.col(f"t.{AS_OF}"))
     newer = (held < F.col(f"s.{EVENT_TIME}")) | (
@@ -673,40 +658,41 @@ def publish(
         attempts += 1
         if before_attempt is not None:
             before_attempt(attempts)
-        top_k = config.rerank.top_k
         if state is None:
-            source = to_merge_source(
-                recs, tables.read(spark, config, *RECOMMENDATIONS), run_id, batch_id, event_time, top_k
-            )
+            source = to_merge_source(recs, tables.read(spark, config, *RECOMMENDATIONS), run_id, batch_id, event_time)
         else:
             version, others = tables.commits_since(
                 spark, config, *RECOMMENDATIONS, state.version, own_metadata=own_commits(config)
             )
             if as_of is not None and state.trusted(run_id, batch_id, event_time, as_of, others):
-                lengths = _new_lengths(recs).withColumn(_OLD_LEN, F.lit(state.max_rank))
-                source = _merge_rows(recs, lengths, run_id, batch_id, event_time, top_k)
+                source = recs
             else:
                 current = tables.read(spark, config, *RECOMMENDATIONS, version)
                 state.read_run(current, run_id, version)
-                source = to_merge_source(recs, current, run_id, batch_id, event_time, top_k)
+                source = to_merge_source(recs, current, run_id, batch_id, event_time)
         if gate is not None:  # one task waits, the other cores stay free for the test's concurrent writer
             source = source.coalesce(1).mapInPandas(lambda it: gated_rows(it, gate), source.schema)
         (
             target.alias("t")
             .merge(source.alias("s"), on)
-            .whenMatchedDelete(condition=(F.col(f"s.{_OP}") == _DELETE) & newer)
-            .whenMatchedUpdate(condition=(F.col(f"s.{_OP}") == _UPSERT) & newer, set=assignments)
-            .whenNotMatchedInsert(condition=F.col(f"s.{_OP}") == _UPSERT, values=assignments)
+            .whenMatchedDelete(condition=tail & newer)
+            .whenMatchedUpdate(condition=~tail & newer, set=assignments)
+            .whenNotMatchedInsert(values=assignments)
             .execute()
         )
 
     tag = batch_tag(config, batch_id)
-    merge_conf = {"spark.databricks.delta.commitInfo.userMetadata": f"run_id={tag}"}
-    # The commit carries run_id=<tag> like every other write (DESCRIBE HISTORY: which batch wrote which version).
+    merge_conf = {
+        # The commit carries run_id=<tag> like every other write (DESCRIBE HISTORY: which batch wrote which version).
+        "spark.databricks.delta.commitInfo.userMetadata": f"run_id={tag}",
+        # The source is already materialised and deterministic (the lists' local checkpoint, joined with the gate's
+        # in its read): Delta's own copy would be one more Spark job a batch, and every MERGE pass reads it directly.
+        "spark.databricks.delta.merge.materializeSource": "none",
+    }
     with _session_conf(spark, merge_conf):
         tables.merge(spark, config, *RECOMMENDATIONS, tag, apply)
     if state is not None:
-        state.max_batch = max(state.max_batch, batch_id)  # its lists are at most rerank.top_k long
+        state.max_batch = max(state.max_batch, batch_id)
     return attempts
 
 
@@ -728,12 +714,13 @@ def _session_conf(spark: SparkSession, values: dict[str, str]) -> Iterator[None]
 # ---------------------------------------------------------------- the micro-batch
 
 # Test-only hook (tests/test_stream.py, the SIGKILL test): "<batch id>:<marker file>" makes that batch write the
-# marker right after its MERGE committed, then sleep before the batch ends, so a test can kill it there.
-PAUSE_AFTER_MERGE_ENV = "SHELF_STREAM_PAUSE_AFTER_MERGE"
+# marker once its MERGE and side writes are done, then sleep before the batch ends (before Spark commits it to the
+# checkpoint), so a test can kill it there.
+PAUSE_AFTER_WRITES_ENV = "SHELF_STREAM_PAUSE_AFTER_WRITES"
 
 
-def pause_after_merge(batch_id: int) -> None:
-    hook = os.environ.get(PAUSE_AFTER_MERGE_ENV)
+def pause_after_writes(batch_id: int) -> None:
+    hook = os.environ.get(PAUSE_AFTER_WRITES_ENV)
     if not hook:
         return
     wanted, marker = hook.split(":", 1)
@@ -794,6 +781,7 @@ class BatchReport:
     side_seconds: float = 0.0
     merge_attempts: int = 0
     jobs: int = 0  # Spark jobs the batch function ran (its job group)
+    fresh: bool = False  # first run of this batch id (see StreamJob.next_fresh): its side writes are blind appends
     finished: float = 0.0
 
 
@@ -810,6 +798,10 @@ class StreamJob:
         self.prepared = False
         self.merge_gate: str | None = None  # test-only: see gated_rows
         self.gate = GateState()  # what the stream knows of the serving run's rows (publish keeps it)
+        # The batch id that runs for the first time ever: the one after a batch this job finished. Spark starts
+        # batch N+1 only once N is committed to the checkpoint, so no process has written N+1's rows; a replay
+        # (a restart's first batch, or a batch after one that failed) is never fresh: its side writes replace.
+        self.next_fresh: int | None = None
 
     def batch_conf(self) -> dict[str, str]:
         """Session settings while a micro-batch runs. A micro-batch is small: a few shuffle partitions, and no
@@ -849,7 +841,8 @@ class StreamJob:
             self.serving = None
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
-        report = BatchReport(batch_id, {}, None, time.time())
+        report = BatchReport(batch_id, {}, None, time.time(), fresh=batch_id == self.next_fresh)
+        self.next_fresh = None  # until this batch has finished
         group = f"{batch_tag(self.config, batch_id)}-{report.started:.6f}"
         sc = self.spark.sparkContext
         sc.setJobGroup(group, f"shelf stream batch {batch_id}")
@@ -866,6 +859,7 @@ class StreamJob:
             report.jobs = len(sc.statusTracker().getJobIdsForGroup(group))
             sc.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
         report.finished = time.time()
+        self.next_fresh = batch_id + 1
         shown = ", ".join(f"{k}={int(v)}" for k, v in sorted(report.counts.items()))
         log.info(
             "[%s] batch %d event_time=%s: %s; validate %.2fs, prepare %.2fs, rank %.2fs (kernel %.3fs), "
@@ -913,11 +907,11 @@ class StreamJob:
                     "events",
                     tag,
                     {RUN_ID: tag, STEP: STEP_NAME},
+                    absent=report.fresh,
                 )
             if event_time is not None:
-                tables.write_replacing(
-                    events.to_bronze(classified, tag, serving.as_of), config, *STREAM_EVENTS, tag, {RUN_ID: tag}
-                )
+                bronze = events.to_bronze(classified, tag, serving.as_of)
+                tables.write_replacing(bronze, config, *STREAM_EVENTS, tag, {RUN_ID: tag}, absent=report.fresh)
 
         def keep_and_count() -> None:
             if event_time is not None:  # the next batch's session events
@@ -930,14 +924,15 @@ class StreamJob:
                 "run_metrics",
                 tag,
                 {RUN_ID: tag, STEP: STEP_NAME},
+                absent=report.fresh,
             )
 
         # Nothing but the lists stands between the batch's start and its MERGE's commit. The batch's rows go to
         # quarantine.events and bronze.stream_events on a second thread from the start; the recent-events slice
         # and the run metrics (whose counts are complete once the lists are computed) on a third while the MERGE
-        # runs. The batch ends when all are done, so the next batch sees this one's events. Every side write
-        # replaces this batch's rows, so a replay after a crash anywhere redoes them (its MERGE changes nothing:
-        # the newer-wins gate) and every table ends as after an uninterrupted run.
+        # runs. The batch ends when all are done, so the next batch sees this one's events. A replayed batch's side
+        # writes replace its rows (a fresh one's append: it has none yet), so a replay after a crash anywhere redoes
+        # them (its MERGE changes nothing: the newer-wins gate) and every table ends as after an uninterrupted run.
         side = [_Background(spark, write_batch_rows)]
         try:
             if event_time is not None:
@@ -950,7 +945,6 @@ class StreamJob:
                     report,
                     lambda: side.append(_Background(spark, keep_and_count)),
                 )
-                pause_after_merge(batch_id)
             else:
                 side.append(_Background(spark, keep_and_count))
         except BaseException:
@@ -961,6 +955,7 @@ class StreamJob:
         for work in side:
             work.join()
         report.side_seconds = time.perf_counter() - side_started
+        pause_after_writes(batch_id)
 
     def rerank_users(
         self,
@@ -999,10 +994,12 @@ class StreamJob:
                 lambda it: timed_rerank_batches(it, items, params, cap, meter), reranking.KERNEL_SCHEMA
             )
             recs = publishing.to_recommendations(ranked, users, serving.item_index, serving.run_id, serving.as_of)
-            recs = recs.select(
-                *[f.name for f in publishing.RECOMMENDATIONS_SCHEMA.fields],
-                F.lit(batch_id).cast("long").alias(STREAM_BATCH),
-                ts_lit(event_time).alias(EVENT_TIME),
+            recs = with_list_lengths(
+                recs.select(
+                    *[f.name for f in publishing.RECOMMENDATIONS_SCHEMA.fields],
+                    F.lit(batch_id).cast("long").alias(STREAM_BATCH),
+                    ts_lit(event_time).alias(EVENT_TIME),
+                )
             )
             report.prepare_seconds = time.perf_counter() - prepare_started
             started = time.perf_counter()

@@ -274,10 +274,10 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
     append_landing(spark, config, BATCH_0)
     append_landing(spark, config, BATCH_1)
     marker = tmp_path / "merged-1"
-    # The test-only hook: batch 1 writes the marker right after its MERGE committed, then sleeps before it ends;
-    # the process (and its JVM: its own process group) is killed there with SIGKILL. Its quarantine,
-    # bronze.stream_events and run-metrics writes run on other threads meanwhile, so they may or may not be done.
-    env = {**os.environ, stream.PAUSE_AFTER_MERGE_ENV: f"1:{marker}"}
+    # The test-only hook: batch 1 writes the marker once its MERGE and its side writes (quarantine,
+    # bronze.stream_events, run metrics: blind appends, batch 1 runs for the first time) are done, then sleeps
+    # before it ends; the process (and its JVM: its own process group) is killed there with SIGKILL.
+    env = {**os.environ, stream.PAUSE_AFTER_WRITES_ENV: f"1:{marker}"}
     log = tmp_path / "stream.log"
     with log.open("wb") as err:
         proc = subprocess.Popen(stream_cli(config), cwd=REPO, env=env, start_new_session=True, stdout=err, stderr=err)
@@ -289,13 +289,18 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert marker.exists(), f"shelf stream never reached batch 1's MERGE: {log.read_text()[-2000:]}"
-    # Killed after batch 1's MERGE, before the batch ended: u03's new list is readable, and the checkpoint has
-    # batch 1's offsets but not its commit, so Spark replays it.
+    # Killed after batch 1's writes, before the batch ended: u03's new list is readable, batch 1's events are in
+    # bronze.stream_events, and the checkpoint has batch 1's offsets but not its commit, so Spark replays it.
     assert lists(spark, config)[user_id(3)] == lists(spark, streamed)[user_id(3)]
+    bronze = tables.read(spark, config, "bronze", "stream_events").filter(F.col(RUN_ID) == "stream-1")
+    assert (
+        bronze.count()
+        == tables.read(spark, streamed, "bronze", "stream_events").filter(F.col(RUN_ID) == "stream-1").count()
+    )
     checkpoint = Path(stream.checkpoint_path(config))
     assert (checkpoint / "offsets" / "1").exists() and not (checkpoint / "commits" / "1").exists()
     # Restart from the same checkpoint (in this process): Spark replays batch 1; its MERGE changes nothing (its
-    # own rows are there), its side writes happen.
+    # own rows are there), its side writes replace the rows its first run appended (no duplicates below).
     run_stream(spark, config, stream.StreamJob(spark, config))
     for layer, name in STREAM_TABLES:
         got = tables.read(spark, config, layer, name)
@@ -458,8 +463,8 @@ def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_wi
 ) -> None:
     """stream.publish reads gold.recommendations for its newer-wins gate before the MERGE starts. Here the gate reads
     a stale version (a rerun of the nightly and a newer stream batch committed after it): the MERGE's own row
-    conditions must keep u-b's newer rows, and the delete rows up to rerank.top_k must remove the tail ranks of
-    u-a's longer rerun list, so each user ends with one whole list, never a mix."""
+    conditions must keep u-b's newer rows, and the MERGE must remove the tail ranks of u-a's longer rerun list,
+    which the gate never saw, so each user ends with one whole list, never a mix."""
     config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}")
 
     def frame(rows: list[ListRow]) -> DataFrame:
@@ -482,7 +487,7 @@ def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_wi
     monkeypatch.setattr(stream.tables, "read", stale_read)
     batch_5 = AS_OF + timedelta(hours=2)
     new = [(u, r, f"{u}-batch5-{r}", 5, batch_5) for u in ("u-a", "u-b") for r in (1, 2)]
-    stream.publish(spark, config, frame(new), RUN, 5, batch_5)
+    stream.publish(spark, config, stream.with_list_lengths(frame(new)), RUN, 5, batch_5)
     monkeypatch.undo()
     after = lists(spark, config)
     assert after == {"u-a": ["u-a-batch5-1", "u-a-batch5-2"], "u-b": ["u-b-batch9-1", "u-b-batch9-2"]}
@@ -495,9 +500,10 @@ def publish_counting_reads(
     batch_id: int,
     reads: list[int | None],
     monkeypatch: pytest.MonkeyPatch,
+    length: int = 2,
 ) -> None:
-    """stream.publish of batch `batch_id`: u-a's new 2-long list, event time `batch_id` hours after AS_OF; each read
-    of gold.recommendations it makes (the gate's) is appended to `reads`."""
+    """stream.publish of batch `batch_id`: u-a's new `length`-long list, event time `batch_id` hours after AS_OF;
+    each read of gold.recommendations it makes (the gate's) is appended to `reads`."""
     read = tables.read
 
     def counting_read(spark_: SparkSession, config_: ShelfConfig, layer: str, name: str, version: int | None = None):  # type: ignore[no-untyped-def]
@@ -506,10 +512,11 @@ def publish_counting_reads(
         return read(spark_, config_, layer, name, version)
 
     time_ = AS_OF + timedelta(hours=batch_id)
-    rows = [("u-a", r, f"u-a-batch{batch_id}-{r}", batch_id, time_) for r in (1, 2)]
+    rows = [("u-a", r, f"u-a-batch{batch_id}-{r}", batch_id, time_) for r in range(1, length + 1)]
     monkeypatch.setattr(stream.tables, "read", counting_read)
     try:
-        stream.publish(spark, config, recommendation_rows(spark, rows), RUN, batch_id, time_, state=state, as_of=AS_OF)
+        recs = stream.with_list_lengths(recommendation_rows(spark, rows))
+        stream.publish(spark, config, recs, RUN, batch_id, time_, state=state, as_of=AS_OF)
     finally:
         monkeypatch.undo()
 
@@ -535,6 +542,24 @@ def test_the_gate_reads_the_table_only_after_another_writer_committed(
     publish_counting_reads(spark, config, state, 7, reads, monkeypatch)
     assert len(reads) == 2, reads
     assert lists(spark, config) == {"u-a": ["u-a-batch7-1", "u-a-batch7-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
+
+
+def test_a_shorter_list_deletes_the_whole_tail_of_a_longer_one_without_a_gate_read(
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MERGE deletes every rank past the new list's length, whatever the old list's length: here the stream's own
+    earlier batch wrote a list longer than rerank.top_k (say top_k was larger before a restart), and the next batch,
+    which skips the gate's read (only the stream's own MERGEs since), replaces it with a 2-long list."""
+    config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}")
+    nightly = nightly_list("u-a", 2) + nightly_list("u-b", 2)
+    tables.write(recommendation_rows(spark, nightly), config, "gold", "recommendations", RUN)
+    stream.prepare_recommendations(spark, config)
+    state, reads = stream.GateState(), list[int | None]()
+    publish_counting_reads(spark, config, state, 5, reads, monkeypatch, length=TOP_K + 3)
+    assert len(lists(spark, config)["u-a"]) == TOP_K + 3
+    publish_counting_reads(spark, config, state, 6, reads, monkeypatch)
+    assert len(reads) == 1, reads
+    assert lists(spark, config) == {"u-a": ["u-a-batch6-1", "u-a-batch6-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
 
 
 def test_auto_compaction_keeps_the_stream_files_few_without_forcing_gate_reads(
