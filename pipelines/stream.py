@@ -78,6 +78,7 @@ from pyspark import Broadcast, InheritableThread
 from pyspark.accumulators import Accumulator
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import IntegerType, StructField, StructType
 
 from pipelines.core import events, publishing, reranking, tables
 from pipelines.core.cli import step_main
@@ -160,6 +161,7 @@ class Serving:
     run_id: str
     as_of: datetime
     items: Broadcast[ItemTable]
+    item_ids: Broadcast[publishing.ItemIds]  # the kernel's rows get their item ids in the Python workers
     rank: int
     user_index: DataFrame
     item_index: DataFrame
@@ -174,6 +176,7 @@ class Serving:
         for frame in self.cached:
             frame.unpersist()
         self.items.unpersist()
+        self.item_ids.unpersist()
 
 
 def serving_run(spark: SparkSession, config: ShelfConfig) -> tuple[str, datetime]:
@@ -242,6 +245,7 @@ def load_serving(spark: SparkSession, config: ShelfConfig, run_id: str, as_of: d
         run_id,
         as_of,
         spark.sparkContext.broadcast(table),
+        spark.sparkContext.broadcast(publishing.ItemIds.collect(item_index)),
         rank,
         user_index,
         item_index,
@@ -407,17 +411,17 @@ def to_candidate_lists(stored: DataFrame) -> DataFrame:
 
 
 def to_batch_user_rows(serving: Serving, users: DataFrame, touched: DataFrame, events: DataFrame) -> DataFrame:
-    """One row per user of the batch with candidates: user_idx, features, the stored candidate arrays
+    """One row per user of the batch with candidates: user_idx, user_id, features, the stored candidate arrays
     (to_candidate_lists), the extra ones (_x_items, _x_kinds: neighbours of the touched items, and the popular
     items for users without factors) and the kernel's event columns from `events` (capped fresh events).
 
     Only the batch's extra candidates and events are grouped here; the stored ones were grouped at load."""
-    keys = F.broadcast(users.select(USER_IDX))
-    stored = serving.candidate_lists.join(keys, on=USER_IDX, how="inner")
+    keys = F.broadcast(users)
+    stored = serving.candidate_lists.join(keys, on=USER_IDX, how="left_semi")
     neighbours = serving.neighbours.join(F.broadcast(touched), on=ITEM_IDX, how="inner").select(
         USER_IDX, F.col(NEIGHBOUR_IDX).alias(ITEM_IDX), F.lit(NEIGHBOURS_BIT).alias(_KINDS)
     )
-    warm = serving.user_factors.select(USER_IDX).join(keys, on=USER_IDX, how="inner")
+    warm = serving.user_factors.select(USER_IDX).join(keys, on=USER_IDX, how="left_semi")
     cold = users.select(USER_IDX).join(F.broadcast(warm), on=USER_IDX, how="left_anti")
     popular = cold.crossJoin(F.broadcast(serving.popular)).select(  # constant-size right side
         USER_IDX, ITEM_IDX, F.lit(POPULAR_BIT).alias(_KINDS)
@@ -427,13 +431,15 @@ def to_batch_user_rows(serving: Serving, users: DataFrame, touched: DataFrame, e
         .groupBy(USER_IDX)
         .agg(F.collect_list(F.struct(F.col(ITEM_IDX).cast("int").alias(ITEM_IDX), _KINDS)).alias("_x"))
     )
-    factors = serving.user_factors.join(keys, on=USER_IDX, how="inner")
+    factors = serving.user_factors.join(keys, on=USER_IDX, how="left_semi")
     return (
         stored.join(extras, on=USER_IDX, how="full")
         .join(factors, on=USER_IDX, how="left")
         .join(reranking.to_event_lists(events), on=USER_IDX, how="left")
+        .join(keys, on=USER_IDX, how="inner")
         .select(
             F.col(USER_IDX).cast("int"),
+            USER_ID,
             F.col(FEATURES),
             _S_ITEMS,
             _S_ALS,
@@ -501,26 +507,37 @@ def gated_rows(batches: Iterable[pd.DataFrame], gate: str) -> Iterator[pd.DataFr
         yield pdf
 
 
+# The kernel pass's output: gold.recommendations' own columns up to reasons, then each user's list length (the
+# MERGE's condition needs it: with_list_lengths); run_id, as_of and the stream's columns are literals added after.
+RANKED_SCHEMA = StructType([*publishing.RECOMMENDATIONS_SCHEMA.fields[:5], StructField(_NEW_LEN, IntegerType(), False)])
+
+
 def timed_rerank_batches(
     batches: Iterable[pd.DataFrame],
     items: Broadcast[ItemTable],
+    item_ids: Broadcast[publishing.ItemIds],
     params: RerankParams,
     max_candidates: int,
     meter: KernelMeter,
 ) -> Iterator[pd.DataFrame]:
-    """mapInPandas body over to_batch_user_rows: the users' candidates (with_candidates), then
-    `reranking.rerank_frame` per run of at most KERNEL_CANDIDATES candidates (as the batch step); adds the time of
-    both, its users (cold: batch-local negative ids) and its output rows to `meter`."""
-    table = items.value
+    """mapInPandas body over to_batch_user_rows -> RANKED_SCHEMA rows: the users' candidates (with_candidates),
+    then `reranking.rerank_frame` per run of at most KERNEL_CANDIDATES candidates (as the batch step), its rows
+    mapped to the contract's ids in place (publishing.to_recommendations_pandas: no join back to the users or the
+    item index) with each user's list length; adds the time of all of it, its users (cold: batch-local negative
+    ids) and its output rows to `meter`."""
+    table, ids = items.value, item_ids.value
     for rows in batches:
         started = time.perf_counter()
         pdf = with_candidates(rows, max_candidates)
+        user_ids = pd.Series(rows[USER_ID].to_numpy(dtype=object), index=rows[USER_IDX].to_numpy())
         meter.seconds.add(time.perf_counter() - started)
         meter.users.add(len(pdf))
         meter.cold_users.add(int((pdf[USER_IDX] < 0).sum()))
-        for chunk in reranking.kernel_chunks(pdf):
+        for chunk in reranking.kernel_chunks(pdf):  # whole users per chunk: their list lengths are complete
             started = time.perf_counter()
-            out = reranking.rerank_frame(chunk, table, params)
+            ranked = reranking.rerank_frame(chunk, table, params)
+            out = publishing.to_recommendations_pandas(ranked, user_ids, ids)
+            out[_NEW_LEN] = ranked.groupby(USER_IDX)[RANK].transform("max").to_numpy(dtype=np.int32)
             meter.seconds.add(time.perf_counter() - started)
             meter.rows.add(len(out))
             yield out
@@ -990,16 +1007,17 @@ class StreamJob:
             params = reranking.params_from(config.rerank)
             items, cap = serving.items, config.rerank.max_candidates
             buckets = config.stream.kernel_buckets or spark.sparkContext.defaultParallelism
+            ids = serving.item_ids
             ranked = user_rows.repartition(buckets, USER_IDX).mapInPandas(
-                lambda it: timed_rerank_batches(it, items, params, cap, meter), reranking.KERNEL_SCHEMA
+                lambda it: timed_rerank_batches(it, items, ids, params, cap, meter), RANKED_SCHEMA
             )
-            recs = publishing.to_recommendations(ranked, users, serving.item_index, serving.run_id, serving.as_of)
-            recs = with_list_lengths(
-                recs.select(
-                    *[f.name for f in publishing.RECOMMENDATIONS_SCHEMA.fields],
-                    F.lit(batch_id).cast("long").alias(STREAM_BATCH),
-                    ts_lit(event_time).alias(EVENT_TIME),
-                )
+            recs = ranked.select(
+                *[f.name for f in RANKED_SCHEMA.fields[:5]],
+                F.lit(serving.run_id).alias(RUN_ID),
+                ts_lit(serving.as_of).alias(AS_OF),
+                F.lit(batch_id).cast("long").alias(STREAM_BATCH),
+                ts_lit(event_time).alias(EVENT_TIME),
+                _NEW_LEN,
             )
             report.prepare_seconds = time.perf_counter() - prepare_started
             started = time.perf_counter()

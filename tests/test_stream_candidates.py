@@ -1,5 +1,6 @@
-"""The stream's candidate union (udfs.candidates.merge_candidates over pipelines.stream.to_candidate_lists)
-against the batch step's Spark path (group by user and item, reranking.to_capped_candidates)."""
+"""The stream's numpy paths against the batch step's Spark ones: the candidate union (udfs.candidates.merge_candidates
+over pipelines.stream.to_candidate_lists) against group by user and item and reranking.to_capped_candidates, and
+the kernel rows' ids (publishing.to_recommendations_pandas) against publishing.to_recommendations."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import stream
-from pipelines.core import reranking
+from pipelines.core import publishing, reranking
 from pipelines.core.reranking import ALS_SCORE, SOURCES
-from pipelines.core.schemas import ITEM_IDX, USER_IDX
+from pipelines.core.schemas import ITEM_ID, ITEM_IDX, USER_ID, USER_IDX
 from udfs.candidates import NEIGHBOURS_BIT, POPULAR_BIT, merge_candidates
 
 KINDS = {"neighbours": NEIGHBOURS_BIT, "popular": POPULAR_BIT}
@@ -125,3 +126,32 @@ def test_the_union_and_cap_equal_the_batch_steps_spark_path(spark: SparkSession)
     )
     assert counts.filter(F.col("scored") > cap).count() > 0 and counts.filter(F.col("unscored") > cap).count() > 0
     assert {(u, i) for u, i, _, _ in stored_rows} & {(u, i) for u, i, _ in extra_rows}
+
+
+def test_kernel_rows_get_the_same_ids_and_reasons_in_pandas_as_in_spark(spark: SparkSession) -> None:
+    """to_recommendations_pandas (the stream's, in the Python workers) against to_recommendations (the batch
+    step's joins) on kernel rows with and without a similar_to reason, including a cold user (negative idx)."""
+    ranked = pd.DataFrame(
+        {
+            USER_IDX: np.array([3, 3, 3, -1, -1], dtype=np.int32),
+            ITEM_IDX: np.array([10, 4, 7, 4, 11], dtype=np.int32),
+            reranking.RANK: np.array([1, 2, 3, 1, 2], dtype=np.int32),
+            reranking.SCORE: np.array([0.9, 0.5, 0.1, 0.3, 0.2]),
+            reranking.REASONS: pd.Series(
+                [["similar_to:7", "als"], ["als", "promo"], [], ["similar_to:11"], ["trending"]], dtype=object
+            ),
+        }
+    )
+    users = spark.createDataFrame([(3, "u-three"), (-1, "new-one")], "user_idx int, user_id string")
+    items = spark.createDataFrame([(i, f"item-{i}") for i in (4, 7, 10, 11, 12)], "item_idx int, item_id string")
+    frame = spark.createDataFrame(ranked, schema=reranking.KERNEL_SCHEMA)
+    want = publishing.to_recommendations(frame, users, items, "r1", pd.Timestamp("2026-11-01").to_pydatetime())
+    columns = [USER_ID, ITEM_ID, reranking.RANK, reranking.SCORE, reranking.REASONS]
+    expected = sorted((r[0], r[1], r[2], r[3], list(r[4])) for r in want.select(*columns).collect())
+    user_ids = pd.Series(["u-three", "new-one"], index=[3, -1])
+    got = publishing.to_recommendations_pandas(ranked, user_ids, publishing.ItemIds.collect(items))
+    actual = sorted((u, i, int(k), float(s), list(r)) for u, i, k, s, r in got[columns].itertuples(index=False))
+    assert actual == expected
+    assert ("u-three", "item-10", 1, 0.9, ["similar_to:item-7", "als"]) in actual
+    with pytest.raises(ValueError, match="missing from silver.item_index"):
+        publishing.ItemIds.collect(items).of(np.array([5]))

@@ -10,8 +10,11 @@ columns and column comments. Writing is the caller's (a `replaceWhere` per run, 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
+import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType, TimestampType
@@ -77,6 +80,47 @@ def _similar_idx(reasons: Column) -> Column:
     """The dense item id inside a `similar_to:<item_idx>` reason (null when there is none)."""
     found = F.filter(reasons, lambda r: r.startswith(_SIMILAR_PREFIX))
     return F.substring_index(F.try_element_at(found, F.lit(1)), ":", -1).cast("int")
+
+
+@dataclass(frozen=True)
+class ItemIds:
+    """A run's item_idx -> item_id, collected once (bounded by the catalogue, like the kernel's ItemTable) so that
+    Python workers map the kernel's rows to the contract's ids in place: to_recommendations without its joins."""
+
+    idx: np.ndarray  # item_idx, sorted (int64)
+    ids: np.ndarray  # item_id of each, aligned (object)
+
+    @classmethod
+    def collect(cls, item_index: DataFrame) -> ItemIds:
+        pdf = pd.DataFrame(item_index.select(ITEM_IDX, ITEM_ID).toPandas())
+        order = np.argsort(pdf[ITEM_IDX].to_numpy(dtype=np.int64), kind="stable")
+        return cls(pdf[ITEM_IDX].to_numpy(dtype=np.int64)[order], pdf[ITEM_ID].to_numpy(dtype=object)[order])
+
+    def of(self, idx: np.ndarray) -> np.ndarray:
+        """item_id of each dense id in `idx` (all must be known: the kernel only ranks items of the model)."""
+        at = np.searchsorted(self.idx, idx)
+        if idx.size and (at.max() >= self.idx.size or not np.array_equal(self.idx[at], idx)):
+            raise ValueError("the kernel ranked an item_idx missing from silver.item_index")
+        return self.ids[at]
+
+
+def to_recommendations_pandas(ranked: pd.DataFrame, user_ids: pd.Series, items: ItemIds) -> pd.DataFrame:
+    """to_recommendations on a pandas batch of kernel rows, in a Python worker: user_id (from `user_ids`, indexed
+    by user_idx), item_id, rank, score, reasons with `similar_to:<item_id>`; the caller adds run_id and as_of."""
+    reasons = ranked[REASONS].tolist()
+    for row, listed in enumerate(reasons):
+        if len(listed) and str(listed[0]).startswith(_SIMILAR_PREFIX):  # the kernel puts similar_to first
+            similar = items.of(np.asarray([int(str(listed[0])[len(_SIMILAR_PREFIX) :])], dtype=np.int64))[0]
+            reasons[row] = [f"{_SIMILAR_PREFIX}{similar}", *list(listed)[1:]]
+    return pd.DataFrame(
+        {
+            USER_ID: user_ids.reindex(ranked[USER_IDX].to_numpy()).to_numpy(dtype=object),
+            ITEM_ID: items.of(ranked[ITEM_IDX].to_numpy(dtype=np.int64)),
+            RANK: ranked[RANK].to_numpy(),
+            SCORE: ranked[SCORE].to_numpy(),
+            REASONS: pd.Series(reasons, dtype=object),
+        }
+    )
 
 
 def to_recommendations(
