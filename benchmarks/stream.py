@@ -19,12 +19,14 @@ event-weighted): `wait` (append -> its batch function starts: trigger interval, 
 running, the source scan), then inside the batch up to the MERGE's commit (when the list is readable):
 `validate` (classify the rows and count them by reason: one Spark job), `prepare` (serving-run check from the
 Delta log, the batch's users, plan building), `rank` (the one job that materialises the users' new lists:
-joins and kernel; `kernel` is the seconds inside `udfs.candidates` and `udfs.rerank` summed over the Python
-workers, so with 2 workers it can exceed the wall time / 2), `MERGE call` (the Delta log check, the newer-wins gate's
-read of gold.recommendations when another writer committed, then the MERGE), of which `Delta MERGE` is the MERGE's own executionTimeMs from DESCRIBE
-HISTORY; after the commit, `side writes` (waiting for the quarantine,
-bronze.stream_events and run-metrics writes on their own threads: they delay the next batch, not this one's
-lists); `jobs/batch`: the Spark jobs of the batch function (its job group). Only the
+joins and kernel; `kernel` is the seconds inside `udfs.candidates`, `udfs.rerank` and the id mapping summed
+over the Python workers, so with 2 workers it can exceed the wall time / 2), `MERGE call` (the Delta log
+check, the newer-wins gate's read of gold.recommendations when another writer committed, then the MERGE), of
+which `Delta MERGE` is the MERGE's own executionTimeMs from DESCRIBE HISTORY; after the commit, `side writes`
+(waiting for the quarantine, bronze.stream_events and run-metrics writes on their own threads: they delay the
+next batch, not this one's lists); `jobs/batch`: the Spark jobs of the batch function (its job group). Per
+rate it also prints Structured Streaming's own time per batch outside the batch function (the query's
+progress: source offsets, offset and commit logs, planning), which is part of `wait`. Only the
 events appended after the first `--warmup` seconds are scored (the stream's first micro-batch starts the
 Python workers and makes one-off table changes; with 3-4 batches a minute it would otherwise weigh on every
 percentile). Sustained events/s = scored events published / (last MERGE commit - first scored append).
@@ -48,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -238,7 +241,9 @@ class RecordingJob(stream.StreamJob):
     def remember(self, report: stream.BatchReport) -> None:
         self.batches.append(Batch(report, self.chunks.pop(report.batch_id, [])))
 
-    def process(self, classified, batch_id: int, serving: stream.Serving, report: stream.BatchReport) -> None:  # type: ignore[no-untyped-def]
+    def process(  # type: ignore[no-untyped-def]
+        self, classified, batch_id: int, serving: stream.Serving, report: stream.BatchReport
+    ) -> None:
         super().process(classified, batch_id, serving, report)
         chunks = classified.select(F.regexp_extract("session_id", r"^c(\d+)$", 1).cast("int").alias("c")).distinct()
         self.chunks[batch_id] = sorted(int(r["c"]) for r in chunks.collect() if r["c"] is not None)
@@ -329,8 +334,10 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
         failed = query.exception()
         if failed is not None:
             print(f"rate {rate}: the stream query failed: {str(failed)[:2000]}", flush=True)
+        progress = list(query.recentProgress)
         query.stop()
         job.close()
+    print_engine_overhead(rate, progress)
     jobs = job_seconds_by_name(spark, f"{config.stream.name}-", started)
     batches = max(1, len(job.batches))
     print(f"rate {rate}: Spark jobs of the batch function per batch, by job name (count, seconds):")
@@ -339,6 +346,21 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
     scored_from = min(a["appended"] for a in appended) + args.warmup if appended else 0.0
     scored = [a for a in appended if a["appended"] >= scored_from]
     return summarise(rate, scored, job.batches, merge_metrics(spark, config), config.stream.name)
+
+
+ENGINE_PHASES = ("latestOffset", "walCommit", "getBatch", "queryPlanning", "commitOffsets")
+
+
+def print_engine_overhead(rate: int, progress: list[Any]) -> None:
+    """Structured Streaming's own time per micro-batch outside the batch function (StreamingQueryProgress.durationMs,
+    means over the batches that ran it): triggerExecution - addBatch, and its phases (the source's offsets, the
+    offset and commit logs, planning). It is part of `wait`: the time between one batch function and the next."""
+    runs = [p.durationMs for p in progress if p.durationMs.get("addBatch")]
+    if not runs:
+        return
+    outside = np.mean([d.get("triggerExecution", 0) - d.get("addBatch", 0) for d in runs]) / 1000
+    phases = ", ".join(f"{k} {np.mean([d.get(k, 0) for d in runs]) / 1000:.2f}" for k in ENGINE_PHASES)
+    print(f"rate {rate}: Structured Streaming per batch outside the batch function: {outside:.2f} s ({phases})")
 
 
 MERGE_METRICS = ("executionTimeMs", "scanTimeMs", "rewriteTimeMs")
