@@ -25,9 +25,9 @@ its checkpoint at `stream.checkpoint` and a `processing_time` (every `stream.int
    Every join against the serving run's cached frames broadcasts the batch side (users, touched items,
    streamed events: bounded by the micro-batch), so those frames are never shuffled per batch;
 4. re-ranks them with the batch kernel (`udfs.rerank` via `pipelines.core.reranking.rerank_frame` in
-   `mapInPandas`, the item table broadcast), materialises the new lists in one Spark job, and MERGEs each
-   user's whole new list into the serving run's
-   rows of gold.recommendations (deletion vectors on: a few users' rows are marked deleted, files are not
+   `mapInPandas`, the item table broadcast), gives the rows the source's ids in the same pass (the item ids
+   broadcast once per serving run: publishing.to_recommendations_pandas), materialises the new lists in one
+   Spark job, and MERGEs each user's whole new list into the serving run's rows of gold.recommendations (deletion vectors on: a few users' rows are marked deleted, files are not
    rewritten): ranks beyond the new list's length are deleted. Stream rows keep the run's run_id and as_of
    and carry `stream_batch` (N) and `event_time` (T); nightly rows have them null. The lists are readable
    from this commit on;
@@ -194,8 +194,9 @@ def serving_run(spark: SparkSession, config: ShelfConfig) -> tuple[str, datetime
     return str(row[RUN_ID]), row[AS_OF]
 
 
-def _horizon_days(config: ShelfConfig) -> float:
-    return max(config.rerank.fresh_days, config.rerank.bought_window_days)
+def _earliest(config: ShelfConfig, now: datetime) -> datetime:
+    """The earliest event that can still count at `now`: max(rerank.fresh_days, rerank.bought_window_days) before."""
+    return now - timedelta(days=max(config.rerank.fresh_days, config.rerank.bought_window_days))
 
 
 def load_serving(spark: SparkSession, config: ShelfConfig, run_id: str, as_of: datetime) -> Serving:
@@ -232,7 +233,7 @@ def load_serving(spark: SparkSession, config: ShelfConfig, run_id: str, as_of: d
         .select(ITEM_IDX)
         .cache()
     )
-    earliest = as_of - timedelta(days=_horizon_days(config))
+    earliest = _earliest(config, as_of)
     history = (
         interactions.filter(F.col(EVENT_TS) >= ts_lit(earliest))
         .select(USER_IDX, ITEM_IDX, EVENT_TYPE, EVENT_TS)
@@ -397,16 +398,16 @@ def to_candidate_lists(stored: DataFrame) -> DataFrame:
     entry = F.struct(
         F.col(ITEM_IDX).cast("int").alias(ITEM_IDX),
         F.coalesce(F.col(ALS_SCORE).cast("double"), F.lit(float("nan"))).alias(ALS_SCORE),
-        (F.size(SOURCES) - has[0] - has[1]).alias("others"),
-        (has[0] * NEIGHBOURS_BIT + has[1] * POPULAR_BIT).alias("kinds"),
+        (F.size(SOURCES) - has[0] - has[1]).alias(_S_OTHERS),
+        (has[0] * NEIGHBOURS_BIT + has[1] * POPULAR_BIT).alias(_S_KINDS),
     )
     grouped = stored.groupBy(USER_IDX).agg(F.array_sort(F.collect_list(entry)).alias("_s"))
     return grouped.select(
         F.col(USER_IDX).cast("int"),
         F.col(f"_s.{ITEM_IDX}").alias(_S_ITEMS),
         F.col(f"_s.{ALS_SCORE}").alias(_S_ALS),
-        F.col("_s.others").alias(_S_OTHERS),
-        F.col("_s.kinds").alias(_S_KINDS),
+        F.col(f"_s.{_S_OTHERS}").alias(_S_OTHERS),
+        F.col(f"_s.{_S_KINDS}").alias(_S_KINDS),
     )
 
 
@@ -932,7 +933,7 @@ class StreamJob:
 
         def keep_and_count() -> None:
             if event_time is not None:  # the next batch's session events
-                earliest = event_time + NOW_AFTER_LAST_EVENT - timedelta(days=_horizon_days(config))
+                earliest = _earliest(config, event_time + NOW_AFTER_LAST_EVENT)
                 self.recent.add(accepted, event_time, earliest)
             tables.write_replacing(
                 run_metrics_frame(spark, tag, STEP_NAME, counts),
@@ -988,65 +989,63 @@ class StreamJob:
         prepare_started = time.perf_counter()
         report.event_time = event_time
         now = event_time + NOW_AFTER_LAST_EVENT
-        earliest = now - timedelta(days=_horizon_days(config))
+        earliest = _earliest(config, now)
         if not self.recent.loaded:
             self.recent.load(spark, config, earliest, batch_tag(config, batch_id))
         if not self.prepared:
             prepare_recommendations(spark, config)
             self.prepared = True
-        # Materialised now (one small job): every later join broadcasts it.
+        # Materialised now (one small job): every later join broadcasts it. Its blocks, like those of the lists'
+        # local checkpoint below, are dropped by Spark's cleaner once the frames are garbage-collected.
         users = to_affected_users(accepted, serving.user_index).localCheckpoint(eager=True)
-        try:
-            streamed = self.recent.frame(spark).unionByName(accepted.select(*STREAMED_COLUMNS))
-            session = to_session_events(serving.history, streamed, users, serving.item_index, earliest)
-            fresh = reranking.to_fresh_events(session, config.rerank, now)
-            capped = reranking.to_capped_events(fresh, config.rerank.max_fresh_events)
-            touched = to_touched_items(accepted, users, serving.item_index)
-            user_rows = to_batch_user_rows(serving, users, touched, capped)
-            meter = KernelMeter.create(spark)
-            params = reranking.params_from(config.rerank)
-            items, cap = serving.items, config.rerank.max_candidates
-            buckets = config.stream.kernel_buckets or spark.sparkContext.defaultParallelism
-            ids = serving.item_ids
-            ranked = user_rows.repartition(buckets, USER_IDX).mapInPandas(
-                lambda it: timed_rerank_batches(it, items, ids, params, cap, meter), RANKED_SCHEMA
-            )
-            recs = ranked.select(
-                *[f.name for f in RANKED_SCHEMA.fields[:5]],
-                F.lit(serving.run_id).alias(RUN_ID),
-                ts_lit(serving.as_of).alias(AS_OF),
-                F.lit(batch_id).cast("long").alias(STREAM_BATCH),
-                ts_lit(event_time).alias(EVENT_TIME),
-                _NEW_LEN,
-            )
-            report.prepare_seconds = time.perf_counter() - prepare_started
-            started = time.perf_counter()
-            # The new lists, materialised in one job (joins and kernel): the MERGE's source is small and in memory,
-            # and a retried MERGE reuses the lists without running the kernel again.
-            recs = recs.localCheckpoint(eager=True)
-            report.rank_seconds = time.perf_counter() - started
-            report.kernel_seconds = float(meter.seconds.value)
-            report.counts.update(
-                {"users": meter.users.value, "cold_users": meter.cold_users.value, "rows": meter.rows.value}
-            )
-            on_ranked()
-            started = time.perf_counter()
-            report.merge_attempts = publish(
-                spark,
-                config,
-                recs,
-                serving.run_id,
-                batch_id,
-                event_time,
-                self.before_merge_attempt,
-                self.merge_gate,
-                self.gate,
-                serving.as_of,
-            )
-            report.publish_seconds = time.perf_counter() - started
-            report.published = time.time()
-        finally:
-            users.unpersist()
+        streamed = self.recent.frame(spark).unionByName(accepted.select(*STREAMED_COLUMNS))
+        session = to_session_events(serving.history, streamed, users, serving.item_index, earliest)
+        fresh = reranking.to_fresh_events(session, config.rerank, now)
+        capped = reranking.to_capped_events(fresh, config.rerank.max_fresh_events)
+        touched = to_touched_items(accepted, users, serving.item_index)
+        user_rows = to_batch_user_rows(serving, users, touched, capped)
+        meter = KernelMeter.create(spark)
+        params = reranking.params_from(config.rerank)
+        items, cap = serving.items, config.rerank.max_candidates
+        buckets = config.stream.kernel_buckets or spark.sparkContext.defaultParallelism
+        ids = serving.item_ids
+        ranked = user_rows.repartition(buckets, USER_IDX).mapInPandas(
+            lambda it: timed_rerank_batches(it, items, ids, params, cap, meter), RANKED_SCHEMA
+        )
+        recs = ranked.select(
+            *[f.name for f in RANKED_SCHEMA.fields[:5]],
+            F.lit(serving.run_id).alias(RUN_ID),
+            ts_lit(serving.as_of).alias(AS_OF),
+            F.lit(batch_id).cast("long").alias(STREAM_BATCH),
+            ts_lit(event_time).alias(EVENT_TIME),
+            _NEW_LEN,
+        )
+        report.prepare_seconds = time.perf_counter() - prepare_started
+        started = time.perf_counter()
+        # The new lists, materialised in one job (joins and kernel): the MERGE's source is small and in memory,
+        # and a retried MERGE reuses the lists without running the kernel again.
+        recs = recs.localCheckpoint(eager=True)
+        report.rank_seconds = time.perf_counter() - started
+        report.kernel_seconds = float(meter.seconds.value)
+        report.counts.update(
+            {"users": meter.users.value, "cold_users": meter.cold_users.value, "rows": meter.rows.value}
+        )
+        on_ranked()
+        started = time.perf_counter()
+        report.merge_attempts = publish(
+            spark,
+            config,
+            recs,
+            serving.run_id,
+            batch_id,
+            event_time,
+            self.before_merge_attempt,
+            self.merge_gate,
+            self.gate,
+            serving.as_of,
+        )
+        report.publish_seconds = time.perf_counter() - started
+        report.published = time.time()
 
     def before_merge_attempt(self, attempt: int) -> None:
         """Called at the start of each MERGE attempt; nothing here (tests override it to force a conflict)."""
