@@ -552,8 +552,8 @@ def _stream_column(frame: DataFrame, name: str) -> Column:
 
 
 def with_list_lengths(recs: DataFrame) -> DataFrame:
-    """A batch's new lists with `_new_len`, each user's list length (its largest rank: ranks are 1..length), which
-    the MERGE's condition needs (see publish)."""
+    """New lists with `_new_len`, each user's list length (its largest rank: ranks are 1..length), which the MERGE's
+    condition needs (see publish). The stream's batches compute it in the kernel pass instead (RANKED_SCHEMA)."""
     return recs.withColumn(_NEW_LEN, F.max(RANK).over(Window.partitionBy(USER_ID)))
 
 
@@ -703,8 +703,8 @@ def publish(
     merge_conf = {
         # The commit carries run_id=<tag> like every other write (DESCRIBE HISTORY: which batch wrote which version).
         "spark.databricks.delta.commitInfo.userMetadata": f"run_id={tag}",
-        # The source is already materialised and deterministic (the lists' local checkpoint, joined with the gate's
-        # in its read): Delta's own copy would be one more Spark job a batch, and every MERGE pass reads it directly.
+        # The source is already materialised and deterministic (the lists' local checkpoint; after a gate read,
+        # semi-joined with the gate's): Delta's own copy would be one more Spark job a batch.
         "spark.databricks.delta.merge.materializeSource": "none",
     }
     with _session_conf(spark, merge_conf):
