@@ -27,8 +27,9 @@ its checkpoint at `stream.checkpoint` and a `processing_time` (every `stream.int
 4. re-ranks them with the batch kernel (`udfs.rerank` via `pipelines.core.reranking.rerank_frame` in
    `mapInPandas`, the item table broadcast), gives the rows the source's ids in the same pass (the item ids
    broadcast once per serving run: publishing.to_recommendations_pandas), materialises the new lists in one
-   Spark job, and MERGEs each user's whole new list into the serving run's rows of gold.recommendations (deletion vectors on: a few users' rows are marked deleted, files are not
-   rewritten): ranks beyond the new list's length are deleted. Stream rows keep the run's run_id and as_of
+   Spark job, and MERGEs each user's whole new list into the serving run's rows of gold.recommendations
+   (deletion vectors on: a few users' rows are marked deleted, files are not rewritten): ranks beyond the new
+   list's length are deleted. Stream rows keep the run's run_id and as_of
    and carry `stream_batch` (N) and `event_time` (T); nightly rows have them null. The lists are readable
    from this commit on;
 5. the side writes, each replacing the tag's rows: rejected rows -> quarantine.events (step "stream",
@@ -509,7 +510,7 @@ def gated_rows(batches: Iterable[pd.DataFrame], gate: str) -> Iterator[pd.DataFr
 
 
 # The kernel pass's output: gold.recommendations' own columns up to reasons, then each user's list length (the
-# MERGE's condition needs it: with_list_lengths); run_id, as_of and the stream's columns are literals added after.
+# MERGE's condition needs it: see publish); run_id, as_of and the stream's columns are literals added after.
 RANKED_SCHEMA = StructType([*publishing.RECOMMENDATIONS_SCHEMA.fields[:5], StructField(_NEW_LEN, IntegerType(), False)])
 
 
@@ -536,7 +537,7 @@ def timed_rerank_batches(
         meter.cold_users.add(int((pdf[USER_IDX] < 0).sum()))
         for chunk in reranking.kernel_chunks(pdf):  # whole users per chunk: their list lengths are complete
             started = time.perf_counter()
-            ranked = reranking.rerank_frame(chunk, table, params)
+            ranked = reranking.rerank_frame(chunk, table, params, name_items=ids.of)
             out = publishing.to_recommendations_pandas(ranked, user_ids, ids)
             out[_NEW_LEN] = ranked.groupby(USER_IDX)[RANK].transform("max").to_numpy(dtype=np.int32)
             meter.seconds.add(time.perf_counter() - started)
@@ -551,14 +552,14 @@ def _stream_column(frame: DataFrame, name: str) -> Column:
     return F.col(name) if name in frame.columns else F.lit(None)
 
 
-def with_list_lengths(recs: DataFrame) -> DataFrame:
+def _with_list_lengths(recs: DataFrame) -> DataFrame:
     """New lists with `_new_len`, each user's list length (its largest rank: ranks are 1..length), which the MERGE's
     condition needs (see publish). The stream's batches compute it in the kernel pass instead (RANKED_SCHEMA)."""
     return recs.withColumn(_NEW_LEN, F.max(RANK).over(Window.partitionBy(USER_ID)))
 
 
 def to_merge_source(recs: DataFrame, current: DataFrame, run_id: str, batch_id: int, event_time: datetime) -> DataFrame:
-    """The rows of `recs` (with_list_lengths) of the users whose information is newer than their rows in `current`.
+    """The rows of `recs` (with `_new_len`) of the users whose information is newer than their rows in `current`.
 
     Reads `current` now (the gate is materialised: one Spark job), not when the MERGE evaluates its source.
     """
@@ -609,6 +610,18 @@ class GateState:
         self.max_batch = int(row[_BATCH]) if row is not None and row[_BATCH] is not None else -1
 
 
+@dataclass
+class MergeOptions:
+    """What publish needs beyond the lists. `state` (the stream's GateState) with the serving run's `as_of` lets it
+    skip the gate's read (see GateState); `before_attempt(n)`, run at the start of MERGE attempt n, and `gate` (see
+    gated_rows), which pauses the MERGE's source, are test hooks."""
+
+    state: GateState | None = None
+    as_of: datetime | None = None
+    before_attempt: Callable[[int], None] | None = None
+    gate: str | None = None
+
+
 RECOMMENDATIONS_PROPERTIES = {"delta.enableDeletionVectors": "true", "delta.autoOptimize.autoCompact": "true"}
 
 
@@ -629,12 +642,10 @@ def publish(
     run_id: str,
     batch_id: int,
     event_time: datetime,
-    before_attempt: Callable[[int], None] | None = None,
-    gate: str | None = None,
-    state: GateState | None = None,
-    as_of: datetime | None = None,
+    options: MergeOptions | None = None,
 ) -> int:
-    """MERGE the users' new lists (`recs`: with_list_lengths, materialised) into the serving run's rows of
+    """MERGE the users' new lists (`recs`: gold.recommendations' rows with the stream's columns, materialised, and
+    `_new_len`, each user's list length, which is added when missing) into the serving run's rows of
     gold.recommendations (one commit, retried).
 
     The source is the lists themselves: a target row matches its user's row of the same rank (replaced), or, past
@@ -649,13 +660,14 @@ def publish(
     the batch's on the table as the MERGE sees it. A commit during the MERGE is a Delta conflict: the MERGE is
     retried with a fresh read.
 
-    With `state` (the stream's GateState) and the serving run's `as_of`, the gate's read is skipped when the state
-    says every user of the batch is newer (the Delta log shows no commit but the stream's own since its last look);
-    the state is kept up to date here.
-
-    `before_attempt(n)` runs at the start of attempt n and `gate` (see gated_rows) pauses the MERGE's source: test
-    hooks. Returns the number of attempts.
+    With `options.state` (the stream's GateState) and the serving run's `options.as_of`, the gate's read is skipped
+    when the state says every user of the batch is newer (the Delta log shows no commit but the stream's own since
+    its last look); the state is kept up to date here. Returns the number of attempts.
     """
+    opts = options or MergeOptions()
+    state, as_of = opts.state, opts.as_of
+    if _NEW_LEN not in recs.columns:
+        recs = _with_list_lengths(recs)
     columns = [*[f.name for f in publishing.RECOMMENDATIONS_SCHEMA.fields], STREAM_BATCH, EVENT_TIME]
     assignments: dict[str, str | Column] = {c: F.col(f"s.{c}") for c in columns}
     # The run_id literal lets Delta skip the files of other runs (min/max stats) when it looks for matches.
@@ -674,8 +686,8 @@ def publish(
     def apply(target: DeltaTable) -> None:  # rebuilt per attempt: reads the table as it is now
         nonlocal attempts
         attempts += 1
-        if before_attempt is not None:
-            before_attempt(attempts)
+        if opts.before_attempt is not None:
+            opts.before_attempt(attempts)
         if state is None:
             source = to_merge_source(recs, tables.read(spark, config, *RECOMMENDATIONS), run_id, batch_id, event_time)
         else:
@@ -688,7 +700,8 @@ def publish(
                 current = tables.read(spark, config, *RECOMMENDATIONS, version)
                 state.read_run(current, run_id, version)
                 source = to_merge_source(recs, current, run_id, batch_id, event_time)
-        if gate is not None:  # one task waits, the other cores stay free for the test's concurrent writer
+        if opts.gate is not None:  # one task waits, the other cores stay free for the test's concurrent writer
+            gate = opts.gate
             source = source.coalesce(1).mapInPandas(lambda it: gated_rows(it, gate), source.schema)
         (
             target.alias("t")
@@ -1039,10 +1052,7 @@ class StreamJob:
             serving.run_id,
             batch_id,
             event_time,
-            self.before_merge_attempt,
-            self.merge_gate,
-            self.gate,
-            serving.as_of,
+            MergeOptions(self.gate, serving.as_of, self.before_merge_attempt, self.merge_gate),
         )
         report.publish_seconds = time.perf_counter() - started
         report.published = time.time()

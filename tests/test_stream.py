@@ -487,7 +487,7 @@ def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_wi
     monkeypatch.setattr(stream.tables, "read", stale_read)
     batch_5 = AS_OF + timedelta(hours=2)
     new = [(u, r, f"{u}-batch5-{r}", 5, batch_5) for u in ("u-a", "u-b") for r in (1, 2)]
-    stream.publish(spark, config, stream.with_list_lengths(frame(new)), RUN, 5, batch_5)
+    stream.publish(spark, config, frame(new), RUN, 5, batch_5)
     monkeypatch.undo()
     after = lists(spark, config)
     assert after == {"u-a": ["u-a-batch5-1", "u-a-batch5-2"], "u-b": ["u-b-batch9-1", "u-b-batch9-2"]}
@@ -515,8 +515,8 @@ def publish_counting_reads(
     rows = [("u-a", r, f"u-a-batch{batch_id}-{r}", batch_id, time_) for r in range(1, length + 1)]
     monkeypatch.setattr(stream.tables, "read", counting_read)
     try:
-        recs = stream.with_list_lengths(recommendation_rows(spark, rows))
-        stream.publish(spark, config, recs, RUN, batch_id, time_, state=state, as_of=AS_OF)
+        options = stream.MergeOptions(state=state, as_of=AS_OF)
+        stream.publish(spark, config, recommendation_rows(spark, rows), RUN, batch_id, time_, options)
     finally:
         monkeypatch.undo()
 

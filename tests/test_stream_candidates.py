@@ -15,6 +15,7 @@ from pipelines.core import publishing, reranking
 from pipelines.core.reranking import ALS_SCORE, SOURCES
 from pipelines.core.schemas import ITEM_ID, ITEM_IDX, USER_ID, USER_IDX
 from udfs.candidates import NEIGHBOURS_BIT, POPULAR_BIT, merge_candidates
+from udfs.rerank import ItemTable, RerankParams
 
 KINDS = {"neighbours": NEIGHBOURS_BIT, "popular": POPULAR_BIT}
 
@@ -129,29 +130,41 @@ def test_the_union_and_cap_equal_the_batch_steps_spark_path(spark: SparkSession)
 
 
 def test_kernel_rows_get_the_same_ids_and_reasons_in_pandas_as_in_spark(spark: SparkSession) -> None:
-    """to_recommendations_pandas (the stream's, in the Python workers) against to_recommendations (the batch
-    step's joins) on kernel rows with and without a similar_to reason, including a cold user (negative idx)."""
-    ranked = pd.DataFrame(
+    """The stream's path (rerank_frame naming similar_to items by item_id, then to_recommendations_pandas in the
+    Python workers) against the batch step's (rerank_frame with dense ids, then to_recommendations' joins) on the
+    same kernel rows: a user with factors and a cold one (negative idx), both of whom viewed item 10."""
+    table = ItemTable.plain(
+        [10, 11, 12], [[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]], promo=[False, False, True], popularity=[0.1, 0.2, 0.9]
+    )
+    user_rows = pd.DataFrame(
         {
-            USER_IDX: np.array([3, 3, 3, -1, -1], dtype=np.int32),
-            ITEM_IDX: np.array([10, 4, 7, 4, 11], dtype=np.int32),
-            reranking.RANK: np.array([1, 2, 3, 1, 2], dtype=np.int32),
-            reranking.SCORE: np.array([0.9, 0.5, 0.1, 0.3, 0.2]),
-            reranking.REASONS: pd.Series(
-                [["similar_to:7", "als"], ["als", "promo"], [], ["similar_to:11"], ["trending"]], dtype=object
-            ),
+            USER_IDX: [3, -1],
+            reranking.FEATURES: [[0.5, 0.5], None],
+            reranking.CAND_ITEMS: [[11, 12], [11, 12]],
+            reranking.CAND_ALS: [[True, True], [False, False]],
+            reranking.EV_ITEMS: [[10], [10]],
+            reranking.EV_WEIGHTS: [[1.0], [1.0]],
+            reranking.EV_AGES: [[0.0], [0.0]],
+            reranking.EV_BOUGHT: [[False], [False]],
         }
     )
+    params = RerankParams(top_k=2, mmr_lambda=1.0, alpha=1.0, weights={"session": 1.0})
     users = spark.createDataFrame([(3, "u-three"), (-1, "new-one")], "user_idx int, user_id string")
-    items = spark.createDataFrame([(i, f"item-{i}") for i in (4, 7, 10, 11, 12)], "item_idx int, item_id string")
-    frame = spark.createDataFrame(ranked, schema=reranking.KERNEL_SCHEMA)
+    items = spark.createDataFrame([(i, f"item-{i}") for i in (10, 11, 12, 13)], "item_idx int, item_id string")
+    ids = publishing.ItemIds.collect(items)
+
+    dense = reranking.rerank_frame(user_rows, table, params)
+    frame = spark.createDataFrame(dense, schema=reranking.KERNEL_SCHEMA)
     want = publishing.to_recommendations(frame, users, items, "r1", pd.Timestamp("2026-11-01").to_pydatetime())
     columns = [USER_ID, ITEM_ID, reranking.RANK, reranking.SCORE, reranking.REASONS]
     expected = sorted((r[0], r[1], r[2], r[3], list(r[4])) for r in want.select(*columns).collect())
-    user_ids = pd.Series(["u-three", "new-one"], index=[3, -1])
-    got = publishing.to_recommendations_pandas(ranked, user_ids, publishing.ItemIds.collect(items))
+    named = reranking.rerank_frame(user_rows, table, params, name_items=ids.of)
+    got = publishing.to_recommendations_pandas(named, pd.Series(["u-three", "new-one"], index=[3, -1]), ids)
     actual = sorted((u, i, int(k), float(s), list(r)) for u, i, k, s, r in got[columns].itertuples(index=False))
     assert actual == expected
-    assert ("u-three", "item-10", 1, 0.9, ["similar_to:item-7", "als"]) in actual
+    assert [r for r in actual if r[0] == "new-one"] == [
+        ("new-one", "item-11", 1, 2.0, ["similar_to:item-10"]),  # as test_session_vector_reasons_and_cold_user_fold_in
+        ("new-one", "item-12", 2, 0.0, ["promo", "trending"]),
+    ]
     with pytest.raises(ValueError, match="missing from silver.item_index"):
         publishing.ItemIds.collect(items).of(np.array([5]))

@@ -55,6 +55,7 @@ REASON_FLAGS order, `similar_to` (R,) int64 (-1 = none).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -516,8 +517,11 @@ def rerank(items: ItemTable, batch: UserBatch, params: RerankParams) -> RerankRe
     )
 
 
-def reason_lists(result: RerankResult) -> list[list[str]]:
+def reason_lists(result: RerankResult, name_items: Callable[[np.ndarray], np.ndarray] | None = None) -> list[list[str]]:
     """Reasons of each result row as strings, e.g. ["similar_to:42", "als", "promo"] (flag order).
+
+    `name_items` maps the dense ids of the rows' similar_to items to the names the reasons carry, in one
+    vectorised call (e.g. the source's item ids); without it a reason names the dense id.
 
     The lists are output-sized (users x K), so no per-row numpy call: each row's flag combination is a
     code into the 2^4 precomputed name lists (copied per row), and only rows with `similar_to` format a string.
@@ -528,6 +532,8 @@ def reason_lists(result: RerankResult) -> list[list[str]]:
     combos = [[name for name, bit in zip(names, bits, strict=True) if code & bit] for code in range(1 << len(names))]
     out = [combos[code][:] for code in (flags[:, 1:] @ bits).tolist()]
     similar = np.flatnonzero(flags[:, 0])
-    for row, item in zip(similar.tolist(), np.asarray(result.similar_to)[similar].tolist(), strict=True):
+    recent = np.asarray(result.similar_to, dtype=np.int64)[similar]
+    named = recent if name_items is None else np.asarray(name_items(recent))
+    for row, item in zip(similar.tolist(), named.tolist(), strict=True):
         out[row] = [f"{SIMILAR}:{item}", *out[row]]
     return out

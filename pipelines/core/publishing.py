@@ -106,19 +106,17 @@ class ItemIds:
 
 def to_recommendations_pandas(ranked: pd.DataFrame, user_ids: pd.Series, items: ItemIds) -> pd.DataFrame:
     """to_recommendations on a pandas batch of kernel rows, in a Python worker: user_id (from `user_ids`, indexed
-    by user_idx), item_id, rank, score, reasons with `similar_to:<item_id>`; the caller adds run_id and as_of."""
-    reasons = ranked[REASONS].tolist()
-    for row, listed in enumerate(reasons):
-        if len(listed) and str(listed[0]).startswith(_SIMILAR_PREFIX):  # the kernel puts similar_to first
-            similar = items.of(np.asarray([int(str(listed[0])[len(_SIMILAR_PREFIX) :])], dtype=np.int64))[0]
-            reasons[row] = [f"{_SIMILAR_PREFIX}{similar}", *list(listed)[1:]]
+    by user_idx), item_id, rank, score, reasons; the caller adds run_id and as_of.
+
+    `ranked` comes from reranking.rerank_frame(..., name_items=items.of), so its similar_to reasons already name
+    the source's item ids (to_recommendations rewrites the dense ids in Spark instead)."""
     return pd.DataFrame(
         {
             USER_ID: user_ids.reindex(ranked[USER_IDX].to_numpy()).to_numpy(dtype=object),
             ITEM_ID: items.of(ranked[ITEM_IDX].to_numpy(dtype=np.int64)),
             RANK: ranked[RANK].to_numpy(),
             SCORE: ranked[SCORE].to_numpy(),
-            REASONS: pd.Series(reasons, dtype=object),
+            REASONS: ranked[REASONS].to_numpy(dtype=object),
         }
     )
 

@@ -14,7 +14,7 @@ Output grain of `rerank_candidates`: one row per (user_idx, rank) with item_idx,
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import cast
@@ -290,8 +290,15 @@ def to_user_batch(pdf: pd.DataFrame, rank: int) -> UserBatch:
     return UserBatch(factors, has, cand_ptr, cand_items, cand_als, ev_ptr, ev_items, ev_weights, ev_ages, ev_bought)
 
 
-def rerank_frame(pdf: pd.DataFrame, items: ItemTable, params: RerankParams) -> pd.DataFrame:
-    """pandas adapter: user rows -> KERNEL_SCHEMA rows with exactly its dtypes (int32, double, lists)."""
+def rerank_frame(
+    pdf: pd.DataFrame,
+    items: ItemTable,
+    params: RerankParams,
+    name_items: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """pandas adapter: user rows -> KERNEL_SCHEMA rows with exactly its dtypes (int32, double, lists).
+
+    `name_items`: how a similar_to reason names its item (udfs.rerank.reason_lists; default the dense id)."""
     result = rerank(items, to_user_batch(pdf, items.factors.shape[1]), params)
     users = pdf[USER_IDX].to_numpy(dtype=np.int64)
     return pd.DataFrame(
@@ -300,7 +307,7 @@ def rerank_frame(pdf: pd.DataFrame, items: ItemTable, params: RerankParams) -> p
             ITEM_IDX: result.items.astype(np.int32),
             RANK: result.ranks.astype(np.int32),
             SCORE: result.scores.astype(np.float64),
-            REASONS: pd.Series(reason_lists(result), dtype=object),
+            REASONS: pd.Series(reason_lists(result, name_items), dtype=object),
         }
     )
 
