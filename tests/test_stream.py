@@ -544,20 +544,26 @@ def test_the_gate_reads_the_table_only_after_another_writer_committed(
     assert lists(spark, config) == {"u-a": ["u-a-batch7-1", "u-a-batch7-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
 
 
+@pytest.mark.parametrize("merge_broadcast_mb", [0, 10])
 def test_a_shorter_list_deletes_the_whole_tail_of_a_longer_one_without_a_gate_read(
-    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merge_broadcast_mb: int
 ) -> None:
     """The MERGE deletes every rank past the new list's length, whatever the old list's length: here the stream's own
     earlier batch wrote a list longer than rerank.top_k (say top_k was larger before a restart), and the next batch,
-    which skips the gate's read (only the stream's own MERGEs since), replaces it with a 2-long list."""
-    config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}")
+    which skips the gate's read (only the stream's own MERGEs since), replaces it with a 2-long list. With broadcast
+    joins off as in a micro-batch, and the MERGE's own broadcast (stream.merge_broadcast_mb) off or on."""
+    config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}", f"stream.merge_broadcast_mb={merge_broadcast_mb}")
     nightly = nightly_list("u-a", 2) + nightly_list("u-b", 2)
     tables.write(recommendation_rows(spark, nightly), config, "gold", "recommendations", RUN)
     stream.prepare_recommendations(spark, config)
     state, reads = stream.GateState(), list[int | None]()
-    publish_counting_reads(spark, config, state, 5, reads, monkeypatch, length=TOP_K + 3)
-    assert len(lists(spark, config)["u-a"]) == TOP_K + 3
-    publish_counting_reads(spark, config, state, 6, reads, monkeypatch)
+    spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")  # a micro-batch's setting (stream.broadcast_joins)
+    try:
+        publish_counting_reads(spark, config, state, 5, reads, monkeypatch, length=TOP_K + 3)
+        assert len(lists(spark, config)["u-a"]) == TOP_K + 3
+        publish_counting_reads(spark, config, state, 6, reads, monkeypatch)
+    finally:
+        spark.conf.unset("spark.sql.autoBroadcastJoinThreshold")
     assert len(reads) == 1, reads
     assert lists(spark, config) == {"u-a": ["u-a-batch6-1", "u-a-batch6-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
 

@@ -250,6 +250,7 @@ class StreamConfig(_Section):
     shuffle_partitions: int = Field(2, ge=1)  # spark.sql.shuffle.partitions while a micro-batch re-ranks and MERGEs
     adaptive: bool = False  # spark.sql.adaptive.enabled while a micro-batch runs (each adaptive stage is a job)
     broadcast_joins: bool = False  # broadcast joins while a micro-batch runs (each broadcast is a job)
+    merge_broadcast_mb: float = Field(10.0, ge=0)  # broadcast threshold in Delta's MERGE (its source is small); 0: off
 
 
 class PrivacyConfig(_Section):
