@@ -29,7 +29,9 @@ its checkpoint at `stream.checkpoint` and a `processing_time` (every `stream.int
    broadcast once per serving run: publishing.to_recommendations_pandas), materialises the new lists in one
    Spark job, and MERGEs each user's whole new list into the serving run's rows of gold.recommendations
    (deletion vectors on: a few users' rows are marked deleted, files are not rewritten): ranks beyond the new
-   list's length are deleted. Stream rows keep the run's run_id and as_of
+   list's length are deleted; only inside the MERGE, broadcast joins are on (stream.merge_broadcast_mb), so
+   the small source is broadcast and no pass shuffles. The batch's local checkpoints (users, lists, gate)
+   are released once the MERGE is done (release). Stream rows keep the run's run_id and as_of
    and carry `stream_batch` (N) and `event_time` (T); nightly rows have them null. The lists are readable
    from this commit on;
 5. the side writes, each replacing the tag's rows: rejected rows -> quarantine.events (step "stream",
@@ -291,6 +293,30 @@ def count_by_reason(classified: DataFrame) -> dict[str, int]:
     return batch_stats(classified)[0]
 
 
+# ---------------------------------------------------------------- local checkpoints
+
+
+def checkpoint_rdd(frame: DataFrame) -> Any | None:
+    """The JVM RDD holding the blocks of `frame`, a DataFrame.localCheckpoint (its plan is one LogicalRDD); None for
+    any other frame, or where the plan is not reachable (Spark Connect)."""
+    jdf = getattr(frame, "_jdf", None)
+    if jdf is None:
+        return None
+    plan = jdf.queryExecution().logical()
+    return plan.rdd() if plan.getClass().getSimpleName() == "LogicalRDD" else None
+
+
+def release(*frames: DataFrame) -> None:
+    """Drop the blocks of local checkpoints now; the frames must not be used again. DataFrame.unpersist does not
+    reach them, and otherwise they stay in executor memory (spilling to disk) until Spark's cleaner collects the
+    RDD after a driver garbage collection, by default up to 30 minutes (spark.cleaner.periodicGC.interval): a few
+    batches' lists, users and gates at a time instead of hundreds."""
+    for frame in frames:
+        rdd = checkpoint_rdd(frame)
+        if rdd is not None:
+            rdd.unpersist(False)
+
+
 # ---------------------------------------------------------------- the stream's own recent events
 
 
@@ -337,14 +363,18 @@ class RecentEvents:
         return reduce(DataFrame.unionByName, [s.frame for s in self.slices], empty)
 
     def add(self, accepted: DataFrame, latest: datetime, earliest: datetime) -> None:
-        """Keep a batch's accepted rows (materialised now, from the batch's cached rows); drop expired slices."""
+        """Keep a batch's accepted rows (materialised now, from the batch's cached rows); drop (release) expired
+        slices. A batch reads the slices only before its lists are materialised, and this runs after."""
+        release(*[s.frame for s in self.slices if s.latest < earliest])
         self.slices = [s for s in self.slices if s.latest >= earliest]
         self.slices.append(_Slice(accepted.select(*STREAMED_COLUMNS).localCheckpoint(eager=True), latest))
         if len(self.slices) > COMPACT_AFTER:
             merged = reduce(DataFrame.unionByName, [s.frame for s in self.slices]).filter(
                 F.col(EVENT_TS) >= ts_lit(earliest)
             )
-            self.slices = [_Slice(merged.localCheckpoint(eager=True), max(s.latest for s in self.slices))]
+            compacted = _Slice(merged.localCheckpoint(eager=True), max(s.latest for s in self.slices))
+            release(*[s.frame for s in self.slices])
+            self.slices = [compacted]
 
 
 # ---------------------------------------------------------------- users, events and candidates of a batch
@@ -558,8 +588,11 @@ def _with_list_lengths(recs: DataFrame) -> DataFrame:
     return recs.withColumn(_NEW_LEN, F.max(RANK).over(Window.partitionBy(USER_ID)))
 
 
-def to_merge_source(recs: DataFrame, current: DataFrame, run_id: str, batch_id: int, event_time: datetime) -> DataFrame:
-    """The rows of `recs` (with `_new_len`) of the users whose information is newer than their rows in `current`.
+def to_merge_source(
+    recs: DataFrame, current: DataFrame, run_id: str, batch_id: int, event_time: datetime
+) -> tuple[DataFrame, DataFrame]:
+    """The rows of `recs` (with `_new_len`) of the users whose information is newer than their rows in `current`,
+    and the gate (those users: a local checkpoint, to release once the MERGE is done).
 
     Reads `current` now (the gate is materialised: one Spark job), not when the MERGE evaluates its source.
     """
@@ -578,7 +611,7 @@ def to_merge_source(recs: DataFrame, current: DataFrame, run_id: str, batch_id: 
     )
     gate = users.join(existing, on=USER_ID, how="left").filter(newer).select(USER_ID)
     gate = gate.localCheckpoint(eager=True)  # one read of the table now (one small job)
-    return recs.join(gate, on=USER_ID, how="left_semi")
+    return recs.join(gate, on=USER_ID, how="left_semi"), gate
 
 
 @dataclass
@@ -682,6 +715,7 @@ def publish(
         F.col(f"t.{STREAM_BATCH}").isNotNull() & (F.col(f"t.{STREAM_BATCH}") < F.col(f"s.{STREAM_BATCH}"))
     )
     attempts = 0
+    gates: list[DataFrame] = []  # each attempt's gate read, released after the MERGE
 
     def apply(target: DeltaTable) -> None:  # rebuilt per attempt: reads the table as it is now
         nonlocal attempts
@@ -689,7 +723,9 @@ def publish(
         if opts.before_attempt is not None:
             opts.before_attempt(attempts)
         if state is None:
-            source = to_merge_source(recs, tables.read(spark, config, *RECOMMENDATIONS), run_id, batch_id, event_time)
+            current = tables.read(spark, config, *RECOMMENDATIONS)
+            source, gate = to_merge_source(recs, current, run_id, batch_id, event_time)
+            gates.append(gate)
         else:
             version, others = tables.commits_since(
                 spark, config, *RECOMMENDATIONS, state.version, own_metadata=own_commits(config)
@@ -699,10 +735,11 @@ def publish(
             else:
                 current = tables.read(spark, config, *RECOMMENDATIONS, version)
                 state.read_run(current, run_id, version)
-                source = to_merge_source(recs, current, run_id, batch_id, event_time)
+                source, gate = to_merge_source(recs, current, run_id, batch_id, event_time)
+                gates.append(gate)
         if opts.gate is not None:  # one task waits, the other cores stay free for the test's concurrent writer
-            gate = opts.gate
-            source = source.coalesce(1).mapInPandas(lambda it: gated_rows(it, gate), source.schema)
+            wait_for = opts.gate
+            source = source.coalesce(1).mapInPandas(lambda it: gated_rows(it, wait_for), source.schema)
         (
             target.alias("t")
             .merge(source.alias("s"), on)
@@ -726,8 +763,11 @@ def publish(
         # 4.1 -> 2.8 s a batch on local[2] (benchmarks.stream_profile), for a broadcast job of its own.
         threshold = int(config.stream.merge_broadcast_mb * 1024 * 1024)
         merge_conf["spark.sql.autoBroadcastJoinThreshold"] = str(threshold)
-    with _session_conf(spark, merge_conf):
-        tables.merge(spark, config, *RECOMMENDATIONS, tag, apply)
+    try:
+        with _session_conf(spark, merge_conf):
+            tables.merge(spark, config, *RECOMMENDATIONS, tag, apply)
+    finally:
+        release(*gates)
     if state is not None:
         state.max_batch = max(state.max_batch, batch_id)
     return attempts
@@ -1014,8 +1054,8 @@ class StreamJob:
         if not self.prepared:
             prepare_recommendations(spark, config)
             self.prepared = True
-        # Materialised now (one small job): every later join broadcasts it. Its blocks, like those of the lists'
-        # local checkpoint below, are dropped by Spark's cleaner once the frames are garbage-collected.
+        # Materialised now (one small job): every later join broadcasts it. Released, like the lists' local
+        # checkpoint below, once the MERGE is done.
         users = to_affected_users(accepted, serving.user_index).localCheckpoint(eager=True)
         streamed = self.recent.frame(spark).unionByName(accepted.select(*STREAMED_COLUMNS))
         session = to_session_events(serving.history, streamed, users, serving.item_index, earliest)
@@ -1051,17 +1091,20 @@ class StreamJob:
         )
         on_ranked()
         started = time.perf_counter()
-        report.merge_attempts = publish(
-            spark,
-            config,
-            recs,
-            serving.run_id,
-            batch_id,
-            event_time,
-            MergeOptions(self.gate, serving.as_of, self.before_merge_attempt, self.merge_gate),
-        )
-        report.publish_seconds = time.perf_counter() - started
-        report.published = time.time()
+        try:
+            report.merge_attempts = publish(
+                spark,
+                config,
+                recs,
+                serving.run_id,
+                batch_id,
+                event_time,
+                MergeOptions(self.gate, serving.as_of, self.before_merge_attempt, self.merge_gate),
+            )
+            report.publish_seconds = time.perf_counter() - started
+            report.published = time.time()
+        finally:
+            release(users, recs)  # nothing reads them after the MERGE
 
     def before_merge_attempt(self, attempt: int) -> None:
         """Called at the start of each MERGE attempt; nothing here (tests override it to force a conflict)."""

@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -242,14 +243,35 @@ def test_bad_rows_are_quarantined_and_counts_reconcile(spark: SparkSession, stre
     assert metrics["cold_users"] == 2
 
 
-def test_replaying_a_batch_id_changes_nothing(spark: SparkSession, streamed: ShelfConfig) -> None:
+def test_replaying_a_batch_id_changes_nothing(
+    spark: SparkSession, streamed: ShelfConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replayed batch leaves gold.recommendations as it was; and of the local checkpoints it made (the batch's
+    users, its lists, the gate's read, the recent events), only the recent events still hold blocks after it."""
     before = rows_of(tables.read(spark, streamed, "gold", "recommendations"))
     landing = tables.read_source(spark, stream.landing_path(streamed), "delta", stream.SOURCE_KEY)
     first_commit = landing.filter(F.col("session_id") != "s5").drop("_source_file")
+    made: list[DataFrame] = []
+    classic = type(first_commit)  # the session's DataFrame class (pyspark.sql.DataFrame only dispatches to it)
+    checkpoint = classic.localCheckpoint
+
+    def recording(self: DataFrame, *args: Any, **kwargs: Any) -> DataFrame:
+        made.append(checkpoint(self, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(classic, "localCheckpoint", recording)
     job = stream.StreamJob(spark, streamed)
     try:
         job(first_commit, 0)  # what Spark does after a crash between the MERGE and the checkpoint commit
+        made_ids = {stream.checkpoint_rdd(f).id() for f in made}
+        kept = {stream.checkpoint_rdd(s.frame).id() for s in job.recent.slices}
+        assert len(made_ids) == len(kept) + 3 and kept < made_ids  # users, lists, gate (a fresh job reads it)
+        deadline = time.monotonic() + 30  # blocks are removed asynchronously
+        while (held := made_ids & {i.id() for i in spark.sparkContext._jsc.sc().getRDDStorageInfo()}) != kept:
+            assert time.monotonic() < deadline, f"local checkpoints still held: {sorted(held - kept)}"
+            time.sleep(0.2)
     finally:
+        monkeypatch.undo()
         job.close()
     assert rows_of(tables.read(spark, streamed, "gold", "recommendations")) == before
 
