@@ -1099,7 +1099,9 @@ class StreamJob:
                 serving.run_id,
                 batch_id,
                 event_time,
-                MergeOptions(self.gate, serving.as_of, self.before_merge_attempt, self.merge_gate),
+                MergeOptions(
+                    state=self.gate, as_of=serving.as_of, before_attempt=self.before_merge_attempt, gate=self.merge_gate
+                ),
             )
             report.publish_seconds = time.perf_counter() - started
             report.published = time.time()
