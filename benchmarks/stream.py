@@ -41,6 +41,7 @@ import argparse
 import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -298,8 +299,14 @@ def percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
 
 def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: int) -> dict[str, float]:
     sub = root / f"rate-{rate}"
+    # Each rate starts from the nightly's tables as published, in a copy of its own. On the previous rate's tables
+    # the stream's batch ids (restarting with each rate's checkpoint) would stay below the stream rows already
+    # there, so the gate (GateState) would read gold.recommendations every batch, which a steady stream does not.
+    storage = root / f"tables-{rate}"
+    shutil.copytree(root / "tables", storage)
     config = bench_config(
         root,
+        f"storage.root={storage}",
         f"stream.source_path={sub / 'landing'}",
         f"stream.checkpoint={sub / 'checkpoint'}",
         f"stream.interval_seconds={args.interval}",
