@@ -5,7 +5,7 @@ gold.candidates with one row per (user_idx, item_idx): als_score (double, null w
 propose the item), sources (sorted array of "als", "neighbours", "popular"), run_id.
 
 - als: top `candidates_k` items by p_u . q_i, skipping items the user owns (event types in
-  `recommend.owned_event_types`). Users' factors and owned-item lists are grouped per user and
+  `recommend.consumed_event_types`, resolved from the preset). Users' factors and owned-item lists are grouped per user and
   scored in blocks inside `mapInPandas` against a broadcast of the item factor matrix (the model:
   items x rank floats collected once on the driver, never anything that grows with users).
 - neighbours: the top `neighbours_per_item` neighbours of each user's `recent_items` most recently
@@ -259,9 +259,13 @@ def build_candidates(
     launches: DataFrame | None = None,
     as_of: datetime | None = None,
     new_arrival_days: float = 30.0,
+    consumed: list[str] | None = None,
 ) -> DataFrame:
-    """All candidate sources for one run, as gold.candidates rows (new arrivals need launches and as_of)."""
-    owned = to_owned(interactions, recommend.owned_event_types).cache()
+    """All candidate sources for one run, as gold.candidates rows (new arrivals need launches and as_of).
+
+    `consumed`: the event types that make an item the user's (never a candidate again); None: purchase.
+    """
+    owned = to_owned(interactions, consumed or ["purchase"]).cache()
     als = to_als_candidates(spark, user_factors, item_factors, owned, recommend.candidates_k, blocks)
     recent = to_recent_items(interactions, recommend.recent_items)
     neighbours = to_neighbour_candidates(recent, similarities, recommend.neighbours_per_item)
@@ -296,6 +300,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             launches=to_launches(interactions, catalog, item_index),
             as_of=ctx.as_of,
             new_arrival_days=config.rerank.new_arrival_days,
+            consumed=config.consumed_event_types,
         )
         tables.write(
             result,

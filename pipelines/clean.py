@@ -95,8 +95,10 @@ def filter_duplicates(events: DataFrame) -> DataFrame:
     return events.withColumn("_n", F.row_number().over(order)).filter(F.col("_n") == 1).drop("_n")
 
 
-def with_bot_flag(events: DataFrame, max_events_per_day: float) -> DataFrame:
-    """Flag users with more than `max_events_per_day` events per day they were active."""
+def with_bot_flag(events: DataFrame, max_events_per_day: float | None) -> DataFrame:
+    """Flag users with more than `max_events_per_day` events per day they were active (None: nobody)."""
+    if max_events_per_day is None:
+        return events.withColumn(_STATUS, F.lit(ACCEPTED))
     activity = events.groupBy(USER_ID).agg((F.count(F.lit(1)) / F.countDistinct(F.to_date(EVENT_TS))).alias("_per_day"))
     return (
         events.join(activity, on=USER_ID, how="left")
@@ -130,8 +132,10 @@ def with_weight(events: DataFrame, weights: dict[str, float]) -> DataFrame:
     return events.withColumn(WEIGHT, weight.cast("double"))
 
 
-def with_decay(events: DataFrame, as_of: datetime, half_life_days: float) -> DataFrame:
-    """decay = 2^(-age_days / half_life_days); events up to the future tolerance count as age 0."""
+def with_decay(events: DataFrame, as_of: datetime, half_life_days: float | None) -> DataFrame:
+    """decay = 2^(-age_days / half_life_days); events up to the future tolerance count as age 0; None: 1.0."""
+    if half_life_days is None:
+        return events.withColumn(DECAY, F.lit(1.0).cast("double"))
     age_days = (F.unix_timestamp(ts_lit(as_of)) - F.unix_timestamp(F.col(EVENT_TS))) / SECONDS_PER_DAY
     return events.withColumn(DECAY, F.pow(F.lit(2.0), -F.greatest(age_days, F.lit(0.0)) / half_life_days))
 

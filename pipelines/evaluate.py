@@ -1,6 +1,12 @@
-"""shelf evaluate: offline ranking metrics of the baselines and ALS on a held-out split.
+"""shelf evaluate: offline ranking metrics of the published lists, the baselines and ALS on a held-out split.
 
-Reads silver.interactions. Splits it by `evaluate.protocol`:
+The model that matters is `published`: `pipelines.core.holdout` writes the training part of silver.interactions
+under the holdout namespace, the publishing steps (train, similarities, candidates, rerank) run unchanged on it
+(`pipelines.runner` does that before this step), and this step scores the lists they wrote to
+holdout_gold.recommendations as they were written. The baselines learn from the same training part; `als` is the
+holdout's own trained model (no second fit).
+
+Reads the holdout tables. The split, by `evaluate.protocol` (the preset's when unset):
 
 - temporal: train on events before `as_of - holdout_days`, test on the events after
 - leave_last: each user's last `leave_last_n` items are the test set
@@ -32,8 +38,8 @@ from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines.core import metrics, tables
-from pipelines.core.als import AlsParams, als_recommend, fit_als, to_pairs
+from pipelines.core import holdout, metrics, tables
+from pipelines.core.als import AlsParams, als_recommend, fit_als, load_model, to_pairs
 from pipelines.core.cli import step_main
 from pipelines.core.config import EvaluateConfig, RecommendConfig, RerankConfig, ShelfConfig
 from pipelines.core.errors import InputDataError
@@ -56,6 +62,7 @@ from pipelines.core.splits import leave_last_n_split, random_stratified_split, t
 
 STEP = "evaluate"
 MODEL = "model"
+PUBLISHED = "published"
 POPULARITY = "popularity"
 RECENT_POPULARITY = "recent_popularity"
 ITEM_KNN = "item_knn"
@@ -174,18 +181,25 @@ def recommend_item_knn(train: DataFrame, users: DataFrame, evaluate: EvaluateCon
     return metrics.top_k(metrics.remove_seen(scores, train), k)
 
 
+def published_lists(spark: SparkSession, config: ShelfConfig, run_id: str, users: DataFrame, k: int) -> DataFrame:
+    """The holdout's published lists of `users`, as written (nothing removed), cut at k: user, item, score, rank."""
+    lists = holdout.read_published(spark, config, run_id)
+    return lists.join(users.select(USER_IDX).distinct(), on=USER_IDX, how="inner").filter(F.col(metrics.RANK) <= k)
+
+
 def recommend(
-    spark: SparkSession, name: str, train: DataFrame, users: DataFrame, config: ShelfConfig, k: int
+    spark: SparkSession, name: str, train: DataFrame, users: DataFrame, config: ShelfConfig, k: int, run_id: str
 ) -> DataFrame:
-    """Top-k lists of one model for `users`, trained on `train` only."""
+    """Top-k lists of one model for `users`, trained on `train` only (`published`, `als`: the holdout run's)."""
+    if name == PUBLISHED:
+        return published_lists(spark, config, run_id, users, k)
     if name == POPULARITY:
         return recommend_popular(popularity_scores(train), users, train, k)
     if name == RECENT_POPULARITY:
         return recommend_popular(recent_popularity_scores(train, config.evaluate.recent_days), users, train, k)
     if name == ITEM_KNN:
         return recommend_item_knn(train, users, config.evaluate, k)
-    model = fit_als(spark, train, AlsParams.from_config(config.train), config.train)
-    return als_recommend(model, users, train, k)
+    return als_recommend(load_model(holdout.holdout_config(config), run_id), users, train, k)
 
 
 def cutoffs(evaluate: EvaluateConfig) -> list[int]:
@@ -193,8 +207,9 @@ def cutoffs(evaluate: EvaluateConfig) -> list[int]:
 
 
 def diversity_factors(spark: SparkSession, config: ShelfConfig, run_id: str) -> DataFrame | None:
-    """gold.item_factors of `run_id` (the train step of the same run) for intra-list diversity, or None
-    when that run trained no factors (diversity then uses co-occurrence cosine on the training split)."""
+    """gold.item_factors of `run_id` (the train step of the same run; pass the holdout config for the holdout
+    run's) for intra-list diversity, or None when that run trained no factors (diversity then uses
+    co-occurrence cosine on the training split)."""
     if not tables.exists(spark, config, "gold", "item_factors"):
         return None
     factors = tables.read(spark, config, "gold", "item_factors").filter(F.col(RUN_ID) == run_id)
@@ -216,13 +231,13 @@ def evaluate_models(
     lists = []
     for name in config.evaluate.models:
         # Each model's lists are materialised once; all models are then scored in one metrics pass.
-        recs = recommend(spark, name, train, users, config, max(ks)).withColumn(MODEL, F.lit(name)).cache()
+        recs = recommend(spark, name, train, users, config, max(ks), run_id).withColumn(MODEL, F.lit(name)).cache()
         recs.count()
         lists.append(recs)
     combined = lists[0]
     for recs in lists[1:]:
         combined = combined.unionByName(recs)
-    factors = diversity_factors(spark, config, run_id)
+    factors = diversity_factors(spark, holdout.holdout_config(config), run_id)
     named = spark.createDataFrame([(m,) for m in config.evaluate.models], f"{MODEL} string")
     scored = metrics.ranking_metrics(combined, relevant, train, ks, by=[MODEL], item_factors=factors, groups=named)
     # models x metrics x ks rows: small, brought back so the caches can be released.
@@ -418,11 +433,15 @@ def replay_lists(
     catalog: DataFrame | None,
     models: dict[str, RerankConfig | None],
     k: int,
+    run_id: str | None = None,
 ) -> ReplayLists:
-    """Top-k lists of each named model, built once; a name mapped to a RerankConfig is ALS + that re-rank."""
+    """Top-k lists of each named model, built once; a name mapped to a RerankConfig is ALS + that re-rank;
+    `published` (needs `run_id`) is the holdout run's lists as written."""
     parts, held = [], []
     for name, rr in models.items():
-        if rr is not None:
+        if name == PUBLISHED and run_id is not None:
+            recs = published_lists(spark, config, run_id, window.users, k)
+        elif rr is not None:
             done = replay_rerank(spark, window, rr, item_index, catalog, k, recommend=config.recommend)
             held.append(done)
             recs = done.rows.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(metrics.SCORE), RANK)
@@ -455,12 +474,14 @@ def replay_metrics(
     catalog: DataFrame | None,
     models: list[str],
     rerank_config: RerankConfig | None = None,
+    run_id: str | None = None,
 ) -> DataFrame:
-    """Metric rows (model, metric, k, value) of `models` on one window; `als_rerank` uses `rerank_config`."""
+    """Metric rows (model, metric, k, value) of `models` on one window; `als_rerank` uses `rerank_config`;
+    `published` is scored only with the `run_id` of a holdout run (pipelines.runner)."""
     ks = cutoffs(config.evaluate)
     rr = rerank_config or config.rerank
-    named = {name: (rr if name == ALS_RERANK else None) for name in models}
-    lists = replay_lists(spark, window, config, item_index, catalog, named, max(ks))
+    named = {name: (rr if name == ALS_RERANK else None) for name in models if name != PUBLISHED or run_id}
+    lists = replay_lists(spark, window, config, item_index, catalog, named, max(ks), run_id)
     try:
         return score_replay_lists(spark, window, lists, ks)
     finally:
@@ -479,7 +500,13 @@ def evaluate_replay(
     try:
         item_index = tables.read(spark, config, "silver", "item_index")
         table = replay_metrics(
-            spark, window, config, item_index, read_catalog(spark, config), replay_models(config.evaluate)
+            spark,
+            window,
+            config,
+            item_index,
+            read_catalog(spark, config),
+            replay_models(config.evaluate),
+            run_id=ctx.run_id,
         )
         sizes = {
             "train pairs (before T)": float(window.train.count()),
@@ -627,9 +654,8 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         if config.evaluate.protocol == "replay":  # its own windows, models and report notes
             run_replay(spark, interactions, config, ctx, counts)
             return
-        train, test = split_pairs(interactions, config.evaluate, ctx)
-        train = train.cache()
-        test = test.cache()
+        train = holdout.read_train(spark, config).cache()
+        test = holdout.read_test(spark, config, ctx.run_id).cache()
         counts["train_pairs"] = train.count()
         counts["test_pairs"] = test.count()
         table = evaluate_models(spark, train, test, config, ctx.run_id)

@@ -22,7 +22,7 @@ from pathlib import Path
 from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.core import tables
+from pipelines.core import holdout, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.privacy import key_from_env, pseudonym
@@ -93,7 +93,7 @@ def _raw_holds(ids: list[str]) -> Column:
 
 def _forget_in_models(spark: SparkSession, config: ShelfConfig, indexes: list[int]) -> int:
     """Rewrite each saved ALS model's userFactors without the users; returns how many models changed."""
-    root = Path(config.storage.root) / MODELS
+    root = Path(config.storage.root) / f"{config.storage.namespace}{MODELS}"
     changed = 0
     for factors in sorted(root.glob(f"*/*/{USER_FACTORS}")) if root.exists() else []:
         frame = spark.read.parquet(str(factors))
@@ -120,7 +120,22 @@ def forget(spark: SparkSession, config: ShelfConfig, user_ids: list[str], vacuum
         index = tables.read(spark, config, "silver", "user_index").filter(F.col(USER_ID).isin(ids))
         indexes = sorted(int(r[USER_IDX]) for r in index.select(USER_IDX).collect())  # one row per forgotten user
     deleted: dict[str, int] = {}
-    for layer, name in tables.KNOWN_TABLES:
+    for where in (config, holdout.holdout_config(config)):  # the real tables, then the evaluation's holdout
+        deleted.update(_forget_in_tables(spark, where, ids, indexes, vacuum))
+        if indexes:
+            models = _forget_in_models(spark, where, indexes)
+            deleted[f"{where.storage.namespace}models"] = models
+    deleted.setdefault("models", 0)
+    log.info("[forget] %d user(s): rows deleted per table %s", len(ids), deleted)
+    return deleted
+
+
+def _forget_in_tables(
+    spark: SparkSession, config: ShelfConfig, ids: list[str], indexes: list[int], vacuum: bool
+) -> dict[str, int]:
+    """Delete the users' rows from every known table of config's namespace; returns rows deleted per table."""
+    deleted: dict[str, int] = {}
+    for layer, name in (*tables.KNOWN_TABLES, ("gold", holdout.TEST_TABLE)):
         if not tables.exists(spark, config, layer, name):
             continue
         columns = set(tables.read(spark, config, layer, name).columns)
@@ -139,7 +154,5 @@ def forget(spark: SparkSession, config: ShelfConfig, user_ids: list[str], vacuum
             if vacuum:
                 spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
                 tables.vacuum(spark, config, layer, name, 0.0)
-        deleted[f"{layer}.{name}"] = matching
-    deleted["models"] = _forget_in_models(spark, config, indexes) if indexes else 0
-    log.info("[forget] %d user(s): rows deleted per table %s", len(ids), deleted)
+        deleted[f"{config.storage.namespace}{layer}.{name}"] = matching
     return deleted

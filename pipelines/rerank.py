@@ -148,6 +148,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             rr,
             ctx.as_of,
             neighbours=read_cooccurrence(spark, config, ctx.run_id),
+            consumed=config.consumed_event_types,
         )
         try:
             reranked, fresh, attributes = done.rows, done.fresh, done.attributes

@@ -211,7 +211,7 @@ def load_serving(spark: SparkSession, config: ShelfConfig, run_id: str, as_of: d
     item_factors = factors_of_run(tables.read(spark, config, "gold", "item_factors"), run_id)
     user_factors = factors_of_run(tables.read(spark, config, "gold", "user_factors"), run_id)
     user_factors = user_factors.select(USER_IDX, FEATURES).cache()
-    fresh = reranking.to_fresh_events(interactions, rr, as_of)
+    fresh = reranking.to_fresh_events(interactions, rr, as_of, config.consumed_event_types)
     attributes = reranking.to_item_attributes(
         item_index, item_factors, reranking.read_catalog(spark, config), fresh, rr, as_of
     )
@@ -1059,7 +1059,7 @@ class StreamJob:
         users = to_affected_users(accepted, serving.user_index).localCheckpoint(eager=True)
         streamed = self.recent.frame(spark).unionByName(accepted.select(*STREAMED_COLUMNS))
         session = to_session_events(serving.history, streamed, users, serving.item_index, earliest)
-        fresh = reranking.to_fresh_events(session, config.rerank, now)
+        fresh = reranking.to_fresh_events(session, config.rerank, now, config.consumed_event_types)
         capped = reranking.to_capped_events(fresh, config.rerank.max_fresh_events)
         touched = to_touched_items(accepted, users, serving.item_index)
         user_rows = to_batch_user_rows(serving, users, touched, capped)

@@ -16,15 +16,15 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType
 
 from pipelines.core import metrics, tables
-from pipelines.core.als import FEATURES, AlsParams, als_recommend, fit_als, num_blocks, to_pairs
+from pipelines.core.als import FEATURES, AlsParams, als_recommend, fit_als, num_blocks, save_model, to_pairs
+from pipelines.core.als import load_model as load_model  # re-exported
+from pipelines.core.als import model_path as model_path  # re-exported
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, TrainConfig
 from pipelines.core.runs import RunContext, step_log
@@ -92,21 +92,6 @@ def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunCont
         "ndcg double, seconds double, best boolean",
     )
     return table, best
-
-
-def model_path(config: ShelfConfig, run_id: str) -> str:
-    return str(Path(config.storage.root) / "models" / run_id / "als")
-
-
-def save_model(model: ALSModel, config: ShelfConfig, run_id: str) -> str:
-    # MLlib writes its own format; tables.py holds Delta I/O only.
-    path = model_path(config, run_id)
-    model.write().overwrite().save(path)
-    return path
-
-
-def load_model(config: ShelfConfig, run_id: str) -> ALSModel:
-    return ALSModel.load(model_path(config, run_id))
 
 
 def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:

@@ -177,7 +177,7 @@ def test_airflow_dags_test_runs_every_step_and_writes_recommendations(spark: Spa
     per_user = recommendations.groupBy(USER_ID).agg(F.count(ITEM_ID).alias("n"), F.max("rank").alias("top"))
     stats = per_user.agg(F.count("*").alias("users"), F.max("n").alias("most"), F.min("n").alias("fewest")).first()
     assert stats is not None and stats["users"] > config.generate.users // 2
-    assert stats["most"] <= config.recommend.top_k
+    assert stats["most"] <= config.rerank.top_k
     assert per_user.filter(F.col("top") != F.col("n")).count() == 0  # ranks run 1..n per user
     metrics = tables.read(spark, config, "gold", "metrics")
     assert {r[RUN_ID] for r in metrics.select(RUN_ID).distinct().collect()} == {"daily-20261101"}

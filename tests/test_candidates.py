@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
+import pytest
 from pyspark.sql import SparkSession
 
 from pipelines import candidates
@@ -12,6 +14,7 @@ from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import INTERACTIONS_SCHEMA
+from tests.conftest import make_test_config
 from udfs.topk import csr_from_lists, top_n_dot
 
 AS_OF = datetime(2026, 11, 1)
@@ -146,3 +149,29 @@ def test_cap_keeps_the_best_per_user(spark: SparkSession) -> None:
     # Item 3 is proposed by two sources, so it leads; then the best ALS scores 8 and 7 (9 is owned).
     assert out["item_idx"].tolist() == [3, 7, 8]
     assert [list(s) for s in out["sources"]] == [["als", "neighbours"], ["als"], ["als"]]
+
+
+@pytest.mark.parametrize(("preset", "consumed", "kept"), [("movielens", "rating", "purchase"), ("synthetic", "purchase", "rating")])
+def test_consumed_items_are_never_candidates_per_preset(
+    spark: SparkSession, tmp_path: Path, preset: str, consumed: str, kept: str
+) -> None:
+    """Each user rates its best-scoring item and buys its second best. The preset decides which of the two is
+    consumed (movielens: the rated one; shops: the bought one): that one is never a candidate, the other is."""
+    config = make_test_config(tmp_path, f"source.preset={preset}")
+    assert config.consumed_event_types == [consumed]
+    rng = np.random.default_rng(5)
+    item_f = rng.normal(size=(30, 4)).astype(np.float32)
+    user_f = rng.normal(size=(8, 4)).astype(np.float32)
+    best = np.argsort(-(user_f @ item_f.T), axis=1, kind="stable")
+    events = [(u, int(best[u, 0]), "rating", 1) for u in range(8)] + [(u, int(best[u, 1]), "purchase", 2) for u in range(8)]
+    rows = [(u, i, t, AS_OF - timedelta(days=d), None, 1.0, 1.0, RUN, AS_OF) for u, i, t, d in events]
+    tables.write(spark.createDataFrame(rows, INTERACTIONS_SCHEMA), config, "silver", "interactions", RUN)
+    tables.write(factors_df(spark, "user_idx", np.arange(8), user_f), config, "gold", "user_factors", RUN)
+    tables.write(factors_df(spark, "item_idx", np.arange(30), item_f), config, "gold", "item_factors", RUN)
+    sims = spark.createDataFrame([], "item_idx int, neighbour_idx int, score double, rank int, source string, run_id string")
+    tables.write(sims, config, "gold", "item_similarities", RUN)
+    candidates.run(spark, config, RunContext(run_id=RUN, as_of=AS_OF))
+    got = {(r.user_idx, r.item_idx) for r in tables.read(spark, config, "gold", "candidates").collect()}
+    by_type = {t: {(u, i) for u, i, tt, _ in events if tt == t} for t in ("rating", "purchase")}
+    assert not (by_type[consumed] & got)
+    assert by_type[kept] <= got

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.core.config import RerankConfig, config_warnings, load_config
+from pipelines.core.config import RerankConfig, ShelfConfig, config_warnings, load_config
 from pipelines.core.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -24,7 +24,7 @@ def test_every_conf_file_loads(path: Path) -> None:
 def test_required_keys_exist_with_their_names() -> None:
     config = load_config(CONF / "local.yaml")
     assert config.source.preset == "synthetic"
-    assert config.source.path and config.storage.root and config.recommend.top_k == 10
+    assert config.source.path and config.storage.root and config.rerank.top_k == 10
 
 
 def test_tuned_rerank_defaults_in_base_yaml_agree_with_the_model_defaults() -> None:
@@ -43,8 +43,8 @@ def test_overlay_deep_merges_over_base() -> None:
 
 
 def test_set_overrides_win() -> None:
-    config = load_config(CONF / "test.yaml", ["recommend.top_k=25", "source.preset=movielens", "train.tune=true"])
-    assert (config.recommend.top_k, config.source.preset, config.train.tune) == (25, "movielens", True)
+    config = load_config(CONF / "test.yaml", ["rerank.top_k=25", "source.preset=movielens", "train.tune=true"])
+    assert (config.rerank.top_k, config.source.preset, config.train.tune) == (25, "movielens", True)
     for delimiter in ["|", ";", "\t", ">"]:
         assert load_config(CONF / "test.yaml", [f"source.delimiter={delimiter}"]).source.delimiter == delimiter
 
@@ -88,3 +88,26 @@ def test_similarity_method_without_cooccurrence_lists_warns_that_cooc_weights_ar
     assert "similarities.method=als" in caplog.text and "cooc_sum=8.0" in caplog.text
     quiet = load_config(CONF / "test.yaml", ["similarities.method=blend"] + NO_COOC)
     assert config_warnings(quiet) == []
+
+
+def test_presets_fill_what_the_config_leaves_out_and_explicit_keys_win() -> None:
+    movielens = load_config(CONF / "test.yaml", ["source.preset=movielens"])
+    assert movielens.consumed_event_types == ["rating"]
+    assert movielens.evaluate.protocol == "random_item"
+    assert (movielens.clean.half_life_days, movielens.clean.bot_max_events_per_day) == (None, None)
+    for preset in ("synthetic", "online_retail", "generic"):
+        shop = load_config(CONF / "test.yaml", [f"source.preset={preset}"])
+        assert shop.consumed_event_types == ["purchase"]
+        assert shop.evaluate.protocol == "temporal"
+        assert (shop.clean.half_life_days, shop.clean.bot_max_events_per_day) == (30.0, 500.0)
+    chosen = load_config(
+        CONF / "test.yaml",
+        ["source.preset=movielens", "recommend.consumed_event_types=[rating, purchase]", "clean.half_life_days=7"],
+    )
+    assert chosen.consumed_event_types == ["rating", "purchase"] and chosen.clean.half_life_days == 7.0
+    assert ShelfConfig(source={"preset": "movielens"}).consumed_event_types == ["rating"]
+
+
+def test_the_list_length_has_one_key() -> None:
+    with pytest.raises(ConfigError, match="recommend.top_k"):
+        load_config(CONF / "test.yaml", ["recommend.top_k=5"])

@@ -10,7 +10,10 @@ from chispa import assert_df_equality
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.core import cli, tables
+from pipelines import evaluate, rerank
+from pipelines.core import cli, holdout, tables
+from pipelines.core.config import ShelfConfig
+from pipelines.core.runs import RunContext
 from tests.conftest import REPO, make_test_config
 
 pytestmark = pytest.mark.slow
@@ -75,9 +78,11 @@ def test_run_end_to_end_is_complete_and_idempotent(
     recs = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
     per_user = recs.groupBy("user_id").agg(F.count("*").alias("n"), F.max("rank").alias("max_rank"))
     worst = per_user.agg(F.max("n").alias("n"), F.max("max_rank").alias("r")).first()
-    assert worst is not None and worst.n <= config.recommend.top_k and worst.r <= config.recommend.top_k
+    assert worst is not None and worst.n <= config.rerank.top_k and worst.r <= config.rerank.top_k
     assert recs.filter(F.col("user_id").startswith("bot-")).count() == 0
     assert per_user.count() >= 0.8 * config.generate.users  # nearly every real user is served
+
+    assert_evaluation_scores_the_published_lists(spark, config)
 
     before = recs.orderBy("user_id", "rank").cache()
     before.count()
@@ -101,7 +106,10 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert tables.latest_version(spark, config, "gold", "recommendations") == served
     assert tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "gated").count() == 0
 
-    # shelf forget: one user disappears from every table and saved model; everyone else stays.
+    assert_refused_publish_leaves_the_serving_run(spark, config, tmp_path)
+
+    # shelf forget: one user disappears from every table and saved model (the holdout's too); everyone else stays.
+    held = holdout.holdout_config(config)
     victim = before.first().user_id
     (victim_idx,) = [
         r.user_idx
@@ -111,10 +119,11 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert cli.main([
         "forget", "--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={tmp_path / 'tables'}", "--user", victim,
     ]) == 0  # fmt: skip
-    for layer, name in tables.KNOWN_TABLES:
-        if not tables.exists(spark, config, layer, name):
+    every = [(c, layer, name) for c in (config, held) for layer, name in (*tables.KNOWN_TABLES, ("gold", "holdout_test"))]
+    for where, layer, name in every:
+        if not tables.exists(spark, where, layer, name):
             continue
-        df = tables.read(spark, config, layer, name)
+        df = tables.read(spark, where, layer, name)
         hits = F.lit(False)
         for field in df.schema.fields:
             if field.dataType.simpleString() == "string":
@@ -124,7 +133,47 @@ def test_run_end_to_end_is_complete_and_idempotent(
         if "raw" in df.columns:
             hits = hits | F.col("raw").rlike(f"(^|,){victim}(,|$)")
         assert df.filter(hits).count() == 0, f"{layer}.{name} still holds {victim}"
-    models = list((tmp_path / "tables" / "models").glob("*/*/userFactors"))
+    models = [*(tmp_path / "tables").glob("*models/*/*/userFactors")]  # the run's and the holdout run's
+    assert len(models) == 2
     assert models and all(spark.read.parquet(str(m)).filter(F.col("id") == victim_idx).count() == 0 for m in models)
     left = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
     assert_df_equality(others, left.orderBy("user_id", "rank"), ignore_row_order=True, ignore_nullable=True)
+
+
+def assert_evaluation_scores_the_published_lists(spark: SparkSession, config: ShelfConfig) -> None:
+    """gold.metrics' `published` is about the lists the publish step wrote on the training part: evaluate reads
+    them whole (every scored user's full list, nothing removed), and the rerank step run again on the same
+    holdout input writes exactly those rows."""
+    held = holdout.holdout_config(config)
+    written = tables.read(spark, held, "gold", "recommendations").filter(F.col("run_id") == "e2e").cache()
+    users = spark.createDataFrame([(u,) for u in range(10_000)], "user_idx int")
+    scored = evaluate.published_lists(spark, config, "e2e", users, k=1000)
+    index = tables.read(spark, held, "silver", "item_index").select("item_id", "item_idx")
+    named = tables.read(spark, held, "silver", "user_index").select("user_id", "user_idx")
+    as_written = written.join(named, "user_id").join(index, "item_id").select("user_idx", "item_idx", "score", "rank")
+    assert_df_equality(scored, as_written, ignore_row_order=True, ignore_nullable=True)
+    assert scored.count() == written.count() > 0
+
+    as_of = written.first().as_of
+    rerank.run(spark, held, RunContext(run_id="e2e", as_of=as_of))
+    again = tables.read(spark, held, "gold", "recommendations").filter(F.col("run_id") == "e2e")
+    assert_df_equality(written, again, ignore_row_order=True, ignore_nullable=True)
+    written.unpersist()
+    models = {
+        r.model for r in tables.read(spark, config, "gold", "metrics").filter(F.col("run_id") == "e2e").collect()
+    }
+    assert {"published", "popularity", "als"} <= models
+
+
+def assert_refused_publish_leaves_the_serving_run(spark: SparkSession, config: ShelfConfig, tmp_path: Path) -> None:
+    """A run whose published lists lose to popularity (here: the margin asks for 100x) is refused with exit 6:
+    gold.recommendations gets no row and no commit of it, and its metrics say why."""
+    served = tables.latest_version(spark, config, "gold", "recommendations")
+    code = _run(tmp_path, "--run-id", "refused", "--set", "evaluate.gate_margin=99")
+    assert code == 6
+    assert tables.latest_version(spark, config, "gold", "recommendations") == served
+    assert tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "refused").count() == 0
+    figures = tables.read(spark, config, "gold", "metrics").filter(
+        (F.col("run_id") == "refused") & (F.col("metric") == "ndcg") & (F.col("k") == 10)
+    )
+    assert {r.model for r in figures.collect()} >= {"published", "popularity"}

@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import metrics
-from pipelines.core.config import TrainConfig
+from pipelines.core.config import ShelfConfig, TrainConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.schemas import DECAY, EVENT_TS, ITEM_IDX, USER_IDX, WEIGHT
 
@@ -132,3 +132,19 @@ def als_recommend(model: ALSModel, users: DataFrame, seen: DataFrame, k: int) ->
         F.col("_rec.rating").cast("double").alias(metrics.SCORE),
     )
     return metrics.top_k(metrics.remove_seen(scores, own), k)
+
+
+def model_path(config: ShelfConfig, run_id: str) -> str:
+    """Where the train step saves a run's MLlib model: <storage.root>/<storage.namespace>models/<run_id>/als."""
+    return f"{config.storage.root.rstrip('/')}/{config.storage.namespace}models/{run_id}/als"
+
+
+def save_model(model: ALSModel, config: ShelfConfig, run_id: str) -> str:
+    """Save a run's model (MLlib's own format; tables.py holds Delta I/O only) and return its path."""
+    path = model_path(config, run_id)
+    model.write().overwrite().save(path)
+    return path
+
+
+def load_model(config: ShelfConfig, run_id: str) -> ALSModel:
+    return ALSModel.load(model_path(config, run_id))

@@ -8,6 +8,7 @@ only read: `table` returns a Delta table (the rows of one run id when it has a r
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ def load(conf: str | Path = "conf/local.yaml", overrides: Mapping[str, object] |
 
     Args:
         conf: the overlay file.
-        overrides: dotted keys to values, e.g. {"storage.root": "/tmp/t", "recommend.top_k": 5}.
+        overrides: dotted keys to values, e.g. {"storage.root": "/tmp/t", "rerank.top_k": 5}.
     """
     sets = [
         f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in (overrides or {}).items()
@@ -80,10 +81,8 @@ def run_pipeline(
         return []
     if config.source.preset == "synthetic" and not Path(config.source.path).exists():
         step_function("generate")(spark, config, ctx)
-    ran: list[str] = []
-    for name in (s for s in STEPS if s in chosen):
-        step_function(name)(spark, config, ctx)
-        ran.append(name)
+    runner = importlib.import_module("pipelines.runner")  # evaluate's holdout rehearsal and the publish gate
+    ran: list[str] = runner.run_steps(spark, config, ctx, chosen)
     return ran
 
 

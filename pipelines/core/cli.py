@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set recommend.top_k=20 (repeatable)",
+        help="override a config key, e.g. --set rerank.top_k=20 (repeatable)",
     )
     common.add_argument("--run-id", default=None, help="run id (default: derived from --as-of)")
     common.add_argument("--as-of", default=None, help="the run's 'now' (ISO; default: generate.end)")
@@ -100,8 +100,11 @@ def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
         names = list(STEPS)
     else:
         names = [command]
-    for name in names:
-        step_function(name)(spark, config, ctx)
+    if command in STREAMING:
+        step_function(command)(spark, config, ctx)
+        return 0
+    runner = importlib.import_module("pipelines.runner")  # the entry layer: evaluate's holdout, the publish gate
+    runner.run_steps(spark, config, ctx, names)
     return 0
 
 

@@ -31,3 +31,9 @@ class ReconciliationError(ShelfError):
     """Row counts do not reconcile: input != accepted + quarantined + duplicates removed."""
 
     exit_code = 4
+
+
+class PublishRefusedError(ShelfError):
+    """`shelf run`'s publish gate: the published lists scored below popularity on the holdout, nothing was published."""
+
+    exit_code = 6

@@ -14,7 +14,7 @@ Output grain of `rerank_candidates`: one row per (user_idx, rank) with item_idx,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import cast
@@ -92,8 +92,11 @@ def params_from(rerank_config: RerankConfig) -> RerankParams:
     )
 
 
-def to_fresh_events(interactions: DataFrame, rerank_config: RerankConfig, as_of: datetime) -> DataFrame:
-    """Events in the session / bought window before as_of: user_idx, item_idx, _age (days), _w, _bought."""
+def to_fresh_events(
+    interactions: DataFrame, rerank_config: RerankConfig, as_of: datetime, consumed: Sequence[str] = ("purchase",)
+) -> DataFrame:
+    """Events in the session / bought window before as_of: user_idx, item_idx, _age (days), _w, _bought
+    (the event's type is in `consumed`, the config's consumed_event_types)."""
     horizon = max(rerank_config.fresh_days, rerank_config.bought_window_days)
     age = (F.unix_timestamp(ts_lit(as_of)) - F.unix_timestamp(F.col(EVENT_TS))) / SECONDS_PER_DAY
     weights = F.create_map(*[F.lit(x) for pair in sorted(rerank_config.event_weights.items()) for x in pair])
@@ -105,7 +108,7 @@ def to_fresh_events(interactions: DataFrame, rerank_config: RerankConfig, as_of:
             F.col(ITEM_IDX).cast("int"),
             F.col(_AGE),
             F.coalesce(weights[F.col(EVENT_TYPE)], F.lit(0.0)).cast("double").alias(_W),
-            F.col(EVENT_TYPE).isin(rerank_config.bought_event_types).alias(_BOUGHT),
+            F.col(EVENT_TYPE).isin(list(consumed)).alias(_BOUGHT),
         )
     )
 
@@ -385,6 +388,7 @@ def rerank_candidates(
     as_of: datetime,
     top_k: int | None = None,
     neighbours: DataFrame | None = None,
+    consumed: Sequence[str] = ("purchase",),
 ) -> Reranked:
     """Re-rank `candidates` (user_idx, item_idx, als_score, sources) with the events before `as_of`.
 
@@ -392,11 +396,12 @@ def rerank_candidates(
         top_k: list length; None takes rerank_config.top_k.
         neighbours: item_idx, neighbour_idx, score: bounded co-occurrence neighbour lists (gold.item_similarities
             rows of source cooccurrence) for the co-occurrence features; None: those features are 0.
+        consumed: event types that consume an item (ShelfConfig.consumed_event_types): never re-recommended.
 
     Raises:
         InputDataError: no item of item_index has factors.
     """
-    fresh = to_fresh_events(interactions, rerank_config, as_of).cache()
+    fresh = to_fresh_events(interactions, rerank_config, as_of, consumed).cache()
     attributes = to_item_attributes(item_index, item_factors, catalog, fresh, rerank_config, as_of).cache()
     try:
         items = build_item_table(attributes, neighbours)

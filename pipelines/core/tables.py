@@ -46,7 +46,8 @@ WriteMode = Literal["overwrite", "run"]
 
 
 def location(config: ShelfConfig, layer: str, name: str) -> str:
-    """Path (local) or catalog name (cluster) of a table."""
+    """Path (local) or catalog name (cluster) of a table; storage.namespace prefixes the layer."""
+    layer = f"{config.storage.namespace}{layer}"
     if config.storage.catalog:
         return f"{config.storage.catalog}.{layer}_{name}"
     return str(Path(config.storage.root) / layer / name)
