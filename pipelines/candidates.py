@@ -2,7 +2,8 @@
 
 Reads gold.user_factors, gold.item_factors, gold.item_similarities and silver.interactions; writes
 gold.candidates with one row per (user_idx, item_idx): als_score (double, null when ALS did not
-propose the item), sources (sorted array of "als", "neighbours", "popular"), run_id.
+propose the item), ease_score (double, null when EASE did not), rebuy_score (double, buy_again only), sources
+(sorted array of "als", "buy_again", "ease", "neighbours", "popular", "new_arrival"), run_id.
 
 - als: top `candidates_k` items by p_u . q_i, skipping items the user owns (event types in
   `recommend.consumed_event_types`, resolved from the preset). Users' factors and owned-item lists are grouped per user and
@@ -10,13 +11,17 @@ propose the item), sources (sorted array of "als", "neighbours", "popular"), run
   items x rank floats collected once on the driver, never anything that grows with users).
 - neighbours: the top `neighbours_per_item` neighbours of each user's `recent_items` most recently
   touched items (from gold.item_similarities, any source).
+- ease: the top `candidates_k` items by EASE score x_u B (`pipelines.core.ease`, from the run's
+  gold.ease_neighbours, when the train step fitted EASE), with ease_score.
+- buy_again (recommend.repeat_purchase): up to `buy_again_k` items the user consumed before, with a
+  rebuy_score from the repurchase cycle (`to_buy_again_candidates`); the one source owned items may come from.
 - popular: the `popular_k` items with most distinct users, for cold-start users (in
   silver.interactions but without factors).
 - new_arrival: the `new_arrivals_k` newest items launched within `rerank.new_arrival_days` before
   as_of (silver.catalog's launched_at; without a catalog, an item's first event), also for cold-start
   users, so a shop's new products reach the users ALS knows nothing about.
 Owned items never appear. Each user keeps at most `max_candidates` rows, preferring items proposed
-by more sources, then higher ALS score, then higher neighbour similarity, then popularity, then newness.
+by more sources, then higher ALS score, then higher EASE score, then higher neighbour similarity, then popularity, then newness.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
 
-from pipelines.core import tables
+from pipelines.core import ease, tables
 from pipelines.core.cli import step_main
-from pipelines.core.config import RecommendConfig, ShelfConfig, SimilarityConfig
+from pipelines.core.config import EaseValues, RecommendConfig, ShelfConfig, SimilarityConfig
 from pipelines.core.factors import FEATURES, factors_of_run, item_factor_matrix
 from pipelines.core.quality import ts_lit
 from pipelines.core.runs import RunContext, step_log
@@ -43,8 +48,12 @@ from udfs.topk import csr_from_lists, to_long, top_n_dot
 STEP = "candidates"
 OWNED = "owned"
 ALS_SCORE = "als_score"
+EASE_SCORE = "ease_score"
+REBUY_SCORE = "rebuy_score"
 SOURCES = "sources"
 ALS = "als"
+EASE = "ease"
+BUY_AGAIN = "buy_again"
 NEIGHBOURS = "neighbours"
 POPULAR = "popular"
 NEW_ARRIVAL = "new_arrival"
@@ -58,6 +67,8 @@ CANDIDATES_SCHEMA = StructType(
         StructField(USER_IDX, IntegerType(), False),
         StructField(ITEM_IDX, IntegerType(), False),
         StructField(ALS_SCORE, DoubleType(), True),
+        StructField(EASE_SCORE, DoubleType(), True),
+        StructField(REBUY_SCORE, DoubleType(), True),
         StructField(SOURCES, ArrayType(StringType(), False), False),
         StructField(RUN_ID, StringType(), False),
     ]
@@ -131,6 +142,40 @@ def to_als_candidates(
     return users.mapInPandas(lambda it: als_batches(it, catalogue, k, block_rows, block_items), _ALS_SCHEMA)
 
 
+def to_buy_again_candidates(interactions: DataFrame, consumed: list[str], k: int, as_of: datetime) -> DataFrame:
+    """Up to k items each user consumed before, scored by its repurchase cycle: user_idx, item_idx, rebuy_score.
+
+    For a (user, item): n = the days it was consumed, age = days since the last of them, and the interval = the
+    user's own mean gap between them (n >= 2), else the item's median own interval over its repeat buyers, else
+    the median over all repeat pairs, else 30 days. rebuy_score = log1p(n) * exp(-|ln((age + 1) / (interval + 1))|):
+    highest for an item bought often whose usual gap has just passed.
+    """
+    days = (F.unix_timestamp(ts_lit(as_of)) - F.unix_timestamp(F.col(EVENT_TS))) / 86400.0
+    pairs = (
+        interactions.filter(F.col(EVENT_TYPE).isin(consumed))
+        .withColumn("_age", days)
+        .groupBy(USER_IDX, ITEM_IDX)
+        .agg(
+            F.countDistinct(F.to_date(EVENT_TS)).alias("_n"), F.min("_age").alias("_age"), F.max("_age").alias("_span")
+        )
+        .withColumn("_own", F.when(F.col("_n") >= 2, (F.col("_span") - F.col("_age")) / (F.col("_n") - 1)))
+    )
+    repeat = pairs.filter(F.col("_own").isNotNull())
+    by_item = repeat.groupBy(ITEM_IDX).agg(F.percentile_approx("_own", 0.5).alias("_item"))
+    overall = repeat.agg(F.percentile_approx("_own", 0.5).alias("_all"))
+    interval = F.coalesce(F.col("_own"), F.col("_item"), F.col("_all"), F.lit(30.0))
+    cycle = F.exp(-F.abs(F.log((F.greatest(F.col("_age"), F.lit(0.0)) + 1.0) / (interval + 1.0))))
+    best = Window.partitionBy(USER_IDX).orderBy(F.col(REBUY_SCORE).desc(), F.col(ITEM_IDX).asc())
+    return (
+        pairs.join(by_item, on=ITEM_IDX, how="left")
+        .crossJoin(F.broadcast(overall))
+        .withColumn(REBUY_SCORE, (F.log1p(F.col("_n")) * cycle).cast("double"))
+        .withColumn("_r", F.row_number().over(best))
+        .filter(F.col("_r") <= k)
+        .select(USER_IDX, ITEM_IDX, REBUY_SCORE)
+    )
+
+
 def to_recent_items(interactions: DataFrame, recent_items: int) -> DataFrame:
     """Each user's `recent_items` most recently touched items: user_idx, item_idx."""
     last = interactions.groupBy(USER_IDX, ITEM_IDX).agg(F.max(EVENT_TS).alias(EVENT_TS))
@@ -202,12 +247,21 @@ def to_candidates(
     max_candidates: int,
     run_id: str,
     new_arrivals: DataFrame | None = None,
+    ease: DataFrame | None = None,
+    buy_again: DataFrame | None = None,
 ) -> DataFrame:
-    """Union the sources, drop owned items, tag sources, cap per user."""
+    """Union the sources, drop owned items (except buy_again's, which are owned by design), tag, cap per user."""
     keys = [USER_IDX, ITEM_IDX]
 
     def source(frame: DataFrame, name: str, *present: str) -> DataFrame:
-        kinds = {ALS_SCORE: "double", SIM_SCORE: "double", POP_RANK: "int", NEW_RANK: "int"}
+        kinds = {
+            ALS_SCORE: "double",
+            EASE_SCORE: "double",
+            REBUY_SCORE: "double",
+            SIM_SCORE: "double",
+            POP_RANK: "int",
+            NEW_RANK: "int",
+        }
         cols = [F.col(c) if c in present else F.lit(None).cast(kind).alias(c) for c, kind in kinds.items()]
         return frame.select(*keys, *cols, F.lit(name).alias("_source"))
 
@@ -218,20 +272,25 @@ def to_candidates(
     )
     if new_arrivals is not None:
         tagged = tagged.unionByName(source(new_arrivals, NEW_ARRIVAL, NEW_RANK))
-    merged = (
-        tagged.join(owned, on=keys, how="left_anti")
-        .groupBy(*keys)
-        .agg(
-            F.max(ALS_SCORE).alias(ALS_SCORE),
-            F.max(SIM_SCORE).alias(SIM_SCORE),
-            F.min(POP_RANK).alias(POP_RANK),
-            F.min(NEW_RANK).alias(NEW_RANK),
-            F.array_sort(F.collect_set("_source")).alias(SOURCES),
-        )
+    if ease is not None:
+        tagged = tagged.unionByName(source(ease, EASE, EASE_SCORE))
+    unowned = tagged.join(owned, on=keys, how="left_anti")
+    if buy_again is not None:
+        unowned = unowned.unionByName(source(buy_again, BUY_AGAIN, REBUY_SCORE))
+    merged = unowned.groupBy(*keys).agg(
+        F.max(ALS_SCORE).alias(ALS_SCORE),
+        F.max(EASE_SCORE).alias(EASE_SCORE),
+        F.max(REBUY_SCORE).alias(REBUY_SCORE),
+        F.max(SIM_SCORE).alias(SIM_SCORE),
+        F.min(POP_RANK).alias(POP_RANK),
+        F.min(NEW_RANK).alias(NEW_RANK),
+        F.array_sort(F.collect_set("_source")).alias(SOURCES),
     )
     order = Window.partitionBy(USER_IDX).orderBy(
+        F.col(REBUY_SCORE).isNotNull().desc(),  # at most recommend.buy_again_k per user: always kept
         F.size(SOURCES).desc(),
         F.col(ALS_SCORE).desc_nulls_last(),
+        F.col(EASE_SCORE).desc_nulls_last(),
         F.col(SIM_SCORE).desc_nulls_last(),
         F.col(POP_RANK).asc_nulls_last(),
         F.col(NEW_RANK).asc_nulls_last(),
@@ -242,6 +301,8 @@ def to_candidates(
         F.col(USER_IDX).cast("int"),
         F.col(ITEM_IDX).cast("int"),
         F.col(ALS_SCORE).cast("double"),
+        F.col(EASE_SCORE).cast("double"),
+        F.col(REBUY_SCORE).cast("double"),
         F.col(SOURCES),
         F.lit(run_id).alias(RUN_ID),
     )
@@ -260,12 +321,19 @@ def build_candidates(
     as_of: datetime | None = None,
     new_arrival_days: float = 30.0,
     consumed: list[str] | None = None,
+    ease_neighbours: DataFrame | None = None,
+    ease_values: EaseValues = "binary",
 ) -> DataFrame:
     """All candidate sources for one run, as gold.candidates rows (new arrivals need launches and as_of).
 
     `consumed`: the event types that make an item the user's (never a candidate again); None: purchase.
+    `ease_neighbours`: the run's gold.ease_neighbours (item_idx, neighbour_idx, weight); None: no EASE source.
     """
     owned = to_owned(interactions, consumed or ["purchase"]).cache()
+    ease_source = None
+    if ease_neighbours is not None:
+        x = ease.to_ease_input(interactions, ease_values)
+        ease_source = ease.ease_candidates(x, ease_neighbours, owned, recommend.candidates_k)
     als = to_als_candidates(spark, user_factors, item_factors, owned, recommend.candidates_k, blocks)
     recent = to_recent_items(interactions, recommend.recent_items)
     neighbours = to_neighbour_candidates(recent, similarities, recommend.neighbours_per_item)
@@ -274,7 +342,12 @@ def build_candidates(
     if launches is not None and as_of is not None and recommend.new_arrivals_k > 0:
         cold = to_cold_users(interactions, user_factors)
         new_arrivals = to_new_arrival_candidates(launches, cold, as_of, new_arrival_days, recommend.new_arrivals_k)
-    return to_candidates(als, neighbours, popular, owned, recommend.max_candidates, run_id, new_arrivals)
+    buy_again = None
+    if recommend.repeat_purchase and as_of is not None:
+        buy_again = to_buy_again_candidates(interactions, consumed or ["purchase"], recommend.buy_again_k, as_of)
+    return to_candidates(
+        als, neighbours, popular, owned, recommend.max_candidates, run_id, new_arrivals, ease_source, buy_again
+    )
 
 
 def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
@@ -301,6 +374,8 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             as_of=ctx.as_of,
             new_arrival_days=config.rerank.new_arrival_days,
             consumed=config.consumed_event_types,
+            ease_neighbours=ease.neighbours_of_run(spark, config, ctx.run_id),
+            ease_values=config.train.ease.values,
         )
         tables.write(
             result,

@@ -38,7 +38,7 @@ from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines.core import holdout, metrics, tables
+from pipelines.core import ease, holdout, metrics, tables
 from pipelines.core.als import AlsParams, als_recommend, fit_als, load_model, to_pairs
 from pipelines.core.cli import step_main
 from pipelines.core.config import EvaluateConfig, RecommendConfig, RerankConfig, ShelfConfig
@@ -67,6 +67,8 @@ POPULARITY = "popularity"
 RECENT_POPULARITY = "recent_popularity"
 ITEM_KNN = "item_knn"
 ALS_MODEL = "als"
+EASE = "ease"
+HOLDOUT_MODELS = (PUBLISHED, EASE)  # lists of the holdout run (pipelines.runner): scored only with its run id
 NEIGHBOUR = "neighbour"
 SIMILARITY = "similarity"
 METRICS_COLUMNS = (RUN_ID, MODEL, metrics.METRIC, metrics.K, metrics.METRIC_VALUE)
@@ -87,14 +89,14 @@ def split_pairs(interactions: DataFrame, evaluate: EvaluateConfig, ctx: RunConte
     return random_stratified_split(pairs, ratio=1.0 - evaluate.test_ratio, seed=evaluate.seed, by=by)
 
 
-def to_relevant(train: DataFrame, test: DataFrame) -> DataFrame:
-    """Test (user, item) pairs of users seen in training, minus items they already had in training."""
+def to_relevant(train: DataFrame, test: DataFrame, relevant: str = "unseen") -> DataFrame:
+    """Test (user, item) pairs of users seen in training, minus items they already had in training
+    (`relevant` "unseen"; "any" keeps them: repeat purchases count, for recommend.repeat_purchase)."""
     warm = train.select(USER_IDX).distinct()
-    return (
-        metrics.remove_seen(test.select(USER_IDX, ITEM_IDX).distinct(), train)
-        .join(warm, on=USER_IDX, how="inner")
-        .select(USER_IDX, ITEM_IDX)
-    )
+    pairs = test.select(USER_IDX, ITEM_IDX).distinct()
+    if relevant != "any":
+        pairs = metrics.remove_seen(pairs, train)
+    return pairs.join(warm, on=USER_IDX, how="inner").select(USER_IDX, ITEM_IDX)
 
 
 def _max_seen(train: DataFrame, users: DataFrame) -> int:
@@ -199,7 +201,25 @@ def recommend(
         return recommend_popular(recent_popularity_scores(train, config.evaluate.recent_days), users, train, k)
     if name == ITEM_KNN:
         return recommend_item_knn(train, users, config.evaluate, k)
+    if name == EASE:
+        return recommend_ease(spark, config, run_id, users, train, k)
     return als_recommend(load_model(holdout.holdout_config(config), run_id), users, train, k)
+
+
+def recommend_ease(
+    spark: SparkSession, config: ShelfConfig, run_id: str, users: DataFrame, train: DataFrame, k: int
+) -> DataFrame:
+    """EASE alone: the holdout run's B (gold.ease_neighbours) scores each user's top-k unseen items; no list when
+    the holdout run fitted no EASE (catalogue over train.ease.max_items, or disabled)."""
+    held = holdout.holdout_config(config)
+    neighbours = ease.neighbours_of_run(spark, held, run_id)
+    if neighbours is None:
+        return spark.createDataFrame([], f"{USER_IDX} int, {ITEM_IDX} int, {metrics.SCORE} double, {metrics.RANK} int")
+    interactions = tables.read(spark, held, "silver", "interactions").join(users, on=USER_IDX, how="left_semi")
+    x = ease.to_ease_input(interactions, config.train.ease.values)
+    seen = train.select(USER_IDX, ITEM_IDX)
+    scores = ease.ease_candidates(x, neighbours, seen, k).withColumnRenamed(ease.EASE_SCORE, metrics.SCORE)
+    return metrics.top_k(scores, k)
 
 
 def cutoffs(evaluate: EvaluateConfig) -> list[int]:
@@ -221,7 +241,7 @@ def evaluate_models(
 ) -> DataFrame:
     """gold.metrics rows: one per (model, metric, k) for every configured model."""
     ks = cutoffs(config.evaluate)
-    relevant = to_relevant(train, test).cache()
+    relevant = to_relevant(train, test, config.evaluate.relevant).cache()
     users = relevant.select(USER_IDX).distinct().cache()
     if users.limit(1).count() == 0:
         raise InputDataError(
@@ -441,6 +461,8 @@ def replay_lists(
     for name, rr in models.items():
         if name == PUBLISHED and run_id is not None:
             recs = published_lists(spark, config, run_id, window.users, k)
+        elif name == EASE and run_id is not None:  # the holdout run's EASE: it learnt from the events before T + d
+            recs = recommend_ease(spark, config, run_id, window.users, window.seen, k)
         elif rr is not None:
             done = replay_rerank(spark, window, rr, item_index, catalog, k, recommend=config.recommend)
             held.append(done)
@@ -480,7 +502,7 @@ def replay_metrics(
     `published` is scored only with the `run_id` of a holdout run (pipelines.runner)."""
     ks = cutoffs(config.evaluate)
     rr = rerank_config or config.rerank
-    named = {name: (rr if name == ALS_RERANK else None) for name in models if name != PUBLISHED or run_id}
+    named = {name: (rr if name == ALS_RERANK else None) for name in models if name not in HOLDOUT_MODELS or run_id}
     lists = replay_lists(spark, window, config, item_index, catalog, named, max(ks), run_id)
     try:
         return score_replay_lists(spark, window, lists, ks)

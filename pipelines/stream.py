@@ -418,6 +418,7 @@ def to_touched_items(accepted: DataFrame, users: DataFrame, item_index: DataFram
 
 
 _S_ITEMS, _S_ALS, _S_OTHERS, _S_KINDS = "_s_items", "_s_als", "_s_others", "_s_kinds"
+_S_EASE, _S_REBUY = "_s_ease", "_s_rebuy"  # the stored candidates' EASE and buy-again scores (0: none)
 _X_ITEMS, _X_KINDS, _KINDS = "_x_items", "_x_kinds", "_kinds"
 
 
@@ -431,6 +432,10 @@ def to_candidate_lists(stored: DataFrame) -> DataFrame:
         F.coalesce(F.col(ALS_SCORE).cast("double"), F.lit(float("nan"))).alias(ALS_SCORE),
         (F.size(SOURCES) - has[0] - has[1]).alias(_S_OTHERS),
         (has[0] * NEIGHBOURS_BIT + has[1] * POPULAR_BIT).alias(_S_KINDS),
+        *[
+            (F.coalesce(F.col(c), F.lit(0.0)) if c in stored.columns else F.lit(0.0)).cast("double").alias(alias)
+            for c, alias in ((reranking.EASE_SCORE, _S_EASE), (reranking.REBUY_SCORE, _S_REBUY))
+        ],
     )
     grouped = stored.groupBy(USER_IDX).agg(F.array_sort(F.collect_list(entry)).alias("_s"))
     return grouped.select(
@@ -439,6 +444,8 @@ def to_candidate_lists(stored: DataFrame) -> DataFrame:
         F.col(f"_s.{ALS_SCORE}").alias(_S_ALS),
         F.col(f"_s.{_S_OTHERS}").alias(_S_OTHERS),
         F.col(f"_s.{_S_KINDS}").alias(_S_KINDS),
+        F.col(f"_s.{_S_EASE}").alias(_S_EASE),
+        F.col(f"_s.{_S_REBUY}").alias(_S_REBUY),
     )
 
 
@@ -477,6 +484,8 @@ def to_batch_user_rows(serving: Serving, users: DataFrame, touched: DataFrame, e
             _S_ALS,
             _S_OTHERS,
             _S_KINDS,
+            _S_EASE,
+            _S_REBUY,
             F.col(f"_x.{ITEM_IDX}").alias(_X_ITEMS),
             F.col(f"_x.{_KINDS}").alias(_X_KINDS),
             *reranking.event_columns(),
@@ -508,7 +517,24 @@ def with_candidates(pdf: pd.DataFrame, max_candidates: int) -> pd.DataFrame:
     out = pdf[[USER_IDX, FEATURES, *EVENT_COLUMNS]].copy()
     out[CAND_ITEMS] = np.split(merged.items, cuts)
     out[CAND_ALS] = np.split(merged.als, cuts)
+    for column, target in ((_S_EASE, reranking.CAND_EASE), (_S_REBUY, reranking.CAND_REBUY)):
+        _, stored_scores = reranking.segments(pdf[column], np.float64)
+        scores = stored_score_of(stored_ptr, stored_items, stored_scores, merged.indptr, merged.items)
+        out[target] = np.split(scores, cuts)
     return out
+
+
+def stored_score_of(
+    stored_ptr: np.ndarray, stored_items: np.ndarray, stored: np.ndarray, indptr: np.ndarray, items: np.ndarray
+) -> np.ndarray:
+    """Each merged candidate's score among the user's stored candidates (0 for an extra one): both sides are
+    per-user segments in item order, so (row, item) keys are sorted and one searchsorted finds them."""
+    width = int(max(stored_items.max(initial=-1), items.max(initial=-1))) + 1
+    stored_keys = np.repeat(np.arange(stored_ptr.size - 1), np.diff(stored_ptr)) * width + stored_items
+    keys = np.repeat(np.arange(indptr.size - 1), np.diff(indptr)) * width + items
+    pos = np.minimum(np.searchsorted(stored_keys, keys), max(stored_keys.size - 1, 0))
+    found = (stored_keys.size > 0) & (stored_keys[pos] == keys) if stored_keys.size else np.zeros(keys.size, bool)
+    return np.where(found, stored[pos] if stored.size else 0.0, 0.0).astype(np.float64)
 
 
 @dataclass(frozen=True)

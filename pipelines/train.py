@@ -7,6 +7,8 @@ Reads silver.interactions (one row per event). Writes, for the run:
 - gold.item_factors: one row per item (item_idx, features array<float>, run_id), a snapshot per run
 - gold.training_runs: one row per run with the parameters used, the data sizes and the seconds taken
 - gold.tuning (with train.tune): one row per grid point with its validation NDCG@k
+- gold.ease_neighbours (train.ease.enabled and at most train.ease.max_items items): EASE's item-item weights
+  B, the top train.ease.top_n positive weights per item, one row per (item_idx, neighbour_idx) of the run
 
 The rating ALS sees is a confidence: the per-(user, item) sum of weight * decay, raw or log1p.
 """
@@ -14,6 +16,7 @@ The rating ALS sees is a confidence: the per-(user, item) sum of weight * decay,
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import asdict
 
@@ -21,7 +24,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType
 
-from pipelines.core import metrics, tables
+from pipelines.core import ease, metrics, tables
 from pipelines.core.als import FEATURES, AlsParams, als_recommend, fit_als, num_blocks, save_model, to_pairs
 from pipelines.core.als import load_model as load_model  # re-exported
 from pipelines.core.als import model_path as model_path  # re-exported
@@ -32,6 +35,8 @@ from pipelines.core.schemas import AS_OF, ITEM_IDX, RUN_ID, USER_IDX
 from pipelines.core.splits import leave_last_n_split
 
 STEP = "train"
+TUNE_BUDGET_FITS = 4.0  # tuning's default budget: this many times the first grid point's time
+log = logging.getLogger("shelf.train")
 
 
 def to_factors(frame: DataFrame, id_col: str, run_id: str) -> DataFrame:
@@ -61,6 +66,12 @@ def validation_ndcg(
     return float(row[0] or 0.0) if row is not None else 0.0
 
 
+def over_budget(spent: float, first: float, done: int, budget: float | None) -> bool:
+    """Whether one more grid point would pass the budget (None: TUNE_BUDGET_FITS x the first point's seconds)."""
+    limit = TUNE_BUDGET_FITS * first if budget is None else budget
+    return spent + spent / done > limit
+
+
 def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunContext) -> tuple[DataFrame, AlsParams]:
     """Grid search over rank/reg_param/alpha/confidence scored by NDCG@k on a per-user leave-last-N split
     carved from the training data only. Returns one row per grid point and the best parameters
@@ -75,13 +86,19 @@ def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunCont
         )
     ]
     results: list[tuple[AlsParams, float, float]] = []
-    for params in grid:
+    began = time.perf_counter()
+    for i, params in enumerate(grid):
+        if i and over_budget(time.perf_counter() - began, results[0][2], i, train.tune_budget_seconds):
+            log.info("[%s] tuning stopped after %d of %d grid points: its time budget is spent", STEP, i, len(grid))
+            break
         started = time.perf_counter()
         score = validation_ndcg(spark, train_pairs, holdout, params, train, train.tune_k)
         results.append((params, score, round(time.perf_counter() - started, 3)))
+        log.info("[%s] tune %s: validation NDCG@%d %.4f (%.1f s)", STEP, params, train.tune_k, score, results[-1][2])
     train_pairs.unpersist()
     holdout.unpersist()
     best = max(results, key=lambda row: row[1])[0]
+    log.info("[%s] tuning chose %s", STEP, best)
     rows = [
         (ctx.run_id, p.rank, p.reg_param, p.alpha, p.confidence, train.tune_k, score, seconds, p == best)
         for p, score, seconds in results
@@ -92,6 +109,30 @@ def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunCont
         "ndcg double, seconds double, best boolean",
     )
     return table, best
+
+
+def fit_ease(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> int:
+    """Fit EASE and write the run's gold.ease_neighbours; returns the items it covers (0: skipped or disabled).
+
+    Above train.ease.max_items the step logs that it skips EASE and the run is ALS-only, as before EASE existed;
+    a rerun of the same run id then also removes the EASE rows an earlier attempt wrote.
+    """
+    settings = config.train.ease
+    model = None
+    if settings.enabled:
+        x = ease.to_ease_input(tables.read(spark, config, "silver", "interactions"), settings.values)
+        model = ease.fit(x, settings.l2, settings.max_items, settings.top_n)
+        if model is None:
+            log.info(
+                "[%s] EASE skipped: the catalogue has more than train.ease.max_items=%d items", STEP, settings.max_items
+            )
+    if model is not None:
+        frame = ease.to_neighbour_frame(spark, model, ctx.run_id)
+        tables.write(frame, config, "gold", ease.TABLE, ctx.run_id, mode="run", comment=None)
+        return int(model.ids.size)
+    if tables.exists(spark, config, "gold", ease.TABLE):
+        tables.delete_where(spark, config, "gold", ease.TABLE, F.col(RUN_ID) == ctx.run_id)
+    return 0
 
 
 def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
@@ -106,6 +147,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             tables.write(tuning, config, "gold", "tuning", ctx.run_id, mode="run")
             counts["grid_points"] = tuning.count()
         model = fit_als(spark, pairs, params, train)
+        counts["ease_items"] = fit_ease(spark, config, ctx)
         save_model(model, config, ctx.run_id)
         user_factors = to_factors(model.userFactors, USER_IDX, ctx.run_id)
         item_factors = to_factors(model.itemFactors, ITEM_IDX, ctx.run_id)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
 from pipelines import candidates
 from pipelines.core import tables
@@ -151,7 +152,9 @@ def test_cap_keeps_the_best_per_user(spark: SparkSession) -> None:
     assert [list(s) for s in out["sources"]] == [["als", "neighbours"], ["als"], ["als"]]
 
 
-@pytest.mark.parametrize(("preset", "consumed", "kept"), [("movielens", "rating", "purchase"), ("synthetic", "purchase", "rating")])
+@pytest.mark.parametrize(
+    ("preset", "consumed", "kept"), [("movielens", "rating", "purchase"), ("synthetic", "purchase", "rating")]
+)
 def test_consumed_items_are_never_candidates_per_preset(
     spark: SparkSession, tmp_path: Path, preset: str, consumed: str, kept: str
 ) -> None:
@@ -163,15 +166,52 @@ def test_consumed_items_are_never_candidates_per_preset(
     item_f = rng.normal(size=(30, 4)).astype(np.float32)
     user_f = rng.normal(size=(8, 4)).astype(np.float32)
     best = np.argsort(-(user_f @ item_f.T), axis=1, kind="stable")
-    events = [(u, int(best[u, 0]), "rating", 1) for u in range(8)] + [(u, int(best[u, 1]), "purchase", 2) for u in range(8)]
+    events = [(u, int(best[u, 0]), "rating", 1) for u in range(8)] + [
+        (u, int(best[u, 1]), "purchase", 2) for u in range(8)
+    ]
     rows = [(u, i, t, AS_OF - timedelta(days=d), None, 1.0, 1.0, RUN, AS_OF) for u, i, t, d in events]
     tables.write(spark.createDataFrame(rows, INTERACTIONS_SCHEMA), config, "silver", "interactions", RUN)
     tables.write(factors_df(spark, "user_idx", np.arange(8), user_f), config, "gold", "user_factors", RUN)
     tables.write(factors_df(spark, "item_idx", np.arange(30), item_f), config, "gold", "item_factors", RUN)
-    sims = spark.createDataFrame([], "item_idx int, neighbour_idx int, score double, rank int, source string, run_id string")
+    sims = spark.createDataFrame(
+        [], "item_idx int, neighbour_idx int, score double, rank int, source string, run_id string"
+    )
     tables.write(sims, config, "gold", "item_similarities", RUN)
     candidates.run(spark, config, RunContext(run_id=RUN, as_of=AS_OF))
     got = {(r.user_idx, r.item_idx) for r in tables.read(spark, config, "gold", "candidates").collect()}
     by_type = {t: {(u, i) for u, i, tt, _ in events if tt == t} for t in ("rating", "purchase")}
     assert not (by_type[consumed] & got)
     assert by_type[kept] <= got
+
+
+def test_buy_again_offers_consumed_items_scored_by_their_repurchase_cycle(spark: SparkSession, tmp_path: Path) -> None:
+    """User 0 bought item 1 every 10 days, the last time 10 days ago (due again), and item 2 once, yesterday.
+    With recommend.repeat_purchase both come back as buy_again candidates, item 1 first; without, neither."""
+    events = [(0, 1, "purchase", d) for d in (30, 20, 10)] + [(0, 2, "purchase", 1), (0, 3, "view", 2)]
+    events += [(1, 1, "purchase", 5), (1, 4, "view", 3)]
+    rows = [(u, i, t, AS_OF - timedelta(days=d), None, 1.0, 1.0, RUN, AS_OF) for u, i, t, d in events]
+    scores = {}
+    for repeat in (True, False):
+        config = make_test_config(tmp_path / str(repeat), f"recommend.repeat_purchase={repeat}")
+        tables.write(spark.createDataFrame(rows, INTERACTIONS_SCHEMA), config, "silver", "interactions", RUN)
+        item_f = np.eye(5, dtype=np.float32)
+        tables.write(
+            factors_df(spark, "user_idx", np.arange(2), np.ones((2, 5), np.float32)),
+            config,
+            "gold",
+            "user_factors",
+            RUN,
+        )
+        tables.write(factors_df(spark, "item_idx", np.arange(5), item_f), config, "gold", "item_factors", RUN)
+        sims = spark.createDataFrame(
+            [], "item_idx int, neighbour_idx int, score double, rank int, source string, run_id string"
+        )
+        tables.write(sims, config, "gold", "item_similarities", RUN)
+        candidates.run(spark, config, RunContext(run_id=RUN, as_of=AS_OF))
+        again = tables.read(spark, config, "gold", "candidates").filter(F.array_contains("sources", "buy_again"))
+        scores[repeat] = {(r.user_idx, r.item_idx): r.rebuy_score for r in again.collect()}
+    assert scores[False] == {}
+    assert set(scores[True]) == {(0, 1), (0, 2), (1, 1)}
+    assert scores[True][(0, 1)] > scores[True][(0, 2)] > 0
+    # user 1 bought item 1 once, 5 days ago: item 1's median cycle (10 days, user 0's) is its interval
+    assert scores[True][(1, 1)] == pytest.approx(np.log1p(1) * np.exp(-abs(np.log((5 + 1) / (10 + 1)))), rel=1e-6)

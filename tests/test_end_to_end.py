@@ -3,6 +3,7 @@ reconcile, each user gets at most top_k ranked items, and the rerun changes noth
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,8 @@ from chispa import assert_df_equality
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import evaluate, rerank
-from pipelines.core import cli, holdout, tables
+from pipelines import candidates, evaluate, rerank, similarities, train
+from pipelines.core import cli, ease, holdout, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from tests.conftest import REPO, make_test_config
@@ -83,6 +84,10 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert per_user.count() >= 0.8 * config.generate.users  # nearly every real user is served
 
     assert_evaluation_scores_the_published_lists(spark, config)
+    cands = tables.read(spark, config, "gold", "candidates").filter(F.col("run_id") == "e2e")
+    from_ease = cands.filter(F.array_contains("sources", "ease"))
+    assert from_ease.count() > 0 and from_ease.filter(F.col("ease_score").isNull()).count() == 0
+    assert cands.filter(~F.array_contains("sources", "ease") & F.col("ease_score").isNotNull()).count() == 0
 
     before = recs.orderBy("user_id", "rank").cache()
     before.count()
@@ -107,6 +112,7 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "gated").count() == 0
 
     assert_refused_publish_leaves_the_serving_run(spark, config, tmp_path)
+    assert_a_catalogue_over_ease_max_items_runs_als_only(spark, tmp_path)
 
     # shelf forget: one user disappears from every table and saved model (the holdout's too); everyone else stays.
     held = holdout.holdout_config(config)
@@ -119,7 +125,9 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert cli.main([
         "forget", "--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={tmp_path / 'tables'}", "--user", victim,
     ]) == 0  # fmt: skip
-    every = [(c, layer, name) for c in (config, held) for layer, name in (*tables.KNOWN_TABLES, ("gold", "holdout_test"))]
+    every = [
+        (c, layer, name) for c in (config, held) for layer, name in (*tables.KNOWN_TABLES, ("gold", "holdout_test"))
+    ]
     for where, layer, name in every:
         if not tables.exists(spark, where, layer, name):
             continue
@@ -134,7 +142,7 @@ def test_run_end_to_end_is_complete_and_idempotent(
             hits = hits | F.col("raw").rlike(f"(^|,){victim}(,|$)")
         assert df.filter(hits).count() == 0, f"{layer}.{name} still holds {victim}"
     models = [*(tmp_path / "tables").glob("*models/*/*/userFactors")]  # the run's and the holdout run's
-    assert len(models) == 2
+    assert {m.parts[-4] for m in models} == {"models", "holdout_models"}
     assert models and all(spark.read.parquet(str(m)).filter(F.col("id") == victim_idx).count() == 0 for m in models)
     left = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
     assert_df_equality(others, left.orderBy("user_id", "rank"), ignore_row_order=True, ignore_nullable=True)
@@ -151,17 +159,17 @@ def assert_evaluation_scores_the_published_lists(spark: SparkSession, config: Sh
     index = tables.read(spark, held, "silver", "item_index").select("item_id", "item_idx")
     named = tables.read(spark, held, "silver", "user_index").select("user_id", "user_idx")
     as_written = written.join(named, "user_id").join(index, "item_id").select("user_idx", "item_idx", "score", "rank")
-    assert_df_equality(scored, as_written, ignore_row_order=True, ignore_nullable=True)
-    assert scored.count() == written.count() > 0
+    columns = ["user_idx", "item_idx", "score", "rank"]
+    rows = sorted(tuple(r) for r in scored.select(*columns).collect())
+    assert rows == sorted(tuple(r) for r in as_written.select(*columns).collect())
+    assert len(rows) == written.count() > 0
 
     as_of = written.first().as_of
     rerank.run(spark, held, RunContext(run_id="e2e", as_of=as_of))
     again = tables.read(spark, held, "gold", "recommendations").filter(F.col("run_id") == "e2e")
     assert_df_equality(written, again, ignore_row_order=True, ignore_nullable=True)
     written.unpersist()
-    models = {
-        r.model for r in tables.read(spark, config, "gold", "metrics").filter(F.col("run_id") == "e2e").collect()
-    }
+    models = {r.model for r in tables.read(spark, config, "gold", "metrics").filter(F.col("run_id") == "e2e").collect()}
     assert {"published", "popularity", "als"} <= models
 
 
@@ -177,3 +185,19 @@ def assert_refused_publish_leaves_the_serving_run(spark: SparkSession, config: S
         (F.col("run_id") == "refused") & (F.col("metric") == "ndcg") & (F.col("k") == 10)
     )
     assert {r.model for r in figures.collect()} >= {"published", "popularity"}
+
+
+def assert_a_catalogue_over_ease_max_items_runs_als_only(spark: SparkSession, tmp_path: Path) -> None:
+    """train.ease.max_items below the catalogue: no EASE rows, and the published lists are exactly those of a run
+    with EASE switched off (even with an ease weight in the re-rank)."""
+    lists = {}
+    for tag, setting in (("no-ease", "train.ease.enabled=false"), ("over-cap", "train.ease.max_items=5")):
+        cfg = make_test_config(tmp_path, setting, "rerank.weights.ease=3.0")
+        ctx = RunContext(run_id=tag, as_of=datetime(2026, 11, 1))
+        for step in (train, similarities, candidates, rerank):
+            step.run(spark, cfg, ctx)
+        rows = tables.read(spark, cfg, "gold", "recommendations").filter(F.col("run_id") == tag)
+        lists[tag] = rows.drop("run_id").cache()
+    assert ease.neighbours_of_run(spark, cfg, "over-cap") is None
+    assert lists["over-cap"].count() > 0
+    assert_df_equality(lists["no-ease"], lists["over-cap"], ignore_row_order=True, ignore_nullable=True)

@@ -458,3 +458,48 @@ def test_cooccurrence_matches_its_definition_per_user(seed: int, half_life: floa
             want_sum = sum(pull[j] * s for j, s in sims.items())
             np.testing.assert_allclose(feats["cooc_sum"][c], want_sum, rtol=1e-9, atol=1e-12)
             np.testing.assert_allclose(feats["cooc_max"][c], max(sims.values(), default=0.0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000))
+def test_ease_feature_alone_ranks_by_the_candidates_ease_scores(seed: int) -> None:
+    """With only the ease weight, each user's list is its candidates in descending cand_ease (ties: lower id),
+    and without cand_ease (a batch built before EASE) the feature is 0 everywhere."""
+    items, batch = make_case(seed)
+    items = replace(items, in_stock=np.ones_like(items.in_stock), blocked=np.zeros_like(items.blocked))
+    batch = batch._replace(event_bought=np.zeros_like(batch.event_bought))
+    ease = np.random.default_rng(seed).permutation(batch.cand_items.size).astype(np.float64)
+    params = RerankParams(top_k=3, mmr_lambda=1.0, category_cap=None, weights={"ease": 1.0})
+    result = rerank(items, batch._replace(cand_ease=ease), params)
+    for r in range(batch.cand_indptr.size - 1):
+        lo, hi = batch.cand_indptr[r], batch.cand_indptr[r + 1]
+        known = np.isin(batch.cand_items[lo:hi], items.ids)
+        order = np.lexsort((batch.cand_items[lo:hi][known], -ease[lo:hi][known]))
+        expected = batch.cand_items[lo:hi][known][order][:3]
+        np.testing.assert_array_equal(result.items[result.user_rows == r], expected)
+        np.testing.assert_array_equal(result.scores[result.user_rows == r], -np.sort(-ease[lo:hi][known])[:3])
+    plain = rerank(items, batch, params)
+    assert np.all(plain.scores == 0.0)
+
+
+def test_a_buy_again_candidate_escapes_the_bought_rule_and_says_so() -> None:
+    """Two candidates the user bought yesterday: only the one with a buy-again score survives the already-bought
+    rule, it carries the reason buy_again, and the buy_again weight orders it."""
+    items = ItemTable.plain(np.arange(3, dtype=np.int64), np.eye(3, dtype=np.float32))
+    base = dict(
+        user_factors=np.ones((1, 3), np.float32),
+        has_factors=np.array([True]),
+        cand_indptr=np.array([0, 3]),
+        cand_items=np.array([0, 1, 2]),
+        cand_als=np.array([False, False, True]),
+        event_indptr=np.array([0, 2]),
+        event_items=np.array([0, 1]),
+        event_weights=np.array([5.0, 5.0]),
+        event_ages=np.array([1.0, 1.0]),
+        event_bought=np.array([True, True]),
+    )
+    params = RerankParams(top_k=3, mmr_lambda=1.0, category_cap=None, weights={"als": 1.0, "buy_again": 2.0})
+    result = rerank(items, UserBatch(**base, cand_rebuy=np.array([0.0, 0.9, 0.0])), params)
+    assert result.items.tolist() == [1, 2]
+    assert reason_lists(result) == [["buy_again"], ["als"]]
+    assert rerank(items, UserBatch(**base), params).items.tolist() == [2]

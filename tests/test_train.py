@@ -182,3 +182,11 @@ def test_report_dir_is_local_even_for_a_remote_storage_root(
 ) -> None:
     config = _with(make_test_config(tmp_path), "storage", root=root, report_dir=report_dir)
     assert evaluate.report_dir(config, "r1") == Path(expected)
+
+
+def test_tuning_stops_before_a_grid_point_would_pass_its_budget() -> None:
+    # default budget: 4 x the first point's time; 3 points done in 30 s (10 s each) leave room for a 4th, not a 5th
+    assert not train.over_budget(spent=30.0, first=10.0, done=3, budget=None)
+    assert train.over_budget(spent=40.0, first=10.0, done=4, budget=None)
+    assert train.over_budget(spent=10.0, first=10.0, done=1, budget=15.0)
+    assert not train.over_budget(spent=10.0, first=10.0, done=1, budget=20.0)

@@ -24,6 +24,11 @@ UserBatch:
 - `cand_indptr`   (m + 1,) int64, `cand_items` (C,) int64 ids, `cand_als` (C,) bool (ALS proposed it)
 - `event_indptr`  (m + 1,) int64, `event_items` (E,) int64, `event_weights` (E,) float64 w(type),
   `event_ages` (E,) float64 days before as_of, `event_bought` (E,) bool (a purchase-like event)
+- `cand_ease`     (C,) float64 or None: the candidate's EASE score (x_u B)_c from `shelf candidates`, 0 when
+  EASE did not score it; None: every 0
+- `cand_rebuy`    (C,) float64 or None: the buy-again score of an item the user already consumed (candidates'
+  source buy_again, recommend.repeat_purchase); such a candidate escapes the already-bought rule and earns
+  the reason `buy_again`; None: every 0
 
 Model, per user u with fresh events j (age <= fresh_days) and candidates c:
 - session vector s_u = p_u + alpha * sum_j w_j * 2^(-age_j / half_life) * q_j;
@@ -37,7 +42,7 @@ Model, per user u with fresh events j (age <= fresh_days) and candidates c:
   candidate's price is unknown or u has no fresh priced item), cooc_sum = sum_j P_j * sim(j, c) and
   cooc_max = max_j sim(j, c) over u's distinct fresh items j other than c, where sim(j, c) is c's score
   in j's neighbour list (0 when c is not in it or j has no list) and P_j sums the pulls
-  w * 2^(-age / half_life) of u's fresh events on j (the session vector's weights);
+  w * 2^(-age / half_life) of u's fresh events on j (the session vector's weights); ease = cand_ease;
 - rules: drop out-of-stock, blocked-category, unknown and already-bought (age <= bought_window_days)
   items; keep each category's `category_cap` most relevant candidates;
 - relevance = weights . features (promo / new-arrival weights are the boosts);
@@ -49,7 +54,7 @@ Model, per user u with fresh events j (age <= fresh_days) and candidates c:
   output is sorted by score; ties go to the lower item id. lambda = 1 is the relevance order.
 
 Result (R rows, sorted by user row then rank): `user_rows` (R,) int64 index into the batch,
-`items` (R,) int64, `ranks` (R,) int32 from 1, `scores` (R,) float64, `flags` (R, 5) bool in
+`items` (R,) int64, `ranks` (R,) int32 from 1, `scores` (R,) float64, `flags` (R, 6) bool in
 REASON_FLAGS order, `similar_to` (R,) int64 (-1 = none).
 """
 
@@ -71,7 +76,8 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 ALS, PROMO, NEW_ARRIVAL, TRENDING, SIMILAR = "als", "promo", "new_arrival", "trending", "similar_to"
-REASON_FLAGS = (SIMILAR, ALS, PROMO, NEW_ARRIVAL, TRENDING)  # column order of RerankResult.flags
+BUY_AGAIN = "buy_again"
+REASON_FLAGS = (SIMILAR, ALS, PROMO, NEW_ARRIVAL, TRENDING, BUY_AGAIN)  # column order of RerankResult.flags
 PAIR_CHUNK = 1 << 15  # (candidate, fresh item) pairs per cosine block
 FEATURES = (
     "als",
@@ -84,6 +90,8 @@ FEATURES = (
     "price_fit",
     "cooc_sum",
     "cooc_max",
+    "ease",
+    "buy_again",
 )
 
 
@@ -112,6 +120,8 @@ class RerankParams:
             "price_fit": 0.1,
             "cooc_sum": 8.0,
             "cooc_max": 0.5,
+            "ease": 1.0,
+            "buy_again": 1.0,
         }
     )  # the kernel's own defaults, used by its tests; the product's tuned defaults live in conf/base.yaml
 
@@ -217,6 +227,8 @@ class UserBatch(NamedTuple):
     event_weights: FloatArray
     event_ages: FloatArray
     event_bought: BoolArray
+    cand_ease: FloatArray | None = None  # (C,) the candidate's EASE score s_u . B_c (0 = none); None: all 0
+    cand_rebuy: FloatArray | None = None  # (C,) buy-again score of an item the user consumed (0 = none); None: all 0
 
 
 class RerankResult(NamedTuple):
@@ -451,6 +463,8 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
         "price_fit": price_fit,
         "cooc_sum": cooc_sum,
         "cooc_max": cooc_max,
+        "ease": np.zeros(cand_row.size) if batch.cand_ease is None else batch.cand_ease.astype(np.float64),
+        "buy_again": np.zeros(cand_row.size) if batch.cand_rebuy is None else batch.cand_rebuy.astype(np.float64),
         "_col": cand_col,
         "_row": cand_row,
         "_similar_to": similar_to,
@@ -474,7 +488,8 @@ def rerank(items: ItemTable, batch: UserBatch, params: RerankParams) -> RerankRe
     ev_row = _segment_rows(batch.event_indptr)
     bought = batch.event_bought & (batch.event_ages <= params.bought_window_days)
     bought_keys = ev_row[bought] * (n + 1) + _columns(batch.event_items[bought], items.ids)
-    keep &= ~np.isin(row * (n + 1) + col, bought_keys)
+    rebuy = feats["buy_again"] > 0  # a buy-again candidate (recommend.repeat_purchase) escapes the bought rule
+    keep &= ~np.isin(row * (n + 1) + col, bought_keys) | rebuy
 
     idx = np.flatnonzero(keep)
     order = idx[np.lexsort((batch.cand_items[idx], -relevance[idx], row[idx]))]  # (row, -relevance, item) order
@@ -507,6 +522,7 @@ def rerank(items: ItemTable, batch: UserBatch, params: RerankParams) -> RerankRe
     flags[:, 2] = items.promo[csafe] if n else False
     flags[:, 3] = items.new_arrival[csafe] if n else False
     flags[:, 4] = (items.popularity[csafe] >= params.trending_threshold) if n else False
+    flags[:, 5] = rebuy[chosen]
     return RerankResult(
         chosen_rows.astype(np.int64),
         batch.cand_items[chosen].astype(np.int64),
@@ -524,7 +540,7 @@ def reason_lists(result: RerankResult, name_items: Callable[[np.ndarray], np.nda
     vectorised call (e.g. the source's item ids); without it a reason names the dense id.
 
     The lists are output-sized (users x K), so no per-row numpy call: each row's flag combination is a
-    code into the 2^4 precomputed name lists (copied per row), and only rows with `similar_to` format a string.
+    code into the 2^5 precomputed name lists (copied per row), and only rows with `similar_to` format a string.
     """
     flags = np.asarray(result.flags, dtype=bool).reshape(-1, len(REASON_FLAGS))
     names = REASON_FLAGS[1:]

@@ -80,7 +80,7 @@ class SourceConfig(_Section):
             "rating": "rating",
         }
     )
-    catalog_path: str | None = ".data/demo/catalog"
+    catalog_path: str | None = None  # None: no catalogue file (the synthetic preset: the demo's, .data/demo/catalog)
     catalog_format: Literal["csv", "json", "parquet", "delta"] = "csv"
     catalog_columns: CatalogMapping = CatalogMapping()
 
@@ -130,9 +130,22 @@ class CleanConfig(_Section):
 
 class TuneGrid(_Section):
     rank: list[int] = Field(default_factory=lambda: [16, 32])
-    reg_param: list[float] = Field(default_factory=lambda: [0.01, 0.1])
-    alpha: list[float] = Field(default_factory=lambda: [1.0, 10.0])
+    reg_param: list[float] = Field(default_factory=lambda: [0.1, 0.01])
+    alpha: list[float] = Field(default_factory=lambda: [10.0, 1.0])
     confidence: list[Literal["raw", "log1p"]] = ["log1p"]  # pydantic copies list defaults per instance
+
+
+EaseValues = Literal["binary", "log_count"]
+
+
+class EaseConfig(_Section):
+    """EASE (Steck 2019), the closed-form item-item model beside ALS (pipelines/core/ease.py)."""
+
+    enabled: bool = True  # fit EASE when the catalogue has at most max_items items (ALS is always fitted)
+    max_items: int = Field(20000, ge=1)  # above it the train step logs that it skips EASE: B is items x items
+    l2: float = Field(500.0, gt=0)  # lambda in P = (X^T X + lambda I)^-1
+    top_n: int = Field(200, ge=1)  # B's largest positive weights kept per item (gold.ease_neighbours)
+    values: EaseValues = "binary"  # X: binary (touched or not) or log_count (log1p of the user's events on the item)
 
 
 class TrainConfig(_Section):
@@ -145,8 +158,12 @@ class TrainConfig(_Section):
     checkpoint_interval: int = 5
     num_blocks: int | None = None  # None: the session's default parallelism, capped at 4
     confidence: Literal["raw", "log1p"] = "log1p"
-    tune: bool = False
+    # Tune ALS on a per-user leave-last-N validation split of the training data only, trying the grid in order
+    # (the first point: the configured parameters) until the budget would be passed.
+    tune: bool = True
+    tune_budget_seconds: float | None = None  # None: 4 x the first grid point's time (fit + validation lists)
     grid: TuneGrid = TuneGrid()
+    ease: EaseConfig = EaseConfig()
     tune_k: int = 10  # tuning scores NDCG@tune_k on a per-user leave-last-N validation split
     validation_last_n: int = 1
 
@@ -170,13 +187,17 @@ class EvaluateConfig(_Section):
     # "published" is the lists the publish path writes (train -> similarities -> candidates -> rerank run on the
     # training part, read back from the holdout's gold.recommendations): the product's quality. The others are
     # baselines scored on the same split.
-    models: list[Literal["published", "popularity", "recent_popularity", "item_knn", "als"]] = [
+    models: list[Literal["published", "popularity", "recent_popularity", "item_knn", "als", "ease"]] = [
         "published",
         "popularity",
         "recent_popularity",
         "item_knn",
         "als",
+        "ease",
     ]  # pydantic copies list defaults per instance
+    # unseen: a test item counts only if the user had not touched it in training (new items); any: every test item
+    # counts, repeats included (buy-again: recommend.repeat_purchase). Baselines always rank unseen items.
+    relevant: Literal["unseen", "any"] = "unseen"
     # `shelf run` evaluates before it publishes: fail refuses to publish (exit 6) when published NDCG@k is below
     # popularity's x (1 + gate_margin), warn logs it and publishes, off skips the check.
     gate: Literal["fail", "warn", "off"] = "fail"
@@ -200,6 +221,10 @@ class RecommendConfig(_Section):
     # Event types that consume an item: it is never recommended to that user again (candidates, re-rank and
     # evaluation alike). None: the preset's (movielens: rating; synthetic, online_retail, generic: purchase).
     consumed_event_types: list[str] | None = None
+    # Buy again: items the user consumed come back as candidates (source buy_again, reason buy_again), scored by
+    # their repurchase cycle (rerank.weights.buy_again); false: a consumed item is never recommended again.
+    repeat_purchase: bool = False
+    buy_again_k: int = Field(20, ge=1)  # consumed items per user offered again, best repurchase score first
     recent_items: int = 5  # a user's most recently touched items whose neighbours become candidates
     neighbours_per_item: int = 10
     popular_k: int = 100  # popularity fallback for users without ALS factors
@@ -222,6 +247,8 @@ class RerankWeights(_Section):
     price_fit: float = 0.1  # exp(-|log price - the user's fresh weighted mean log price|), 0 without prices
     cooc_sum: float = 0.5  # sum over fresh items j of pull_j * co-occurrence sim(j, c) (j's top-N neighbour list)
     cooc_max: float = 2.0  # max over fresh items j of co-occurrence sim(j, c)
+    ease: float = 4.0  # the candidate's EASE score (x_u B)_c; 4: best of 1, 2, 4, 8 on a MovieLens validation split
+    buy_again: float = 1.0  # the buy-again score of a consumed item (recommend.repeat_purchase); 0 otherwise
 
 
 class RerankConfig(_Section):
@@ -234,7 +261,9 @@ class RerankConfig(_Section):
     event_weights: dict[str, float] = Field(
         default_factory=lambda: {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0, "rating": 1.0}
     )
-    bought_window_days: float = Field(30.0, ge=0)  # fresh consumed items (recommend.consumed_event_types) in it: dropped
+    bought_window_days: float = Field(
+        30.0, ge=0
+    )  # fresh consumed items (recommend.consumed_event_types) in it: dropped
     blocked_categories: list[str] = Field(default_factory=list)
     category_cap: int | None = Field(None, ge=1)  # None: no cap (a shop that wants one sets it)
     new_arrival_days: float = Field(30.0, ge=0)  # launched within this many days before as_of
@@ -286,6 +315,8 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "recommend": {"consumed_event_types": ["purchase"]},
         "evaluate": {"protocol": "temporal"},
     },
+    # the demo generator writes its catalogue here; the other presets have none unless source.catalog_path is set
+    "synthetic": {"source": {"catalog_path": ".data/demo/catalog"}},
 }
 
 
@@ -294,7 +325,8 @@ def with_preset_defaults(data: dict[str, Any]) -> dict[str, Any]:
     merged = dict(data)
     source = merged.get("source") or {}
     preset = source.preset if isinstance(source, BaseModel) else source.get("preset", "synthetic")
-    for section, values in PRESET_DEFAULTS["movielens" if preset == "movielens" else "shop"].items():
+    chosen = ["movielens"] if preset == "movielens" else ["shop", "synthetic"] if preset == "synthetic" else ["shop"]
+    for section, values in (item for name in chosen for item in PRESET_DEFAULTS[name].items()):
         given = merged.get(section) or {}
         if isinstance(given, BaseModel):
             given = given.model_dump(exclude_unset=True)

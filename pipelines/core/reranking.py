@@ -48,6 +48,9 @@ log = logging.getLogger("shelf.rerank")
 
 FEATURES = "features"
 ALS_SCORE = "als_score"
+EASE_SCORE = "ease_score"
+REBUY_SCORE = "rebuy_score"
+OPTIONAL_SCORES = (EASE_SCORE, REBUY_SCORE)  # candidate columns of later sources: absent in older tables
 SOURCES = "sources"
 RANK = "rank"
 SCORE = "score"
@@ -56,7 +59,7 @@ POPULARITY = "popularity"
 NEW_ARRIVAL = "new_arrival"
 BLOCKED = "blocked"
 NEIGHBOUR_IDX = "neighbour_idx"
-CAND_ITEMS, CAND_ALS = "cand_items", "cand_als"
+CAND_ITEMS, CAND_ALS, CAND_EASE, CAND_REBUY = "cand_items", "cand_als", "cand_ease", "cand_rebuy"
 EV_ITEMS, EV_WEIGHTS, EV_AGES, EV_BOUGHT = "ev_items", "ev_weights", "ev_ages", "ev_bought"
 EVENT_COLUMNS = (EV_ITEMS, EV_WEIGHTS, EV_AGES, EV_BOUGHT)
 _AGE, _W, _BOUGHT, _USERS = "_age", "_w", "_bought", "_users"
@@ -206,16 +209,22 @@ def build_item_table(attributes: DataFrame, neighbours: DataFrame | None = None)
 
 
 def to_capped_candidates(candidates: DataFrame, max_candidates: int) -> DataFrame:
-    """At most `max_candidates` ALS-proposed candidates per user (highest ALS score, then more sources, then
-    item id) plus at most `max_candidates` others (e.g. neighbours of recent items: more sources, then item
-    id), so ALS's long tail never pushes out the candidates of the other sources."""
+    """At most `max_candidates` ALS-proposed candidates per user (highest ALS score, then EASE score, more
+    sources, item id) plus at most `max_candidates` others (EASE's, neighbours of recent items: highest EASE
+    score, then more sources, then item id), so ALS's long tail never pushes out the other sources'."""
+    for name in OPTIONAL_SCORES:  # tables written before EASE / buy-again, and the stream's extra candidates
+        if name not in candidates.columns:
+            candidates = candidates.withColumn(name, F.lit(None).cast("double"))
     order = Window.partitionBy(USER_IDX, F.col(ALS_SCORE).isNull()).orderBy(
-        F.col(ALS_SCORE).desc_nulls_last(), F.size(SOURCES).desc(), F.col(ITEM_IDX).asc()
+        F.col(ALS_SCORE).desc_nulls_last(),
+        F.col(EASE_SCORE).desc_nulls_last(),
+        F.size(SOURCES).desc(),
+        F.col(ITEM_IDX).asc(),
     )
     return (
         candidates.withColumn("_n", F.row_number().over(order))
         .filter(F.col("_n") <= max_candidates)
-        .select(USER_IDX, ITEM_IDX, ALS_SCORE, SOURCES)
+        .select(USER_IDX, ITEM_IDX, ALS_SCORE, *OPTIONAL_SCORES, SOURCES)
     )
 
 
@@ -250,12 +259,19 @@ def event_columns() -> list[Column]:
 
 def to_user_rows(candidates: DataFrame, user_factors: DataFrame, fresh: DataFrame) -> DataFrame:
     """One row per user with candidates: user_idx, features (null without factors), cand_items,
-    cand_als (candidate arrays in item order), ev_items, ev_weights, ev_ages, ev_bought (by age, item)."""
-    cand = candidates.groupBy(USER_IDX).agg(
-        F.array_sort(F.collect_list(F.struct(F.col(ITEM_IDX), (F.col(ALS_SCORE).isNotNull()).alias(CAND_ALS)))).alias(
-            "_c"
-        )
+    cand_als, cand_ease, cand_rebuy (candidate arrays in item order), ev_items, ev_weights, ev_ages, ev_bought (by age, item)."""
+
+    def score(name: str) -> Column:
+        present = F.coalesce(F.col(name), F.lit(0.0)) if name in candidates.columns else F.lit(0.0)
+        return present.cast("double")
+
+    entry = F.struct(
+        F.col(ITEM_IDX),
+        F.col(ALS_SCORE).isNotNull().alias(CAND_ALS),
+        score(EASE_SCORE).alias(CAND_EASE),
+        score(REBUY_SCORE).alias(CAND_REBUY),
     )
+    cand = candidates.groupBy(USER_IDX).agg(F.array_sort(F.collect_list(entry)).alias("_c"))
     return (
         cand.join(user_factors.select(USER_IDX, FEATURES), on=USER_IDX, how="left")
         .join(to_event_lists(fresh), on=USER_IDX, how="left")
@@ -264,6 +280,8 @@ def to_user_rows(candidates: DataFrame, user_factors: DataFrame, fresh: DataFram
             F.col(FEATURES),
             F.col(f"_c.{ITEM_IDX}").alias(CAND_ITEMS),
             F.col(f"_c.{CAND_ALS}").alias(CAND_ALS),
+            F.col(f"_c.{CAND_EASE}").alias(CAND_EASE),
+            F.col(f"_c.{CAND_REBUY}").alias(CAND_REBUY),
             *event_columns(),
         )
     )
@@ -290,7 +308,22 @@ def to_user_batch(pdf: pd.DataFrame, rank: int) -> UserBatch:
     _, ev_weights = segments(pdf[EV_WEIGHTS], np.float64)
     _, ev_ages = segments(pdf[EV_AGES], np.float64)
     _, ev_bought = segments(pdf[EV_BOUGHT], np.bool_)
-    return UserBatch(factors, has, cand_ptr, cand_items, cand_als, ev_ptr, ev_items, ev_weights, ev_ages, ev_bought)
+    cand_ease = segments(pdf[CAND_EASE], np.float64)[1] if CAND_EASE in pdf.columns else None
+    cand_rebuy = segments(pdf[CAND_REBUY], np.float64)[1] if CAND_REBUY in pdf.columns else None
+    return UserBatch(
+        factors,
+        has,
+        cand_ptr,
+        cand_items,
+        cand_als,
+        ev_ptr,
+        ev_items,
+        ev_weights,
+        ev_ages,
+        ev_bought,
+        cand_ease,
+        cand_rebuy,
+    )
 
 
 def rerank_frame(

@@ -113,7 +113,10 @@ def write(
     def commit() -> None:  # rebuilt per attempt: a concurrent writer may have created the table meanwhile
         writer = df.write.format("delta").option("userMetadata", f"run_id={run_id}")
         if mode == "run" and exists(spark, config, layer, name):
-            writer = writer.mode("overwrite").option("replaceWhere", f"{RUN_ID} = '{run_id}'")
+            # mergeSchema: a table written by an earlier version gains the new nullable columns (e.g. ease_score).
+            writer = (
+                writer.mode("overwrite").option("replaceWhere", f"{RUN_ID} = '{run_id}'").option("mergeSchema", "true")
+            )
         else:
             writer = writer.mode("overwrite").option("overwriteSchema", "true")
         if _is_path(config):

@@ -1,0 +1,258 @@
+"""EASE on Spark: the Gram matrix, the driver-side fit, the neighbour table and the candidates.
+
+Reads silver.interactions rows (one row per event) handed in by the caller; writes nothing. The
+frames it builds:
+
+- EASE input: one row per (user_idx, item_idx) with the value x (1.0, or log1p of the event count)
+- the neighbour table, the shape of gold.ease_neighbours: one row per (item_idx, rank) with
+  neighbour_idx, weight (B_item,neighbour > 0) and run_id
+- candidates: one row per (user_idx, item_idx) with ease_score, at most k per user
+
+Only the model travels to the driver: the n x n Gram matrix (bounded by max_items², never by users)
+and the pruned neighbour table (items x top_n). Users stay in Spark and are scored inside
+`mapInPandas`, the numpy arrays riding in the function's closure. No SparkContext, RDD, broadcast
+or JVM call, so it all runs over Spark Connect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines.core import tables
+from pipelines.core.config import EaseValues, ShelfConfig
+from pipelines.core.neighbours import NEIGHBOUR_IDX, RANK
+from pipelines.core.schemas import ITEM_IDX, RUN_ID, USER_IDX, WEIGHT
+from udfs.ease import dense_peak_bytes, ease_csr, fit_ease, prune_top_n, top_n_sparse
+from udfs.topk import csr_from_lists, to_long
+
+log = logging.getLogger("shelf.ease")
+
+X = "x"
+EASE_SCORE = "ease_score"
+ITEMS = "_items"
+VALUES = "_values"
+EXCLUDED = "_excluded"
+
+
+NEIGHBOURS_SCHEMA = f"{ITEM_IDX} int, {NEIGHBOUR_IDX} int, {WEIGHT} float, {RANK} int, {RUN_ID} string"
+_CANDIDATES_SCHEMA = f"{USER_IDX} int, {ITEM_IDX} int, {EASE_SCORE} double"
+
+# The catalogue's pruned neighbour CSR (item_ids, nb_indptr, nb_cols, nb_weights), shipped in a closure.
+Catalogue = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class EaseModel:
+    """A fitted, pruned EASE model and how the fit went.
+
+    Attributes:
+        ids: (n,) ascending item ids of the catalogue.
+        src, dst, weight, rank: the pruned long arrays of `udfs.ease.prune_top_n`.
+        items: n.
+        gram_seconds: Spark job(s) computing XᵀX and bringing it to the driver.
+        inverse_seconds: the float64 inverse and B on the driver.
+        dense_bytes: estimated peak bytes of the dense n x n matrices during the fit.
+    """
+
+    ids: npt.NDArray[np.int64]
+    src: npt.NDArray[np.int64]
+    dst: npt.NDArray[np.int64]
+    weight: npt.NDArray[np.float32]
+    rank: npt.NDArray[np.int32]
+    items: int
+    gram_seconds: float
+    inverse_seconds: float
+    dense_bytes: int
+
+
+def to_ease_input(interactions: DataFrame, values: EaseValues) -> DataFrame:
+    """One row per (user, item) pair of silver.interactions: user_idx, item_idx, x.
+
+    Args:
+        interactions: silver.interactions rows, one per event.
+        values: "binary" (x = 1.0) or "log_count" (x = log1p(number of the pair's events)).
+
+    Returns:
+        user_idx int, item_idx int, x double.
+
+    Raises:
+        ValueError: `values` is neither "binary" nor "log_count".
+    """
+    if values not in ("binary", "log_count"):
+        raise ValueError(f"EASE values must be 'binary' or 'log_count', got {values!r}.")
+    pairs = interactions.groupBy(USER_IDX, ITEM_IDX).agg(F.count(F.lit(1)).alias("_events"))
+    x = F.lit(1.0) if values == "binary" else F.log1p(F.col("_events").cast("double"))
+    return pairs.select(
+        F.col(USER_IDX).cast("int").alias(USER_IDX),
+        F.col(ITEM_IDX).cast("int").alias(ITEM_IDX),
+        x.cast("double").alias(X),
+    )
+
+
+def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
+    """XᵀX over the items of `x`, dense on the driver, or None when there are more than `max_items` items.
+
+    The self-join on user costs Σ_u (items of u)², but its aggregate, the only thing collected, has at
+    most n² rows: the model's size, not the users'.
+
+    Args:
+        x: user_idx, item_idx, x (one row per pair, see `to_ease_input`).
+        max_items: the largest catalogue fitted; n² float64 must fit the driver several times over.
+
+    Returns:
+        (ids (n,) int64 ascending, gram (n, n) float64), or None above `max_items`.
+    """
+    n = x.select(ITEM_IDX).distinct().count()
+    if n > max_items:
+        return None
+    a = x.select(USER_IDX, F.col(ITEM_IDX).alias("_a"), F.col(X).alias("_xa"))
+    b = x.select(USER_IDX, F.col(ITEM_IDX).alias("_b"), F.col(X).alias("_xb"))
+    pairs = (
+        a.join(b, on=USER_IDX, how="inner")
+        .groupBy("_a", "_b")
+        .agg(F.sum(F.col("_xa") * F.col("_xb")).alias("_g"))
+        .select("_a", "_b", "_g")
+    )
+    pdf = pd.DataFrame(pairs.toPandas())  # bounded by max_items² rows; no orderBy: the fill is by position
+    item_a = pdf["_a"].to_numpy(dtype=np.int64)
+    item_b = pdf["_b"].to_numpy(dtype=np.int64)
+    ids = np.unique(item_a)  # every item pairs with itself, so the diagonal lists the catalogue
+    gram = np.zeros((ids.size, ids.size), dtype=np.float64)
+    gram[np.searchsorted(ids, item_a), np.searchsorted(ids, item_b)] = pdf["_g"].to_numpy(dtype=np.float64)
+    return ids, gram
+
+
+def fit(x: DataFrame, lam: float, max_items: int, top_n: int) -> EaseModel | None:
+    """Fit EASE on `x` and prune it to each item's `top_n` positive weights; None above `max_items` items.
+
+    Args:
+        x: user_idx, item_idx, x (see `to_ease_input`).
+        lam: L2 penalty λ, positive.
+        max_items: largest catalogue fitted (see `gram_matrix`).
+        top_n: neighbours kept per item.
+
+    Returns:
+        The model with its fit diagnostics, or None (logged) when the catalogue is too large.
+    """
+    started = time.perf_counter()
+    got = gram_matrix(x, max_items)
+    gram_seconds = time.perf_counter() - started
+    if got is None:
+        log.info("ease: skipped, more than max_items=%d items", max_items)
+        return None
+    ids, gram = got
+    del got  # fit_ease overwrites gram in place: no second n x n copy
+    started = time.perf_counter()
+    b = fit_ease(gram, lam, overwrite_gram=True)
+    del gram
+    inverse_seconds = time.perf_counter() - started
+    src, dst, weight, rank = prune_top_n(b, ids, top_n)
+    model = EaseModel(
+        ids, src, dst, weight, rank, int(ids.size), gram_seconds, inverse_seconds, dense_peak_bytes(ids.size)
+    )
+    log.info(
+        "ease: %d items, lambda %g, %d neighbours kept (top %d), gram %.2fs, inverse %.2fs, dense peak %.1f MB",
+        model.items,
+        lam,
+        src.size,
+        top_n,
+        gram_seconds,
+        inverse_seconds,
+        model.dense_bytes / 1e6,
+    )
+    return model
+
+
+def to_neighbour_frame(spark: SparkSession, model: EaseModel, run_id: str) -> DataFrame:
+    """The pruned model as rows of gold.ease_neighbours: item_idx, neighbour_idx, weight, rank, run_id.
+
+    Built from pandas on the driver: items x top_n rows at most.
+    """
+    pdf = pd.DataFrame(
+        {
+            ITEM_IDX: model.src.astype(np.int32),
+            NEIGHBOUR_IDX: model.dst.astype(np.int32),
+            WEIGHT: model.weight.astype(np.float32),
+            RANK: model.rank.astype(np.int32),
+            RUN_ID: np.full(model.src.size, run_id, dtype=object),
+        }
+    )
+    return spark.createDataFrame(pdf, NEIGHBOURS_SCHEMA)
+
+
+def neighbour_catalogue(neighbours: DataFrame) -> Catalogue:
+    """Collect item_idx, neighbour_idx, weight to the driver as the kernel's CSR (items x top_n rows)."""
+    pdf = pd.DataFrame(neighbours.select(ITEM_IDX, NEIGHBOUR_IDX, WEIGHT).toPandas())
+    src = pdf[ITEM_IDX].to_numpy(dtype=np.int64)
+    dst = pdf[NEIGHBOUR_IDX].to_numpy(dtype=np.int64)
+    item_ids = np.union1d(src, dst).astype(np.int64)
+    indptr, cols, weights = ease_csr(src, dst, pdf[WEIGHT].to_numpy(dtype=np.float32), item_ids)
+    return item_ids, indptr, cols, weights
+
+
+def ease_batches(batches: Iterable[pd.DataFrame], catalogue: Catalogue, k: int) -> Iterator[pd.DataFrame]:
+    """pandas adapter: users' (items, values, excluded) -> top-k items by EASE score.
+
+    Output dtypes match _CANDIDATES_SCHEMA (int32, int32, float64).
+    """
+    item_ids, nb_indptr, nb_cols, nb_weights = catalogue
+    for batch in batches:
+        if batch.empty:
+            continue
+        users = batch[USER_IDX].to_numpy(dtype=np.int64)
+        indptr, items = csr_from_lists(list(batch[ITEMS]))
+        values = [np.asarray(v, dtype=np.float64) for v in batch[VALUES]]
+        flat = np.concatenate(values) if values else np.zeros(0, dtype=np.float64)
+        ex_indptr, ex_indices = csr_from_lists(list(batch[EXCLUDED]))
+        result = top_n_sparse(indptr, items, flat, nb_indptr, nb_cols, nb_weights, item_ids, k, ex_indptr, ex_indices)
+        keys, ids, scores, _ = to_long(users, result)
+        yield pd.DataFrame(
+            {USER_IDX: keys.astype(np.int32), ITEM_IDX: ids.astype(np.int32), EASE_SCORE: scores.astype(np.float64)}
+        )
+
+
+def ease_candidates(x: DataFrame, neighbours: DataFrame, exclude: DataFrame, k: int) -> DataFrame:
+    """Top-k items per user by EASE score, excluded pairs removed: user_idx, item_idx, ease_score.
+
+    Args:
+        x: user_idx, item_idx, x (see `to_ease_input`).
+        neighbours: item_idx, neighbour_idx, weight (the pruned model, e.g. gold.ease_neighbours of one run).
+        exclude: user_idx, item_idx pairs never proposed (e.g. items already bought).
+        k: candidates per user.
+
+    Returns:
+        user_idx int, item_idx int, ease_score double; only positive scores, so users whose items are
+        all outside the model get no rows.
+    """
+    catalogue = neighbour_catalogue(neighbours)
+    # Sorting the (item, x) structs keeps the two lists aligned and their order deterministic.
+    held = F.sort_array(F.collect_list(F.struct(F.col(ITEM_IDX), F.col(X))))
+    users = (
+        x.groupBy(USER_IDX)
+        .agg(held.alias("_held"))
+        .select(USER_IDX, F.col(f"_held.{ITEM_IDX}").alias(ITEMS), F.col(f"_held.{X}").alias(VALUES))
+    )
+    excluded = exclude.groupBy(USER_IDX).agg(F.collect_list(ITEM_IDX).alias(EXCLUDED))
+    scored = users.join(excluded, on=USER_IDX, how="left").select(USER_IDX, ITEMS, VALUES, EXCLUDED)
+    return scored.mapInPandas(lambda it: ease_batches(it, catalogue, k), _CANDIDATES_SCHEMA)
+
+
+TABLE = "ease_neighbours"  # gold.ease_neighbours: the train step's pruned B, rows of each run
+
+
+def neighbours_of_run(spark: SparkSession, config: ShelfConfig, run_id: str) -> DataFrame | None:
+    """gold.ease_neighbours rows of `run_id` (item_idx, neighbour_idx, weight), or None when that run has no EASE
+    (the table is absent, or the train step skipped EASE: catalogue over train.ease.max_items, or disabled)."""
+    if not tables.exists(spark, config, "gold", TABLE):
+        return None
+    rows = tables.read(spark, config, "gold", TABLE).filter(F.col(RUN_ID) == run_id)
+    return rows.select(ITEM_IDX, NEIGHBOUR_IDX, WEIGHT) if not rows.isEmpty() else None
