@@ -226,3 +226,15 @@ def test_to_long_flattens_sparse_result() -> None:
     result = top_n_sparse([0, 1, 1], [1], [2.0], indptr, cols, weights, ids, 3)
     keys, items, scores, ranks = to_long(np.array([7, 8]), result)
     assert keys.tolist() == [7] and items.tolist() == [2] and scores.tolist() == [1.0] and ranks.tolist() == [1]
+
+
+def test_the_drivers_cholesky_inverse_gives_the_same_b_as_numpys_general_inverse() -> None:
+    from pipelines.core.ease import spd_inverse
+
+    rng = np.random.default_rng(3)
+    x = (rng.random((120, 40)) < 0.2).astype(np.float64)
+    gram = x.T @ x
+    np.testing.assert_allclose(spd_inverse(gram + 7.0 * np.eye(40)), np.linalg.inv(gram + 7.0 * np.eye(40)), rtol=1e-10)
+    np.testing.assert_allclose(fit_ease(gram, 7.0, inverse=spd_inverse), fit_ease(gram, 7.0), rtol=1e-5, atol=1e-7)
+    with pytest.raises(np.linalg.LinAlgError, match="positive definite"):
+        spd_inverse(-np.eye(3))

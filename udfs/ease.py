@@ -26,6 +26,8 @@ the cut go to the lower id, so results equal a full sort.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -42,7 +44,13 @@ DEFAULT_BLOCK_CELLS = 4_000_000
 DENSE_BUFFERS = 4
 
 
-def fit_ease(gram: npt.ArrayLike, lam: float, *, overwrite_gram: bool = False) -> FloatArray:
+def fit_ease(
+    gram: npt.ArrayLike,
+    lam: float,
+    *,
+    overwrite_gram: bool = False,
+    inverse: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]] = np.linalg.inv,
+) -> FloatArray:
     """The EASE weight matrix from a Gram matrix, inverted in float64.
 
     Args:
@@ -50,6 +58,8 @@ def fit_ease(gram: npt.ArrayLike, lam: float, *, overwrite_gram: bool = False) -
         lam: L2 penalty λ added to the diagonal; must be positive so G + λI is invertible.
         overwrite_gram: reuse `gram` (a float64 ndarray) as the work buffer, saving one n x n copy;
             its contents are then destroyed.
+        inverse: inverts the symmetric positive definite G + λI (it may overwrite its argument); numpy's
+            general inverse by default, a Cholesky inverse (about 2.7x fewer flops) on the driver.
 
     Returns:
         (n, n) float32 B with B_ij = -P_ij / P_jj and a zero diagonal, P = (G + λI)⁻¹.
@@ -66,7 +76,7 @@ def fit_ease(gram: npt.ArrayLike, lam: float, *, overwrite_gram: bool = False) -
         g = g.copy()  # np.asarray already copied when gram was a list or another dtype
     n = g.shape[0]
     g.flat[:: n + 1] += lam
-    p = np.linalg.inv(g)
+    p = inverse(g)
     del g
     diag = np.diagonal(p).copy()
     p /= -diag[None, :]  # column j scaled by -1 / P_jj, in place: no third n x n float64 buffer

@@ -26,6 +26,7 @@ import numpy.typing as npt
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from scipy.linalg import lapack
 
 from pipelines.core import tables
 from pipelines.core.config import EaseValues, ShelfConfig
@@ -131,6 +132,20 @@ def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], np
     return ids, gram
 
 
+def spd_inverse(matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The inverse of a symmetric positive definite float64 matrix by Cholesky (LAPACK potrf + potri: about n³
+    flops against 8n³/3 for a general inverse), computed in `matrix`'s own buffer where LAPACK allows."""
+    factor, info = lapack.dpotrf(matrix, lower=0, clean=0, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"G + lambda I is not positive definite (potrf info {info})")
+    inv, info = lapack.dpotri(factor, lower=0, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the Cholesky inverse failed (potri info {info})")
+    upper = np.triu_indices_from(inv, k=1)
+    inv[(upper[1], upper[0])] = inv[upper]  # potri fills the upper triangle only
+    return np.asarray(inv, dtype=np.float64)
+
+
 def fit(x: DataFrame, lam: float, max_items: int, top_n: int) -> EaseModel | None:
     """Fit EASE on `x` and prune it to each item's `top_n` positive weights; None above `max_items` items.
 
@@ -152,7 +167,7 @@ def fit(x: DataFrame, lam: float, max_items: int, top_n: int) -> EaseModel | Non
     ids, gram = got
     del got  # fit_ease overwrites gram in place: no second n x n copy
     started = time.perf_counter()
-    b = fit_ease(gram, lam, overwrite_gram=True)
+    b = fit_ease(gram, lam, overwrite_gram=True, inverse=spd_inverse)
     del gram
     inverse_seconds = time.perf_counter() - started
     src, dst, weight, rank = prune_top_n(b, ids, top_n)
