@@ -34,19 +34,24 @@ PUBLISHING = ("train", "similarities", "candidates", "rerank")
 PUBLISHED, POPULARITY, NDCG = "published", "popularity", "ndcg"
 
 
+def rehearsal_steps(config: ShelfConfig) -> tuple[str, ...]:
+    """The publishing steps the holdout needs: all four for `published`, train alone for `ease` or (except under
+    replay, which fits its own ALS) `als`, none for the plain baselines."""
+    models = set(config.evaluate.models)
+    if PUBLISHED in models:
+        return PUBLISHING
+    needs_model = {"ease"} if config.evaluate.protocol == "replay" else {"als", "ease"}
+    return ("train",) if needs_model & models else ()
+
+
 def evaluate_published(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
     """The holdout rehearsal (publishing steps on the training part), then the evaluate step."""
-    if PUBLISHED in config.evaluate.models:
-        held, held_ctx = holdout.prepare(spark, config, ctx)
-        log.info(
-            "[evaluate] holdout rehearsal: %s on the training part, as_of=%s",
-            ", ".join(PUBLISHING),
-            held_ctx.as_of.isoformat(),
-        )
-        for name in PUBLISHING:
-            step_function(name)(spark, held, held_ctx)
-    else:
-        holdout.prepare(spark, config, ctx)
+    held, held_ctx = holdout.prepare(spark, config, ctx)
+    steps = rehearsal_steps(config)
+    if steps:
+        log.info("[evaluate] holdout rehearsal: %s on the training part, as_of=%s", ", ".join(steps), held_ctx.as_of)
+    for name in steps:
+        step_function(name)(spark, held, held_ctx)
     step_function(EVALUATE)(spark, config, ctx)
 
 

@@ -35,7 +35,7 @@ from pipelines.core.schemas import AS_OF, ITEM_IDX, RUN_ID, USER_IDX
 from pipelines.core.splits import leave_last_n_split
 
 STEP = "train"
-TUNE_BUDGET_FITS = 4.0  # tuning's default budget: this many times the first grid point's time
+TUNE_BUDGET_FITS = 4.0  # tuning's default budget: this many times the first grid point's ALS fit
 log = logging.getLogger("shelf.train")
 
 
@@ -55,20 +55,23 @@ def validation_ndcg(
     params: AlsParams,
     train: TrainConfig,
     k: int,
-) -> float:
-    """Mean NDCG@k of ALS with `params` on the held-out pairs of users it trained on."""
+) -> tuple[float, float]:
+    """Mean NDCG@k of ALS with `params` on the held-out pairs of users it trained on, and the fit's seconds."""
+    started = time.perf_counter()
     model = fit_als(spark, train_pairs, params, train)
+    fit_seconds = time.perf_counter() - started
     relevant = metrics.remove_seen(holdout, train_pairs).join(
         train_pairs.select(USER_IDX).distinct(), on=USER_IDX, how="inner"
     )
     recs = als_recommend(model, relevant.select(USER_IDX), train_pairs, k)
     row = metrics.per_user_metrics(recs, relevant, [k]).agg(F.avg("ndcg")).first()
-    return float(row[0] or 0.0) if row is not None else 0.0
+    return (float(row[0] or 0.0) if row is not None else 0.0), fit_seconds
 
 
-def over_budget(spent: float, first: float, done: int, budget: float | None) -> bool:
-    """Whether one more grid point would pass the budget (None: TUNE_BUDGET_FITS x the first point's seconds)."""
-    limit = TUNE_BUDGET_FITS * first if budget is None else budget
+def over_budget(spent: float, first_fit: float, done: int, budget: float | None) -> bool:
+    """Whether one more grid point (at the mean point's time so far) would pass the budget (None:
+    TUNE_BUDGET_FITS x the first point's ALS fit, so tuning costs at most that many fits)."""
+    limit = TUNE_BUDGET_FITS * first_fit if budget is None else budget
     return spent + spent / done > limit
 
 
@@ -86,13 +89,14 @@ def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunCont
         )
     ]
     results: list[tuple[AlsParams, float, float]] = []
-    began = time.perf_counter()
+    began, first_fit = time.perf_counter(), 0.0
     for i, params in enumerate(grid):
-        if i and over_budget(time.perf_counter() - began, results[0][2], i, train.tune_budget_seconds):
+        if i and over_budget(time.perf_counter() - began, first_fit, i, train.tune_budget_seconds):
             log.info("[%s] tuning stopped after %d of %d grid points: its time budget is spent", STEP, i, len(grid))
             break
         started = time.perf_counter()
-        score = validation_ndcg(spark, train_pairs, holdout, params, train, train.tune_k)
+        score, fit_seconds = validation_ndcg(spark, train_pairs, holdout, params, train, train.tune_k)
+        first_fit = first_fit or fit_seconds
         results.append((params, score, round(time.perf_counter() - started, 3)))
         log.info("[%s] tune %s: validation NDCG@%d %.4f (%.1f s)", STEP, params, train.tune_k, score, results[-1][2])
     train_pairs.unpersist()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pyspark.sql import SparkSession
 
-from pipelines import clean, evaluate, generate, ingest, train
-from pipelines.core import als, tables
+from pipelines import clean, evaluate, generate, ingest, runner, train
+from pipelines.core import als, holdout, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import INTERACTIONS_SCHEMA
@@ -81,15 +81,17 @@ def test_train_writes_factors_that_the_saved_model_reproduces(spark: SparkSessio
 
 
 def test_als_beats_popularity_on_a_temporal_split(spark: SparkSession, planted: ShelfConfig, tmp_path: Path) -> None:
-    config = _with(planted, "evaluate", k=5, ks=[5, 10], holdout_days=7.0)
+    models = ["popularity", "recent_popularity", "item_knn", "als"]  # baselines: the holdout rehearsal trains only
+    config = _with(planted, "evaluate", k=5, ks=[5, 10], holdout_days=7.0, models=models)
     config = _with(config, "storage", report_dir=str(tmp_path / "reports"))
     ctx = RunContext(run_id="e1", as_of=AS_OF)
-    evaluate.run(spark, config, ctx)
+    runner.evaluate_published(spark, config, ctx)
+    held = holdout.holdout_config(config)  # the rehearsal trained ALS on the training part, and did nothing else
+    assert tables.exists(spark, held, "gold", "item_factors") and not tables.exists(spark, held, "gold", "candidates")
 
     rows = tables.read(spark, config, "gold", "metrics").collect()
     value = {(r.model, r.metric, r.k): r.value for r in rows}
-    models = {"popularity", "recent_popularity", "item_knn", "als"}
-    assert {m for m, _, _ in value} == models
+    assert {m for m, _, _ in value} == set(models)
     assert len(value) == len(rows) == len(models) * 9 * 2  # 9 metrics at k = 5 and 10, no duplicates
     assert value[("als", "ndcg", 5)] > value[("popularity", "ndcg", 5)] + 0.2
     assert value[("als", "recall", 10)] > value[("popularity", "recall", 10)]
@@ -104,7 +106,7 @@ def test_als_beats_popularity_on_a_temporal_split(spark: SparkSession, planted: 
 
 def test_tuning_keeps_the_grid_point_with_the_best_validation_ndcg(spark: SparkSession, planted: ShelfConfig) -> None:
     grid = planted.train.grid.model_copy(update={"rank": [8], "reg_param": [0.1], "alpha": [0.001, 20.0]})
-    config = _with(planted, "train", tune=True, grid=grid, max_iter=3, tune_k=5)
+    config = _with(planted, "train", tune=True, grid=grid, max_iter=3, tune_k=5, tune_budget_seconds=1e6)
     train.run(spark, config, RunContext(run_id="t1", as_of=AS_OF))
 
     tuning = tables.read(spark, config, "gold", "tuning").collect()
@@ -134,7 +136,7 @@ def test_evaluate_reports_diversity_and_novelty_per_model(
 ) -> None:
     config = _with(planted, "evaluate", k=5, ks=[5], holdout_days=7.0, models=["popularity", "item_knn"])
     config = _with(config, "storage", report_dir=str(tmp_path / "reports"))
-    evaluate.run(spark, config, RunContext(run_id="d1", as_of=AS_OF))
+    runner.evaluate_published(spark, config, RunContext(run_id="d1", as_of=AS_OF))  # no model: nothing trains
 
     value = {(r.model, r.metric): r.value for r in tables.read(spark, config, "gold", "metrics").collect()}
     # Popularity's lists are the same mainstream items for everyone: less novel than item-kNN's, which follow
@@ -159,8 +161,9 @@ def test_als_beats_popularity_on_generated_shop_data(spark: SparkSession, tmp_pa
         "evaluate.ks=[10]",
     )
     ctx = RunContext(run_id="g1", as_of=AS_OF)
-    for step in (generate, ingest, clean, evaluate):
+    for step in (generate, ingest, clean):
         step.run(spark, config, ctx)
+    runner.evaluate_published(spark, config, ctx)
 
     value = {(r.model, r.metric): r.value for r in tables.read(spark, config, "gold", "metrics").collect()}
     assert value[("als", "ndcg")] > 1.2 * value[("popularity", "ndcg")]
@@ -185,8 +188,9 @@ def test_report_dir_is_local_even_for_a_remote_storage_root(
 
 
 def test_tuning_stops_before_a_grid_point_would_pass_its_budget() -> None:
-    # default budget: 4 x the first point's time; 3 points done in 30 s (10 s each) leave room for a 4th, not a 5th
-    assert not train.over_budget(spent=30.0, first=10.0, done=3, budget=None)
-    assert train.over_budget(spent=40.0, first=10.0, done=4, budget=None)
-    assert train.over_budget(spent=10.0, first=10.0, done=1, budget=15.0)
-    assert not train.over_budget(spent=10.0, first=10.0, done=1, budget=20.0)
+    # default budget: 4 x the first point's ALS fit (10 s); points of 20 s (fit + validation lists): one more after
+    # the first (20 + 20 <= 40), none after the second
+    assert not train.over_budget(spent=20.0, first_fit=10.0, done=1, budget=None)
+    assert train.over_budget(spent=40.0, first_fit=10.0, done=2, budget=None)
+    assert train.over_budget(spent=10.0, first_fit=5.0, done=1, budget=15.0)
+    assert not train.over_budget(spent=10.0, first_fit=5.0, done=1, budget=20.0)

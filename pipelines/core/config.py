@@ -129,7 +129,7 @@ class CleanConfig(_Section):
 
 
 class TuneGrid(_Section):
-    rank: list[int] = Field(default_factory=lambda: [16, 32])
+    rank: list[int] = Field(default_factory=lambda: [32, 16])
     reg_param: list[float] = Field(default_factory=lambda: [0.1, 0.01])
     alpha: list[float] = Field(default_factory=lambda: [10.0, 1.0])
     confidence: list[Literal["raw", "log1p"]] = ["log1p"]  # pydantic copies list defaults per instance
@@ -161,7 +161,7 @@ class TrainConfig(_Section):
     # Tune ALS on a per-user leave-last-N validation split of the training data only, trying the grid in order
     # (the first point: the configured parameters) until the budget would be passed.
     tune: bool = True
-    tune_budget_seconds: float | None = None  # None: 4 x the first grid point's time (fit + validation lists)
+    tune_budget_seconds: float | None = None  # None: 4 x the first grid point's ALS fit: tuning costs about 4 fits
     grid: TuneGrid = TuneGrid()
     ease: EaseConfig = EaseConfig()
     tune_k: int = 10  # tuning scores NDCG@tune_k on a per-user leave-last-N validation split
