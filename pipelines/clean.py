@@ -32,7 +32,7 @@ from pathlib import Path
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines.core import tables
+from pipelines.core import tables, uris
 from pipelines.core.cli import step_main
 from pipelines.core.config import CatalogMapping, CleanConfig, ShelfConfig
 from pipelines.core.errors import InputDataError
@@ -228,7 +228,7 @@ def read_catalog(spark: SparkSession, config: ShelfConfig) -> DataFrame | None:
     """The catalog input as a DataFrame, or None when `source.catalog_path` is unset or absent locally."""
     source = config.source
     path = source.catalog_path
-    if path is None or ("://" not in path and not Path(path).exists()):
+    if path is None or (not uris.has_scheme(path) and not Path(path).exists()):
         log.info("[clean] no catalog at %s; silver.catalog is not written", path)
         return None
     options = {"header": str(source.header).lower(), "sep": source.delimiter} if source.catalog_format == "csv" else {}

@@ -83,7 +83,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StructField, StructType
 
-from pipelines.core import events, publishing, reranking, tables
+from pipelines.core import events, publishing, reranking, tables, uris
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
@@ -137,11 +137,11 @@ _TOUCHED = "_touched"
 
 def landing_path(config: ShelfConfig) -> str:
     """The Delta table the stream reads: stream.source_path, else <storage.root>/landing/events."""
-    return config.stream.source_path or str(Path(config.storage.root) / "landing" / "events")
+    return config.stream.source_path or uris.join(config.storage.root, "landing", "events")
 
 
 def checkpoint_path(config: ShelfConfig) -> str:
-    return config.stream.checkpoint or str(Path(config.storage.root) / "_checkpoints" / STEP_NAME)
+    return config.stream.checkpoint or uris.join(config.storage.root, "_checkpoints", STEP_NAME)
 
 
 def batch_tag(config: ShelfConfig, batch_id: int) -> str:

@@ -13,7 +13,7 @@ from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.core import metrics
+from pipelines.core import metrics, uris
 from pipelines.core.config import ShelfConfig, TrainConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.schemas import DECAY, EVENT_TS, ITEM_IDX, USER_IDX, WEIGHT
@@ -136,7 +136,7 @@ def als_recommend(model: ALSModel, users: DataFrame, seen: DataFrame, k: int) ->
 
 def model_path(config: ShelfConfig, run_id: str) -> str:
     """Where the train step saves a run's MLlib model: <storage.root>/<storage.namespace>models/<run_id>/als."""
-    return f"{config.storage.root.rstrip('/')}/{config.storage.namespace}models/{run_id}/als"
+    return uris.join(config.storage.root, f"{config.storage.namespace}models", run_id, "als")
 
 
 def save_model(model: ALSModel, config: ShelfConfig, run_id: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
+from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import EnvironmentSetupError
 from pipelines.core.jars import delta_jars
@@ -102,10 +103,10 @@ def get_spark(config: ShelfConfig) -> SparkSession:
         .config("spark.ui.enabled", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.databricks.delta.snapshotPartitions", "2")
-        .config("spark.sql.warehouse.dir", str(Path(config.storage.root).resolve() / "_warehouse"))
-        .config("spark.driver.extraJavaOptions", "-Dderby.system.home=" + str(Path(config.storage.root).resolve()))
+        .config("spark.sql.warehouse.dir", uris.join(uris.qualify(config.storage.root), "_warehouse"))
+        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={driver_folder(config)}")
         .config("spark.scheduler.mode", "FAIR")
-        .config("spark.scheduler.allocation.file", _pools_file(Path(config.storage.root).resolve()))
+        .config("spark.scheduler.allocation.file", _pools_file(driver_folder(config)))
     )
     for key, value in config.spark.extra.items():
         builder = builder.config(key, value)
@@ -127,13 +128,22 @@ def get_spark(config: ShelfConfig) -> SparkSession:
     return spark
 
 
+def driver_folder(config: ShelfConfig) -> Path:
+    """The session's own local files (Derby's home, the scheduler pools file): the storage root when it is on
+    the driver's disk, else ./.shelf in the working directory (never a mangled remote URI)."""
+    root = config.storage.root
+    if uris.is_local(root):
+        return Path(root[len("file:") :] if root.lower().startswith("file:") else root).resolve()
+    return Path(".shelf").resolve()
+
+
 def _tune(spark: SparkSession, config: ShelfConfig) -> None:
     spark.sparkContext.setLogLevel(config.spark.log_level)
     cores = spark.sparkContext.defaultParallelism
     partitions = config.spark.shuffle_partitions or max(2, 2 * cores)
     spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
-    checkpoint = config.spark.checkpoint_dir or str(Path(config.storage.root) / "_checkpoints")
-    if config.spark.master is not None:
+    checkpoint = config.spark.checkpoint_dir or uris.join(config.storage.root, "_checkpoints")
+    if config.spark.master is not None and not uris.has_scheme(checkpoint):
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
     spark.sparkContext.setCheckpointDir(checkpoint)
     log.info(

@@ -29,6 +29,7 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
+from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError, ShelfError
 from pipelines.core.schemas import RUN_ID
@@ -50,7 +51,7 @@ def location(config: ShelfConfig, layer: str, name: str) -> str:
     layer = f"{config.storage.namespace}{layer}"
     if config.storage.catalog:
         return f"{config.storage.catalog}.{layer}_{name}"
-    return str(Path(config.storage.root) / layer / name)
+    return uris.join(config.storage.root, layer, name)
 
 
 def _is_path(config: ShelfConfig) -> bool:
@@ -126,7 +127,7 @@ def write(
 
     _commit_with_retry(commit, layer, name, run_id)
     if comment:
-        target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
+        target = uris.sql_path(where) if _is_path(config) else where
         spark.sql(f"COMMENT ON TABLE {target} IS '{comment.replace(chr(39), '')}'")
 
 
@@ -193,7 +194,7 @@ def read_source(
     Raises:
         InputDataError: the path does not exist or cannot be read; names the config key to fix.
     """
-    if "://" not in path and not Path(path).exists():
+    if not uris.has_scheme(path) and not Path(path).exists():
         raise InputDataError(f"Source path {path} does not exist; set {config_key} to an existing file or folder.")
     reader = spark.read.format(fmt).options(**(options or {}))
     if schema is not None:
@@ -288,7 +289,7 @@ def set_properties(spark: SparkSession, config: ShelfConfig, layer: str, name: s
 def _alter(spark: SparkSession, config: ShelfConfig, layer: str, name: str, clause: str, what: str) -> None:
     """`ALTER TABLE <the table> <clause>` as one metadata commit, retried on a concurrent commit."""
     where = location(config, layer, name)
-    target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
+    target = uris.sql_path(where) if _is_path(config) else where
 
     def commit() -> None:
         spark.sql(f"ALTER TABLE {target} {clause}")
@@ -411,6 +412,6 @@ def vacuum(spark: SparkSession, config: ShelfConfig, layer: str, name: str, rete
     properties = dict(detail["properties"] or {}) if detail is not None else {}
     if properties.get("delta.enableDeletionVectors") == "true":
         where = location(config, layer, name)
-        target = f"delta.`{Path(where).resolve()}`" if _is_path(config) else where
+        target = uris.sql_path(where) if _is_path(config) else where
         spark.sql(f"REORG TABLE {target} APPLY (PURGE)")
     table.vacuum(retention_hours)
