@@ -34,6 +34,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         "source.path": str(root / "demo" / "events"),
         "source.catalog_path": str(root / "demo" / "catalog"),
         "spark.jars_dir": str(REPO / ".jars"),
+        # What 02_evaluation shows (the replay lift of the re-rank over ALS) needs these; `published` and its
+        # holdout rehearsal are covered by tests/test_end_to_end.py and would repeat the publish steps twice here.
+        "evaluate.models": ["popularity", "item_knn", "als"],
     }
     config = load_config(REPO / "conf" / "test.yaml", [f"{k}={v}" for k, v in overrides.items()])
     return root, overrides, config
