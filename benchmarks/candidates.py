@@ -3,7 +3,7 @@
 Random rank-64 factors (seed --seed), users = --users-per-item x items, 5 owned items per user.
 Times, in one process and one Spark session:
 - shelf: `pipelines.candidates.to_als_candidates` (owned lists grouped per user, users scored in
-  blocks inside each Arrow batch of mapInPandas against the broadcast item matrix, exclusions
+  blocks inside each Arrow batch of mapInPandas against the item matrix in its closure, exclusions
   inside the kernel),
 - numpy: `udfs.topk.top_n_dot` with the same CSR exclusions in this one process,
 - naive: user x item cross join, higher-order-function dot, anti join on owned, window
@@ -106,7 +106,7 @@ def run_size(
     owned = owned_frame(spark, owned_np)
     indptr, indices = csr_from_lists(list(owned_np))
     t_numpy = timed(lambda: top_n_dot(user_f, item_f, k, exclude_indptr=indptr, exclude_indices=indices))
-    t_shelf = timed(lambda: force(candidates.to_als_candidates(spark, users, items, owned, k, blocks)))
+    t_shelf = timed(lambda: force(candidates.to_als_candidates(users, items, owned, k, blocks)))
     t_naive = timed(lambda: force(naive_candidates(users, items, owned, k))) if naive else None
     t_mllib = timed(lambda: force(mllib_candidates(users, items, owned, rank, k))) if mllib else None
     for df in (items, users, owned):

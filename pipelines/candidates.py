@@ -7,7 +7,7 @@ propose the item), ease_score (double, null when EASE did not), rebuy_score (dou
 
 - als: top `candidates_k` items by p_u . q_i, skipping items the user owns (event types in
   `recommend.consumed_event_types`, resolved from the preset). Users' factors and owned-item lists are grouped per user and
-  scored in blocks inside `mapInPandas` against a broadcast of the item factor matrix (the model:
+  scored in blocks inside `mapInPandas` (`factors.top_k_by_dot`) against the item factor matrix (the model:
   items x rank floats collected once on the driver, never anything that grows with users).
 - neighbours: the top `neighbours_per_item` neighbours of each user's `recent_items` most recently
   touched items (from gold.item_similarities, any source).
@@ -26,12 +26,8 @@ by more sources, then higher ALS score, then higher EASE score, then higher neig
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 
-import numpy as np
-import pandas as pd
-from pyspark import Broadcast
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
@@ -39,11 +35,10 @@ from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, St
 from pipelines.core import ease, tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import EaseValues, RecommendConfig, ShelfConfig, SimilarityConfig
-from pipelines.core.factors import FEATURES, factors_of_run, item_factor_matrix
+from pipelines.core.factors import factors_of_run, top_k_by_dot
 from pipelines.core.quality import ts_lit
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import EVENT_TS, EVENT_TYPE, IN_STOCK, ITEM_ID, ITEM_IDX, LAUNCHED_AT, RUN_ID, USER_IDX
-from udfs.topk import csr_from_lists, to_long, top_n_dot
 
 STEP = "candidates"
 OWNED = "owned"
@@ -73,13 +68,6 @@ CANDIDATES_SCHEMA = StructType(
         StructField(RUN_ID, StringType(), False),
     ]
 )
-_ALS_SCHEMA = StructType(
-    [
-        StructField(USER_IDX, IntegerType(), False),
-        StructField(ITEM_IDX, IntegerType(), False),
-        StructField(ALS_SCORE, DoubleType(), False),
-    ]
-)
 
 
 def to_owned(interactions: DataFrame, owned_event_types: list[str]) -> DataFrame:
@@ -87,59 +75,11 @@ def to_owned(interactions: DataFrame, owned_event_types: list[str]) -> DataFrame
     return interactions.filter(F.col(EVENT_TYPE).isin(owned_event_types)).select(USER_IDX, ITEM_IDX).distinct()
 
 
-def als_batches(
-    batches: Iterable[pd.DataFrame],
-    catalogue: Broadcast[tuple[np.ndarray, np.ndarray]],
-    k: int,
-    block_rows: int,
-    block_items: int,
-) -> Iterator[pd.DataFrame]:
-    """pandas adapter: users' (features, owned) -> top-k unowned items by dot product.
-
-    Output dtypes match _ALS_SCHEMA (int32, int32, float64).
-    """
-    ids, matrix = catalogue.value
-    for batch in batches:
-        if batch.empty:
-            continue
-        users = batch[USER_IDX].to_numpy(dtype=np.int64)
-        queries = np.stack([np.asarray(v, dtype=np.float32) for v in batch[FEATURES]])
-        indptr, indices = csr_from_lists(list(batch[OWNED]))
-        result = top_n_dot(
-            queries,
-            matrix,
-            k,
-            ids,
-            exclude_indptr=indptr,
-            exclude_indices=indices,
-            block_rows=block_rows,
-            block_items=block_items,
-        )
-        keys, items, scores, _ = to_long(users, result)
-        yield pd.DataFrame(
-            {
-                USER_IDX: keys.astype(np.int32),
-                ITEM_IDX: items.astype(np.int32),
-                ALS_SCORE: scores.astype(np.float64),
-            }
-        )
-
-
 def to_als_candidates(
-    spark: SparkSession,
-    user_factors: DataFrame,
-    item_factors: DataFrame,
-    owned: DataFrame,
-    k: int,
-    blocks: SimilarityConfig,
+    user_factors: DataFrame, item_factors: DataFrame, owned: DataFrame, k: int, blocks: SimilarityConfig
 ) -> DataFrame:
     """Top-k unowned items per user with factors: user_idx, item_idx, als_score."""
-    ids, matrix = item_factor_matrix(item_factors)
-    catalogue = spark.sparkContext.broadcast((ids, matrix))
-    owned_lists = owned.groupBy(USER_IDX).agg(F.collect_list(ITEM_IDX).alias(OWNED))
-    users = user_factors.select(USER_IDX, FEATURES).join(owned_lists, on=USER_IDX, how="left")
-    block_rows, block_items = blocks.block_rows, blocks.block_items
-    return users.mapInPandas(lambda it: als_batches(it, catalogue, k, block_rows, block_items), _ALS_SCHEMA)
+    return top_k_by_dot(user_factors, item_factors, owned, k, ALS_SCORE, blocks.block_rows, blocks.block_items)
 
 
 def to_buy_again_candidates(interactions: DataFrame, consumed: list[str], k: int, as_of: datetime) -> DataFrame:
@@ -334,7 +274,7 @@ def build_candidates(
     if ease_neighbours is not None:
         x = ease.to_ease_input(interactions, ease_values)
         ease_source = ease.ease_candidates(x, ease_neighbours, owned, recommend.candidates_k)
-    als = to_als_candidates(spark, user_factors, item_factors, owned, recommend.candidates_k, blocks)
+    als = to_als_candidates(user_factors, item_factors, owned, recommend.candidates_k, blocks)
     recent = to_recent_items(interactions, recommend.recent_items)
     neighbours = to_neighbour_candidates(recent, similarities, recommend.neighbours_per_item)
     popular = to_popular_candidates(interactions, user_factors, recommend.popular_k)

@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 from pipelines.core import metrics, uris
 from pipelines.core.config import ShelfConfig, TrainConfig
 from pipelines.core.errors import InputDataError
+from pipelines.core.factors import top_k_by_dot
 from pipelines.core.schemas import DECAY, EVENT_TS, ITEM_IDX, USER_IDX, WEIGHT
 
 RATING = "rating"
@@ -114,24 +115,14 @@ def fit_als(spark: SparkSession, pairs: DataFrame, params: AlsParams, train: Tra
 def als_recommend(model: ALSModel, users: DataFrame, seen: DataFrame, k: int) -> DataFrame:
     """Top-k unseen items for `users` (user_idx), one row per (user, rank) with the ALS score.
 
-    MLlib scores `k + most items any of these users has seen` per user, so that removing seen items
-    still leaves k (a faster blocked kernel replaces this for production scoring).
+    Scored by shelf's blocked kernel (`factors.top_k_by_dot`, the one `shelf candidates` uses), seen items
+    skipped inside it: MLlib's recommendForUserSubset would have to score k + the most items any user has seen.
     """
     targets = users.select(USER_IDX).distinct()
     own = seen.select(USER_IDX, ITEM_IDX).distinct().join(targets, on=USER_IDX, how="inner")
-    most = own.groupBy(USER_IDX).count().agg(F.max("count")).first()
-    max_seen = (most[0] if most is not None else 0) or 0
-    items = model.itemFactors.count()
-    pool = int(min(items, k + max_seen))
-    exploded = model.recommendForUserSubset(targets, pool).select(
-        F.col(USER_IDX), F.explode("recommendations").alias("_rec")
-    )
-    scores = exploded.select(
-        USER_IDX,
-        F.col(f"_rec.{ITEM_IDX}").alias(ITEM_IDX),
-        F.col("_rec.rating").cast("double").alias(metrics.SCORE),
-    )
-    return metrics.top_k(metrics.remove_seen(scores, own), k)
+    user_factors = model.userFactors.select(F.col("id").alias(USER_IDX), FEATURES).join(targets, USER_IDX, "inner")
+    item_factors = model.itemFactors.select(F.col("id").alias(ITEM_IDX), FEATURES)
+    return metrics.top_k(top_k_by_dot(user_factors, item_factors, own, k, metrics.SCORE), k)
 
 
 def model_path(config: ShelfConfig, run_id: str) -> str:
