@@ -73,8 +73,7 @@ def dot_batches(
             continue
         users = batch[USER_IDX].to_numpy(dtype=np.int64)
         queries = np.stack([np.asarray(v, dtype=np.float32) for v in batch[FEATURES]])
-        excluded = [v if v is not None else [] for v in batch[_EXCLUDED]]
-        indptr, indices = csr_from_lists(excluded)
+        indptr, indices = csr_from_lists(list(batch[_EXCLUDED]))  # None (nothing excluded) is an empty row
         result = top_n_dot(
             queries,
             matrix,
