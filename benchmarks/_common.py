@@ -119,3 +119,13 @@ def report(label: str, t_shelf: float, t_numpy: float, t_naive: float | None, t_
         f"naive/shelf {speedup(t_naive, t_shelf)} | MLlib/shelf {speedup(t_mllib, t_shelf)} | " + "; ".join(checks),
         flush=True,
     )
+
+
+def blas_in_use(spark: SparkSession) -> str:
+    """Name of the BLAS MLlib uses (native OpenBLAS vs the pure-JVM fallback); a classic session only."""
+    try:
+        jvm = spark.sparkContext._jvm
+        assert jvm is not None
+        return str(jvm.dev.ludovic.netlib.blas.BLAS.getInstance().getClass().getName())
+    except Exception:  # noqa: BLE001 - best effort, only for the printed line
+        return "unknown"

@@ -11,7 +11,7 @@ confidence. Nothing is written but scratch Parquet files of those pairs.
 - native vs JVM: each runs in its own Spark driver process (the BLAS is chosen once per JVM). The
   JVM run starts with `-Ddev.ludovic.netlib.blas.nativeLibPath` (and lapack's) pointing at a
   file that does not exist, so dev.ludovic.netlib cannot load the system BLAS and falls back to its
-  Java implementation; each run prints the BLAS class MLlib reports (`session.blas_in_use`).
+  Java implementation; each run prints the BLAS class MLlib reports (`benchmarks._common.blas_in_use`).
 - implicit (benfred, `pip install '.[bench]'`): `AlternatingLeastSquares` with the conjugate-gradient
   solver on the same matrix, rank, regularisation and alpha, two threads, the same two-fit difference.
   It is the single-machine anchor.
@@ -89,8 +89,9 @@ def mllib_worker(args: argparse.Namespace) -> None:
     """One Spark driver: MLlib seconds per iteration for each pairs file; prints one JSON line."""
     from pyspark.sql import functions as F
 
+    from benchmarks._common import blas_in_use
     from pipelines.core import als
-    from pipelines.core.session import blas_in_use, get_spark
+    from pipelines.core.session import get_spark
     from pipelines.core.tables import read_source
 
     scratch = tempfile.mkdtemp(prefix="shelf-als-bench-")

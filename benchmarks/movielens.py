@@ -31,12 +31,13 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from benchmarks._common import blas_in_use
 from pipelines import evaluate
 from pipelines.core import als, metrics
 from pipelines.core.config import ShelfConfig, SourceConfig, TrainConfig, load_config
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, USER_IDX
-from pipelines.core.session import blas_in_use, get_spark
+from pipelines.core.session import get_spark
 from pipelines.core.splits import random_stratified_split
 from pipelines.core.tables import read_source
 from pipelines.ingest import MOVIELENS_COLUMNS, text_layout

@@ -32,13 +32,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal, cast
-from urllib.parse import urlparse
 
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines.core import ease, holdout, metrics, tables
+from pipelines.core import ease, holdout, metrics, tables, uris
 from pipelines.core.als import AlsParams, als_recommend, fit_als, load_model, to_pairs
 from pipelines.core.cli import step_main
 from pipelines.core.config import EvaluateConfig, RecommendConfig, RerankConfig, ShelfConfig
@@ -587,12 +586,9 @@ def report_dir(config: ShelfConfig, run_id: str) -> Path:
     """
     if config.storage.report_dir:
         return Path(config.storage.report_dir) / run_id
-    root = urlparse(config.storage.root)
-    if root.scheme == "file":
-        return Path(root.path).parent / "reports" / run_id
-    if root.scheme and len(root.scheme) > 1:  # a URI; a one-letter scheme is a Windows drive
+    if not uris.is_local(config.storage.root):
         return Path("reports") / run_id
-    return Path(config.storage.root).parent / "reports" / run_id
+    return Path(uris.local_path(config.storage.root)).parent / "reports" / run_id
 
 
 def write_report(rows: list[dict[str, object]], config: ShelfConfig, ctx: RunContext, sizes: dict[str, float]) -> Path:

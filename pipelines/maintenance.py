@@ -16,17 +16,17 @@ docs/RELIABILITY.md). The source files themselves belong to the shop and must be
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
 
+from pyspark.errors import AnalysisException
 from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.core import holdout, tables
+from pipelines.core import holdout, tables, uris
+from pipelines.core.als import model_path
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.privacy import key_from_env, pseudonym
-from pipelines.core.schemas import RAW, USER_ID, USER_IDX
+from pipelines.core.schemas import RAW, RUN_ID, USER_ID, USER_IDX
 
 log = logging.getLogger("shelf.maintenance")
 
@@ -92,16 +92,26 @@ def _raw_holds(ids: list[str]) -> Column:
 
 
 def _forget_in_models(spark: SparkSession, config: ShelfConfig, indexes: list[int]) -> int:
-    """Rewrite each saved ALS model's userFactors without the users; returns how many models changed."""
-    root = Path(config.storage.root) / f"{config.storage.namespace}{MODELS}"
+    """Rewrite the userFactors of each saved ALS model that holds one of the users; returns how many changed.
+
+    The models are found through gold.training_runs (one row per train run) and read and written by Spark
+    alone, so this works on any storage root (S3, HDFS, DBFS, local). The kept rows are materialised on the
+    executors (a local checkpoint) before the model's folder is overwritten with them.
+    """
+    if not tables.exists(spark, config, "gold", "training_runs"):
+        return 0
+    runs = sorted(r[0] for r in tables.read(spark, config, "gold", "training_runs").select(RUN_ID).distinct().collect())
     changed = 0
-    for factors in sorted(root.glob(f"*/*/{USER_FACTORS}")) if root.exists() else []:
-        frame = spark.read.parquet(str(factors))
-        kept = frame.filter(~F.col("id").isin(indexes))
-        staging = factors.with_name(USER_FACTORS + ".forget")
-        kept.write.mode("overwrite").parquet(str(staging))
-        shutil.rmtree(factors)
-        staging.rename(factors)
+    for run_id in runs:  # one row per train run
+        factors = uris.join(model_path(config, run_id), USER_FACTORS)
+        try:
+            frame = spark.read.parquet(factors)
+        except AnalysisException:  # the run's model folder is gone (e.g. pruned): nothing to forget there
+            continue
+        if frame.filter(F.col("id").isin(indexes)).limit(1).count() == 0:
+            continue
+        kept = frame.filter(~F.col("id").isin(indexes)).localCheckpoint(eager=True)
+        kept.write.mode("overwrite").parquet(factors)
         changed += 1
     return changed
 
@@ -124,8 +134,8 @@ def forget(spark: SparkSession, config: ShelfConfig, user_ids: list[str], vacuum
         deleted.update(_forget_in_tables(spark, where, ids, indexes, vacuum))
         if indexes:
             models = _forget_in_models(spark, where, indexes)
-            deleted[f"{where.storage.namespace}models"] = models
-    deleted.setdefault("models", 0)
+            deleted[f"{where.storage.namespace}{MODELS}"] = models
+    deleted.setdefault(MODELS, 0)
     log.info("[forget] %d user(s): rows deleted per table %s", len(ids), deleted)
     return deleted
 

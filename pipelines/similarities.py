@@ -5,7 +5,7 @@ gold.item_similarities with one row per (item_idx, source, rank): item_idx, neig
 rank (1 = most similar), source ("als", "cooccurrence" or "blend"), run_id.
 
 - als: cosine of the item factors. The factor matrix is the model (items x rank floats, not
-  growing with users), so the driver collects it once, normalises it and broadcasts the numpy
+  growing with users), so the driver collects it once, normalises it and ships the numpy
   array; item blocks are scored inside `mapInPandas` with the blocked GEMM kernel `udfs.topk`.
 - cooccurrence: users in common, as cosine or Jaccard, for pairs shared by at least `min_support`
   users. There is no item x item cross join: pairs come from a self-join on user restricted to each
@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark import Broadcast
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
@@ -38,6 +37,7 @@ from pipelines.core.neighbours import (
 )
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import ITEM_IDX, RUN_ID
+from pipelines.core.session import parallelism
 from udfs.topk import normalise_rows, to_long, top_n_dot
 
 STEP = "similarities"
@@ -62,7 +62,7 @@ _NEIGHBOURS_SCHEMA = StructType(ITEM_SIMILARITIES_SCHEMA.fields[:4])
 
 def neighbours_batches(
     batches: Iterable[pd.DataFrame],
-    catalogue: Broadcast[tuple[np.ndarray, np.ndarray]],
+    catalogue: tuple[np.ndarray, np.ndarray],
     slice_rows: int,
     top_n: int,
     block_rows: int,
@@ -70,10 +70,10 @@ def neighbours_batches(
 ) -> Iterator[pd.DataFrame]:
     """pandas adapter: slice numbers -> top-N cosine neighbours of the items in those slices.
 
-    Slice s is rows [s * slice_rows, (s + 1) * slice_rows) of the broadcast (ids, unit factors);
+    Slice s is rows [s * slice_rows, (s + 1) * slice_rows) of the catalogue (ids, unit factors);
     output dtypes match _NEIGHBOURS_SCHEMA (int32, int32, float64, int32).
     """
-    ids, unit = catalogue.value
+    ids, unit = catalogue
     for batch in batches:
         for s in batch[SLICE].to_numpy(dtype=np.int64):
             lo, hi = int(s) * slice_rows, min((int(s) + 1) * slice_rows, len(ids))
@@ -102,12 +102,12 @@ def neighbours_batches(
 def to_als_neighbours(spark: SparkSession, item_factors: DataFrame, config: SimilarityConfig) -> DataFrame:
     """Top-N cosine neighbours per item of the factor table: item_idx, neighbour_idx, score, rank.
 
-    The queries are the broadcast matrix's own rows, cut into contiguous slices (one Spark row per
+    The queries are the matrix's own rows, cut into contiguous slices (one Spark row per
     slice, a few slices per core), so no shuffle happens before the GEMMs.
     """
     ids, matrix = item_factor_matrix(item_factors)
-    catalogue = spark.sparkContext.broadcast((ids, normalise_rows(matrix)))
-    cores = spark.sparkContext.defaultParallelism
+    catalogue = (ids, normalise_rows(matrix))  # in the mapInPandas closure: no SparkContext broadcast
+    cores = parallelism(spark)
     slices = max(1, min(-(-len(ids) // config.block_rows), 4 * cores))
     slice_rows = -(-len(ids) // slices)
     slices = -(-len(ids) // slice_rows)

@@ -114,7 +114,7 @@ from pipelines.core.schemas import (
     USER_ID,
     USER_IDX,
 )
-from pipelines.core.session import SIDE_POOL
+from pipelines.core.session import SIDE_POOL, parallelism
 from udfs.candidates import NEIGHBOURS_BIT, POPULAR_BIT, merge_candidates
 from udfs.rerank import ItemTable, RerankParams
 
@@ -1092,7 +1092,7 @@ class StreamJob:
         meter = KernelMeter.create(spark)
         params = reranking.params_from(config.rerank)
         items, cap = serving.items, config.rerank.max_candidates
-        buckets = config.stream.kernel_buckets or spark.sparkContext.defaultParallelism
+        buckets = config.stream.kernel_buckets or parallelism(spark)
         ids = serving.item_ids
         ranked = user_rows.repartition(buckets, USER_IDX).mapInPandas(
             lambda it: timed_rerank_batches(it, items, ids, params, cap, meter), RANKED_SCHEMA

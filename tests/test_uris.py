@@ -44,6 +44,12 @@ def test_qualify_keeps_uris_and_makes_bare_paths_absolute() -> None:
     assert uris.qualify("rel/x") == os.path.join(os.getcwd(), "rel", "x")
     assert uris.sql_path("s3a://bucket/t") == "delta.`s3a://bucket/t`"
     assert (uris.is_local("file:/x"), uris.is_local("/x"), uris.is_local("s3a://b/x")) == (True, True, False)
+    assert (uris.local_path("file:/x/y"), uris.local_path("file:///x/y"), uris.local_path("x/y")) == ("/x/y",) * 2 + (
+        "x/y",
+    )
+    assert uris.is_local("C:/shelf")  # a Windows drive letter is not a scheme
+    with pytest.raises(ValueError, match="not on the driver's disk"):
+        uris.local_path("s3a://bucket/x")
 
 
 def test_the_session_keeps_its_own_files_local_for_a_remote_root(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pipelines.core.config import ShelfConfig, TrainConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.factors import top_k_by_dot
 from pipelines.core.schemas import DECAY, EVENT_TS, ITEM_IDX, USER_IDX, WEIGHT
+from pipelines.core.session import parallelism
 
 RATING = "rating"
 STRENGTH = "strength"
@@ -68,7 +69,7 @@ def num_blocks(spark: SparkSession, train: TrainConfig) -> int:
 
     On small clusters few blocks train several times faster than MLlib's default of 10.
     """
-    return train.num_blocks or max(1, min(MAX_BLOCKS, spark.sparkContext.defaultParallelism))
+    return train.num_blocks or max(1, min(MAX_BLOCKS, parallelism(spark)))
 
 
 def deterministic_input(ratings: DataFrame, partitions: int) -> DataFrame:

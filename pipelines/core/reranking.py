@@ -3,7 +3,7 @@
 Reads nothing itself: callers pass silver.interactions, silver.item_index, the optional silver.catalog,
 ALS factors, candidates and optionally each item's co-occurrence neighbour list (item_idx, neighbour_idx,
 score; top-N per item) as DataFrames. The item side (factors + catalogue attributes + popularity +
-neighbour lists as CSR, bounded by catalogue x N: the model) is collected once and broadcast. Each
+neighbour lists as CSR, bounded by catalogue x N: the model) is collected once and shipped in the kernel's closure. Each
 user's candidates (capped: ALS's best and, separately, the other sources') and fresh events are gathered
 into one row, the rows are hash-partitioned by user and `udfs.rerank.rerank` scores whole Arrow batches
 of users inside `mapInPandas`.
@@ -21,7 +21,6 @@ from typing import cast
 
 import numpy as np
 import pandas as pd
-from pyspark import Broadcast
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
@@ -348,11 +347,8 @@ def rerank_frame(
     )
 
 
-def rerank_batches(
-    batches: Iterable[pd.DataFrame], items: Broadcast[ItemTable], params: RerankParams
-) -> Iterator[pd.DataFrame]:
+def rerank_batches(batches: Iterable[pd.DataFrame], table: ItemTable, params: RerankParams) -> Iterator[pd.DataFrame]:
     """mapInPandas body: one kernel call per run of at most KERNEL_CANDIDATES candidates of an Arrow batch."""
-    table = items.value
     for pdf in batches:
         for chunk in kernel_chunks(pdf):
             yield rerank_frame(chunk, table, params)
@@ -382,10 +378,13 @@ def kernel_chunks(pdf: pd.DataFrame, max_candidates: int | None = None) -> list[
 def to_reranked(
     spark: SparkSession, user_rows: DataFrame, items: ItemTable, params: RerankParams, buckets: int
 ) -> DataFrame:
-    """Kernel output for every user row: user_idx, item_idx, rank, score, reasons."""
-    model = spark.sparkContext.broadcast(items)
+    """Kernel output for every user row: user_idx, item_idx, rank, score, reasons.
+
+    The item table rides in the function's closure (pyspark broadcasts a large pickled function itself), so no
+    SparkContext is needed and it runs over Spark Connect.
+    """
     spread = user_rows.repartition(buckets, USER_IDX)
-    return spread.mapInPandas(lambda it: rerank_batches(it, model, params), KERNEL_SCHEMA)
+    return spread.mapInPandas(lambda it: rerank_batches(it, items, params), KERNEL_SCHEMA)
 
 
 def read_catalog(spark: SparkSession, config: ShelfConfig) -> DataFrame | None:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
 from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
@@ -84,7 +85,12 @@ def get_spark(config: ShelfConfig) -> SparkSession:
         return active
     if config.spark.master is None:
         # spark-submit on a cluster: the launcher configured master and packages.
-        spark = SparkSession.builder.appName(config.spark.app_name).getOrCreate()
+        spark = (
+            SparkSession.builder.appName(config.spark.app_name)
+            .config("spark.log.level", config.spark.log_level)
+            .config("spark.checkpoint.dir", checkpoint_dir(config))
+            .getOrCreate()
+        )
         _tune(spark, config)
         return spark
     check_java()
@@ -100,6 +106,8 @@ def get_spark(config: ShelfConfig) -> SparkSession:
         .config("spark.driver.memory", config.spark.driver_memory)
         .config("spark.pyspark.python", sys.executable)
         .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.log.level", config.spark.log_level)
+        .config("spark.checkpoint.dir", checkpoint_dir(config))
         .config("spark.ui.enabled", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.databricks.delta.snapshotPartitions", "2")
@@ -132,35 +140,40 @@ def driver_folder(config: ShelfConfig) -> Path:
     """The session's own local files (Derby's home, the scheduler pools file): the storage root when it is on
     the driver's disk, else ./.shelf in the working directory (never a mangled remote URI)."""
     root = config.storage.root
-    if uris.is_local(root):
-        return Path(root[len("file:") :] if root.lower().startswith("file:") else root).resolve()
-    return Path(".shelf").resolve()
+    return Path(uris.local_path(root) if uris.is_local(root) else ".shelf").resolve()
+
+
+PARALLELISM = "spark.shelf.parallelism"  # the session's task slots, measured once (see `parallelism`)
+
+
+def parallelism(spark: SparkSession) -> int:
+    """The session's task slots, without a SparkContext (Spark Connect has none): the partitions `spark.range`
+    gets by default (Spark's leafNodeDefaultParallelism, i.e. defaultParallelism), measured by one tiny job the
+    first time and kept in the session's conf."""
+    known = spark.conf.get(PARALLELISM, None)
+    if known:
+        return int(known)
+    row = spark.range(0, 1 << 16).select(F.spark_partition_id().alias("p")).agg(F.max("p")).first()
+    slots = int(row[0]) + 1 if row is not None and row[0] is not None else 1
+    spark.conf.set(PARALLELISM, str(slots))
+    return slots
+
+
+def checkpoint_dir(config: ShelfConfig) -> str:
+    """Where Spark checkpoints (ALS's lineage cut): spark.checkpoint_dir, else <storage.root>/_checkpoints."""
+    return config.spark.checkpoint_dir or uris.join(config.storage.root, "_checkpoints")
 
 
 def _tune(spark: SparkSession, config: ShelfConfig) -> None:
-    spark.sparkContext.setLogLevel(config.spark.log_level)
-    cores = spark.sparkContext.defaultParallelism
+    """Session-level settings that may change after start (log level and checkpoint folder are start-up confs:
+    `spark.log.level` and `spark.checkpoint.dir` on the builders above)."""
+    cores = parallelism(spark)
     partitions = config.spark.shuffle_partitions or max(2, 2 * cores)
     spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
-    checkpoint = config.spark.checkpoint_dir or uris.join(config.storage.root, "_checkpoints")
-    if config.spark.master is not None and not uris.has_scheme(checkpoint):
-        Path(checkpoint).mkdir(parents=True, exist_ok=True)
-    spark.sparkContext.setCheckpointDir(checkpoint)
     log.info(
-        "spark %s, master %s, %d cores, %d shuffle partitions, blas %s",
+        "spark %s, master %s, %d cores, %d shuffle partitions",
         spark.version,
-        spark.sparkContext.master,
+        spark.conf.get("spark.master", "unknown"),
         cores,
         partitions,
-        blas_in_use(spark),
     )
-
-
-def blas_in_use(spark: SparkSession) -> str:
-    """Name of the BLAS MLlib uses (native OpenBLAS vs the pure-JVM fallback)."""
-    try:
-        jvm = spark.sparkContext._jvm
-        assert jvm is not None
-        return str(jvm.dev.ludovic.netlib.blas.BLAS.getInstance().getClass().getName())
-    except Exception:  # noqa: BLE001 - best effort, only for the log line
-        return "unknown"

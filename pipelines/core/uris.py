@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")  # two letters at least: `C:` is a Windows drive
 
 
 def has_scheme(location: str) -> bool:
@@ -23,6 +23,17 @@ def has_scheme(location: str) -> bool:
 def is_local(location: str) -> bool:
     """A bare path or a `file:` URI: the driver's own disk (what Python's file IO may touch)."""
     return not has_scheme(location) or location.lower().startswith("file:")
+
+
+def local_path(location: str) -> str:
+    """A local location as a plain path for Python's file IO: `file:/x` and `file:///x` become `/x`.
+
+    Raises:
+        ValueError: `location` is on a remote filesystem (check `is_local` first).
+    """
+    if not is_local(location):
+        raise ValueError(f"{location} is not on the driver's disk")
+    return re.sub(r"^file:(//)?", "", location, flags=re.IGNORECASE)
 
 
 def join(root: str, *parts: str) -> str:
