@@ -28,7 +28,7 @@ def test_required_keys_exist_with_their_names() -> None:
 
 
 def test_tuned_rerank_defaults_in_base_yaml_agree_with_the_model_defaults() -> None:
-    # The re-rank's weights were tuned on validation windows (README "Does re-ranking help?"); code that
+    # The re-rank's weights were tuned on validation windows (docs/EVALUATION.md "Does re-ranking help?"); code that
     # builds RerankConfig() without a file must get the same values as conf/base.yaml.
     section = yaml.safe_load((CONF / "base.yaml").read_text())["rerank"]
     assert RerankConfig.model_validate(section) == RerankConfig()

@@ -235,7 +235,7 @@ class RecommendConfig(_Section):
 class RerankWeights(_Section):
     """Weights of the re-ranking features in the relevance score (udfs/rerank.py). The defaults of the
     session, cosine, popularity and co-occurrence weights were tuned on validation replay windows before the
-    test windows (benchmarks/replay.py --tune; README "Does re-ranking help?")."""
+    test windows (benchmarks/replay.py --tune; docs/EVALUATION.md "Does re-ranking help?")."""
 
     als: float = 1.0  # p_u . q_c
     session: float = 0.5  # s_u . q_c (with alpha 0: s_u = p_u, so this adds to the ALS weight)
