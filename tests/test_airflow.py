@@ -3,6 +3,11 @@
 Airflow's python cannot import shelf's pyspark (its Spark provider installs pyspark-client), so the
 checks run as subprocesses of .venv-airflow/bin/python and airflow; the tables the DAG wrote are
 read back with this venv's Spark.
+
+The DAG run is also the deployment test: every step goes through pyspark's real spark-submit with the
+wheel built from this repo in --py-files, the entry file taken out of the wheel and a config without
+`spark.master` (the cluster code path), so the checks of what a submitted ingest and clean wrote read
+the same run.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,10 +26,17 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import tables
-from pipelines.core.config import load_config
-from pipelines.core.schemas import ITEM_ID, RUN_ID, USER_ID
+from pipelines.core.config import ShelfConfig, load_config
+from pipelines.core.schemas import EVENT_TYPE, ITEM_ID, RUN_ID, SESSION_ID, STEP, USER_ID, USER_IDX
 from tests.conftest import REPO
-from tests.test_deploy import build_wheel, delta_jar_list, extract_entry, generate_demo, write_run_config
+from tests.submitting import (
+    build_wheel,
+    delta_jar_list,
+    extract_entry,
+    generate_demo,
+    source_rows,
+    write_run_config,
+)
 
 AIRFLOW_BIN = REPO / ".venv-airflow" / "bin"
 DAG_ID = "shelf_daily"
@@ -133,9 +146,19 @@ def spark_submit_on_path(bin_dir: Path) -> Path:
     return bin_dir
 
 
-@pytest.mark.slow
-def test_airflow_dags_test_runs_every_step_and_writes_recommendations(spark: SparkSession, tmp_path: Path) -> None:
+@dataclass
+class DagRun:
+    config: ShelfConfig
+    wheel: Path
+    output: str  # `airflow dags test`: its log and every task's spark-submit output
+    run_id: str
+
+
+@pytest.fixture(scope="module")
+def dag_run(tmp_path_factory: pytest.TempPathFactory) -> DagRun:
+    """`airflow dags test shelf_daily 2026-11-01` on the demo shop, every step spark-submitted from the wheel."""
     bin_dir = airflow_bin()
+    tmp_path = tmp_path_factory.mktemp("airflow")
     wheel = build_wheel(tmp_path / "dist")
     entry = extract_entry(wheel, tmp_path)
     # The DAG's wiring is under test: evaluate scores the plain baselines (no holdout rehearsal, whose
@@ -173,7 +196,12 @@ def test_airflow_dags_test_runs_every_step_and_writes_recommendations(spark: Spa
     (table,) = [line for line in listed.stdout.splitlines() if line.startswith("[{")]  # after Airflow's log lines
     runs = json.loads(table)
     assert [r["state"] for r in runs] == ["success"], output[-6000:]
+    return DagRun(config, wheel, output, "daily-20261101")
 
+
+@pytest.mark.slow
+def test_airflow_dags_test_runs_every_step_and_writes_recommendations(spark: SparkSession, dag_run: DagRun) -> None:
+    config = dag_run.config
     recommendations = tables.read(spark, config, "gold", "recommendations")
     assert {r[RUN_ID] for r in recommendations.select(RUN_ID).distinct().collect()} == {"daily-20261101"}
     per_user = recommendations.groupBy(USER_ID).agg(F.count(ITEM_ID).alias("n"), F.max("rank").alias("top"))
@@ -183,3 +211,45 @@ def test_airflow_dags_test_runs_every_step_and_writes_recommendations(spark: Spa
     assert per_user.filter(F.col("top") != F.col("n")).count() == 0  # ranks run 1..n per user
     metrics = tables.read(spark, config, "gold", "metrics")
     assert {r[RUN_ID] for r in metrics.select(RUN_ID).distinct().collect()} == {"daily-20261101"}
+
+
+@pytest.mark.slow
+def test_the_steps_ran_from_the_wheel(dag_run: DagRun) -> None:
+    logs = dag_run.output
+    assert f"shelf package from {dag_run.wheel}/pipelines/__init__.py" in logs
+    for step in STEPS:
+        assert f"[{step}] done" in logs, f"no '[{step}] done' in the DAG run's output"
+
+
+@pytest.mark.slow
+def test_bronze_holds_the_source_rows_that_were_not_quarantined(spark: SparkSession, dag_run: DagRun) -> None:
+    config, run_id = dag_run.config, dag_run.run_id
+    source = source_rows(config)
+    bronze = tables.read(spark, config, "bronze", "events").filter(F.col(RUN_ID) == run_id)
+    quarantined = (
+        tables.read(spark, config, "quarantine", "events")
+        .filter(F.col(RUN_ID) == run_id)
+        .filter(F.col(STEP) == "ingest")  # clean quarantines rows of its own (bots), from bronze
+    )
+    columns = [USER_ID, ITEM_ID, EVENT_TYPE, SESSION_ID]
+    bronze_keys = [tuple(r) for r in bronze.select(*columns).collect()]
+    source_keys = {tuple(row[c] for c in columns) for row in source}
+
+    assert len(bronze_keys) + quarantined.count() == len(source)
+    assert set(bronze_keys) <= source_keys
+    # Rows the generator made dirty never reach bronze: no user id, or an event type outside the mapping.
+    assert all(user for user, *_ in bronze_keys)
+    assert {event for _, _, event, _ in bronze_keys} <= {"view", "add_to_cart", "purchase", "rating"}
+    dirty = [r for r in source if not r[USER_ID] or r[EVENT_TYPE] not in {"view", "add_to_cart", "purchase", "rating"}]
+    assert dirty, "the demo generator should have produced dirty rows"
+    assert quarantined.count() >= len(dirty)
+
+
+@pytest.mark.slow
+def test_clean_wrote_silver_for_the_submitted_run(spark: SparkSession, dag_run: DagRun) -> None:
+    config, run_id = dag_run.config, dag_run.run_id
+    interactions = tables.read(spark, config, "silver", "interactions")
+    assert {r[RUN_ID] for r in interactions.select(RUN_ID).distinct().collect()} == {run_id}
+    users = interactions.agg(F.countDistinct(USER_IDX)).first()[0]
+    generated_users = {r[USER_ID] for r in source_rows(config) if r[USER_ID]}
+    assert 0 < users <= len(generated_users)

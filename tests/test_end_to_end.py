@@ -1,5 +1,6 @@
-"""`shelf run` on generated demo data, twice with the same run id: every table written, counts
-reconcile, each user gets at most top_k ranked items, and the rerun changes nothing."""
+"""`shelf run` on generated demo data: every table written, counts reconcile, each user gets at most top_k
+ranked items; the same run id again, refused by the publish gate, leaves the served lists as they were; the
+publishing steps again with the same run id write the same lists; `shelf forget` removes one user."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from chispa import assert_df_equality
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import candidates, evaluate, rerank, similarities, train
+from pipelines import candidates, evaluate, rerank, runner, similarities, train
 from pipelines.core import cli, ease, holdout, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
@@ -89,9 +90,15 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert from_ease.count() > 0 and from_ease.filter(F.col("ease_score").isNull()).count() == 0
     assert cands.filter(~F.array_contains("sources", "ease") & F.col("ease_score").isNotNull()).count() == 0
 
-    before = recs.orderBy("user_id", "rank").cache()
+    # The served lists, pinned to their Delta version (later writes cannot change what `before` reads).
+    served_version = tables.latest_version(spark, config, "gold", "recommendations")
+    before = tables.read(spark, config, "gold", "recommendations", version=served_version)
+    before = before.filter(F.col("run_id") == "e2e").orderBy("user_id", "rank").cache()
     before.count()
-    assert _run(tmp_path) == 0
+    assert_refused_publish_leaves_the_serving_run(spark, config, tmp_path, before)
+    # The publishing steps again, same run id and as_of: the same lists (ALS and EASE seeded, no wall clock).
+    ran = runner.run_steps(spark, config, RunContext(run_id="e2e", as_of=datetime(2026, 11, 1)), runner.PUBLISHING)
+    assert ran == list(runner.PUBLISHING)
     after = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
     assert_df_equality(before, after.orderBy("user_id", "rank"), ignore_row_order=True, ignore_nullable=True)
 
@@ -111,8 +118,7 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert tables.latest_version(spark, config, "gold", "recommendations") == served
     assert tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "gated").count() == 0
 
-    assert_refused_publish_leaves_the_serving_run(spark, config, tmp_path)
-    assert_a_catalogue_over_ease_max_items_runs_als_only(spark, tmp_path)
+    assert_a_catalogue_over_ease_max_items_gets_no_ease_candidates(spark, tmp_path)
 
     # shelf forget: one user disappears from every table and saved model (the holdout's too); everyone else stays.
     held = holdout.holdout_config(config)
@@ -173,31 +179,32 @@ def assert_evaluation_scores_the_published_lists(spark: SparkSession, config: Sh
     assert {"published", "popularity", "als"} <= models
 
 
-def assert_refused_publish_leaves_the_serving_run(spark: SparkSession, config: ShelfConfig, tmp_path: Path) -> None:
-    """A run whose published lists lose to popularity (here: the margin asks for 100x) is refused with exit 6:
-    gold.recommendations gets no row and no commit of it, and its metrics say why."""
+def assert_refused_publish_leaves_the_serving_run(
+    spark: SparkSession, config: ShelfConfig, tmp_path: Path, served_rows: DataFrame
+) -> None:
+    """The same run again, whose published lists now lose to popularity (the margin asks for 100x), is refused
+    with exit 6: gold.recommendations gets no commit and keeps the served rows; its metrics say why. Ingest,
+    clean and the holdout rehearsal ran again with the same run id on the way (idempotent rewrites)."""
     served = tables.latest_version(spark, config, "gold", "recommendations")
-    code = _run(tmp_path, "--run-id", "refused", "--set", "evaluate.gate_margin=99")
+    code = _run(tmp_path, "--set", "evaluate.gate_margin=99")
     assert code == 6
     assert tables.latest_version(spark, config, "gold", "recommendations") == served
-    assert tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "refused").count() == 0
+    now = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
+    assert_df_equality(served_rows, now.orderBy("user_id", "rank"), ignore_row_order=True, ignore_nullable=True)
     figures = tables.read(spark, config, "gold", "metrics").filter(
-        (F.col("run_id") == "refused") & (F.col("metric") == "ndcg") & (F.col("k") == 10)
+        (F.col("run_id") == "e2e") & (F.col("metric") == "ndcg") & (F.col("k") == 10)
     )
     assert {r.model for r in figures.collect()} >= {"published", "popularity"}
 
 
-def assert_a_catalogue_over_ease_max_items_runs_als_only(spark: SparkSession, tmp_path: Path) -> None:
-    """train.ease.max_items below the catalogue: no EASE rows, and the published lists are exactly those of a run
-    with EASE switched off (even with an ease weight in the re-rank)."""
-    lists = {}
-    for tag, setting in (("no-ease", "train.ease.enabled=false"), ("over-cap", "train.ease.max_items=5")):
-        cfg = make_test_config(tmp_path, setting, "rerank.weights.ease=3.0")
-        ctx = RunContext(run_id=tag, as_of=datetime(2026, 11, 1))
-        for step in (train, similarities, candidates, rerank):
-            step.run(spark, cfg, ctx)
-        rows = tables.read(spark, cfg, "gold", "recommendations").filter(F.col("run_id") == tag)
-        lists[tag] = rows.drop("run_id").cache()
+def assert_a_catalogue_over_ease_max_items_gets_no_ease_candidates(spark: SparkSession, tmp_path: Path) -> None:
+    """train.ease.max_items below the catalogue: no EASE neighbours and no EASE candidate (nor score), so the
+    re-rank's ease weight has nothing to act on and the lists are ALS's."""
+    cfg = make_test_config(tmp_path, "train.ease.max_items=5", "rerank.weights.ease=3.0")
+    ctx = RunContext(run_id="over-cap", as_of=datetime(2026, 11, 1))
+    for step in (train, similarities, candidates):
+        step.run(spark, cfg, ctx)
     assert ease.neighbours_of_run(spark, cfg, "over-cap") is None
-    assert lists["over-cap"].count() > 0
-    assert_df_equality(lists["no-ease"], lists["over-cap"], ignore_row_order=True, ignore_nullable=True)
+    cands = tables.read(spark, cfg, "gold", "candidates").filter(F.col("run_id") == "over-cap")
+    assert cands.count() > 0
+    assert cands.filter(F.array_contains("sources", "ease") | F.col("ease_score").isNotNull()).count() == 0
