@@ -203,14 +203,14 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory) -> DagRun:
 def test_airflow_dags_test_runs_every_step_and_writes_recommendations(spark: SparkSession, dag_run: DagRun) -> None:
     config = dag_run.config
     recommendations = tables.read(spark, config, "gold", "recommendations")
-    assert {r[RUN_ID] for r in recommendations.select(RUN_ID).distinct().collect()} == {"daily-20261101"}
+    assert {r[RUN_ID] for r in recommendations.select(RUN_ID).distinct().collect()} == {dag_run.run_id}
     per_user = recommendations.groupBy(USER_ID).agg(F.count(ITEM_ID).alias("n"), F.max("rank").alias("top"))
     stats = per_user.agg(F.count("*").alias("users"), F.max("n").alias("most"), F.min("n").alias("fewest")).first()
     assert stats is not None and stats["users"] > config.generate.users // 2
     assert stats["most"] <= config.rerank.top_k
     assert per_user.filter(F.col("top") != F.col("n")).count() == 0  # ranks run 1..n per user
     metrics = tables.read(spark, config, "gold", "metrics")
-    assert {r[RUN_ID] for r in metrics.select(RUN_ID).distinct().collect()} == {"daily-20261101"}
+    assert {r[RUN_ID] for r in metrics.select(RUN_ID).distinct().collect()} == {dag_run.run_id}
 
 
 @pytest.mark.slow

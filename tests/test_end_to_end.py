@@ -199,8 +199,8 @@ def assert_refused_publish_leaves_the_serving_run(
 
 def assert_a_catalogue_over_ease_max_items_gets_no_ease_candidates(spark: SparkSession, tmp_path: Path) -> None:
     """train.ease.max_items below the catalogue: no EASE neighbours and no EASE candidate (nor score), so the
-    re-rank's ease weight has nothing to act on and the lists are ALS's."""
-    cfg = make_test_config(tmp_path, "train.ease.max_items=5", "rerank.weights.ease=3.0")
+    re-rank's ease feature has nothing to act on and the lists are ALS's."""
+    cfg = make_test_config(tmp_path, "train.ease.max_items=5")
     ctx = RunContext(run_id="over-cap", as_of=datetime(2026, 11, 1))
     for step in (train, similarities, candidates):
         step.run(spark, cfg, ctx)
