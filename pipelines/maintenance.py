@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 from pyspark.errors import AnalysisException
-from pyspark.sql import Column, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import holdout, tables, uris
@@ -82,13 +82,14 @@ def _stored_ids(config: ShelfConfig, user_ids: list[str]) -> list[str]:
     return [pseudonym(u, key) for u in user_ids]
 
 
-def _raw_holds(ids: list[str]) -> Column:
-    """Raw text holding any of `ids` as a whole field (same field rule as pseudonymisation)."""
-    condition = F.lit(False)
+def _raw_holds(ids: list[str]) -> list[str]:
+    """SQL conditions: raw text holding one of `ids` as a whole field (same field rule as pseudonymisation)."""
+    terms = []
     for user in ids:
         quoted = "\\Q" + user.replace("\\E", "\\E\\\\E\\Q") + "\\E"
-        condition = condition | F.col(RAW).rlike(f"(^|[^A-Za-z0-9_.-]){quoted}($|[^A-Za-z0-9_.-])")
-    return condition
+        pattern = f"(^|[^A-Za-z0-9_.-]){quoted}($|[^A-Za-z0-9_.-])"
+        terms.append(f"{RAW} RLIKE {tables.sql_string(pattern)}")
+    return terms
 
 
 def _forget_in_models(spark: SparkSession, config: ShelfConfig, indexes: list[int]) -> int:
@@ -149,16 +150,17 @@ def _forget_in_tables(
         if not tables.exists(spark, config, layer, name):
             continue
         columns = set(tables.read(spark, config, layer, name).columns)
-        condition = F.lit(False)
+        terms = []
         if USER_ID in columns:
-            condition = condition | F.col(USER_ID).isin(ids)
+            terms.append(f"{USER_ID} IN ({', '.join(tables.sql_string(u) for u in ids)})")
         if USER_IDX in columns and indexes:
-            condition = condition | F.col(USER_IDX).isin(indexes)
+            terms.append(f"{USER_IDX} IN ({', '.join(str(int(i)) for i in indexes)})")
         if RAW in columns:
-            condition = condition | _raw_holds(ids)
-        if USER_ID not in columns and USER_IDX not in columns and RAW not in columns:
+            terms.extend(_raw_holds(ids))
+        if not terms:
             continue
-        matching = tables.read(spark, config, layer, name).filter(condition).count()
+        condition = " OR ".join(f"({t})" for t in terms)  # SQL: DELETE FROM takes it over Spark Connect too
+        matching = tables.read(spark, config, layer, name).filter(F.expr(condition)).count()
         if matching:
             tables.delete_where(spark, config, layer, name, condition)
             if vacuum:

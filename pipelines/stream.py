@@ -86,7 +86,7 @@ from pyspark.sql.types import IntegerType, StructField, StructType
 from pipelines.core import events, publishing, reranking, tables, uris
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
-from pipelines.core.errors import InputDataError
+from pipelines.core.errors import EnvironmentSetupError, InputDataError
 from pipelines.core.factors import factors_of_run
 from pipelines.core.privacy import key_from_env, with_pseudonymous_users
 from pipelines.core.quality import reconcile, run_metrics_frame, ts_lit
@@ -114,7 +114,7 @@ from pipelines.core.schemas import (
     USER_ID,
     USER_IDX,
 )
-from pipelines.core.session import SIDE_POOL, parallelism
+from pipelines.core.session import SIDE_POOL, is_connect, parallelism
 from udfs.candidates import NEIGHBOURS_BIT, POPULAR_BIT, merge_candidates
 from udfs.rerank import ItemTable, RerankParams
 
@@ -1160,7 +1160,16 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
     """Run the stream until it stops (available_now: when the landing table is drained) or is killed.
 
     `ctx` is not used for the data: the serving run comes from gold.recommendations, the time from events.
+
+    Raises:
+        EnvironmentSetupError: the session is a Spark Connect one (the stream needs a SparkContext).
     """
+    if is_connect(spark):
+        raise EnvironmentSetupError(
+            "shelf stream needs a classic Spark session (its micro-batches broadcast the item matrix and MERGE "
+            "through Delta's Python API), so it cannot run over Spark Connect; unset spark.remote and run it "
+            "with spark.master or on a classic (dedicated access mode) cluster."
+        )
     log.info(
         "[%s] start: %s -> gold.recommendations, checkpoint %s, trigger %s",
         STEP_NAME,

@@ -135,7 +135,7 @@ def fit_ease(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> int:
         tables.write(frame, config, "gold", ease.TABLE, ctx.run_id, mode="run", comment=None)
         return int(model.ids.size)
     if tables.exists(spark, config, "gold", ease.TABLE):
-        tables.delete_where(spark, config, "gold", ease.TABLE, F.col(RUN_ID) == ctx.run_id)
+        tables.delete_where(spark, config, "gold", ease.TABLE, f"{RUN_ID} = {tables.sql_string(ctx.run_id)}")
     return 0
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig, load_config
@@ -41,6 +42,70 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
 @pytest.fixture
 def config(tmp_path: Path) -> ShelfConfig:
     return make_test_config(tmp_path)
+
+
+DEMO_RUN_ID = "e2e"
+DEMO_AS_OF = "2026-11-01"
+# The tables a run on another engine (Spark Connect, a standalone cluster) must write exactly as a local run does.
+COMPARED_TABLES = (("silver", "interactions"), ("gold", "candidates"), ("gold", "recommendations"))
+
+
+def demo_run_args(root: Path, *extra: str) -> list[str]:
+    """`shelf run` on conf/test.yaml's demo shop with tables and data under `root`, run id e2e, as of 2026-11-01."""
+    return [
+        "run", "--conf", str(REPO / "conf/test.yaml"),
+        "--set", f"storage.root={root / 'tables'}",
+        "--set", f"source.path={root / 'demo' / 'events'}",
+        "--set", f"source.catalog_path={root / 'demo' / 'catalog'}",
+        "--set", f"spark.jars_dir={REPO / '.jars'}",
+        "--run-id", DEMO_RUN_ID, "--as-of", DEMO_AS_OF,
+        *extra,
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One local `shelf run` (demo_run_args) and the Delta version of each compared table right after it: tests
+    that change its tables later do not change what `read` returns."""
+
+    root: Path
+    config: ShelfConfig
+    versions: dict[tuple[str, str], int]
+
+    def read(self, spark: SparkSession, layer: str, name: str) -> DataFrame:
+        return tables.read(spark, self.config, layer, name, version=self.versions[(layer, name)])
+
+
+@pytest.fixture(scope="session")
+def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """The local run shared by the end-to-end test and the runs on other engines that must equal it."""
+    from pipelines.core import cli
+
+    root = tmp_path_factory.mktemp("demo-run")
+    assert cli.main(demo_run_args(root)) == 0
+    config = make_test_config(root)
+    versions = {t: tables.latest_version(spark, config, *t) for t in COMPARED_TABLES}
+    return DemoRun(root, config, versions)
+
+
+@pytest.fixture(scope="session")
+def connect_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Spark Connect server (own JVM, Delta, local[2]) on 127.0.0.1 for the whole session; its sc:// URL."""
+    from tests.servers import start_connect_server
+
+    server, url = start_connect_server(tmp_path_factory.mktemp("connect-server"))
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def standalone_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A standalone Spark cluster (master and one 2-core worker, own JVMs) on 127.0.0.1; its spark:// URL."""
+    from tests.servers import start_standalone_cluster
+
+    cluster = start_standalone_cluster(tmp_path_factory.mktemp("standalone"))
+    yield cluster.url
+    cluster.stop()
 
 
 def shared_data(name: str) -> Path:

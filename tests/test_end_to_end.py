@@ -16,37 +16,20 @@ from pipelines import candidates, evaluate, rerank, runner, similarities, train
 from pipelines.core import cli, ease, holdout, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
-from tests.conftest import REPO, make_test_config
+from tests.conftest import REPO, DemoRun, demo_run_args, make_test_config
 
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path: Path, *extra: str) -> int:
-    return cli.main(
-        [
-            "run",
-            "--conf",
-            str(REPO / "conf/test.yaml"),
-            "--set",
-            f"storage.root={tmp_path / 'tables'}",
-            "--set",
-            f"source.path={tmp_path / 'demo' / 'events'}",
-            "--set",
-            f"source.catalog_path={tmp_path / 'demo' / 'catalog'}",
-            "--run-id",
-            "e2e",
-            "--as-of",
-            "2026-11-01",
-            *extra,
-        ]
-    )
+def _run(root: Path, *extra: str) -> int:
+    return cli.main(demo_run_args(root, *extra))
 
 
 def test_run_end_to_end_is_complete_and_idempotent(
-    spark: SparkSession, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    spark: SparkSession, demo_run: DemoRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _run(tmp_path) == 0
-    config = make_test_config(tmp_path)
+    tmp_path = demo_run.root  # the session's local `shelf run` (run id e2e), also what other engines must equal
+    config = demo_run.config
     for layer, name in [
         ("bronze", "events"),
         ("quarantine", "events"),

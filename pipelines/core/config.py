@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipelines.core import uris
 from pipelines.core.errors import ConfigError
 
 BASE_FILE = "base.yaml"
@@ -27,6 +28,7 @@ class _Section(BaseModel):
 
 class SparkConfig(_Section):
     master: str | None = "local[*]"
+    remote: str | None = None  # a Spark Connect server, e.g. sc://host:15002; set, master is not used
     app_name: str = "shelf"
     shuffle_partitions: int | None = None  # None: 2 x the cores Spark sees
     driver_memory: str = "4g"
@@ -354,10 +356,29 @@ class ShelfConfig(_Section):
     def _preset_defaults(cls, data: Any) -> Any:
         return with_preset_defaults(data) if isinstance(data, dict) else data
 
+    @model_validator(mode="after")
+    def _client_paths(self) -> ShelfConfig:
+        """With spark.remote the server resolves relative paths against its own working directory: bare relative
+        local paths are made absolute here, on the client, so they name the folder the user meant."""
+        if not self.spark.remote:
+            return self
+        storage = {k: _absolute(getattr(self.storage, k)) for k in ("root", "report_dir")}
+        source = {k: _absolute(getattr(self.source, k)) for k in ("path", "catalog_path")}
+        spark = {"checkpoint_dir": _absolute(self.spark.checkpoint_dir)}
+        object.__setattr__(self, "storage", self.storage.model_copy(update=storage))
+        object.__setattr__(self, "source", self.source.model_copy(update=source))
+        object.__setattr__(self, "spark", self.spark.model_copy(update=spark))
+        return self
+
     @property
     def consumed_event_types(self) -> list[str]:
         """The event types that consume an item (recommend.consumed_event_types, resolved from the preset)."""
         return list(self.recommend.consumed_event_types or ["purchase"])
+
+
+def _absolute(location: str | None) -> str | None:
+    """A bare relative local path made absolute against the client's working directory; URIs unchanged."""
+    return None if location is None else uris.qualify(location)
 
 
 def config_warnings(config: ShelfConfig) -> list[str]:

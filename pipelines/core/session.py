@@ -78,11 +78,31 @@ def _pools_file(root: Path) -> str:
     return str(path)
 
 
-def get_spark(config: ShelfConfig) -> SparkSession:
-    """Return the active session (cluster, Databricks, notebook) or build a local Delta-enabled one."""
+def active_session() -> SparkSession | None:
+    """The session a notebook, job or cluster already runs: a classic one, else a Spark Connect one."""
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
+    try:
+        from pyspark.sql.connect.session import SparkSession as ConnectSession
+    except ImportError:  # pyspark without the connect extra: no Connect session can be active
+        return None
+    return ConnectSession.getActiveSession()  # type: ignore[return-value]
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """Whether `spark` is a Spark Connect session (no SparkContext, no JVM on this side)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def get_spark(config: ShelfConfig) -> SparkSession:
+    """Return the active session (cluster, Databricks, notebook), connect to spark.remote, or build a local
+    Delta-enabled one."""
+    active = active_session()
+    if active is not None:
+        return active
+    if config.spark.remote:
+        return _connect(config)
     if config.spark.master is None:
         # spark-submit on a cluster: the launcher configured master and packages.
         spark = (
@@ -131,6 +151,31 @@ def get_spark(config: ShelfConfig) -> SparkSession:
         raise EnvironmentSetupError(
             "Spark could not start with Delta Lake (the Delta jars could not be resolved); run "
             f"'python -m pipelines.core.jars {config.spark.jars_dir}' to fetch them with Maven, then retry."
+        ) from exc
+    _tune(spark, config)
+    return spark
+
+
+def _connect(config: ShelfConfig) -> SparkSession:
+    """A Spark Connect session to spark.remote (the server brings Delta; the client needs pyspark[connect]).
+
+    Raises:
+        EnvironmentSetupError: the Connect client is not installed or the server does not answer.
+    """
+    try:
+        import pyspark.sql.connect.session  # noqa: F401  (the grpc/protobuf client of pyspark[connect])
+    except ImportError as exc:
+        raise EnvironmentSetupError(
+            f"spark.remote is {config.spark.remote} but the Spark Connect client is not installed; "
+            "run 'pip install \"pyspark[connect]>=4.1,<4.2\"' and retry."
+        ) from exc
+    try:
+        spark = SparkSession.builder.remote(config.spark.remote).getOrCreate()
+        spark.conf.set("spark.sql.session.timeZone", "UTC")
+    except Exception as exc:
+        raise EnvironmentSetupError(
+            f"The Spark Connect server at {config.spark.remote} did not answer ({exc.__class__.__name__}); "
+            "start it (with Delta's jars and SQL extensions, see docs/CLUSTERS.md) or fix spark.remote."
         ) from exc
     _tune(spark, config)
     return spark

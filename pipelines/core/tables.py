@@ -25,7 +25,8 @@ from delta.exceptions import (
     ProtocolChangedException,
 )
 from delta.tables import DeltaTable
-from pyspark.sql import Column, DataFrame, Row, SparkSession
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
@@ -58,16 +59,45 @@ def _is_path(config: ShelfConfig) -> bool:
     return not config.storage.catalog
 
 
+def target(config: ShelfConfig, layer: str, name: str) -> str:
+    """A table as SQL names it: delta.`<uri>` (by path) or <catalog>.<layer>_<name>."""
+    where = location(config, layer, name)
+    return uris.sql_path(where) if _is_path(config) else where
+
+
+def sql_string(value: str) -> str:
+    """`value` as a Spark SQL string literal (quotes and backslashes escaped)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def exists(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> bool:
     where = location(config, layer, name)
     if _is_path(config):
-        return DeltaTable.isDeltaTable(spark, where)
+        return is_delta(spark, where)
     return bool(spark.catalog.tableExists(where))
 
 
+def is_delta(spark: SparkSession, path: str) -> bool:
+    """Whether `path` holds a Delta table, asked in SQL (`DESCRIBE DETAIL`): Delta's Python `isDeltaTable` needs a
+    Delta Connect handler on a Spark Connect server, SQL does not. Driver-side only, no Spark job."""
+    try:
+        row = spark.sql(f"DESCRIBE DETAIL {uris.sql_path(path)}").select("format").first()
+    except AnalysisException:  # DELTA_MISSING_DELTA_TABLE: absent, empty, or another format
+        return False
+    return row is not None and row["format"] == "delta"
+
+
 def delta_table(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> DeltaTable:
+    """Delta's Python handle (classic sessions only: `merge`, which only `shelf stream` uses)."""
     where = location(config, layer, name)
     return DeltaTable.forPath(spark, where) if _is_path(config) else DeltaTable.forName(spark, where)
+
+
+def detail(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> Row:
+    """The table's `DESCRIBE DETAIL` row (format, location, properties, ...)."""
+    row = spark.sql(f"DESCRIBE DETAIL {target(config, layer, name)}").first()
+    assert row is not None  # DESCRIBE DETAIL of an existing table has exactly one row
+    return row
 
 
 def read(
@@ -127,8 +157,7 @@ def write(
 
     _commit_with_retry(commit, layer, name, run_id)
     if comment:
-        target = uris.sql_path(where) if _is_path(config) else where
-        spark.sql(f"COMMENT ON TABLE {target} IS '{comment.replace(chr(39), '')}'")
+        spark.sql(f"COMMENT ON TABLE {target(config, layer, name)} IS '{comment.replace(chr(39), '')}'")
 
 
 # A commit that loses a race with another writer of the same table (Delta's optimistic concurrency) is
@@ -177,8 +206,10 @@ def _commit_with_retry(commit: Callable[[], None], layer: str, name: str, run_id
             time.sleep(pause)
 
 
-def history(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> DataFrame:
-    return delta_table(spark, config, layer, name).history()
+def history(spark: SparkSession, config: ShelfConfig, layer: str, name: str, limit: int | None = None) -> DataFrame:
+    """The table's commits, newest first (`DESCRIBE HISTORY`, read from the Delta log: no Spark job)."""
+    last = f" LIMIT {int(limit)}" if limit is not None else ""
+    return spark.sql(f"DESCRIBE HISTORY {target(config, layer, name)}{last}")
 
 
 def read_source(
@@ -255,7 +286,7 @@ def read_stream(spark: SparkSession, path: str, config_key: str, max_files_per_t
     Raises:
         InputDataError: `path` is not a Delta table; names the config key to fix.
     """
-    if not DeltaTable.isDeltaTable(spark, path):
+    if not is_delta(spark, path):
         raise InputDataError(
             f"Stream source {path} is not a Delta table; point {config_key} at the table the tracker appends to."
         )
@@ -277,8 +308,7 @@ def add_columns(spark: SparkSession, config: ShelfConfig, layer: str, name: str,
 
 def set_properties(spark: SparkSession, config: ShelfConfig, layer: str, name: str, properties: dict[str, str]) -> None:
     """Set Delta table properties the table does not have yet, in one commit (none when all are set)."""
-    detail = delta_table(spark, config, layer, name).detail().select("properties").first()
-    present = dict(detail["properties"] or {}) if detail is not None else {}
+    present = dict(detail(spark, config, layer, name)["properties"] or {})
     missing = {k: v for k, v in properties.items() if present.get(k) != v}
     if not missing:
         return
@@ -288,11 +318,9 @@ def set_properties(spark: SparkSession, config: ShelfConfig, layer: str, name: s
 
 def _alter(spark: SparkSession, config: ShelfConfig, layer: str, name: str, clause: str, what: str) -> None:
     """`ALTER TABLE <the table> <clause>` as one metadata commit, retried on a concurrent commit."""
-    where = location(config, layer, name)
-    target = uris.sql_path(where) if _is_path(config) else where
 
     def commit() -> None:
-        spark.sql(f"ALTER TABLE {target} {clause}")
+        spark.sql(f"ALTER TABLE {target(config, layer, name)} {clause}")
 
     _commit_with_retry(commit, layer, name, what)
 
@@ -316,10 +344,7 @@ def commits_since(
     HISTORY_LOOKBACK commits: no Spark job). Compaction and vacuum commits (NO_DATA_CHANGE) do not count.
     `version` None: every commit counts."""
     rows = (
-        delta_table(spark, config, layer, name)
-        .history(HISTORY_LOOKBACK)
-        .select("version", "operation", "userMetadata")
-        .collect()
+        history(spark, config, layer, name, HISTORY_LOOKBACK).select("version", "operation", "userMetadata").collect()
     )
     latest = max(int(r["version"]) for r in rows)
     if version is None or min(int(r["version"]) for r in rows) > version + 1:
@@ -393,12 +418,12 @@ def latest_version(spark: SparkSession, config: ShelfConfig, layer: str, name: s
 
 def restore(spark: SparkSession, config: ShelfConfig, layer: str, name: str, version: int) -> None:
     """Make `version` the table's current state again, as a new commit (Delta RESTORE)."""
-    delta_table(spark, config, layer, name).restoreToVersion(version)
+    spark.sql(f"RESTORE TABLE {target(config, layer, name)} TO VERSION AS OF {int(version)}")
 
 
-def delete_where(spark: SparkSession, config: ShelfConfig, layer: str, name: str, condition: Column) -> None:
-    """Delete the rows matching `condition` in one Delta commit."""
-    delta_table(spark, config, layer, name).delete(condition)
+def delete_where(spark: SparkSession, config: ShelfConfig, layer: str, name: str, condition: str) -> None:
+    """Delete the rows matching the SQL `condition` in one Delta commit (`DELETE FROM`)."""
+    spark.sql(f"DELETE FROM {target(config, layer, name)} WHERE {condition}")
 
 
 def vacuum(spark: SparkSession, config: ShelfConfig, layer: str, name: str, retention_hours: float) -> None:
@@ -407,11 +432,7 @@ def vacuum(spark: SparkSession, config: ShelfConfig, layer: str, name: str, rete
     On a table with deletion vectors (gold.recommendations once `shelf stream` wrote it) a delete only marks
     rows, so the files holding them are rewritten first (REORG ... APPLY (PURGE)) and the old ones vacuumed.
     """
-    table = delta_table(spark, config, layer, name)
-    detail = table.detail().select("properties").first()
-    properties = dict(detail["properties"] or {}) if detail is not None else {}
+    properties = dict(detail(spark, config, layer, name)["properties"] or {})
     if properties.get("delta.enableDeletionVectors") == "true":
-        where = location(config, layer, name)
-        target = uris.sql_path(where) if _is_path(config) else where
-        spark.sql(f"REORG TABLE {target} APPLY (PURGE)")
-    table.vacuum(retention_hours)
+        spark.sql(f"REORG TABLE {target(config, layer, name)} APPLY (PURGE)")
+    spark.sql(f"VACUUM {target(config, layer, name)} RETAIN {retention_hours:g} HOURS")

@@ -1,0 +1,155 @@
+"""Real servers the tests start and stop themselves, each a separate JVM bound to 127.0.0.1: a Spark Connect
+server (with Delta's jars and SQL extensions) and a standalone cluster (one master, one worker).
+
+Each is started once per test session by a fixture in tests/conftest.py and stopped (its process group
+killed) when the session ends, so every test that needs one shares it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyspark
+import pytest
+
+from tests.conftest import REPO
+
+SPARK_HOME = Path(pyspark.__file__).parent
+START_TIMEOUT_S = 300  # a cold JVM on two shared cores: about 20 s idle
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def spark_env() -> dict[str, str]:
+    """The servers' environment: this interpreter for Python workers, every address on 127.0.0.1."""
+    return {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_HOME": str(SPARK_HOME),
+    }
+
+
+@dataclass
+class Server:
+    """One server process (its own process group) and the log it writes."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def wait_for_port(self, port: int) -> None:
+        """Block until 127.0.0.1:`port` accepts connections; fail with the log's tail if the JVM dies or hangs."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"{self.name} did not listen on 127.0.0.1:{port} in {START_TIMEOUT_S} s:\n{self.tail()}")
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start(name: str, cmd: list[str], workdir: Path) -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            cmd, cwd=workdir, env=spark_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return Server(name, process, log)
+
+
+def delta_jars_csv() -> str:
+    from pipelines.core.jars import delta_jars
+
+    jars = delta_jars(REPO / ".jars")
+    if not jars:
+        pytest.fail(f"The Delta jars are missing in {REPO / '.jars'}; run 'make setup' to fetch them.")
+    return ",".join(str(p.resolve()) for p in jars)
+
+
+def start_connect_server(workdir: Path) -> tuple[Server, str]:
+    """A Spark Connect server from the installed pyspark (local[2], Delta); returns it and its sc:// URL."""
+    port = free_port()
+    cmd = [
+        str(SPARK_HOME / "bin" / "spark-submit"),
+        "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+        "--master", "local[2]",
+        "--jars", delta_jars_csv(),
+        "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
+        "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "--conf", "spark.connect.grpc.binding.address=127.0.0.1",
+        "--conf", f"spark.connect.grpc.binding.port={port}",
+        "--conf", "spark.sql.session.timeZone=UTC",
+        "--conf", "spark.ui.enabled=false",
+        "--conf", f"spark.pyspark.python={sys.executable}",
+        "--driver-memory", "2g",
+    ]  # fmt: skip
+    server = start("connect-server", cmd, workdir)
+    server.wait_for_port(port)
+    return server, f"sc://127.0.0.1:{port}"
+
+
+@dataclass
+class Cluster:
+    master: Server
+    worker: Server
+    url: str
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.master.stop()
+
+
+def start_standalone_cluster(workdir: Path) -> Cluster:
+    """A standalone master and one 2-core worker, separate JVMs on 127.0.0.1; returns them and spark://..."""
+    port, ui, worker_ui = free_port(), free_port(), free_port()
+    spark_class = str(SPARK_HOME / "bin" / "spark-class")
+    master = start(
+        "master",
+        [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+         "--webui-port", str(ui)],
+        workdir,
+    )  # fmt: skip
+    master.wait_for_port(port)
+    url = f"spark://127.0.0.1:{port}"
+    worker = start(
+        "worker",
+        [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "2",
+         "--memory", "3g", "--webui-port", str(worker_ui), "--work-dir", str(workdir / "work"), url],
+        workdir,
+    )  # fmt: skip
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "Successfully registered with master" not in worker.tail(100_000):
+        if worker.process.poll() is not None or time.monotonic() > deadline:
+            worker.stop()
+            master.stop()
+            pytest.fail(f"The standalone worker did not register with {url}:\n{worker.tail()}")
+        time.sleep(0.5)
+    return Cluster(master, worker, url)
