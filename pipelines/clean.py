@@ -39,7 +39,7 @@ from pipelines.core.errors import InputDataError
 from pipelines.core.quality import (
     GateLimits,
     check_interactions,
-    quality_path,
+    gate_recorder,
     reconcile,
     run_metrics_frame,
     ts_lit,
@@ -337,7 +337,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
                 ids=[USER_IDX, ITEM_IDX],
                 weight=WEIGHT,
                 ts=EVENT_TS,
-                result_path=quality_path(config.storage.root, ctx.run_id, STEP_NAME),
+                save=gate_recorder(spark, config, ctx.run_id, STEP_NAME),
             )
 
             tables.write(interactions, config, "silver", "interactions", ctx.run_id)

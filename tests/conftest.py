@@ -89,6 +89,14 @@ def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> D
 
 
 @pytest.fixture(scope="session")
+def shelf_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from this repo (`pip wheel --no-deps`), as a cluster gets shelf."""
+    from tests.submitting import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="session")
 def connect_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Spark Connect server (own JVM, Delta, local[2]) on 127.0.0.1 for the whole session; its sc:// URL."""
     from tests.servers import start_connect_server

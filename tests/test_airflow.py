@@ -4,8 +4,7 @@ Airflow's python cannot import shelf's pyspark (its Spark provider installs pysp
 checks run as subprocesses of .venv-airflow/bin/python and airflow; the tables the DAG wrote are
 read back with this venv's Spark.
 
-The DAG run is also the deployment test: every step goes through pyspark's real spark-submit, to a standalone
-cluster (master and worker in their own JVMs), with the
+The DAG run is also the deployment test: every step goes through pyspark's real spark-submit with the
 wheel built from this repo in --py-files, the entry file taken out of the wheel and a config without
 `spark.master` (the cluster code path), so the checks of what a submitted ingest and clean wrote read
 the same run.
@@ -31,7 +30,6 @@ from pipelines.core.config import ShelfConfig, load_config
 from pipelines.core.schemas import EVENT_TYPE, ITEM_ID, RUN_ID, SESSION_ID, STEP, USER_ID, USER_IDX
 from tests.conftest import REPO
 from tests.submitting import (
-    build_wheel,
     delta_jar_list,
     extract_entry,
     generate_demo,
@@ -153,16 +151,14 @@ class DagRun:
     wheel: Path
     output: str  # `airflow dags test`: its log and every task's spark-submit output
     run_id: str
-    master: str  # the standalone cluster's spark:// URL
 
 
 @pytest.fixture(scope="module")
-def dag_run(tmp_path_factory: pytest.TempPathFactory, standalone_cluster: str) -> DagRun:
-    """`airflow dags test shelf_daily 2026-11-01` on the demo shop, every step spark-submitted from the wheel to
-    the session's standalone cluster (tests/conftest.py: master and worker in their own JVMs)."""
+def dag_run(tmp_path_factory: pytest.TempPathFactory, shelf_wheel: Path) -> DagRun:
+    """`airflow dags test shelf_daily 2026-11-01` on the demo shop, every step spark-submitted from the wheel."""
     bin_dir = airflow_bin()
     tmp_path = tmp_path_factory.mktemp("airflow")
-    wheel = build_wheel(tmp_path / "dist")
+    wheel = shelf_wheel
     entry = extract_entry(wheel, tmp_path)
     # The DAG's wiring is under test: evaluate scores the plain baselines (no holdout rehearsal, whose
     # publishing steps the DAG has already run once; tests/test_end_to_end.py covers the rehearsal).
@@ -172,7 +168,7 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, standalone_cluster: str) -
     home = tmp_path / "airflow-home"
     env = airflow_env(
         home,
-        AIRFLOW_CONN_SHELF_SPARK=json.dumps({"conn_type": "spark", "host": standalone_cluster}),
+        AIRFLOW_CONN_SHELF_SPARK=json.dumps({"conn_type": "spark", "host": "local[2]"}),
         AIRFLOW_VAR_SHELF_ENTRY=str(entry),
         AIRFLOW_VAR_SHELF_WHEEL=str(wheel),
         AIRFLOW_VAR_SHELF_CONF_FILE=str(conf),
@@ -199,7 +195,7 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, standalone_cluster: str) -
     (table,) = [line for line in listed.stdout.splitlines() if line.startswith("[{")]  # after Airflow's log lines
     runs = json.loads(table)
     assert [r["state"] for r in runs] == ["success"], output[-6000:]
-    return DagRun(config, wheel, output, "daily-20261101", standalone_cluster)
+    return DagRun(config, wheel, output, "daily-20261101")
 
 
 @pytest.mark.slow
@@ -222,8 +218,6 @@ def test_the_steps_ran_from_the_wheel(dag_run: DagRun) -> None:
     assert f"shelf package from {dag_run.wheel}/pipelines/__init__.py" in logs
     for step in STEPS:
         assert f"[{step}] done" in logs, f"no '[{step}] done' in the DAG run's output"
-    # every step's session log line names the standalone master, never a local one
-    assert logs.count(f"master {dag_run.master},") >= len(STEPS) and "master local" not in logs
 
 
 @pytest.mark.slow

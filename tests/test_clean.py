@@ -14,7 +14,7 @@ from pipelines import clean
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError, QualityGateError
-from pipelines.core.quality import quality_path
+from pipelines.core.quality import read_gate
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import BRONZE_EVENTS_SCHEMA, INDEX_SCHEMA_USER
 from tests.conftest import make_test_config as make_config
@@ -144,8 +144,8 @@ def test_clean_run_reconciles_writes_silver_and_quality_json(spark: SparkSession
     )
     assert m["input_rows"] == m["accepted"] + m["quarantined"] + m["duplicates_removed"] + m["filtered_min_support"]
 
-    result = json.loads(quality_path(config.storage.root, "r1", "clean").read_text())
-    assert result["success"] is True and result["failed"] == []
+    result = read_gate(spark, config, "r1", "clean")
+    assert result is not None and result["success"] is True and result["failed"] == []
 
     cat = {r.item_id: r for r in tables.read(spark, config, "silver", "catalog").collect()}
     assert (cat["i1"].price, cat["i1"].in_stock, cat["i1"].launched_at) == (9.5, True, datetime(2026, 9, 1))
@@ -184,14 +184,20 @@ def test_failing_gate_blocks_the_write_and_keeps_previous_silver(spark: SparkSes
     versions = tables.history(spark, config, "silver", "interactions").count()
 
     strict = make_config(tmp_path, "clean.max_user_share=0.3", "clean.max_quarantine_rate=1.0")
-    with pytest.raises(QualityGateError, match=r"expect_column_values_to_be_between\(max_user_share\)"):
+    with pytest.raises(
+        QualityGateError, match=r"expect_column_values_to_be_between\(max_user_share\).*ops\.quality_gates"
+    ):
         run_clean(spark, strict, [*rows, ("a", "z", "view", T0, None), ("b", "z", "view", T0, None)], "r2")
 
     assert tables.history(spark, config, "silver", "interactions").count() == versions
     current = tables.read(spark, config, "silver", "interactions")
     assert {r.run_id for r in current.collect()} == {"r1"} and current.count() == 4
-    failed = json.loads(quality_path(config.storage.root, "r2", "clean").read_text())
-    assert failed["success"] is False and failed["failed"] == ["expect_column_values_to_be_between(max_user_share)"]
+    failed = read_gate(spark, config, "r2", "clean")
+    assert (
+        failed is not None
+        and failed["success"] is False
+        and failed["failed"] == ["expect_column_values_to_be_between(max_user_share)"]
+    )
 
 
 def test_missing_bronze_run_is_an_input_error(spark: SparkSession, tmp_path: Path) -> None:

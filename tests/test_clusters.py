@@ -1,5 +1,6 @@
 """`shelf run` where users run it: over Spark Connect (no SparkContext on the client: Databricks serverless,
-standard access mode) and on a standalone cluster (master, worker and executors in their own JVMs). Each
+standard access mode) and spark-submitted from the wheel to a standalone cluster (master, worker and
+executors in their own JVMs). Each
 run's tables, read back by this session (a second client), equal the local run's (tests/conftest.py
 `demo_run`: same config, run id and as_of).
 
@@ -22,6 +23,8 @@ from pyspark.sql import functions as F
 from pipelines.core import tables
 from pipelines.core.schemas import RUN_ID, USER_ID, USER_IDX
 from tests.conftest import COMPARED_TABLES, DEMO_RUN_ID, REPO, DemoRun, demo_run_args, make_test_config
+from tests.servers import delta_jars_csv
+from tests.submitting import extract_entry
 
 pytestmark = pytest.mark.slow
 
@@ -86,10 +89,30 @@ def assert_rollback_and_forget_run_over_connect(spark: SparkSession, common: lis
     assert models and all(spark.read.parquet(str(m)).filter(F.col("id") == index).count() == 0 for m in models)
 
 
-def test_shelf_run_on_a_standalone_cluster_equals_a_local_run(
-    spark: SparkSession, demo_run: DemoRun, standalone_cluster: str, tmp_path: Path
+def test_shelf_run_submitted_from_the_wheel_to_a_standalone_cluster_equals_a_local_run(
+    spark: SparkSession, demo_run: DemoRun, standalone_cluster: str, shelf_wheel: Path, tmp_path: Path
 ) -> None:
-    code, out = shelf(demo_run_args(tmp_path, "--set", f"spark.master={standalone_cluster}"), cwd=tmp_path)
-    assert code == 0, out[-6000:]
-    assert f"master {standalone_cluster}" in out  # the session log line: it ran on the cluster, not local
+    """`spark-submit --master spark://... --py-files <wheel> submit.py run ...`: the entry file taken out of the
+    wheel, no spark.master in the config (the launcher's session, the cluster code path), executors in the
+    worker's JVMs."""
+    entry = extract_entry(shelf_wheel, tmp_path)
+    submit = [
+        str(Path(sys.executable).parent / "spark-submit"),
+        "--master", standalone_cluster,
+        "--jars", delta_jars_csv(),
+        "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
+        "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "--conf", "spark.sql.session.timeZone=UTC",
+        "--conf", f"spark.pyspark.python={sys.executable}",
+        "--py-files", str(shelf_wheel),
+        str(entry),
+        *demo_run_args(tmp_path, "--set", "spark.master=null"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    done = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    assert f"shelf package from {shelf_wheel}" in out  # the wheel's code, not this checkout's
+    assert f"master {standalone_cluster}," in out  # the session log line: it ran on the cluster
+    assert "[gate] passed" in out and "[rerank] done" in out
     assert_tables_equal_the_local_run(spark, demo_run, tmp_path)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -117,3 +120,49 @@ def test_rollback_to_run_and_to_version(
     assert "No version of gold.recommendations was written by run night-9" in capsys.readouterr().err
     assert _rollback(config, "--to-version", "7") == 2
     assert _rollback(config, "--table", "gold.nope", "--to-version", "0") == 2
+
+
+# Runs in its own process: a local session with an event log (the shared session has none).
+PLAN_SCRIPT = """
+import sys
+from pyspark.sql import SparkSession, functions as F
+from pipelines.core.privacy import with_pseudonymous_users
+events, key, out = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
+spark = (
+    SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
+    .config("spark.eventLog.enabled", "true").config("spark.eventLog.dir", events)
+    .config("spark.eventLog.compress", "false").getOrCreate()
+)
+rows = spark.createDataFrame([("alice", "alice,i1,view"), (None, "garbled")], "user_id string, raw string")
+hashed = with_pseudonymous_users(rows, key, "user_id", "raw", F.col("user_id").isNull())
+hashed.explain(extended=True)
+hashed.write.mode("overwrite").parquet(out)
+spark.stop()
+"""
+
+
+def test_the_key_appears_in_no_plan_and_no_event_log(spark: SparkSession, tmp_path: Path) -> None:
+    key = b"k3y-that-must-not-leak"
+    events = tmp_path / "events"
+    events.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", PLAN_SCRIPT, str(events), key.decode(), str(tmp_path / "out")],
+        env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "== Physical Plan ==" in done.stdout
+    logs = "".join(p.read_text(errors="replace") for p in events.rglob("*") if p.is_file())
+    assert "SparkListenerSQLExecutionStart" in logs  # the plans are in the event log
+    padded = key.ljust(64, b"\0")
+    derived = [key.hex(), *(bytes(b ^ pad for b in padded).hex() for pad in (0x36, 0x5C))]  # HMAC's pads
+    for text in (done.stdout, logs):
+        lowered = text.lower()
+        assert key.decode() not in text and not any(d in lowered for d in derived)
+    written = {r.user_id: r.raw for r in spark.read.parquet(str(tmp_path / "out")).collect()}
+    assert written == {
+        pseudonym("alice", key): f"{pseudonym('alice', key)},i1,view",
+        None: "redacted:hmac-sha256:" + pseudonym("garbled", key),
+    }

@@ -3,24 +3,27 @@
 The clean step validates two batches: the interactions themselves (row-level expectations: ids not
 null, weights positive and finite, timestamps inside the window, unique keys) and a one-row summary
 of run-level measures (quarantine rate, largest single user's share of events). Both results are
-kept as one JSON file at `<storage.root>/_quality/<run_id>/<step>.json`; a failure raises
-QualityGateError naming every failed expectation, so nothing downstream is written.
+kept as one JSON document in the Delta table ops.quality_gates (a row per run and step, written by Spark
+like every table, so it lives under storage.root or in the catalog, never on the driver's disk); a failure
+raises QualityGateError naming every failed expectation, so nothing downstream is written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from pipelines.core import tables
+from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import QualityGateError, ReconciliationError
-from pipelines.core.schemas import RUN_METRICS_SCHEMA
+from pipelines.core.schemas import RUN_ID, RUN_METRICS_SCHEMA, STEP
 
 log = logging.getLogger("shelf.quality")
 
@@ -36,9 +39,29 @@ class GateLimits:
     max_user_share: float
 
 
-def quality_path(root: str, run_id: str, step: str) -> Path:
-    """Where a step's gate result is kept: next to the tables, one folder per run."""
-    return Path(root) / "_quality" / run_id / f"{step}.json"
+GATES = ("ops", "quality_gates")  # run_id, step, success, failed, result (the JSON document)
+GATES_SCHEMA = "run_id string, step string, success boolean, failed array<string>, result string"
+
+
+def gate_recorder(spark: SparkSession, config: ShelfConfig, run_id: str, step: str) -> Callable[[dict[str, Any]], str]:
+    """A function that keeps a gate result as the (run_id, step) row of ops.quality_gates, replacing an earlier
+    attempt's, and returns where to read it (for the log and the failure message)."""
+
+    def save(document: dict[str, Any]) -> str:
+        row = [(run_id, step, bool(document["success"]), list(document["failed"]), json.dumps(document, default=str))]
+        frame = spark.createDataFrame(row, GATES_SCHEMA)
+        tables.write_replacing(frame, config, *GATES, run_id, {RUN_ID: run_id, STEP: step})
+        return f"{'.'.join(GATES)} at {tables.location(config, *GATES)} (run_id {run_id}, step {step})"
+
+    return save
+
+
+def read_gate(spark: SparkSession, config: ShelfConfig, run_id: str, step: str) -> dict[str, Any] | None:
+    """The gate result a step kept for a run (the JSON document), or None when it kept none."""
+    if not tables.exists(spark, config, *GATES):
+        return None
+    found = tables.read(spark, config, *GATES).filter((F.col(RUN_ID) == run_id) & (F.col(STEP) == step)).first()
+    return None if found is None else dict(json.loads(found["result"]))
 
 
 def _expectations(limits: GateLimits, key: list[str], ids: list[str], weight: str, ts: str) -> list[Any]:
@@ -107,9 +130,9 @@ def check_interactions(
     ids: list[str],
     weight: str,
     ts: str,
-    result_path: Path,
+    save: Callable[[dict[str, Any]], str],
 ) -> dict[str, Any]:
-    """Validate the interactions and the run summary; keep the result as JSON at `result_path`.
+    """Validate the interactions and the run summary; keep the result with `save` (see `gate_recorder`).
 
     Args:
         interactions: the silver rows about to be written.
@@ -117,7 +140,7 @@ def check_interactions(
         limits: the accepted ranges.
         key: columns that must be unique together; ids: columns that must not be null.
         weight, ts: the weight and timestamp columns.
-        result_path: the JSON file to write.
+        save: keeps the JSON-able result and says where it went.
 
     Returns:
         The JSON-able result (`success`, `failed`, and both GE validation results).
@@ -147,14 +170,13 @@ def check_interactions(
         "interactions": rows.to_json_dict(),
         "run_summary": run.to_json_dict(),
     }
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
+    where = save(document)
     if failed:
         raise QualityGateError(
-            f"The data-quality gate failed on {', '.join(failed)}; see {result_path} and fix the input or "
+            f"The data-quality gate failed on {', '.join(failed)}; see {where} and fix the input or "
             "the clean.* limits (the previous silver version stays current)."
         )
-    log.info("quality gate passed: %s", result_path)
+    log.info("quality gate passed: %s", where)
     return document
 
 

@@ -170,7 +170,7 @@ def _connect(config: ShelfConfig) -> SparkSession:
             "run 'pip install \"pyspark[connect]>=4.1,<4.2\"' and retry."
         ) from exc
     try:
-        spark = SparkSession.builder.remote(config.spark.remote).getOrCreate()
+        spark = SparkSession.builder.remote(str(config.spark.remote)).getOrCreate()
         spark.conf.set("spark.sql.session.timeZone", "UTC")
     except Exception as exc:
         raise EnvironmentSetupError(
