@@ -449,9 +449,9 @@ def test_vacuum_after_a_delete_removes_rows_physically_despite_deletion_vectors(
     deletion vectors on: the forgotten user's rows must leave the data files, not only be marked deleted."""
     shutil.copytree(Path(streamed.storage.root), tmp_path / "tables")
     config = make_test_config(tmp_path, *OVERRIDES)
-    props = tables.delta_table(spark, config, "gold", "recommendations").detail().first()
-    assert props is not None and props["properties"].get("delta.enableDeletionVectors") == "true"
-    tables.delete_where(spark, config, "gold", "recommendations", F.col("user_id") == user_id(1))
+    props = tables.detail(spark, config, "gold", "recommendations")
+    assert props["properties"].get("delta.enableDeletionVectors") == "true"
+    tables.delete_where(spark, config, "gold", "recommendations", f"user_id = {tables.sql_string(user_id(1))}")
     spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
     try:
         tables.vacuum(spark, config, "gold", "recommendations", 0.0)
