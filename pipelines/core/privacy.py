@@ -51,7 +51,8 @@ def hmac_sha256_hex(column: Column, key: bytes) -> Column:
     def pseudonymise(values: pd.Series) -> pd.Series:
         digest = hashlib.sha256
         return pd.Series(
-            [None if v is None else hmac.new(key, v.encode("utf-8"), digest).hexdigest() for v in values],
+            # a null arrives as None, or as NaN when Arrow hands over a batch of nulls only
+            [hmac.new(key, v.encode("utf-8"), digest).hexdigest() if isinstance(v, str) else None for v in values],
             dtype=object,
         )
 
