@@ -26,7 +26,9 @@ from tests.conftest import COMPARED_TABLES, DEMO_RUN_ID, REPO, DemoRun, demo_run
 from tests.servers import delta_jars_csv
 from tests.submitting import extract_entry
 
-pytestmark = pytest.mark.slow
+# Not in the default run (pyproject addopts deselects `servers`): about 20 min on 2 idle cores, 42 on a busy
+# CI machine, which the 90-minute CI limit cannot hold yet. Run them with `pytest -m servers`.
+pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
 RUN_TIMEOUT_S = 2400  # about 6 minutes on 2 idle cores; far more when they are shared
 
@@ -85,7 +87,7 @@ def assert_rollback_and_forget_run_over_connect(spark: SparkSession, common: lis
         left = tables.read(spark, config, layer, name)
         hits = (F.col(USER_ID) == victim) if USER_ID in left.columns else (F.col(USER_IDX) == index)
         assert left.count() > 0 and left.filter(hits).count() == 0, f"{layer}.{name} still holds {victim}"
-    models = list((root / "tables").glob("*models/*/userFactors"))
+    models = list((root / "tables").glob("*models/*/*/userFactors"))  # <ns>models/<run>/<model>/userFactors
     assert models and all(spark.read.parquet(str(m)).filter(F.col("id") == index).count() == 0 for m in models)
 
 
