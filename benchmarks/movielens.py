@@ -92,7 +92,7 @@ def implicit_als(
     spark: SparkSession, train: DataFrame, users: DataFrame, config: ShelfConfig, k: int, tuned: bool
 ) -> tuple[DataFrame, als.AlsParams]:
     """shelf's implicit ALS, with the train step's tuning on a validation split of `train` when `tuned`."""
-    params = als.AlsParams.from_config(config.train)
+    params = als.AlsParams.from_config(config.train, config.clean.half_life_days)
     if tuned:
         grid, params = tune(spark, train, config.train, RunContext(run_id="movielens", as_of=datetime(2000, 1, 1)))
         for row in grid.orderBy(F.col("ndcg").desc()).collect():
@@ -110,7 +110,7 @@ def recommend(
     if name == "popularity":
         return evaluate.recommend_popular(evaluate.popularity_scores(train), users, train, k)
     if name == "item_knn":
-        return evaluate.recommend_item_knn(train, users, config.evaluate, k)
+        return evaluate.recommend_item_knn(train, users, config.evaluate, k, train)
     if name == "als_explicit":
         return explicit_als(spark, train, users, config.train, k)
     recs, params = implicit_als(spark, train, users, config, k, tuned)

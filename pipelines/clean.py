@@ -33,6 +33,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipelines.core import tables, uris
+from pipelines.core.als import time_decay
 from pipelines.core.cli import step_main
 from pipelines.core.config import CatalogMapping, CleanConfig, ShelfConfig
 from pipelines.core.errors import InputDataError
@@ -82,7 +83,6 @@ KEY = [USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS]
 SILVER_KEY = [USER_IDX, ITEM_IDX, EVENT_TYPE, EVENT_TS]
 _STATUS = "_status"  # accepted | bot | rare
 ACCEPTED, BOT, RARE = "accepted", "bot", "rare"
-SECONDS_PER_DAY = 86400.0
 
 
 def filter_duplicates(events: DataFrame) -> DataFrame:
@@ -134,10 +134,7 @@ def with_weight(events: DataFrame, weights: dict[str, float]) -> DataFrame:
 
 def with_decay(events: DataFrame, as_of: datetime, half_life_days: float | None) -> DataFrame:
     """decay = 2^(-age_days / half_life_days); events up to the future tolerance count as age 0; None: 1.0."""
-    if half_life_days is None:
-        return events.withColumn(DECAY, F.lit(1.0).cast("double"))
-    age_days = (F.unix_timestamp(ts_lit(as_of)) - F.unix_timestamp(F.col(EVENT_TS))) / SECONDS_PER_DAY
-    return events.withColumn(DECAY, F.pow(F.lit(2.0), -F.greatest(age_days, F.lit(0.0)) / half_life_days))
+    return events.withColumn(DECAY, time_decay(ts_lit(as_of), half_life_days))
 
 
 def assign_index(ids: DataFrame, existing: DataFrame | None, id_col: str, idx_col: str) -> DataFrame:

@@ -169,8 +169,10 @@ def item_neighbours(recent: DataFrame, neighbours: int) -> DataFrame:
     )
 
 
-def recommend_item_knn(train: DataFrame, users: DataFrame, evaluate: EvaluateConfig, k: int) -> DataFrame:
-    """Item-kNN: score = summed similarity of an item to the user's recent items; unseen items only."""
+def recommend_item_knn(
+    train: DataFrame, users: DataFrame, evaluate: EvaluateConfig, k: int, excluded: DataFrame
+) -> DataFrame:
+    """Item-kNN: score = summed similarity of an item to the user's recent items, `excluded` pairs skipped."""
     recent = recent_items(train, evaluate.knn_recent_items)
     neighbours = item_neighbours(recent, evaluate.knn_neighbours)
     scores = (
@@ -179,7 +181,7 @@ def recommend_item_knn(train: DataFrame, users: DataFrame, evaluate: EvaluateCon
         .groupBy(USER_IDX, F.col(NEIGHBOUR).alias(ITEM_IDX))
         .agg(F.sum(SIMILARITY).alias(metrics.SCORE))
     )
-    return metrics.top_k(metrics.remove_seen(scores, train), k)
+    return metrics.top_k(metrics.remove_seen(scores, excluded), k)
 
 
 def published_lists(spark: SparkSession, config: ShelfConfig, run_id: str, users: DataFrame, k: int) -> DataFrame:
@@ -191,32 +193,36 @@ def published_lists(spark: SparkSession, config: ShelfConfig, run_id: str, users
 def recommend(
     spark: SparkSession, name: str, train: DataFrame, users: DataFrame, config: ShelfConfig, k: int, run_id: str
 ) -> DataFrame:
-    """Top-k lists of one model for `users`, trained on `train` only (`published`, `als`: the holdout run's)."""
+    """Top-k lists of one model for `users`, trained on `train` only (`published`, `als`: the holdout run's).
+
+    The baselines skip the items a user touched in training, unless evaluate.relevant is "any": when repeats
+    count, a baseline may recommend them too (a fair rival for buy-again lists)."""
     if name == PUBLISHED:
         return published_lists(spark, config, run_id, users, k)
+    excluded = train if config.evaluate.relevant == "unseen" else train.limit(0)
     if name == POPULARITY:
-        return recommend_popular(popularity_scores(train), users, train, k)
+        return recommend_popular(popularity_scores(train), users, excluded, k)
     if name == RECENT_POPULARITY:
-        return recommend_popular(recent_popularity_scores(train, config.evaluate.recent_days), users, train, k)
+        return recommend_popular(recent_popularity_scores(train, config.evaluate.recent_days), users, excluded, k)
     if name == ITEM_KNN:
-        return recommend_item_knn(train, users, config.evaluate, k)
+        return recommend_item_knn(train, users, config.evaluate, k, excluded)
     if name == EASE:
-        return recommend_ease(spark, config, run_id, users, train, k)
-    return als_recommend(load_model(holdout.holdout_config(config), run_id), users, train, k)
+        return recommend_ease(spark, config, run_id, users, excluded, k)
+    return als_recommend(load_model(holdout.holdout_config(config), run_id), users, excluded, k)
 
 
 def recommend_ease(
-    spark: SparkSession, config: ShelfConfig, run_id: str, users: DataFrame, train: DataFrame, k: int
+    spark: SparkSession, config: ShelfConfig, run_id: str, users: DataFrame, excluded: DataFrame, k: int
 ) -> DataFrame:
-    """EASE alone: the holdout run's B (gold.ease_neighbours) scores each user's top-k unseen items; no list when
-    the holdout run fitted no EASE (catalogue over train.ease.max_items, or disabled)."""
+    """EASE alone: the holdout run's B (gold.ease_neighbours) scores each user's top-k items outside `excluded`; no
+    list when the holdout run fitted no EASE (catalogue over train.ease.max_items, or disabled)."""
     held = holdout.holdout_config(config)
     neighbours = ease.neighbours_of_run(spark, held, run_id)
     if neighbours is None:
         return spark.createDataFrame([], f"{USER_IDX} int, {ITEM_IDX} int, {metrics.SCORE} double, {metrics.RANK} int")
     interactions = tables.read(spark, held, "silver", "interactions").join(users, on=USER_IDX, how="left_semi")
     x = ease.to_ease_input(interactions, config.train.ease.values)
-    seen = train.select(USER_IDX, ITEM_IDX)
+    seen = excluded.select(USER_IDX, ITEM_IDX)
     scores = ease.ease_candidates(x, neighbours, seen, k).withColumnRenamed(ease.EASE_SCORE, metrics.SCORE)
     return metrics.top_k(scores, k)
 
@@ -325,7 +331,7 @@ def prepare_replay(spark: SparkSession, interactions: DataFrame, config: ShelfCo
             f"The replay test window [{fresh_end:%Y-%m-%d %H:%M}, {as_of:%Y-%m-%d %H:%M}) has no user who was "
             "in training and touched a new item; pass another --as-of or widen evaluate.replay_horizon_days."
         )
-    model = fit_als(spark, train, AlsParams.from_config(config.train), config.train)
+    model = fit_als(spark, train, AlsParams.from_config(config.train, config.clean.half_life_days), config.train)
     neighbours = to_cooccurrence_neighbours(history, config.similarities).select(ITEM_IDX, NEIGHBOUR_IDX, SCORE)
     return ReplayWindow(cut, fresh_end, train, history, seen, relevant, users, model, neighbours.cache())
 

@@ -10,7 +10,8 @@ Reads silver.interactions (one row per event). Writes, for the run:
 - gold.ease_neighbours (train.ease.enabled and at most train.ease.max_items items): EASE's item-item weights
   B, the top train.ease.top_n positive weights per item, one row per (item_idx, neighbour_idx) of the run
 
-The rating ALS sees is a confidence: the per-(user, item) sum of weight * decay, raw or log1p.
+The rating ALS sees is a confidence: the per-(user, item) sum of weight * decay, raw or log1p; the decay's
+half-life is clean.half_life_days unless tuning chose another from train.grid.half_life_days.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType
 
 from pipelines.core import ease, metrics, tables
-from pipelines.core.als import FEATURES, AlsParams, als_recommend, fit_als, num_blocks, save_model, to_pairs
+from pipelines.core.als import (
+    FEATURES,
+    AlsParams,
+    als_recommend,
+    fit_als,
+    num_blocks,
+    save_model,
+    to_pairs,
+    with_half_life,
+)
 from pipelines.core.als import load_model as load_model  # re-exported
 from pipelines.core.als import model_path as model_path  # re-exported
 from pipelines.core.cli import step_main
@@ -75,19 +85,36 @@ def over_budget(spent: float, first_fit: float, done: int, budget: float | None)
     return spent + spent / done > limit
 
 
-def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunContext) -> tuple[DataFrame, AlsParams]:
-    """Grid search over rank/reg_param/alpha/confidence scored by NDCG@k on a per-user leave-last-N split
-    carved from the training data only. Returns one row per grid point and the best parameters
-    (ties: the earlier grid point in config order)."""
-    train_pairs, holdout = leave_last_n_split(pairs, n=train.validation_last_n)
-    train_pairs = train_pairs.cache()
-    holdout = holdout.cache()
+def half_lives(cleaned: float | None, grid: list[float | None]) -> list[float | None]:
+    """The half-lives tuning tries: clean.half_life_days (what silver.interactions holds) first, then the grid's."""
+    return [cleaned, *[h for h in dict.fromkeys(grid) if h != cleaned]]
+
+
+def to_ratings_input(interactions: DataFrame, half_life_days: float | None, cleaned: float | None) -> DataFrame:
+    """ALS's pairs from silver.interactions with confidences decayed at `half_life_days` (the stored decay when it
+    is clean's)."""
+    return to_pairs(interactions if half_life_days == cleaned else with_half_life(interactions, half_life_days))
+
+
+def tune(
+    spark: SparkSession, interactions: DataFrame, config: ShelfConfig, ctx: RunContext
+) -> tuple[DataFrame, AlsParams]:
+    """Grid search over rank/reg_param/alpha/confidence/half-life scored by NDCG@k on a per-user leave-last-N split
+    carved from the training data only. Returns one row per grid point and the best parameters (ties: the
+    earlier grid point; the half-life varies fastest, so the second point is the configured one with another
+    decay)."""
+    train, cleaned = config.train, config.clean.half_life_days
     grid = [
-        AlsParams(rank=r, reg_param=reg, alpha=a, confidence=c)
-        for r, reg, a, c in itertools.product(
-            train.grid.rank, train.grid.reg_param, train.grid.alpha, train.grid.confidence
+        AlsParams(rank=r, reg_param=reg, alpha=a, confidence=c, half_life_days=h)
+        for r, reg, a, c, h in itertools.product(
+            train.grid.rank,
+            train.grid.reg_param,
+            train.grid.alpha,
+            train.grid.confidence,
+            half_lives(cleaned, train.grid.half_life_days),
         )
     ]
+    splits: dict[float | None, tuple[DataFrame, DataFrame]] = {}  # per half-life: cached train and holdout pairs
     results: list[tuple[AlsParams, float, float]] = []
     began, first_fit = time.perf_counter(), 0.0
     for i, params in enumerate(grid):
@@ -95,22 +122,24 @@ def tune(spark: SparkSession, pairs: DataFrame, train: TrainConfig, ctx: RunCont
             log.info("[%s] tuning stopped after %d of %d grid points: its time budget is spent", STEP, i, len(grid))
             break
         started = time.perf_counter()
+        if params.half_life_days not in splits:
+            pairs = to_ratings_input(interactions, params.half_life_days, cleaned)
+            part, held = leave_last_n_split(pairs, n=train.validation_last_n)
+            splits[params.half_life_days] = (part.cache(), held.cache())
+        train_pairs, holdout = splits[params.half_life_days]
         score, fit_seconds = validation_ndcg(spark, train_pairs, holdout, params, train, train.tune_k)
         first_fit = first_fit or fit_seconds
         results.append((params, score, round(time.perf_counter() - started, 3)))
         log.info("[%s] tune %s: validation NDCG@%d %.4f (%.1f s)", STEP, params, train.tune_k, score, results[-1][2])
-    train_pairs.unpersist()
-    holdout.unpersist()
+    for frame in (f for pair in splits.values() for f in pair):
+        frame.unpersist()
     best = max(results, key=lambda row: row[1])[0]
     log.info("[%s] tuning chose %s", STEP, best)
-    rows = [
-        (ctx.run_id, p.rank, p.reg_param, p.alpha, p.confidence, train.tune_k, score, seconds, p == best)
-        for p, score, seconds in results
-    ]
+    rows = [(ctx.run_id, *asdict(p).values(), train.tune_k, score, seconds, p == best) for p, score, seconds in results]
     table = spark.createDataFrame(
         rows,
-        f"{RUN_ID} string, rank int, reg_param double, alpha double, confidence string, k int, "
-        "ndcg double, seconds double, best boolean",
+        f"{RUN_ID} string, rank int, reg_param double, alpha double, confidence string, half_life_days double, "
+        "k int, ndcg double, seconds double, best boolean",
     )
     return table, best
 
@@ -144,12 +173,13 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
     train = config.train
     with step_log(STEP, ctx) as counts:
         started = time.perf_counter()
-        pairs = to_pairs(tables.read(spark, config, "silver", "interactions")).cache()
-        params = AlsParams.from_config(train)
+        interactions = tables.read(spark, config, "silver", "interactions")
+        params = AlsParams.from_config(train, config.clean.half_life_days)
         if train.tune:
-            tuning, params = tune(spark, pairs, train, ctx)
+            tuning, params = tune(spark, interactions, config, ctx)
             tables.write(tuning, config, "gold", "tuning", ctx.run_id, mode="run")
             counts["grid_points"] = tuning.count()
+        pairs = to_ratings_input(interactions, params.half_life_days, config.clean.half_life_days).cache()
         model = fit_als(spark, pairs, params, train)
         counts["ease_items"] = fit_ease(spark, config, ctx)
         save_model(model, config, ctx.run_id)
@@ -179,7 +209,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         training = spark.createDataFrame(
             [row],
             f"{RUN_ID} string, {AS_OF} timestamp, rank int, reg_param double, alpha double, "
-            "confidence string, max_iter int, nonnegative boolean, seed long, num_blocks int, tuned boolean, "
+            "confidence string, half_life_days double, max_iter int, nonnegative boolean, seed long, num_blocks int, tuned boolean, "
             "users long, items long, ratings long, seconds double",
         )
         tables.write(training, config, "gold", "training_runs", ctx.run_id, mode="run")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyspark
 import pytest
 
-from tests.conftest import REPO
+from tests.submitting import delta_jar_list
 
 SPARK_HOME = Path(pyspark.__file__).parent
 START_TIMEOUT_S = 300  # a cold JVM on two shared cores: about 20 s idle
@@ -85,15 +85,6 @@ def start(name: str, cmd: list[str], workdir: Path) -> Server:
     return Server(name, process, log)
 
 
-def delta_jars_csv() -> str:
-    from pipelines.core.jars import delta_jars
-
-    jars = delta_jars(REPO / ".jars")
-    if not jars:
-        pytest.fail(f"The Delta jars are missing in {REPO / '.jars'}; run 'make setup' to fetch them.")
-    return ",".join(str(p.resolve()) for p in jars)
-
-
 def start_connect_server(workdir: Path) -> tuple[Server, str]:
     """A Spark Connect server from the installed pyspark (local[2], Delta); returns it and its sc:// URL."""
     port = free_port()
@@ -101,7 +92,7 @@ def start_connect_server(workdir: Path) -> tuple[Server, str]:
         str(SPARK_HOME / "bin" / "spark-submit"),
         "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
         "--master", "local[2]",
-        "--jars", delta_jars_csv(),
+        "--jars", delta_jar_list(),
         "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
         "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
         "--conf", "spark.connect.grpc.binding.address=127.0.0.1",

@@ -76,7 +76,7 @@ def delta_jar_list() -> str:
     jars = delta_jars(REPO / ".jars")
     if not jars:
         pytest.fail(f"The Delta jars are missing in {REPO / '.jars'}; run 'make setup' to fetch them.")
-    return ",".join(str(p) for p in jars)
+    return ",".join(str(p.resolve()) for p in jars)
 
 
 def source_rows(config: ShelfConfig) -> list[dict[str, str]]:

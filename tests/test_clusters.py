@@ -23,8 +23,7 @@ from pyspark.sql import functions as F
 from pipelines.core import tables
 from pipelines.core.schemas import RUN_ID, USER_ID, USER_IDX
 from tests.conftest import COMPARED_TABLES, DEMO_RUN_ID, REPO, DemoRun, demo_run_args, make_test_config
-from tests.servers import delta_jars_csv
-from tests.submitting import extract_entry
+from tests.submitting import delta_jar_list, extract_entry
 
 # Not in the default run (pyproject addopts deselects `servers`): about 20 min on 2 idle cores, 42 on a busy
 # CI machine, which the 90-minute CI limit cannot hold yet. Run them with `pytest -m servers`.
@@ -101,7 +100,7 @@ def test_shelf_run_submitted_from_the_wheel_to_a_standalone_cluster_equals_a_loc
     submit = [
         str(Path(sys.executable).parent / "spark-submit"),
         "--master", standalone_cluster,
-        "--jars", delta_jars_csv(),
+        "--jars", delta_jar_list(),
         "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
         "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
         "--conf", "spark.sql.session.timeZone=UTC",

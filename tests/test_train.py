@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
-from pipelines import evaluate, runner, train
+from pipelines import clean, evaluate, runner, train
 from pipelines.core import als, holdout, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
@@ -105,21 +106,38 @@ def test_als_beats_popularity_on_a_temporal_split(spark: SparkSession, planted: 
 
 
 def test_tuning_keeps_the_grid_point_with_the_best_validation_ndcg(spark: SparkSession, planted: ShelfConfig) -> None:
-    grid = planted.train.grid.model_copy(update={"rank": [8], "reg_param": [0.1], "alpha": [0.001, 20.0]})
+    update = {"rank": [8], "reg_param": [0.1], "alpha": [20.0], "half_life_days": [0.5, None, 30.0]}
+    grid = planted.train.grid.model_copy(update=update)
     config = _with(planted, "train", tune=True, grid=grid, max_iter=3, tune_k=5, tune_budget_seconds=1e6)
+    config = _with(config, "clean", half_life_days=None)  # what planted silver holds (decay 1): tried first
     train.run(spark, config, RunContext(run_id="t1", as_of=AS_OF))
 
     tuning = tables.read(spark, config, "gold", "tuning").collect()
-    assert sorted(r.alpha for r in tuning) == [0.001, 20.0]
+    assert sorted(r.half_life_days or 0.0 for r in tuning) == [0.0, 0.5, 30.0]
+    assert train.half_lives(None, [7.0, None, 30.0, 7.0]) == [None, 7.0, 30.0]  # silver's decay first, once each
+    assert train.half_lives(30.0, [None, 30.0]) == [30.0, None]
+    assert len({r.ndcg for r in tuning}) > 1, "the half-life must change what ALS learns"
     best = [r for r in tuning if r.best]
     assert len(best) == 1 and best[0].ndcg == max(r.ndcg for r in tuning)
     record = tables.read(spark, config, "gold", "training_runs").collect()
-    assert [(r.alpha, r.tuned) for r in record] == [(best[0].alpha, True)]
+    assert [(r.alpha, r.half_life_days, r.tuned) for r in record] == [(best[0].alpha, best[0].half_life_days, True)]
+
+
+def test_a_half_life_in_train_decays_as_clean_does(spark: SparkSession) -> None:
+    events = spark.createDataFrame(planted_events(), INTERACTIONS_SCHEMA)  # as_of column: AS_OF
+    cleaned = clean.with_decay(events, AS_OF, 7.0).select("user_idx", "item_idx", "event_ts", "decay")
+    tuned = als.with_half_life(events, 7.0).select("user_idx", "item_idx", "event_ts", F.col("decay").alias("again"))
+    rows = cleaned.join(tuned, on=["user_idx", "item_idx", "event_ts"]).collect()
+    assert len(rows) == events.count() and len({round(r.decay, 6) for r in rows}) > 10
+    for r in rows:
+        expected = 2.0 ** (-max((AS_OF - r.event_ts).total_seconds(), 0.0) / 86400.0 / 7.0)
+        assert abs(r.decay - expected) <= 1e-12 and abs(r.again - expected) <= 1e-12
+    assert {r.decay for r in als.with_half_life(events, None).select("decay").distinct().collect()} == {1.0}
 
 
 def test_fit_als_is_deterministic_for_a_seed(spark: SparkSession, planted: ShelfConfig) -> None:
     pairs = als.to_pairs(tables.read(spark, planted, "silver", "interactions"))
-    params = als.AlsParams.from_config(planted.train)
+    params = als.AlsParams.from_config(planted.train, planted.clean.half_life_days)
 
     def item_factors(data: object) -> dict[int, list[float]]:
         model = als.fit_als(spark, data, params, planted.train)  # type: ignore[arg-type]

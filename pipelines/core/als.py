@@ -10,20 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyspark.ml.recommendation import ALS, ALSModel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import metrics, uris
 from pipelines.core.config import ShelfConfig, TrainConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.factors import top_k_by_dot
-from pipelines.core.schemas import DECAY, EVENT_TS, ITEM_IDX, USER_IDX, WEIGHT
+from pipelines.core.schemas import AS_OF, DECAY, EVENT_TS, ITEM_IDX, USER_IDX, WEIGHT
 from pipelines.core.session import parallelism
 
 RATING = "rating"
 STRENGTH = "strength"
 FEATURES = metrics.FEATURES
 MAX_BLOCKS = 4
+SECONDS_PER_DAY = 86400.0
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,26 @@ class AlsParams:
     reg_param: float
     alpha: float
     confidence: str
+    half_life_days: float | None = None  # the time decay of the confidences ALS sees (None: no decay)
 
     @classmethod
-    def from_config(cls, train: TrainConfig) -> AlsParams:
-        return cls(rank=train.rank, reg_param=train.reg_param, alpha=train.alpha, confidence=train.confidence)
+    def from_config(cls, train: TrainConfig, half_life_days: float | None) -> AlsParams:
+        """The configured parameters; `half_life_days`: clean.half_life_days, the decay silver.interactions holds."""
+        return cls(train.rank, train.reg_param, train.alpha, train.confidence, half_life_days)
+
+
+def time_decay(as_of: Column, half_life_days: float | None) -> Column:
+    """2^(-age_days / half_life_days) of the row's event_ts seen from `as_of`; events after as_of (within the
+    future tolerance) count as age 0; None: 1.0 (no decay)."""
+    if half_life_days is None:
+        return F.lit(1.0).cast("double")
+    age_days = (F.unix_timestamp(as_of) - F.unix_timestamp(F.col(EVENT_TS))) / SECONDS_PER_DAY
+    return F.pow(F.lit(2.0), -F.greatest(age_days, F.lit(0.0)) / half_life_days)
+
+
+def with_half_life(interactions: DataFrame, half_life_days: float | None) -> DataFrame:
+    """silver.interactions rows with their decay recomputed for another half-life (from each row's as_of)."""
+    return interactions.withColumn(DECAY, time_decay(F.col(AS_OF), half_life_days))
 
 
 def to_pairs(interactions: DataFrame) -> DataFrame:

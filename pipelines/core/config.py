@@ -135,6 +135,9 @@ class TuneGrid(_Section):
     reg_param: list[float] = Field(default_factory=lambda: [0.1, 0.01])
     alpha: list[float] = Field(default_factory=lambda: [10.0, 1.0])
     confidence: list[Literal["raw", "log1p"]] = ["log1p"]  # pydantic copies list defaults per instance
+    # Half-lives (days; null: no decay) of the time decay in ALS's confidences. clean.half_life_days is always tried
+    # first; this dimension varies fastest, so the second grid point is the first one with the other decay.
+    half_life_days: list[float | None] = Field(default_factory=lambda: [None, 30.0])
 
 
 EaseValues = Literal["binary", "log_count"]
@@ -198,7 +201,7 @@ class EvaluateConfig(_Section):
         "ease",
     ]  # pydantic copies list defaults per instance
     # unseen: a test item counts only if the user had not touched it in training (new items); any: every test item
-    # counts, repeats included (buy-again: recommend.repeat_purchase). Baselines always rank unseen items.
+    # counts, repeats included (buy-again: recommend.repeat_purchase), and the baselines may recommend them too.
     relevant: Literal["unseen", "any"] = "unseen"
     # `shelf run` evaluates before it publishes: fail refuses to publish (exit 6) when published NDCG@k is below
     # popularity's x (1 + gate_margin), warn logs it and publishes, off skips the check.

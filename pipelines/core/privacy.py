@@ -65,6 +65,9 @@ def pseudonym(user_id: str, key: bytes) -> str:
     return hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
+_PSEUDONYM = "_pseudonym"
+
+
 def _as_whole_field(user: Column) -> Column:
     r"""A Java regex matching `user` as a whole field of a raw line: `\Q...\E` between non-id characters."""
     quoted = F.concat(F.lit("\\Q"), F.replace(user, F.lit("\\E"), F.lit("\\E\\\\E\\Q")), F.lit("\\E"))
@@ -79,11 +82,14 @@ def with_pseudonymous_users(rows: DataFrame, key: bytes, user_col: str, raw_col:
     field, so its raw text is redacted to its own HMAC (still matchable by someone holding the key and
     the original line).
     """
-    user = F.col(user_col)
-    hashed = hmac_sha256_hex(user, key)
-    raw = F.col(raw_col)
+    user, raw, hashed = F.col(user_col), F.col(raw_col), F.col(_PSEUDONYM)
     replaced = F.regexp_replace(raw, _as_whole_field(user), F.concat(F.lit("$1"), hashed))
-    redacted = F.concat(F.lit("redacted:hmac-sha256:"), hmac_sha256_hex(raw, key))
-    return rows.withColumn(
-        raw_col, F.when(unparseable, redacted).when(user.isNotNull(), replaced).otherwise(raw)
-    ).withColumn(user_col, hashed)
+    # A Python UDF runs on every row whatever CASE WHEN says, so the raw text is hashed only where it is needed
+    # (the UDF skips nulls) and the user's pseudonym once per row, in a column of its own.
+    redacted = F.concat(F.lit("redacted:hmac-sha256:"), hmac_sha256_hex(F.when(unparseable, raw), key))
+    return (
+        rows.withColumn(_PSEUDONYM, hmac_sha256_hex(user, key))
+        .withColumn(raw_col, F.when(unparseable, redacted).when(user.isNotNull(), replaced).otherwise(raw))
+        .withColumn(user_col, hashed)
+        .drop(_PSEUDONYM)
+    )
