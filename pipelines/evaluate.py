@@ -22,22 +22,23 @@ Reads the holdout tables. The split, by `evaluate.protocol` (the preset's when u
 The relevant items of a user are the test items they had not interacted with in training; users
 absent from training (cold users) are not scored. Every model ranks unseen items only.
 
-Writes gold.metrics, one row per (run_id, model, metric, k) (replaced per run id), and a report
-folder `<report_dir>/<run_id>/` with `summary.md`, `metrics_at_k.png` and `metric_vs_k.png`.
+Writes gold.metrics, one row per (run_id, model, metric, k) (replaced per run id), and the run's report
+(`summary.md`, `metrics_at_k.png`, `metric_vs_k.png`) as rows of ops.reports (`pipelines.core.reports`;
+`shelf report` prints or exports it).
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines.core import ease, holdout, metrics, tables, uris
+from pipelines.core import ease, holdout, metrics, reports, tables
 from pipelines.core.als import AlsParams, als_recommend, fit_als, load_model, to_pairs
 from pipelines.core.cli import step_main
 from pipelines.core.config import EvaluateConfig, RecommendConfig, RerankConfig, ShelfConfig
@@ -555,7 +556,7 @@ def run_replay(
     rows = [r.asDict() for r in table.collect()]  # models x metrics x ks: a few hundred rows at most
     counts.update(sizes)
     counts["metric_rows"] = len(rows)
-    folder = write_report(rows, config, ctx, sizes)
+    files = report_files(rows, config, ctx, sizes)
     cut, fresh_end = replay_cuts(config.evaluate, ctx.as_of)
     k = config.evaluate.k
     value = {(r[MODEL], r[metrics.METRIC]): float(r[metrics.METRIC_VALUE]) for r in rows if r[metrics.K] == k}
@@ -580,32 +581,29 @@ def run_replay(
         *lift,
         "",
     ]
-    summary = folder / "summary.md"
-    summary.write_text(summary.read_text(encoding="utf-8") + "\n".join(notes), encoding="utf-8")
+    files[reports.SUMMARY] += "\n".join(notes).encode("utf-8")
+    reports.save(spark, config, ctx.run_id, files)
 
 
-def report_dir(config: ShelfConfig, run_id: str) -> Path:
-    """The local folder of a run's report: storage.report_dir, else `reports/` beside a local storage root.
+def _png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (closed afterwards)."""
+    import matplotlib.pyplot as plt
 
-    The report (markdown + PNG) is written with local file IO, so a remote root (s3a://, abfss://, hdfs://,
-    dbfs:/) gets `./reports` under the working directory unless storage.report_dir names a mounted path.
-    """
-    if config.storage.report_dir:
-        return Path(config.storage.report_dir) / run_id
-    if not uris.is_local(config.storage.root):
-        return Path("reports") / run_id
-    return Path(uris.local_path(config.storage.root)).parent / "reports" / run_id
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
-def write_report(rows: list[dict[str, object]], config: ShelfConfig, ctx: RunContext, sizes: dict[str, float]) -> Path:
-    """Markdown summary + PNG plots (metrics per model at k, metric vs k) from the gold.metrics rows."""
+def report_files(
+    rows: list[dict[str, object]], config: ShelfConfig, ctx: RunContext, sizes: dict[str, float]
+) -> dict[str, bytes]:
+    """The report from the gold.metrics rows: summary.md and PNG plots (metrics per model at k, metric vs k)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder = report_dir(config, ctx.run_id)
-    folder.mkdir(parents=True, exist_ok=True)
     k = config.evaluate.k
     present = {str(r[MODEL]) for r in rows}
     models = [m for m in (*config.evaluate.models, *REPLAY_EXTRA_MODELS) if m in present]
@@ -624,8 +622,7 @@ def write_report(rows: list[dict[str, object]], config: ShelfConfig, ctx: RunCon
     ax.set_title(f"metrics at k={k} ({config.evaluate.protocol} split, run {ctx.run_id})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "metrics_at_k.png", dpi=100)
-    plt.close(fig)
+    at_k = _png(fig)
 
     ks = cutoffs(config.evaluate)
     shown = ("precision", "recall", "ndcg", "map")
@@ -637,8 +634,7 @@ def write_report(rows: list[dict[str, object]], config: ShelfConfig, ctx: RunCon
         ax.set_xlabel("k")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(folder / "metric_vs_k.png", dpi=100)
-    plt.close(fig)
+    vs_k = _png(fig)
 
     header = "| model | " + " | ".join(names) + " |"
     lines = [
@@ -667,8 +663,7 @@ def write_report(rows: list[dict[str, object]], config: ShelfConfig, ctx: RunCon
         "![metric vs k](metric_vs_k.png)",
         "",
     ]
-    (folder / "summary.md").write_text("\n".join(lines), encoding="utf-8")
-    return folder
+    return {reports.SUMMARY: "\n".join(lines).encode("utf-8"), "metrics_at_k.png": at_k, "metric_vs_k.png": vs_k}
 
 
 def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
@@ -686,7 +681,8 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         tables.write(table, config, "gold", "metrics", ctx.run_id, mode="run", comment="offline ranking metrics")
         rows = [r.asDict() for r in table.collect()]  # models x metrics x ks: a few hundred rows at most
         counts["metric_rows"] = len(rows)
-        write_report(rows, config, ctx, {"train pairs": counts["train_pairs"], "test pairs": counts["test_pairs"]})
+        sizes = {"train pairs": counts["train_pairs"], "test pairs": counts["test_pairs"]}
+        reports.save(spark, config, ctx.run_id, report_files(rows, config, ctx, sizes))
         train.unpersist()
         test.unpersist()
 

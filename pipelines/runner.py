@@ -93,7 +93,7 @@ def check_gate(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> Non
     message = (
         f"Run {ctx.run_id} was not published: its lists scored NDCG@{ev.k} {published:.4f} on the holdout, below "
         f"popularity's {popular:.4f} x {1.0 + ev.gate_margin:.2f}, so the previous run stays the serving run; read "
-        "the evaluation report, or set evaluate.gate=warn to publish anyway."
+        f"the evaluation report ('shelf report --run-id {ctx.run_id}'), or set evaluate.gate=warn to publish anyway."
     )
     if ev.gate == "warn":
         log.warning("[gate] %s", message.replace(" was not published", " is published anyway (evaluate.gate=warn)"))

@@ -79,6 +79,17 @@ def test_run_end_to_end_is_complete_and_idempotent(
     before = before.filter(F.col("run_id") == "e2e").orderBy("user_id", "rank").cache()
     before.count()
     assert_refused_publish_leaves_the_serving_run(spark, config, tmp_path, before)
+    assert "shelf report --run-id e2e" in capsys.readouterr().err  # the refusal says where its figures are
+    # The report is rows of ops.reports beside the tables: `shelf report` prints it and exports its files.
+    exported = tmp_path / "report-export"
+    report_args = ["report", "--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={tmp_path / 'tables'}"]
+    assert cli.main([*report_args, "--run-id", "e2e", "--out", str(exported)]) == 0
+    printed = capsys.readouterr().out
+    assert "# shelf evaluation, run e2e" in printed and "| published |" in printed and "| popularity |" in printed
+    assert sorted(p.name for p in exported.iterdir()) == ["metric_vs_k.png", "metrics_at_k.png", "summary.md"]
+    assert not (tmp_path / "reports").exists()  # nothing else on the driver's disk
+    assert cli.main([*report_args, "--run-id", "never-ran"]) == 2
+    assert "has no evaluation report" in capsys.readouterr().err
     # The publishing steps again, same run id and as_of: the same lists (ALS and EASE seeded, no wall clock).
     ran = runner.run_steps(spark, config, RunContext(run_id="e2e", as_of=datetime(2026, 11, 1)), runner.PUBLISHING)
     assert ran == list(runner.PUBLISHING)

@@ -14,7 +14,7 @@ from pyspark.sql import functions as F
 
 from benchmarks import replay
 from pipelines import evaluate
-from pipelines.core import metrics, tables
+from pipelines.core import metrics, reports, tables
 from pipelines.core.config import RerankConfig, ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA
@@ -170,9 +170,10 @@ def test_replay_run_scores_every_model_and_reports_the_lift(
     for model in models:  # hits are counted once: hit rate bounds precision and recall from above
         assert at10[(model, "hit_rate")] >= at10[(model, "recall")] - 1e-12
         assert at10[(model, "hit_rate")] >= at10[(model, "precision")]
-    summary = (evaluate.report_dir(config, RUN) / "summary.md").read_text(encoding="utf-8")
+    stored = reports.read(spark, config, RUN)
+    summary = stored["summary.md"].decode("utf-8")
     assert "| ndcg |" in summary and "als_rerank" in summary and "Replay windows" in summary
-    assert (evaluate.report_dir(config, RUN) / "metrics_at_k.png").stat().st_size > 0
+    assert stored["metrics_at_k.png"].startswith(b"\x89PNG")
 
 
 # benchmarks/replay.py: consecutive test windows, the validation window before them, the cluster bootstrap.

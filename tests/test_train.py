@@ -13,11 +13,11 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import clean, evaluate, runner, train
-from pipelines.core import als, holdout, tables
+from pipelines.core import als, api, holdout, reports, tables
 from pipelines.core.config import ShelfConfig
+from pipelines.core.errors import InputDataError
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import INTERACTIONS_SCHEMA
-from tests.conftest import make_test_config
 
 AS_OF = datetime(2026, 11, 1)
 USERS, ITEMS, CLUSTERS, PER_USER = 80, 40, 4, 8
@@ -99,10 +99,15 @@ def test_als_beats_popularity_on_a_temporal_split(spark: SparkSession, planted: 
     assert value[("item_knn", "ndcg", 5)] > value[("popularity", "ndcg", 5)]
     assert all(0.0 <= value[(m, metric, k)] <= 1.0 for m, metric, k in value if metric != "novelty")
 
-    folder = tmp_path / "reports" / "e1"
-    assert sorted(p.name for p in folder.iterdir()) == ["metric_vs_k.png", "metrics_at_k.png", "summary.md"]
-    summary = (folder / "summary.md").read_text()
-    assert all(f"| {m} |" in summary for m in models)
+    stored = reports.read(spark, config, "e1")  # ops.reports, beside the tables
+    assert sorted(stored) == ["metric_vs_k.png", "metrics_at_k.png", "summary.md"]
+    assert all(stored[name].startswith(b"\x89PNG\r\n\x1a\n") for name in api.REPORT_PLOTS)
+    assert all(f"| {m} |" in stored["summary.md"].decode() for m in models)
+    folder = tmp_path / "reports" / "e1"  # storage.report_dir: the same files, also as plain files
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == stored
+    assert api.report_plots(spark, config, "e1") == [stored[name] for name in api.REPORT_PLOTS]
+    with pytest.raises(InputDataError, match="shelf evaluate --run-id nope"):
+        reports.read(spark, config, "nope")
 
 
 def test_tuning_keeps_the_grid_point_with_the_best_validation_ndcg(spark: SparkSession, planted: ShelfConfig) -> None:
@@ -153,7 +158,6 @@ def test_evaluate_reports_diversity_and_novelty_per_model(
     spark: SparkSession, planted: ShelfConfig, tmp_path: Path
 ) -> None:
     config = _with(planted, "evaluate", k=5, ks=[5], holdout_days=7.0, models=["popularity", "item_knn"])
-    config = _with(config, "storage", report_dir=str(tmp_path / "reports"))
     runner.evaluate_published(spark, config, RunContext(run_id="d1", as_of=AS_OF))  # no model: nothing trains
 
     value = {(r.model, r.metric): r.value for r in tables.read(spark, config, "gold", "metrics").collect()}
@@ -162,27 +166,11 @@ def test_evaluate_reports_diversity_and_novelty_per_model(
     assert value[("item_knn", "novelty")] > value[("popularity", "novelty")]
     assert 0.0 < value[("popularity", "diversity")] <= 1.0
     assert 0.0 < value[("item_knn", "diversity")] <= 1.0
-    summary = (tmp_path / "reports" / "d1" / "summary.md").read_text()
+    summary = reports.read(spark, config, "d1")["summary.md"].decode()
+    assert not (tmp_path / "reports").exists()  # no storage.report_dir: nothing on the driver's disk
     assert (
         "| model | precision | recall | ndcg | map | map_rel | hit_rate | coverage | novelty | diversity |" in summary
     )
-
-
-@pytest.mark.parametrize(
-    ("root", "report_dir", "expected"),
-    [
-        ("/data/shelf/tables", None, "/data/shelf/reports/r1"),
-        ("file:/data/shelf/tables", None, "/data/shelf/reports/r1"),
-        ("s3a://bucket/shelf/tables", None, "reports/r1"),  # not "s3a:/bucket/shelf/reports"
-        ("abfss://c@acct.dfs.core.windows.net/shelf", None, "reports/r1"),
-        ("s3a://bucket/shelf/tables", "/dbfs/reports", "/dbfs/reports/r1"),
-    ],
-)
-def test_report_dir_is_local_even_for_a_remote_storage_root(
-    tmp_path: Path, root: str, report_dir: str | None, expected: str
-) -> None:
-    config = _with(make_test_config(tmp_path), "storage", root=root, report_dir=report_dir)
-    assert evaluate.report_dir(config, "r1") == Path(expected)
 
 
 def test_tuning_stops_before_a_grid_point_would_pass_its_budget() -> None:

@@ -20,7 +20,7 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.core import metrics, tables
+from pipelines.core import metrics, reports, tables
 from pipelines.core.cli import STEPS, step_function
 from pipelines.core.config import ShelfConfig, load_config
 from pipelines.core.errors import ConfigError, InputDataError
@@ -160,15 +160,11 @@ def rerank_lift(by_model: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({ALS_MODEL: als, ALS_RERANK: reranked, "lift": lift})
 
 
-def report_plots(config: ShelfConfig, run_id: str) -> list[Path]:
-    """The evaluation report's PNG plots of a run (`shelf evaluate` writes them)."""
-    from pipelines.evaluate import report_dir
-
-    plots = [report_dir(config, run_id) / name for name in REPORT_PLOTS]
-    absent = [str(p) for p in plots if not p.is_file()]
-    if absent:
-        raise InputDataError(f"The evaluation plots {absent} do not exist; run 'shelf evaluate' for run {run_id}.")
-    return plots
+def report_plots(spark: SparkSession, config: ShelfConfig, run_id: str) -> list[bytes]:
+    """The evaluation report's PNG plots of a run, read from ops.reports (`shelf evaluate` writes them);
+    `IPython.display.Image(data=...)` shows one."""
+    files = reports.read(spark, config, run_id)
+    return [files[name] for name in REPORT_PLOTS if name in files]
 
 
 @dataclass(frozen=True)

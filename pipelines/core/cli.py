@@ -3,6 +3,7 @@
 Common options: --conf (default conf/local.yaml), --set KEY=VALUE (repeatable), --run-id, --as-of.
 Maintenance: `shelf rollback --to-version N | --to-run RUN_ID [--table layer.name]` and
 `shelf forget --user ID [--user ID ...] [--vacuum]` (pipelines/maintenance.py).
+`shelf report [--run-id ID] [--out DIR]` prints a run's evaluation report (ops.reports) or exports its files.
 A user's mistake ends with one sentence and a non-zero exit code, never a JVM stack trace.
 """
 
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     forget = sub.add_parser("forget", parents=[common], help="delete users from every table and saved model")
     forget.add_argument("--user", dest="users", action="append", required=True, help="a user id (repeatable)")
     forget.add_argument("--vacuum", action="store_true", help="also VACUUM with zero retention (ends time travel)")
+    report = sub.add_parser("report", parents=[common], help="print a run's evaluation report (ops.reports)")
+    report.add_argument("--out", default=None, help="also write summary.md and the PNG plots into this local folder")
     return parser
 
 
@@ -121,6 +124,19 @@ def execute_admin(args: argparse.Namespace, config: ShelfConfig) -> int:
     return 0
 
 
+def execute_report(args: argparse.Namespace, config: ShelfConfig, ctx: RunContext) -> int:
+    """`shelf report`: the run's summary.md on stdout; with --out, every report file into that folder."""
+    from pipelines.core import reports
+    from pipelines.core.session import get_spark
+
+    files = reports.read(get_spark(config), config, ctx.run_id)
+    print(files[reports.SUMMARY].decode("utf-8"))
+    if args.out:
+        for path in reports.export(files, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -129,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ADMIN:
             return execute_admin(args, config)
         ctx = make_context(args.run_id, args.as_of, config.generate.end)
+        if args.command == "report":
+            return execute_report(args, config, ctx)
         return execute(args.command, config, ctx)
     except ShelfError as exc:
         print(f"shelf {args.command}: error: {exc}", file=sys.stderr)

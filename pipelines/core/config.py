@@ -41,7 +41,7 @@ class SparkConfig(_Section):
 class StorageConfig(_Section):
     root: str = ".data/tables"
     catalog: str | None = None  # e.g. "main.shelf": tables by name <catalog>.<layer>_<table>
-    report_dir: str | None = None  # None: <root>/../reports
+    report_dir: str | None = None  # the report is in ops.reports; set this to also get its files in <dir>/<run_id>/
     # Prefix of every table's layer and of the models folder. The evaluation's holdout rehearsal runs the
     # publishing steps with "holdout_" (tables at <root>/holdout_gold/..., or <catalog>.holdout_gold_...).
     namespace: str = ""
