@@ -166,3 +166,31 @@ def test_the_key_appears_in_no_plan_and_no_event_log(spark: SparkSession, tmp_pa
         pseudonym("alice", key): f"{pseudonym('alice', key)},i1,view",
         None: "redacted:hmac-sha256:" + pseudonym("garbled", key),
     }
+
+
+def test_prune_keeps_the_runs_written_last_and_vacuums(
+    spark: SparkSession, config: ShelfConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def write(layer: str, name: str, run_id: str) -> None:
+        rows = spark.createDataFrame([(run_id, i) for i in range(3)], "run_id string, x int")
+        tables.write(rows, config, layer, name, run_id, mode="run")
+
+    for run_id in ("r1", "r2", "r1"):  # r1 rewritten last: the newest run is r1, although r2 came after it
+        write("gold", "metrics", run_id)
+    for run_id in ("r1", "r2"):
+        write("ops", "run_metrics", run_id)  # not a per-day output table: never pruned
+    args = ["prune", "--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={config.storage.root}"]
+    assert cli.main([*args, "--keep", "0"]) == 2
+    assert "--keep must be at least 1" in capsys.readouterr().err
+    assert cli.main([*args, "--keep", "1", "--retain-hours", "0"]) == 0
+
+    def runs(layer: str, name: str) -> list[tuple[str, int]]:
+        return sorted(tuple(r) for r in tables.read(spark, config, layer, name).groupBy("run_id").count().collect())
+
+    assert runs("gold", "metrics") == [("r1", 3)]
+    assert runs("ops", "run_metrics") == [("r1", 3), ("r2", 3)]
+    # VACUUM with zero retention: only the files of the current version are left on disk.
+    folder = Path(tables.location(config, "gold", "metrics"))
+    on_disk = {p.name for p in folder.glob("*.parquet")}
+    live = {Path(f).name for f in spark.read.format("delta").load(str(folder)).inputFiles()}
+    assert on_disk == live

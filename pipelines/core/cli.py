@@ -3,6 +3,7 @@
 Common options: --conf (default conf/local.yaml), --set KEY=VALUE (repeatable), --run-id, --as-of.
 Maintenance: `shelf rollback --to-version N | --to-run RUN_ID [--table layer.name]` and
 `shelf forget --user ID [--user ID ...] [--vacuum]` (pipelines/maintenance.py).
+`shelf prune --keep N [--retain-hours H]` keeps the last N runs' rows of the per-run tables (pipelines/retention.py).
 `shelf report [--run-id ID] [--out DIR]` prints a run's evaluation report (ops.reports) or exports its files.
 A user's mistake ends with one sentence and a non-zero exit code, never a JVM stack trace.
 """
@@ -33,7 +34,7 @@ STEPS: dict[str, str] = {
 TOOLS: dict[str, str] = {"generate": "pipelines.generate"}
 # Long-running jobs: own subcommands, never part of `shelf run`.
 STREAMING: dict[str, str] = {"stream": "pipelines.stream"}
-ADMIN = ("rollback", "forget")
+ADMIN = ("rollback", "forget", "prune")
 
 StepRun = Callable[[Any, ShelfConfig, RunContext], Any]
 
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     forget = sub.add_parser("forget", parents=[common], help="delete users from every table and saved model")
     forget.add_argument("--user", dest="users", action="append", required=True, help="a user id (repeatable)")
     forget.add_argument("--vacuum", action="store_true", help="also VACUUM with zero retention (ends time travel)")
+    prune = sub.add_parser("prune", parents=[common], help="keep the last N runs' rows of the per-run tables, VACUUM")
+    prune.add_argument("--keep", type=int, required=True, help="runs kept per table, the newest first (at least 1)")
+    prune.add_argument(
+        "--retain-hours", type=float, default=None, help="VACUUM retention (default Delta's 168: a week of time travel)"
+    )
     report = sub.add_parser("report", parents=[common], help="print a run's evaluation report (ops.reports)")
     report.add_argument("--out", default=None, help="also write summary.md and the PNG plots into this local folder")
     return parser
@@ -112,13 +118,15 @@ def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
 
 
 def execute_admin(args: argparse.Namespace, config: ShelfConfig) -> int:
-    """`shelf rollback` / `shelf forget` (pipelines/maintenance.py)."""
-    from pipelines import maintenance
+    """`shelf rollback` / `shelf forget` (pipelines/maintenance.py), `shelf prune` (pipelines/retention.py)."""
+    from pipelines import maintenance, retention
     from pipelines.core.session import get_spark
 
     spark = get_spark(config)
     if args.command == "rollback":
         maintenance.rollback(spark, config, args.table, args.to_version, args.to_run)
+    elif args.command == "prune":
+        retention.prune(spark, config, args.keep, args.retain_hours)
     else:
         maintenance.forget(spark, config, args.users, vacuum=args.vacuum)
     return 0
