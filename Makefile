@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint blas clean airflow
+.PHONY: setup demo test lint blas clean airflow s3a
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 .jars/.done: $(STAMP)
 	$(BIN)/python -m pipelines.core.jars .jars
 	touch .jars/.done
+
+# The S3A connector (hadoop-aws + AWS SDK bundle, ~650 MB once) for s3a:// roots; the tests use it against moto.
+.jars/.s3a: .jars/.done
+	$(BIN)/python -m pipelines.core.jars .jars --s3a
+	touch .jars/.s3a
+
+s3a: .jars/.s3a
 
 # Native BLAS for MLlib ALS (about 5x faster iterations); best effort: needs root on Debian/Ubuntu.
 blas:
@@ -44,7 +51,7 @@ demo: setup
 
 # Two pytest workers, one test file each at a time (--dist loadfile: a file's session fixtures are built once):
 # Spark tests on small data wait on the driver more than they compute, so two use 2 cores better than one.
-test: setup airflow
+test: setup airflow s3a
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.core import uris
 from pipelines.core.config import GenerateConfig, ShelfConfig
+from pipelines.core.errors import ConfigError
 from pipelines.core.runs import RunContext, parse_as_of, step_log
 
 log = logging.getLogger("shelf.generate")
@@ -262,12 +264,23 @@ def _write(frame: pd.DataFrame, folder: Path, fmt: str) -> None:
 
 
 def run(spark: object, config: ShelfConfig, ctx: RunContext) -> None:
-    """Generate the demo shop into `source.path` and `source.catalog_path` (no Spark needed)."""
+    """Generate the demo shop into `source.path` and `source.catalog_path` (no Spark needed: pandas writes them,
+    so both must be on the driver's disk).
+
+    Raises:
+        ConfigError: `source.path` or `source.catalog_path` is a remote URI.
+    """
+    remote = [p for p in (config.source.path, config.source.catalog_path) if p and not uris.is_local(p)]
+    if remote:
+        raise ConfigError(
+            f"shelf generate writes the demo shop to the driver's disk, not to {remote[0]}; generate it into a "
+            "local folder and copy it there, or set source.path to data that already exists."
+        )
     with step_log("generate", ctx) as counts:
         events, catalog = generate(config.generate)
-        _write(events, Path(config.source.path), config.generate.format)
+        _write(events, Path(uris.local_path(config.source.path)), config.generate.format)
         if config.source.catalog_path:
-            _write(catalog, Path(config.source.catalog_path), "csv")
+            _write(catalog, Path(uris.local_path(config.source.catalog_path)), "csv")
         counts.update(events=len(events), users=config.generate.users, items=len(catalog))
     log.info("demo events in %s, catalog in %s", config.source.path, config.source.catalog_path)
 

@@ -109,6 +109,7 @@ log = logging.getLogger("shelf.ingest")
 
 STEP_NAME = "ingest"
 PATH_KEY = "source.path"
+TABLE_KEY = "source.table"
 
 RETAIL_COLUMNS = (
     "InvoiceNo",
@@ -382,7 +383,12 @@ def _require_columns(found: tuple[str, ...], wanted: tuple[str, ...], path: str,
 
 
 def read_canonical(spark: SparkSession, source: SourceConfig) -> DataFrame:
-    """Read `source.path` with its preset's layout into canonical string columns (see module docstring)."""
+    """Read `source.path` (or the catalog table `source.table`) with its preset's layout into canonical string
+    columns (see module docstring)."""
+    if source.table:
+        df = tables.read_source_table(spark, source.table, TABLE_KEY)
+        _require_columns(tuple(df.columns), _mapped_columns(source), source.table, "source.columns")
+        return to_canonical_from_table(df, source)
     if source.preset in ("generic", "synthetic") and source.format in ("parquet", "delta"):
         df = tables.read_source(spark, source.path, source.format, PATH_KEY)
         _require_columns(tuple(df.columns), _mapped_columns(source), source.path, "source.columns")
@@ -427,7 +433,10 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             }
             input_rows = sum(by_reason.values())
             if input_rows == 0:
-                raise InputDataError(f"Source {config.source.path} has no data rows; check {PATH_KEY}.")
+                raise InputDataError(
+                    f"Source {config.source.table or config.source.path} has no data rows; "
+                    f"check {TABLE_KEY if config.source.table else PATH_KEY}."
+                )
             accepted = by_reason.pop("accepted", 0)
             quarantined = sum(by_reason.values())
             counts.update(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from pyspark.sql import DataFrame, SparkSession
@@ -12,6 +13,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig, load_config
 from pipelines.core.session import get_spark
+
+if TYPE_CHECKING:
+    from tests.servers import S3
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -84,7 +88,7 @@ def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> D
     root = tmp_path_factory.mktemp("demo-run")
     assert cli.main(demo_run_args(root)) == 0
     config = make_test_config(root)
-    versions = {t: tables.latest_version(spark, config, *t) for t in COMPARED_TABLES}
+    versions = {t: tables.latest_version(spark, config, *t) for t in (*COMPARED_TABLES, ("gold", "metrics"))}
     return DemoRun(root, config, versions)
 
 
@@ -114,6 +118,16 @@ def standalone_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     cluster = start_standalone_cluster(tmp_path_factory.mktemp("standalone"))
     yield cluster.url
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    """An S3 API (moto's server, own process) on 127.0.0.1 for the whole session; stopped when it ends."""
+    from tests.servers import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3-server"))
+    yield server
+    server.server.stop()
 
 
 def shared_data(name: str) -> Path:

@@ -144,3 +144,57 @@ def start_standalone_cluster(workdir: Path) -> Cluster:
             pytest.fail(f"The standalone worker did not register with {url}:\n{worker.tail()}")
         time.sleep(0.5)
     return Cluster(master, worker, url)
+
+
+S3_KEY = "testing"  # moto accepts any key; these are nobody's credentials
+S3_REGION = "us-east-1"
+
+
+@dataclass
+class S3:
+    """An S3 API (moto's server, own process) on 127.0.0.1 and the settings each client needs for it."""
+
+    server: Server
+    endpoint: str
+
+    def spark_settings(self) -> dict[str, str]:
+        """S3A's settings for `spark.extra` (path-style, plain HTTP, static test credentials)."""
+        return {
+            "spark.hadoop.fs.s3a.endpoint": self.endpoint,
+            "spark.hadoop.fs.s3a.endpoint.region": S3_REGION,
+            "spark.hadoop.fs.s3a.path.style.access": "true",
+            "spark.hadoop.fs.s3a.connection.ssl.enabled": "false",
+            "spark.hadoop.fs.s3a.aws.credentials.provider": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
+            "spark.hadoop.fs.s3a.access.key": S3_KEY,
+            "spark.hadoop.fs.s3a.secret.key": S3_KEY,
+        }
+
+    def delta_rs_options(self) -> dict[str, str]:
+        """The same bucket for delta-rs (`deltalake`), the second client that reads the tables back."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": S3_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_KEY,
+            "AWS_REGION": S3_REGION,
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def client(self):  # type: ignore[no-untyped-def]  # boto3 has no stubs here
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_KEY,
+            region_name=S3_REGION,
+        )  # fmt: skip
+
+    def keys(self, bucket: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def start_s3_server(workdir: Path) -> S3:
+    """moto's S3 server (`moto[server]`, a real HTTP S3 API in its own process) on a free 127.0.0.1 port."""
+    port = free_port()
+    server = start("s3-server", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], workdir)
+    server.wait_for_port(port)
+    return S3(server, f"http://127.0.0.1:{port}")

@@ -58,3 +58,16 @@ def test_generate_writes_events_and_catalog(tmp_path: Path) -> None:
     header = (tmp_path / "ev" / "part-00000.csv").read_text().splitlines()[0]
     assert header == "user_id,item_id,event_type,event_ts,value,session_id"
     assert len((tmp_path / "cat" / "part-00000.csv").read_text().splitlines()) == 31
+
+
+def test_generate_into_a_remote_uri_says_it_writes_locally(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["generate", "--conf", str(REPO / "conf/test.yaml"), "--set", "source.path=s3a://shop/events"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err == (
+        "shelf generate: error: shelf generate writes the demo shop to the driver's disk, not to "
+        "s3a://shop/events; generate it into a local folder and copy it there, or set source.path to data "
+        "that already exists."
+    )
+    assert not Path("s3a:").exists() and not (REPO / "s3a:").exists()

@@ -4,19 +4,26 @@ publishing steps again with the same run id write the same lists; `shelf forget`
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from chispa import assert_df_equality
+from chispa import assert_approx_df_equality, assert_df_equality
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import candidates, evaluate, rerank, runner, similarities, train
-from pipelines.core import cli, ease, holdout, tables
+from pipelines.core import api, cli, ease, holdout, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
-from tests.conftest import REPO, DemoRun, demo_run_args, make_test_config
+from pipelines.core.schemas import RUN_ID, USER_ID, USER_IDX
+from tests.conftest import COMPARED_TABLES, DEMO_AS_OF, DEMO_RUN_ID, REPO, DemoRun, demo_run_args, make_test_config
+from tests.remote_checks import delta_tables, holds_user, operations, read_delta, user_factor_ids, write_remote_config
+from tests.servers import S3
 
 pytestmark = pytest.mark.slow
 
@@ -202,3 +209,54 @@ def assert_a_catalogue_over_ease_max_items_gets_no_ease_candidates(spark: SparkS
     cands = tables.read(spark, cfg, "gold", "candidates").filter(F.col("run_id") == "over-cap")
     assert cands.count() > 0
     assert cands.filter(F.array_contains("sources", "ease") | F.col("ease_score").isNotNull()).count() == 0
+
+
+def test_a_run_on_an_s3_root_equals_the_local_run_and_the_admin_commands_work_there(
+    spark: SparkSession, demo_run: DemoRun, s3: S3, tmp_path: Path
+) -> None:
+    """`shelf run` with the source and storage.root in a bucket of a real S3 API (moto's server on 127.0.0.1),
+    then rollback, forget, prune and the notebook API's report reader (tests/remote_session.py, its own process
+    in a scratch folder). delta-rs and pyarrow read the bucket back: the tables equal the local run's, the
+    forgotten user is in no table and no model, and the scratch folder holds no output."""
+    bucket = "shelf-e2e"
+    client = s3.client()
+    client.create_bucket(Bucket=bucket)
+    for part in sorted((demo_run.root / "demo").rglob("*.csv")):  # the local run's source, uploaded
+        client.upload_file(str(part), bucket, f"demo/{part.relative_to(demo_run.root / 'demo')}")
+    conf = write_remote_config(tmp_path / "conf", s3, bucket)
+    scratch = tmp_path / "cwd"
+    scratch.mkdir()
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.remote_session", str(conf), DEMO_RUN_ID, DEMO_AS_OF],
+        cwd=scratch, env=env, capture_output=True, text=True, timeout=2400,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"S3 session seconds: {result['seconds']}")
+    assert result["codes"] == {"rollback": 0, "forget": 0, "prune": 0}, done.stderr[-4000:]
+    assert result["plots"] == len(api.REPORT_PLOTS) and result["png"]
+    victim, index = str(result["victim"]), int(result["index"])
+    written = [str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file()]
+    assert written == [".shelf/_spark/fairscheduler.xml"], f"the run wrote to the driver's disk: {written}"
+
+    for layer, name in COMPARED_TABLES:  # equal to the local run's, but for the forgotten user
+        local = demo_run.read(spark, layer, name).filter(F.col(RUN_ID) == DEMO_RUN_ID)
+        kept = local.filter(~F.col(USER_ID).eqNullSafe(victim)) if USER_ID in local.columns else local
+        kept = kept.filter(F.col(USER_IDX) != index) if USER_IDX in kept.columns else kept
+        assert kept.count() < local.count(), f"{layer}.{name}: the victim had no rows to forget"
+        kept = spark.createDataFrame(kept.toArrow())  # through Arrow as the remote side is: the same nested types
+        remote = read_delta(spark, s3, bucket, f"shelf/{layer}/{name}").filter(F.col(RUN_ID) == DEMO_RUN_ID)
+        remote = remote.select([F.col(f.name).cast(f.dataType) for f in kept.schema])
+        assert_approx_df_equality(kept, remote, 1e-6, ignore_nullable=True, ignore_row_order=True)
+    found = delta_tables(s3, bucket)
+    assert {"shelf/ops/reports", "shelf/ops/quality_gates", "shelf/holdout_gold/recommendations"} <= set(found)
+    for prefix in found:
+        assert holds_user(read_delta(spark, s3, bucket, prefix), victim, index) == 0, f"{prefix} holds {victim}"
+    models = user_factor_ids(s3, bucket)
+    assert {"shelf/models/e2e/als", "shelf/holdout_models/e2e/als"} <= set(models), sorted(models)
+    assert all(index not in ids and ids for ids in models.values()), f"a model still holds user index {index}"
+    assert "RESTORE" in operations(s3, bucket, "shelf/gold/recommendations")
+    metrics = read_delta(spark, s3, bucket, "shelf/gold/metrics")  # prune --keep 1: the only run's rows stay
+    local_metrics = demo_run.read(spark, "gold", "metrics").filter(F.col(RUN_ID) == DEMO_RUN_ID)
+    assert metrics.filter(F.col(RUN_ID) == DEMO_RUN_ID).count() == local_metrics.count() > 0

@@ -14,7 +14,7 @@ from pyspark.sql import functions as F
 from pipelines import ingest
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
-from pipelines.core.errors import InputDataError
+from pipelines.core.errors import ConfigError, InputDataError
 from pipelines.core.runs import RunContext
 from tests.conftest import make_test_config as make_config
 
@@ -158,6 +158,31 @@ def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> 
     assert bronze_rows(spark, config) == [("u1", "i1", "view", datetime(2026, 10, 1), None, "s")]
     (bad,) = quarantine(spark, config).collect()
     assert bad.reason == "unknown_event_type" and '"event_type":"click"' in bad.raw
+
+
+def test_a_catalog_table_source_is_read_by_name(spark: SparkSession, tmp_path: Path) -> None:
+    config = make_config(tmp_path, "source.preset=generic", "source.table=shelf_source_events")
+    rows = [
+        ("u1", "i1", "view", datetime(2026, 10, 1), None, "s"),
+        ("u2", "i1", "click", datetime(2026, 10, 1), 1.0, "s"),
+    ]
+    schema = "user_id string, item_id string, event_type string, event_ts timestamp, value double, session_id string"
+    spark.createDataFrame(rows, schema).write.format("delta").mode("overwrite").saveAsTable("shelf_source_events")
+    try:
+        run_ingest(spark, config)
+    finally:
+        spark.sql("DROP TABLE IF EXISTS shelf_source_events")
+    assert bronze_rows(spark, config) == [("u1", "i1", "view", datetime(2026, 10, 1), None, "s")]
+    (bad,) = quarantine(spark, config).collect()
+    assert bad.reason == "unknown_event_type" and bad.source_file == "shelf_source_events"
+    missing = make_config(tmp_path / "missing", "source.preset=generic", "source.table=no_such_schema.events")
+    with pytest.raises(InputDataError, match=r"Source table no_such_schema\.events could not be read .*source\.table"):
+        run_ingest(spark, missing)
+
+
+def test_source_table_needs_the_generic_preset(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="source.table reads columns named by source.columns"):
+        make_config(tmp_path, "source.table=cat.schema.events")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.core import metrics, reports, tables
+from pipelines.core import metrics, reports, tables, uris
 from pipelines.core.cli import STEPS, step_function
 from pipelines.core.config import ShelfConfig, load_config
 from pipelines.core.errors import ConfigError, InputDataError
@@ -79,7 +79,7 @@ def run_pipeline(
         raise ConfigError(f"Unknown step(s) {unknown}; choose from {list(STEPS)}.")
     if skip_if_done and _has_run(spark, config, "gold", "recommendations", ctx.run_id):
         return []
-    if config.source.preset == "synthetic" and not Path(config.source.path).exists():
+    if config.source.preset == "synthetic" and uris.local_missing(config.source.path):
         step_function("generate")(spark, config, ctx)
     runner = importlib.import_module("pipelines.runner")  # evaluate's holdout rehearsal and the publish gate
     ran: list[str] = runner.run_steps(spark, config, ctx, chosen)

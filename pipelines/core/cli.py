@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pipelines.core import uris
 from pipelines.core.config import ShelfConfig, load_config
 from pipelines.core.errors import ShelfError
 from pipelines.core.runs import RunContext, make_context
@@ -102,9 +103,7 @@ def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
         return 0
     spark = get_spark(config)
     if command == "run":
-        from pathlib import Path
-
-        if config.source.preset == "synthetic" and not Path(config.source.path).exists():
+        if config.source.preset == "synthetic" and uris.local_missing(config.source.path):
             step_function("generate")(spark, config, ctx)
         names = list(STEPS)
     else:

@@ -69,6 +69,7 @@ class CatalogMapping(_Section):
 class SourceConfig(_Section):
     preset: Literal["synthetic", "online_retail", "movielens", "generic"] = "synthetic"
     path: str = ".data/demo/events"
+    table: str | None = None  # a catalog table (cat.schema.events) read instead of path; generic preset only
     format: Literal["csv", "json", "parquet", "delta"] = "csv"
     header: bool = True
     delimiter: str = ","
@@ -358,6 +359,15 @@ class ShelfConfig(_Section):
     @classmethod
     def _preset_defaults(cls, data: Any) -> Any:
         return with_preset_defaults(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _table_source(self) -> ShelfConfig:
+        if self.source.table and self.source.preset != "generic":
+            raise ValueError(
+                f"source.table reads columns named by source.columns, which the {self.source.preset} preset does "
+                "not use; set source.preset to generic"
+            )
+        return self
 
     @model_validator(mode="after")
     def _client_paths(self) -> ShelfConfig:

@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import EnvironmentSetupError
-from pipelines.core.jars import delta_jars
+from pipelines.core.jars import session_jars
 
 log = logging.getLogger("shelf.session")
 
@@ -138,7 +138,7 @@ def get_spark(config: ShelfConfig) -> SparkSession:
     )
     for key, value in config.spark.extra.items():
         builder = builder.config(key, value)
-    jars = delta_jars(config.spark.jars_dir)
+    jars = session_jars(config.spark.jars_dir, s3a=_uses_s3a(config))
     if jars:
         builder = builder.config("spark.jars", ",".join(str(p.resolve()) for p in jars))
     else:
@@ -179,6 +179,12 @@ def _connect(config: ShelfConfig) -> SparkSession:
         ) from exc
     _tune(spark, config)
     return spark
+
+
+def _uses_s3a(config: ShelfConfig) -> bool:
+    """Whether the config names an s3a:// location or S3A setting (the session then loads the S3A jars)."""
+    places = (config.storage.root, config.source.path, config.source.catalog_path or "")
+    return any(p.lower().startswith("s3a://") for p in places) or any("fs.s3a." in k for k in config.spark.extra)
 
 
 def driver_folder(config: ShelfConfig) -> Path:

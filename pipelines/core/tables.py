@@ -212,6 +212,23 @@ def history(spark: SparkSession, config: ShelfConfig, layer: str, name: str, lim
     return spark.sql(f"DESCRIBE HISTORY {target(config, layer, name)}{last}")
 
 
+def read_source_table(spark: SparkSession, name: str, config_key: str) -> DataFrame:
+    """Read a catalog table (`cat.schema.events`, or `delta.`<uri>``) as a source; `_source_file` is its name.
+
+    Raises:
+        InputDataError: the table does not exist or cannot be read; names the config key to fix.
+    """
+    try:
+        df = spark.read.table(name)
+        df.schema  # noqa: B018 - resolves the name now, so a missing table fails here with the key to fix
+    except Exception as exc:
+        raise InputDataError(
+            f"Source table {name} could not be read ({exc.__class__.__name__}); set {config_key} to an existing "
+            "table the session can see."
+        ) from exc
+    return df.withColumn("_source_file", F.lit(name))
+
+
 def read_source(
     spark: SparkSession,
     path: str,

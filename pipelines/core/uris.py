@@ -60,3 +60,9 @@ def qualify(location: str) -> str:
 def sql_path(location: str) -> str:
     """A Delta table path as a SQL identifier: delta.`<qualified location>`."""
     return f"delta.`{qualify(location)}`"
+
+
+def local_missing(location: str) -> bool:
+    """Whether `location` is on the driver's disk and nothing is there (a remote location is never "missing"
+    here: Spark finds out, and says so, when it reads it)."""
+    return is_local(location) and not os.path.exists(local_path(location))
