@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -225,7 +224,7 @@ def read_catalog(spark: SparkSession, config: ShelfConfig) -> DataFrame | None:
     """The catalog input as a DataFrame, or None when `source.catalog_path` is unset or absent locally."""
     source = config.source
     path = source.catalog_path
-    if path is None or (not uris.has_scheme(path) and not Path(path).exists()):
+    if path is None or uris.local_missing(path):
         log.info("[clean] no catalog at %s; silver.catalog is not written", path)
         return None
     options = {"header": str(source.header).lower(), "sep": source.delimiter} if source.catalog_format == "csv" else {}

@@ -7,7 +7,7 @@ the session builder then points `spark.jars` at the folder.
 `python -m pipelines.core.jars .jars --s3a` also fetches hadoop-aws at pyspark's own Hadoop version and
 the AWS SDK bundle that Hadoop release was built against (read from its `hadoop-project` pom), so a local
 session can read and write `s3a://` roots; the S3A settings (endpoint, credentials provider, path-style
-access) go in `spark.extra` (see docs/OPERATIONS.md, "Remote storage").
+access) go in `spark.extra` (see docs/DEPLOYMENT.md, "Remote storage from a local session").
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 from delta.exceptions import (
@@ -242,7 +241,7 @@ def read_source(
     Raises:
         InputDataError: the path does not exist or cannot be read; names the config key to fix.
     """
-    if not uris.has_scheme(path) and not Path(path).exists():
+    if uris.local_missing(path):
         raise InputDataError(f"Source path {path} does not exist; set {config_key} to an existing file or folder.")
     reader = spark.read.format(fmt).options(**(options or {}))
     if schema is not None:
