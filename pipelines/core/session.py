@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.utils import is_remote
 
 from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
@@ -103,6 +104,12 @@ def get_spark(config: ShelfConfig) -> SparkSession:
         return active
     if config.spark.remote:
         return _connect(config)
+    if config.spark.master is None and is_remote():
+        # Spark Connect mode set by the environment (Databricks serverless, SPARK_REMOTE): core settings such
+        # as the checkpoint folder belong to the server and cannot be set from here.
+        spark = SparkSession.builder.appName(config.spark.app_name).getOrCreate()
+        _tune(spark, config)
+        return spark
     if config.spark.master is None:
         # spark-submit on a cluster: the launcher configured master and packages.
         spark = (
@@ -175,7 +182,7 @@ def _connect(config: ShelfConfig) -> SparkSession:
     except Exception as exc:
         raise EnvironmentSetupError(
             f"The Spark Connect server at {config.spark.remote} did not answer ({exc.__class__.__name__}); "
-            "start it (with Delta's jars and SQL extensions, see docs/CLUSTERS.md) or fix spark.remote."
+            "start it (with Delta's jars and SQL extensions, see docs/DEPLOYMENT.md) or fix spark.remote."
         ) from exc
     _tune(spark, config)
     return spark
