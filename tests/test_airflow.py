@@ -50,7 +50,7 @@ bag = DagBag(dag_folder=sys.argv[1])
 dag = bag.dags.get("shelf_daily")
 tasks = {} if dag is None else {
     t.task_id: {
-        "type": type(t).__name__,
+        "types": [c.__name__ for c in type(t).__mro__],
         "downstream": sorted(t.downstream_task_ids),
         "retries": t.retries,
         "conn_id": t._conn_id,
@@ -65,6 +65,33 @@ print(json.dumps({
     "catchup": None if dag is None else dag.catchup,
     "tasks": tasks,
 }))
+"""
+
+
+# Runs under .venv-airflow's python: render every task of the DAG for one run with the given Variables (a
+# stand-in for Airflow's Variable accessor; Jinja, the DAG's macros and the operator are Airflow's own) and
+# print the spark-submit command its hook builds from the connection in AIRFLOW_CONN_SHELF_SPARK.
+RENDER_CHECK = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+dag = DagBag(dag_folder=sys.argv[1]).dags["shelf_daily"]
+variables = json.loads(sys.argv[2])
+
+class Values:
+    def get(self, key, default=None):
+        return variables.get(key, default)
+
+out = {}
+for task in dag.tasks:
+    context = {"params": {"conf_file": None}, "var": {"value": Values()}, "ds_nodash": "20261101",
+               "ts": "2026-11-01T00:00:00+00:00"}
+    task.render_template_fields(context)
+    out[task.task_id] = {
+        "cmd": task._get_hook()._build_spark_submit_command(task.application),
+        "pool": task.pool,
+        "on_failure": [type(c).__name__ for c in (task.on_failure_callback or [])],
+    }
+print(json.dumps(out))
 """
 
 
@@ -111,7 +138,7 @@ def test_dag_loads_with_one_spark_submit_per_step_in_order(tmp_path: Path) -> No
     assert sorted(tasks) == sorted(STEPS)
     for step, after in zip(STEPS, [*STEPS[1:], None], strict=True):
         task = tasks[step]
-        assert task["type"] == "SparkSubmitOperator"
+        assert "SparkSubmitOperator" in task["types"]
         assert task["downstream"] == ([after] if after else [])
         assert task["retries"] >= 1
         assert task["conn_id"] == "shelf_spark"
@@ -120,6 +147,59 @@ def test_dag_loads_with_one_spark_submit_per_step_in_order(tmp_path: Path) -> No
         assert args[args.index("--run-id") + 1] == "daily-{{ ds_nodash }}"
         assert args[args.index("--as-of") + 1] == "{{ ts }}"
         assert "shelf_conf_file" in args[args.index("--conf") + 1]
+
+
+def test_cluster_deploy_mode_ships_config_packages_and_the_python_environment(tmp_path: Path) -> None:
+    """The spark-submit each task runs with a YARN connection in cluster deploy mode and the Variables of the
+    DAG's docstring: the driver runs on the cluster, so the configs travel with --files and are named by file
+    name, Delta comes with --packages, the packed environment with --archives and its python is used."""
+    bin_dir = airflow_bin()
+    variables = {
+        "shelf_ship_conf": "true",
+        "shelf_conf_file": "/opt/shelf/conf/cluster.yaml",
+        "shelf_packages": "io.delta:delta-spark_2.13:4.4.0",
+        "shelf_archives": "hdfs:///envs/shelf-env.tar.gz#environment",
+        "shelf_python": "./environment/bin/python",
+        "shelf_wheel": "hdfs:///shelf/shelf-0.1.0-py3-none-any.whl",
+        "shelf_entry": "hdfs:///shelf/submit.py",
+    }
+    connection = {"conn_type": "spark", "host": "yarn", "extra": {"deploy-mode": "cluster"}}
+    env = airflow_env(tmp_path, AIRFLOW_CONN_SHELF_SPARK=json.dumps(connection))
+    done = subprocess.run(
+        [str(bin_dir / "python"), "-c", RENDER_CHECK, str(REPO / "dags"), json.dumps(variables)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    tasks = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(tasks) == sorted(STEPS)
+    for step, task in tasks.items():
+        cmd = task["cmd"]
+
+        def option(name: str, cmd: list[str] = cmd) -> str:
+            return cmd[cmd.index(name) + 1]
+
+        assert option("--master") == "yarn" and option("--deploy-mode") == "cluster"
+        assert option("--files") == "/opt/shelf/conf/cluster.yaml,/opt/shelf/conf/base.yaml"
+        assert option("--packages") == variables["shelf_packages"]
+        assert option("--archives") == variables["shelf_archives"]
+        assert option("--py-files") == variables["shelf_wheel"]
+        assert "spark.pyspark.python=./environment/bin/python" in cmd
+        assert "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension" in cmd
+        args = cmd[cmd.index(variables["shelf_entry"]) + 1 :]
+        assert args == [
+            step,
+            "--conf",
+            "cluster.yaml",
+            "--run-id",
+            "daily-20261101",
+            "--as-of",
+            "2026-11-01T00:00:00+00:00",
+        ]
+        assert task["pool"] == "shelf_spark"
+        assert task["on_failure"] == ["SmtpNotifier"]
 
 
 def run_in_own_group(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int, str]:
@@ -181,6 +261,14 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, shelf_wheel: Path) -> DagR
         [str(bin_dir / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=600
     )
     assert migrate.returncode == 0, migrate.stderr[-4000:]
+    pool = subprocess.run(
+        [str(bin_dir / "airflow"), "pools", "set", "shelf_spark", "1", "shelf steps"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pool.returncode == 0, pool.stderr[-4000:]
     returncode, output = run_in_own_group(
         [str(bin_dir / "airflow"), "dags", "test", DAG_ID, "2026-11-01"], env, tmp_path, DAG_TEST_TIMEOUT_S
     )
