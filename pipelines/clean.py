@@ -31,7 +31,7 @@ from datetime import datetime
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines.core import tables, uris
+from pipelines.core import sources, tables, uris
 from pipelines.core.als import time_decay
 from pipelines.core.cli import step_main
 from pipelines.core.config import CatalogMapping, CleanConfig, ShelfConfig
@@ -228,7 +228,7 @@ def read_catalog(spark: SparkSession, config: ShelfConfig) -> DataFrame | None:
         log.info("[clean] no catalog at %s; silver.catalog is not written", path)
         return None
     options = {"header": str(source.header).lower(), "sep": source.delimiter} if source.catalog_format == "csv" else {}
-    raw = tables.read_source(spark, path, source.catalog_format, "source.catalog_path", options=options)
+    raw = sources.read_source(spark, path, source.catalog_format, "source.catalog_path", options=options)
     mapping = source.catalog_columns
     wanted = [n for n in mapping.model_dump().values() if n is not None]
     missing = [n for n in wanted if n not in raw.columns]

@@ -49,12 +49,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import PurePath
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines.core import tables
+from pipelines.core import sources, tables, uris
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, SourceConfig
 from pipelines.core.errors import InputDataError
@@ -269,31 +269,31 @@ ML100K_GENRES = (
 )  # fmt: skip
 
 
-def movielens_items_path(ratings_path: str) -> str | None:
+def movielens_items_path(spark: SparkSession, ratings_path: str) -> str | None:
     """The movies file beside a MovieLens ratings file (movies.csv, movies.dat or u.item), if present."""
-    name = PurePath(ratings_path).name
+    folder, _, name = ratings_path.rstrip("/").rpartition("/")
     sibling = {"ratings.csv": "movies.csv", "ratings.dat": "movies.dat", "u.data": "u.item"}.get(name)
-    if sibling is None or "://" in ratings_path:
+    if sibling is None:
         return None
-    path = Path(ratings_path).with_name(sibling)
-    return str(path) if path.exists() else None
+    path = uris.join(folder, sibling) if folder else sibling
+    return path if sources.path_exists(spark, path) else None
 
 
 def read_movielens_items(spark: SparkSession, path: str) -> DataFrame:
     """A MovieLens movies file -> one catalog row per movie: title, category = its first genre."""
     name = PurePath(path).name
     if name == "movies.csv":
-        raw = tables.read_source(spark, path, "csv", PATH_KEY, options={"header": "true", "escape": '"'})
+        raw = sources.read_source(spark, path, "csv", PATH_KEY, options={"header": "true", "escape": '"'})
         item, title = F.col("movieId"), F.col("title")
         category = F.split(F.col("genres"), r"\|").getItem(0)
     elif name == "movies.dat":
-        raw = tables.read_source(
+        raw = sources.read_source(
             spark, path, "csv", PATH_KEY, options={"sep": "::", "encoding": "ISO-8859-1", "quote": ""}
         )
         item, title = F.col("_c0"), F.col("_c1")
         category = F.split(F.col("_c2"), r"\|").getItem(0)
     else:  # u.item: id|title|release|video release|url|19 genre flags
-        raw = tables.read_source(
+        raw = sources.read_source(
             spark, path, "csv", PATH_KEY, options={"sep": "|", "encoding": "ISO-8859-1", "quote": ""}
         )
         flags = [F.when(F.col(f"_c{5 + i}") == "1", F.lit(g)) for i, g in enumerate(ML100K_GENRES)]
@@ -315,7 +315,7 @@ def to_source_items(spark: SparkSession, source: SourceConfig, classified: DataF
     if source.preset == "online_retail":
         return to_retail_items(classified)
     if source.preset == "movielens":
-        path = movielens_items_path(source.path)
+        path = movielens_items_path(spark, source.path)
         return read_movielens_items(spark, path) if path else None
     return None
 
@@ -350,7 +350,7 @@ def text_layout(spark: SparkSession, source: SourceConfig) -> TextLayout:
 
 def _header_columns(spark: SparkSession, path: str, sep: str, header: bool = True) -> tuple[str, ...]:
     options = {"header": str(header).lower(), "sep": sep, "inferSchema": "false"}
-    df = tables.read_source(spark, path, "csv", PATH_KEY, options=options)
+    df = sources.read_source(spark, path, "csv", PATH_KEY, options=options)
     return tuple(c for c in df.columns if c != "_source_file")
 
 
@@ -386,14 +386,14 @@ def read_canonical(spark: SparkSession, source: SourceConfig) -> DataFrame:
     """Read `source.path` (or the catalog table `source.table`) with its preset's layout into canonical string
     columns (see module docstring)."""
     if source.table:
-        df = tables.read_source_table(spark, source.table, TABLE_KEY)
+        df = sources.read_source_table(spark, source.table, TABLE_KEY)
         _require_columns(tuple(df.columns), _mapped_columns(source), source.table, "source.columns")
         return to_canonical_from_table(df, source)
     if source.preset in ("generic", "synthetic") and source.format in ("parquet", "delta"):
-        df = tables.read_source(spark, source.path, source.format, PATH_KEY)
+        df = sources.read_source(spark, source.path, source.format, PATH_KEY)
         _require_columns(tuple(df.columns), _mapped_columns(source), source.path, "source.columns")
         return to_canonical_from_table(df, source)
-    lines = tables.read_source(spark, source.path, "text", PATH_KEY).select(
+    lines = sources.read_source(spark, source.path, "text", PATH_KEY).select(
         # A UTF-8 byte-order mark would glue itself to the first header name.
         F.regexp_replace(F.col("value"), "^\ufeff", "").alias(RAW),
         F.col("_source_file").alias(SOURCE_FILE),

@@ -83,7 +83,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StructField, StructType
 
-from pipelines.core import events, publishing, reranking, tables, uris
+from pipelines.core import events, publishing, reranking, sources, tables, uris
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import EnvironmentSetupError, InputDataError
@@ -1146,7 +1146,7 @@ def start(
 ) -> Any:  # StreamingQuery
     """Start the query: landing table -> `job` per micro-batch, checkpointed; returns the StreamingQuery."""
     stream = config.stream
-    source = tables.read_stream(spark, landing_path(config), SOURCE_KEY, stream.max_files_per_trigger)
+    source = sources.read_stream(spark, landing_path(config), SOURCE_KEY, stream.max_files_per_trigger)
     writer = source.writeStream.foreachBatch(job).option("checkpointLocation", checkpoint_path(config))
     once = stream.trigger == "available_now" if available_now is None else available_now
     if once:

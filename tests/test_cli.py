@@ -60,9 +60,7 @@ def test_generate_writes_events_and_catalog(tmp_path: Path) -> None:
     assert len((tmp_path / "cat" / "part-00000.csv").read_text().splitlines()) == 31
 
 
-def test_generate_into_a_remote_uri_says_it_writes_locally(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_generate_into_a_remote_uri_says_it_writes_locally(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["generate", "--conf", str(REPO / "conf/test.yaml"), "--set", "source.path=s3a://shop/events"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err == (

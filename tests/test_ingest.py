@@ -12,7 +12,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import ingest
-from pipelines.core import tables
+from pipelines.core import sources, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import ConfigError, InputDataError
 from pipelines.core.runs import RunContext
@@ -241,6 +241,19 @@ def test_movielens_titles_and_genres_from_the_movies_file(spark: SparkSession, t
         "302": ("L.A. Confidential (1997)", "Crime"),
         "11": ("American President, The (1995)", None),
     }
+
+
+def test_the_movies_file_is_found_beside_the_ratings_by_uri(spark: SparkSession, tmp_path: Path) -> None:
+    """Local paths are looked up on the driver's disk, remote URIs by a Spark listing (sources.listable, here on
+    file: URIs, the same Hadoop call an s3a:// or abfss:// one takes); a URI keeps its scheme."""
+    ratings = write_text(tmp_path / "ml" / "ratings.csv", ["userId,movieId,rating,timestamp"])
+    assert ingest.movielens_items_path(spark, str(ratings)) is None
+    movies = write_text(tmp_path / "ml" / "movies.csv", MOVIES_FILES["movies.csv"])
+    assert ingest.movielens_items_path(spark, str(ratings)) == str(movies)
+    assert ingest.movielens_items_path(spark, f"file://{ratings}") == f"file://{movies}"
+    assert ingest.movielens_items_path(spark, str(tmp_path / "ml" / "events.csv")) is None  # not a MovieLens name
+    assert sources.listable(spark, f"file://{movies}") and sources.listable(spark, f"file://{tmp_path / 'ml'}")
+    assert not sources.listable(spark, f"file://{tmp_path / 'ml' / 'u.item'}")
 
 
 RETAIL_HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country"

@@ -37,7 +37,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from pipelines import rerank, stream
-from pipelines.core import cli, publishing, tables
+from pipelines.core import cli, publishing, sources, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA, RUN_ID, STEP
@@ -249,7 +249,7 @@ def test_replaying_a_batch_id_changes_nothing(
     """A replayed batch leaves gold.recommendations as it was; and of the local checkpoints it made (the batch's
     users, its lists, the gate's read, the recent events), only the recent events still hold blocks after it."""
     before = rows_of(tables.read(spark, streamed, "gold", "recommendations"))
-    landing = tables.read_source(spark, stream.landing_path(streamed), "delta", stream.SOURCE_KEY)
+    landing = sources.read_source(spark, stream.landing_path(streamed), "delta", stream.SOURCE_KEY)
     first_commit = landing.filter(F.col("session_id") != "s5").drop("_source_file")
     made: list[DataFrame] = []
     classic = type(first_commit)  # the session's DataFrame class (pyspark.sql.DataFrame only dispatches to it)

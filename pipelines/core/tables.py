@@ -1,4 +1,4 @@
-"""The one module that reads and writes data: sources, Delta tables, history and time travel.
+"""The one module that reads and writes Delta tables: writes, history and time travel (sources: `sources`).
 
 Tables live at `<storage.root>/<layer>/<name>` locally, or as `<storage.catalog>.<layer>_<name>`
 on a cluster. Every write is one Delta commit and idempotent for a run id: rerunning a step with
@@ -27,7 +27,6 @@ from delta.tables import DeltaTable
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import StructType
 
 from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
@@ -211,50 +210,6 @@ def history(spark: SparkSession, config: ShelfConfig, layer: str, name: str, lim
     return spark.sql(f"DESCRIBE HISTORY {target(config, layer, name)}{last}")
 
 
-def read_source_table(spark: SparkSession, name: str, config_key: str) -> DataFrame:
-    """Read a catalog table (`cat.schema.events`, or `delta.`<uri>``) as a source; `_source_file` is its name.
-
-    Raises:
-        InputDataError: the table does not exist or cannot be read; names the config key to fix.
-    """
-    try:
-        df = spark.read.table(name)
-        df.schema  # noqa: B018 - resolves the name now, so a missing table fails here with the key to fix
-    except Exception as exc:
-        raise InputDataError(
-            f"Source table {name} could not be read ({exc.__class__.__name__}); set {config_key} to an existing "
-            "table the session can see."
-        ) from exc
-    return df.withColumn("_source_file", F.lit(name))
-
-
-def read_source(
-    spark: SparkSession,
-    path: str,
-    fmt: str,
-    config_key: str,
-    schema: StructType | None = None,
-    options: dict[str, str] | None = None,
-) -> DataFrame:
-    """Read an input file or folder in csv/json/parquet/delta.
-
-    Raises:
-        InputDataError: the path does not exist or cannot be read; names the config key to fix.
-    """
-    if uris.local_missing(path):
-        raise InputDataError(f"Source path {path} does not exist; set {config_key} to an existing file or folder.")
-    reader = spark.read.format(fmt).options(**(options or {}))
-    if schema is not None:
-        reader = reader.schema(schema)
-    try:
-        return reader.load(path).withColumn("_source_file", F.input_file_name())
-    except Exception as exc:
-        raise InputDataError(
-            f"Source {path} could not be read as {fmt} ({exc.__class__.__name__}); check {config_key} "
-            "and the source format."
-        ) from exc
-
-
 def write_replacing(
     df: DataFrame,
     config: ShelfConfig,
@@ -291,25 +246,6 @@ def write_replacing(
             writer.saveAsTable(where)
 
     _commit_with_retry(commit, layer, name, run_id)
-
-
-# ---------------------------------------------------------------- streaming (shelf stream)
-
-
-def read_stream(spark: SparkSession, path: str, config_key: str, max_files_per_trigger: int | None = None) -> DataFrame:
-    """A streaming read of the Delta table at `path` (new commits only, in commit order).
-
-    Raises:
-        InputDataError: `path` is not a Delta table; names the config key to fix.
-    """
-    if not is_delta(spark, path):
-        raise InputDataError(
-            f"Stream source {path} is not a Delta table; point {config_key} at the table the tracker appends to."
-        )
-    reader = spark.readStream.format("delta")
-    if max_files_per_trigger is not None:
-        reader = reader.option("maxFilesPerTrigger", str(max_files_per_trigger))
-    return reader.load(path)
 
 
 def add_columns(spark: SparkSession, config: ShelfConfig, layer: str, name: str, columns: dict[str, str]) -> None:
