@@ -7,27 +7,23 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from pyarrow import fs
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core.schemas import RAW, USER_ID, USER_IDX
-from tests.conftest import REPO
 from tests.servers import S3, S3_KEY, S3_REGION
+from tests.submitting import write_run_config
 
 
 def write_remote_config(folder: Path, s3: S3, bucket: str) -> Path:
-    """conf/test.yaml with the source and storage root in `bucket` and S3A's settings in spark.extra."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "base.yaml").write_text((REPO / "conf" / "base.yaml").read_text())
-    overlay = yaml.safe_load((REPO / "conf" / "test.yaml").read_text())
-    overlay["spark"] = {**overlay["spark"], "jars_dir": str(REPO / ".jars"), "extra": s3.spark_settings()}
-    overlay["storage"] = {**overlay["storage"], "root": f"s3a://{bucket}/shelf"}
-    overlay["source"] = {"path": f"s3a://{bucket}/demo/events", "catalog_path": f"s3a://{bucket}/demo/catalog"}
-    path = folder / "s3.yaml"
-    path.write_text(yaml.safe_dump(overlay))
-    return path
+    """conf/test.yaml (local[2]) with the source and storage root in `bucket` and S3A's settings in spark.extra."""
+    return write_run_config(
+        folder,
+        spark={"master": "local[2]", "extra": s3.spark_settings()},
+        storage={"root": f"s3a://{bucket}/shelf"},
+        source={"path": f"s3a://{bucket}/demo/events", "catalog_path": f"s3a://{bucket}/demo/catalog"},
+    )
 
 
 def delta_tables(s3: S3, bucket: str) -> list[str]:
