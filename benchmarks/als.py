@@ -92,7 +92,7 @@ def mllib_worker(args: argparse.Namespace) -> None:
     from benchmarks._common import blas_in_use
     from pipelines.core import als
     from pipelines.core.session import get_spark
-    from pipelines.core.tables import read_source
+    from pipelines.core.sources import read_source
 
     scratch = tempfile.mkdtemp(prefix="shelf-als-bench-")
     config = load_config(

@@ -32,20 +32,20 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from benchmarks._common import blas_in_use
-from pipelines import evaluate
+from pipelines import baselines
 from pipelines.core import als, metrics
 from pipelines.core.config import ShelfConfig, SourceConfig, TrainConfig, load_config
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, USER_IDX
 from pipelines.core.session import get_spark
+from pipelines.core.sources import read_source
 from pipelines.core.splits import random_stratified_split
-from pipelines.core.tables import read_source
 from pipelines.ingest import MOVIELENS_COLUMNS, text_layout
 from pipelines.train import tune
 
 REPO = Path(__file__).resolve().parents[1]
 RATINGS_FILES = ("ratings.csv", "ratings.dat", "u.data")
-MODEL = evaluate.MODEL
+MODEL = baselines.MODEL
 SHOWN = ("precision", "recall", "ndcg", "map", "map_rel", "coverage", "novelty", "diversity")
 # The explicit ALS of the published MovieLens tables (recommenders' ALS deep dive).
 PUBLISHED_EXPLICIT = als.AlsParams(rank=10, reg_param=0.05, alpha=1.0, confidence="raw")
@@ -108,9 +108,9 @@ def recommend(
     spark: SparkSession, name: str, train: DataFrame, users: DataFrame, config: ShelfConfig, k: int, tuned: bool
 ) -> DataFrame:
     if name == "popularity":
-        return evaluate.recommend_popular(evaluate.popularity_scores(train), users, train, k)
+        return baselines.recommend_popular(baselines.popularity_scores(train), users, train, k)
     if name == "item_knn":
-        return evaluate.recommend_item_knn(train, users, config.evaluate, k, train)
+        return baselines.recommend_item_knn(train, users, config.evaluate, k, train)
     if name == "als_explicit":
         return explicit_als(spark, train, users, config.train, k)
     recs, params = implicit_als(spark, train, users, config, k, tuned)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = read_ratings(spark, config.source).cache()
     train, test = random_stratified_split(pairs, ratio=args.ratio, seed=args.seed, by=args.by)
     train, test = train.cache(), test.cache()
-    relevant = evaluate.to_relevant(train, test).cache()
+    relevant = baselines.to_relevant(train, test).cache()
     users = relevant.select(USER_IDX).distinct().cache()
     print(
         f"ratings {pairs.count():,}, train {train.count():,}, test {test.count():,}, "

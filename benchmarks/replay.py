@@ -49,7 +49,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
-from pipelines import evaluate as ev
+from pipelines import baselines, replay
 from pipelines.core import metrics, reranking, tables
 from pipelines.core.cli import setup_logging
 from pipelines.core.config import EvaluateConfig, RerankConfig, ShelfConfig, load_config
@@ -137,7 +137,7 @@ def replay_plan(
 
     def span(i: int) -> WindowSpan:
         end = as_of - timedelta(days=i * evaluate.replay_horizon_days)
-        cut, fresh_end = ev.replay_cuts(evaluate, end)
+        cut, fresh_end = replay.replay_cuts(evaluate, end)
         return WindowSpan(cut, fresh_end, end)
 
     return ReplayPlan(
@@ -191,7 +191,7 @@ def with_value(rerank: RerankConfig, key: str, value: Any) -> RerankConfig:
 
 def values_at(table: DataFrame, k: int) -> dict[tuple[str, str], float]:
     rows = table.filter(table[metrics.K] == k).collect()  # models x metrics rows
-    return {(r[ev.MODEL], r[metrics.METRIC]): float(r[metrics.METRIC_VALUE]) for r in rows}
+    return {(r[baselines.MODEL], r[metrics.METRIC]): float(r[metrics.METRIC_VALUE]) for r in rows}
 
 
 def ndcg_sum(rows: np.ndarray, items: np.ndarray, ranks: np.ndarray, relevant: list[set[int]], k: int) -> float:
@@ -233,7 +233,7 @@ class Window:
         self.spark, self.data, self.span, self.label = spark, data, span, label
         self.as_of = span.end
         interactions = tables.read(spark, data.config, "silver", "interactions")
-        self.window = ev.prepare_replay(spark, interactions, data.config, self.as_of)
+        self.window = replay.prepare_replay(spark, interactions, data.config, self.as_of)
         self.item_index = tables.read(spark, data.config, "silver", "item_index")
         self.catalog = read_catalog(spark, data.config)
         self.users = self.window.users.count()
@@ -243,7 +243,7 @@ class Window:
         self._tables: Broadcast[dict[float, ItemTable]] | None = None
 
     def score(self, models: list[str], rerank: RerankConfig | None = None) -> dict[tuple[str, str], float]:
-        table = ev.replay_metrics(
+        table = replay.replay_metrics(
             self.spark, self.window, self.data.config, self.item_index, self.catalog, models, rerank
         )
         return values_at(table, self.data.config.evaluate.k)
@@ -254,20 +254,20 @@ class Window:
         """Every model's metrics at k from lists built once, and (with `paired`) NDCG@k per scored user of ALS
         and of each re-rank: columns user_idx, model..., one row per user."""
         cfg, k = self.data.config, self.data.config.evaluate.k
-        ks = ev.cutoffs(cfg.evaluate)
-        lists = ev.replay_lists(self.spark, self.window, cfg, self.item_index, self.catalog, models, max(ks))
+        ks = baselines.cutoffs(cfg.evaluate)
+        lists = replay.replay_lists(self.spark, self.window, cfg, self.item_index, self.catalog, models, max(ks))
         try:
-            values = values_at(ev.score_replay_lists(self.spark, self.window, lists, ks), k)
+            values = values_at(replay.score_replay_lists(self.spark, self.window, lists, ks), k)
             if not paired:
                 return values, None
-            names = [ev.ALS_MODEL, *[m for m, rr in models.items() if rr is not None]]
-            groups = self.spark.createDataFrame([(m,) for m in names], f"{ev.MODEL} string")
-            recs = lists.combined.filter(F.col(ev.MODEL).isin(names))
-            per_user = metrics.per_user_metrics(recs, self.window.relevant, [k], by=[ev.MODEL], groups=groups)
-            pdf = per_user.select(ev.MODEL, USER_IDX, "ndcg").toPandas()  # scored users x models rows
+            names = [baselines.ALS_MODEL, *[m for m, rr in models.items() if rr is not None]]
+            groups = self.spark.createDataFrame([(m,) for m in names], f"{baselines.MODEL} string")
+            recs = lists.combined.filter(F.col(baselines.MODEL).isin(names))
+            per_user = metrics.per_user_metrics(recs, self.window.relevant, [k], by=[baselines.MODEL], groups=groups)
+            pdf = per_user.select(baselines.MODEL, USER_IDX, "ndcg").toPandas()  # scored users x models rows
         finally:
             lists.release()
-        wide = pdf.pivot(index=USER_IDX, columns=ev.MODEL, values="ndcg").fillna(0.0).reset_index()
+        wide = pdf.pivot(index=USER_IDX, columns=baselines.MODEL, values="ndcg").fillna(0.0).reset_index()
         return values, wide
 
     def prepare_grid(self, rr: RerankConfig, fresh_days: list[float]) -> None:
@@ -275,7 +275,7 @@ class Window:
         items, and broadcast one item table per fresh_days value (popularity counts the fresh window)."""
         horizon = rr.model_copy(update={"fresh_days": max(fresh_days)})
         fresh = reranking.to_fresh_events(self.window.history, horizon, self.window.fresh_end).cache()
-        user_factors, item_factors = ev.replay_factors(self.window)
+        user_factors, item_factors = replay.replay_factors(self.window)
         by_fresh = {}
         for days in sorted(set(fresh_days)):
             attributes = reranking.to_item_attributes(
@@ -289,7 +289,7 @@ class Window:
             by_fresh[days] = reranking.build_item_table(attributes, self.window.neighbours)
         self._tables = self.spark.sparkContext.broadcast(by_fresh)
         candidates = reranking.to_capped_candidates(
-            ev.replay_candidates(self.window, rr, self.data.config.recommend), rr.max_candidates
+            replay.replay_candidates(self.window, rr, self.data.config.recommend), rr.max_candidates
         )
         events = reranking.to_capped_events(fresh, rr.max_fresh_events)
         relevant = self.window.relevant.groupBy(USER_IDX).agg(F.collect_list(ITEM_IDX).alias(RELEVANT))
@@ -324,7 +324,7 @@ def tune(windows: list[Window], start: RerankConfig, check: bool = False) -> Rer
     The objective is the mean over datasets of the pooled NDCG@k ratio to ALS over that dataset's windows
     (NDCG summed over all scored (window, user) pairs, re-rank over ALS)."""
     names = list(dict.fromkeys(w.data.name for w in windows))
-    base = [w.score([ev.ALS_MODEL])[(ev.ALS_MODEL, "ndcg")] for w in windows]
+    base = [w.score([baselines.ALS_MODEL])[(baselines.ALS_MODEL, "ndcg")] for w in windows]
     fresh_days = [start.fresh_days, *dict(GRID).get("fresh_days", [])]
     for w, b in zip(windows, base, strict=True):
         print(f"{w.data.name} {w.label}: ALS NDCG@{w.data.config.evaluate.k} = {b:.4f}, {w.users} users", flush=True)
@@ -359,7 +359,8 @@ def tune(windows: list[Window], start: RerankConfig, check: bool = False) -> Rer
     )
     if check:  # the one-pass grid must agree with the regular replay
         regular = [
-            w.score([ev.ALS_RERANK], start)[(ev.ALS_RERANK, "ndcg")] / b for w, b in zip(windows, base, strict=True)
+            w.score([baselines.ALS_RERANK], start)[(baselines.ALS_RERANK, "ndcg")] / b
+            for w, b in zip(windows, base, strict=True)
         ]
         print(
             f"validation: the same from the regular replay, per window = {[round(r, 4) for r in regular]}", flush=True
@@ -409,8 +410,8 @@ def print_table(title: str, values: dict[tuple[str, str], float], models: list[s
     print("|---|" + "---:|" * len(SHOWN))
     for model in models:
         print(f"| {model} | " + " | ".join(f"{values.get((model, m), float('nan')):.4f}" for m in SHOWN) + " |")
-    als = ev.ALS_MODEL
-    for rr in (m for m in models if m in (ev.ALS_RERANK, TUNED)):
+    als = baselines.ALS_MODEL
+    for rr in (m for m in models if m in (baselines.ALS_RERANK, TUNED)):
         lifts = [values[(rr, m)] / values[(als, m)] - 1 if values.get((als, m)) else float("nan") for m in SHOWN]
         print(f"| **{rr} vs ALS** | " + " | ".join(f"{x:+.1%}" for x in lifts) + " |", flush=True)
 
@@ -440,7 +441,7 @@ def print_paired(data: Dataset, windows: list[Window], per_user: list[pd.DataFra
     print("|---|---:|" + "---|---:|" * len(rerankers))
     for i, (w, pdf) in enumerate(zip(windows, per_user, strict=True)):
         lifts = [
-            cluster_bootstrap(pdf[USER_IDX].to_numpy(), pdf[ev.ALS_MODEL].to_numpy(), pdf[r].to_numpy())
+            cluster_bootstrap(pdf[USER_IDX].to_numpy(), pdf[baselines.ALS_MODEL].to_numpy(), pdf[r].to_numpy())
             for r in rerankers
         ]
         print(
@@ -450,7 +451,7 @@ def print_paired(data: Dataset, windows: list[Window], per_user: list[pd.DataFra
         )
     every = pd.concat(per_user, ignore_index=True)
     lifts = [
-        cluster_bootstrap(every[USER_IDX].to_numpy(), every[ev.ALS_MODEL].to_numpy(), every[r].to_numpy())
+        cluster_bootstrap(every[USER_IDX].to_numpy(), every[baselines.ALS_MODEL].to_numpy(), every[r].to_numpy())
         for r in rerankers
     ]
     users = every[USER_IDX].nunique()
@@ -518,14 +519,14 @@ def main() -> None:
         print(f"\ntuned re-rank (changes from the configured one): {changes(configured, tuned)}", flush=True)
         print(f"tuning took {time.perf_counter() - started:.0f} s", flush=True)
     for data in datasets:
-        names = args.models or ev.replay_models(data.config.evaluate)
+        names = args.models or replay.replay_models(data.config.evaluate)
         models: dict[str, RerankConfig | None] = {
-            m: (data.config.rerank if m == ev.ALS_RERANK else None) for m in names
+            m: (data.config.rerank if m == baselines.ALS_RERANK else None) for m in names
         }
         if tuned is not None:
             models[TUNED] = tuned
-        if args.paired and ev.ALS_MODEL not in models:
-            models = {ev.ALS_MODEL: None, **models}
+        if args.paired and baselines.ALS_MODEL not in models:
+            models = {baselines.ALS_MODEL: None, **models}
         score_dataset(spark, data, models, args.paired)
     print(f"\n{time.perf_counter() - started:.0f} s", flush=True)
 

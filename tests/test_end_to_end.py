@@ -16,7 +16,7 @@ from chispa import assert_approx_df_equality, assert_df_equality
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import candidates, evaluate, rerank, runner, similarities, train
+from pipelines import baselines, candidates, rerank, runner, similarities, train
 from pipelines.core import api, cli, ease, holdout, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
@@ -162,7 +162,7 @@ def assert_evaluation_scores_the_published_lists(spark: SparkSession, config: Sh
     held = holdout.holdout_config(config)
     written = tables.read(spark, held, "gold", "recommendations").filter(F.col("run_id") == "e2e").cache()
     users = spark.createDataFrame([(u,) for u in range(10_000)], "user_idx int")
-    scored = evaluate.published_lists(spark, config, "e2e", users, k=1000)
+    scored = baselines.published_lists(spark, config, "e2e", users, k=1000)
     index = tables.read(spark, held, "silver", "item_index").select("item_id", "item_idx")
     named = tables.read(spark, held, "silver", "user_index").select("user_id", "user_idx")
     as_written = written.join(named, "user_id").join(index, "item_id").select("user_idx", "item_idx", "score", "rank")

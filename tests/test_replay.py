@@ -12,8 +12,8 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from benchmarks import replay
-from pipelines import evaluate
+from benchmarks import replay as replay_benchmark
+from pipelines import baselines, evaluate, replay
 from pipelines.core import metrics, reports, tables
 from pipelines.core.config import RerankConfig, ShelfConfig
 from pipelines.core.runs import RunContext
@@ -91,7 +91,7 @@ def seen_before(events: list[Event], end: datetime) -> dict[int, set[int]]:
 
 def test_cuts_put_the_test_window_at_the_end() -> None:
     config = make_test_config(Path("/unused"), "evaluate.replay_fresh_days=2", "evaluate.replay_horizon_days=5")
-    assert evaluate.replay_cuts(config.evaluate, AS_OF) == (datetime(2026, 10, 25), datetime(2026, 10, 27))
+    assert replay.replay_cuts(config.evaluate, AS_OF) == (datetime(2026, 10, 25), datetime(2026, 10, 27))
 
 
 def test_als_rerank_lists_exclude_items_seen_before_the_end_of_the_fresh_window(
@@ -99,7 +99,7 @@ def test_als_rerank_lists_exclude_items_seen_before_the_end_of_the_fresh_window(
 ) -> None:
     config, events = shop
     interactions = tables.read(spark, config, "silver", "interactions")
-    window = evaluate.prepare_replay(spark, interactions, config, AS_OF)
+    window = replay.prepare_replay(spark, interactions, config, AS_OF)
     try:
         assert (window.cut, window.fresh_end) == (CUT, FRESH_END)
         # The relevant set, computed here from the raw events: test pairs not seen before T + d.
@@ -110,17 +110,15 @@ def test_als_rerank_lists_exclude_items_seen_before_the_end_of_the_fresh_window(
         assert got == want and len(want) >= N_USERS  # each user bought two random items later
 
         lists = window.neighbours.toPandas()
-        cands = evaluate.replay_candidates(window, config.rerank, config.recommend).toPandas()
+        cands = replay.replay_candidates(window, config.rerank, config.recommend).toPandas()
         item_index = tables.read(spark, config, "silver", "item_index")
         catalog = tables.read(spark, config, "silver", "catalog")
-        done = evaluate.replay_rerank(
-            spark, window, config.rerank, item_index, catalog, k=10, recommend=config.recommend
-        )
+        done = replay.replay_rerank(spark, window, config.rerank, item_index, catalog, k=10, recommend=config.recommend)
         try:
             rows = done.rows.toPandas()
         finally:
             done.unpersist()
-        plain = evaluate.replay_baseline(evaluate.ALS_MODEL, window, config.evaluate, 10).toPandas()
+        plain = replay.replay_baseline(baselines.ALS_MODEL, window, config.evaluate, 10).toPandas()
     finally:
         window.release()
     scored = {u for u, _ in want}
@@ -159,7 +157,7 @@ def test_replay_run_scores_every_model_and_reports_the_lift(
     config, _ = shop
     evaluate.run(spark, config, RunContext(RUN, AS_OF))
     table = tables.read(spark, config, "gold", "metrics").filter(F.col("run_id") == RUN).toPandas()
-    models = {"popularity", "item_knn", "als", evaluate.ITEM_KNN_FRESH, evaluate.ALS_RERANK}
+    models = {"popularity", "item_knn", "als", baselines.ITEM_KNN_FRESH, baselines.ALS_RERANK}
     assert set(table["model"]) == models
     names = {*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS}
     assert set(table["metric"]) == names
@@ -181,7 +179,7 @@ def test_replay_run_scores_every_model_and_reports_the_lift(
 
 def test_test_windows_tile_the_scored_days_and_validation_ends_at_the_first_test_day() -> None:
     config = make_test_config(Path("/unused"), "evaluate.replay_fresh_days=3", "evaluate.replay_horizon_days=7")
-    plan = replay.replay_plan(config.evaluate, AS_OF, test_windows=3, validation_windows=2)
+    plan = replay_benchmark.replay_plan(config.evaluate, AS_OF, test_windows=3, validation_windows=2)
     day = timedelta(days=1)
     assert [s.end for s in plan.test] == [AS_OF, AS_OF - 7 * day, AS_OF - 14 * day]
     for span in [*plan.test, *plan.validation]:  # each window has its own T and fresh window
@@ -195,13 +193,13 @@ def test_test_windows_tile_the_scored_days_and_validation_ends_at_the_first_test
     assert plan.validation[1].end == first_test_day - 7 * day
     assert all(v.end <= first_test_day for v in plan.validation)
     with pytest.raises(ValueError, match="--test-windows"):
-        replay.replay_plan(config.evaluate, AS_OF, test_windows=0)
+        replay_benchmark.replay_plan(config.evaluate, AS_OF, test_windows=0)
 
 
 def test_cluster_bootstrap_of_identical_models_is_zero_with_a_zero_width_interval() -> None:
     users = np.array([1, 2, 3, 1, 2, 3])
     ndcg = np.array([0.1, 0.0, 0.3, 0.2, 0.5, 0.0])
-    got = replay.cluster_bootstrap(users, ndcg, ndcg.copy())
+    got = replay_benchmark.cluster_bootstrap(users, ndcg, ndcg.copy())
     assert (got.lift, got.low, got.high) == (0.0, 0.0, 0.0)
     assert (got.gain, got.lose, got.tie) == (0, 0, 6)
 
@@ -210,10 +208,10 @@ def test_cluster_bootstrap_of_a_model_better_for_every_user_is_above_zero() -> N
     rng = np.random.default_rng(1)
     users = np.repeat(np.arange(50), 3)  # 50 users x 3 windows
     base = rng.uniform(0.05, 0.5, users.size)
-    got = replay.cluster_bootstrap(users, base, base * 1.2)
+    got = replay_benchmark.cluster_bootstrap(users, base, base * 1.2)
     assert got.lift == pytest.approx(0.2)
     assert got.low == pytest.approx(0.2) and got.high == pytest.approx(0.2)  # every resample gains 20%
-    noisy = replay.cluster_bootstrap(users, base, base + rng.uniform(0.01, 0.1, users.size))
+    noisy = replay_benchmark.cluster_bootstrap(users, base, base + rng.uniform(0.01, 0.1, users.size))
     assert 0.0 < noisy.low < noisy.lift < noisy.high and noisy.gain == users.size
 
 
@@ -224,25 +222,25 @@ def test_cluster_bootstrap_resamples_users_with_all_their_windows() -> None:
     users = np.array([0, 0, 0, 1])
     base = np.ones(4)
     other = np.array([2.0, 2.0, 2.0, 1.0])
-    got = replay.cluster_bootstrap(users, base, other)
+    got = replay_benchmark.cluster_bootstrap(users, base, other)
     assert got.lift == pytest.approx(0.75)  # (6 + 1) / (3 + 1) - 1
     assert got.low == 0.0 and got.high == 1.0  # both draws user 1: 0; both user 0: 6 / 3 - 1
-    pairs = replay.cluster_bootstrap(np.arange(4), base, other)
+    pairs = replay_benchmark.cluster_bootstrap(np.arange(4), base, other)
     assert pairs.low > 0.0
 
 
 def test_pooled_metrics_weight_windows_by_their_scored_users() -> None:
     first = {("als", "ndcg"): 0.2, ("als", "coverage"): 0.4}
     second = {("als", "ndcg"): 0.5, ("als", "coverage"): 0.6}
-    got = replay.pooled([first, second], [10, 30])
+    got = replay_benchmark.pooled([first, second], [10, 30])
     assert got[("als", "ndcg")] == pytest.approx((0.2 * 10 + 0.5 * 30) / 40)  # mean over (window, user) pairs
     assert got[("als", "coverage")] == pytest.approx(0.5)  # a catalog metric: mean over windows
 
 
 def test_data_argument_takes_an_optional_number_of_test_windows() -> None:
     root = Path(__file__).resolve().parents[1]
-    assert replay.parse_data(f"d={root}/conf/test.yaml@/tmp/x@2026-11-01", 2).test_windows == 2
-    data = replay.parse_data(f"d={root}/conf/test.yaml@/tmp/x@2026-11-01@5", 2)
+    assert replay_benchmark.parse_data(f"d={root}/conf/test.yaml@/tmp/x@2026-11-01", 2).test_windows == 2
+    data = replay_benchmark.parse_data(f"d={root}/conf/test.yaml@/tmp/x@2026-11-01@5", 2)
     assert (data.name, data.as_of_text, data.test_windows) == ("d", "2026-11-01", 5)
     assert data.config.storage.root == "/tmp/x"
 
@@ -251,11 +249,11 @@ def test_each_test_window_scores_its_own_users_and_the_paired_values_match_the_t
     spark: SparkSession, shop: tuple[ShelfConfig, list[Event]]
 ) -> None:
     config, events = shop
-    data = replay.Dataset("shop", config, AS_OF.isoformat(), test_windows=2)
-    plan = replay.replay_plan(config.evaluate, AS_OF, data.test_windows)
-    models: dict[str, RerankConfig | None] = {evaluate.ALS_MODEL: None, evaluate.ALS_RERANK: config.rerank}
+    data = replay_benchmark.Dataset("shop", config, AS_OF.isoformat(), test_windows=2)
+    plan = replay_benchmark.replay_plan(config.evaluate, AS_OF, data.test_windows)
+    models: dict[str, RerankConfig | None] = {baselines.ALS_MODEL: None, baselines.ALS_RERANK: config.rerank}
     for span in plan.test:
-        window = replay.Window(spark, data, span, "test")
+        window = replay_benchmark.Window(spark, data, span, "test")
         try:
             values, wide = window.score_lists(models, paired=True)
         finally:

@@ -12,7 +12,7 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import clean, evaluate, runner, train
+from pipelines import baselines, clean, runner, train
 from pipelines.core import als, api, holdout, reports, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
@@ -70,9 +70,9 @@ def test_train_writes_factors_that_the_saved_model_reproduces(spark: SparkSessio
         assert np.allclose(features, again[user], atol=1e-6)
 
     # evaluate measures intra-list diversity with the factors of its own run id, and only those.
-    factors = evaluate.diversity_factors(spark, planted, "r1")
+    factors = baselines.diversity_factors(spark, planted, "r1")
     assert factors is not None and factors.count() == ITEMS
-    assert evaluate.diversity_factors(spark, planted, "another-run") is None
+    assert baselines.diversity_factors(spark, planted, "another-run") is None
 
     record = tables.read(spark, planted, "gold", "training_runs").collect()
     pairs = {(r[0], r[1]) for r in planted_events()}

@@ -1,0 +1,93 @@
+"""The evaluation report: summary.md and its PNG plots (metrics per model at k, metric vs k) from gold.metrics
+rows, stored by `pipelines.core.reports` in ops.reports."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, cast
+
+from pipelines.baselines import MODEL, REPLAY_EXTRA_MODELS, cutoffs
+from pipelines.core import metrics, reports
+from pipelines.core.config import ShelfConfig
+from pipelines.core.runs import RunContext
+
+
+def _png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (closed afterwards)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def report_files(
+    rows: list[dict[str, object]], config: ShelfConfig, ctx: RunContext, sizes: dict[str, float]
+) -> dict[str, bytes]:
+    """The report from the gold.metrics rows: summary.md and PNG plots (metrics per model at k, metric vs k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = config.evaluate.k
+    present = {str(r[MODEL]) for r in rows}
+    models = [m for m in (*config.evaluate.models, *REPLAY_EXTRA_MODELS) if m in present]
+    names = [*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS]
+    value = {
+        (str(r[MODEL]), str(r[metrics.METRIC]), cast(int, r[metrics.K])): cast(float, r[metrics.METRIC_VALUE])
+        for r in rows
+    }
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        xs = [j + i * width for j in range(len(names))]
+        ax.bar(xs, [value.get((model, m, k), 0.0) for m in names], width=width, label=model)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax.set_title(f"metrics at k={k} ({config.evaluate.protocol} split, run {ctx.run_id})")
+    ax.legend()
+    fig.tight_layout()
+    at_k = _png(fig)
+
+    ks = cutoffs(config.evaluate)
+    shown = ("precision", "recall", "ndcg", "map")
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.5))
+    for ax, metric in zip(axes, shown, strict=True):
+        for model in models:
+            ax.plot(ks, [value.get((model, metric, kk), 0.0) for kk in ks], marker="o", label=model)
+        ax.set_title(f"{metric} vs k")
+        ax.set_xlabel("k")
+    axes[0].legend()
+    fig.tight_layout()
+    vs_k = _png(fig)
+
+    header = "| model | " + " | ".join(names) + " |"
+    lines = [
+        f"# shelf evaluation, run {ctx.run_id}",
+        "",
+        f"- as of: {ctx.as_of.isoformat()}",
+        f"- protocol: {config.evaluate.protocol}, k = {k}, seen items removed, cold users not scored",
+        *[f"- {name}: {int(v)}" for name, v in sizes.items()],
+        "",
+        f"## Metrics at k = {k}",
+        "",
+        header,
+        "|" + "---|" * (len(names) + 1),
+        *[
+            f"| {model} | " + " | ".join(f"{value.get((model, m, k), 0.0):.4f}" for m in names) + " |"
+            for model in models
+        ],
+        "",
+        "MAP divides by min(k, relevant); MAP_rel divides by the number of relevant items.",
+        "Novelty is the mean -log2(share of training users who had the item) of recommended items; diversity "
+        "is the mean (1 - cosine) of item pairs within a list, with the run's ALS item factors when the run "
+        "trained them, else co-occurrence cosine on the training split.",
+        "",
+        "![metrics at k](metrics_at_k.png)",
+        "",
+        "![metric vs k](metric_vs_k.png)",
+        "",
+    ]
+    return {reports.SUMMARY: "\n".join(lines).encode("utf-8"), "metrics_at_k.png": at_k, "metric_vs_k.png": vs_k}
