@@ -33,7 +33,7 @@ from pyspark.sql import functions as F
 
 from benchmarks._common import blas_in_use
 from pipelines import baselines
-from pipelines.core import als, metrics
+from pipelines.core import als, metrics, schemas
 from pipelines.core.config import ShelfConfig, SourceConfig, TrainConfig, load_config
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, USER_IDX
@@ -45,7 +45,7 @@ from pipelines.train import tune
 
 REPO = Path(__file__).resolve().parents[1]
 RATINGS_FILES = ("ratings.csv", "ratings.dat", "u.data")
-MODEL = baselines.MODEL
+MODEL = schemas.MODEL
 SHOWN = ("precision", "recall", "ndcg", "map", "map_rel", "coverage", "novelty", "diversity")
 # The explicit ALS of the published MovieLens tables (recommenders' ALS deep dive).
 PUBLISHED_EXPLICIT = als.AlsParams(rank=10, reg_param=0.05, alpha=1.0, confidence="raw")

@@ -50,7 +50,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
 from pipelines import baselines, replay
-from pipelines.core import metrics, reranking, tables
+from pipelines.core import metrics, reranking, schemas, tables
 from pipelines.core.cli import setup_logging
 from pipelines.core.config import EvaluateConfig, RerankConfig, ShelfConfig, load_config
 from pipelines.core.reranking import read_catalog
@@ -191,7 +191,7 @@ def with_value(rerank: RerankConfig, key: str, value: Any) -> RerankConfig:
 
 def values_at(table: DataFrame, k: int) -> dict[tuple[str, str], float]:
     rows = table.filter(table[metrics.K] == k).collect()  # models x metrics rows
-    return {(r[baselines.MODEL], r[metrics.METRIC]): float(r[metrics.METRIC_VALUE]) for r in rows}
+    return {(r[schemas.MODEL], r[metrics.METRIC]): float(r[metrics.METRIC_VALUE]) for r in rows}
 
 
 def ndcg_sum(rows: np.ndarray, items: np.ndarray, ranks: np.ndarray, relevant: list[set[int]], k: int) -> float:
@@ -260,14 +260,14 @@ class Window:
             values = values_at(replay.score_replay_lists(self.spark, self.window, lists, ks), k)
             if not paired:
                 return values, None
-            names = [baselines.ALS_MODEL, *[m for m, rr in models.items() if rr is not None]]
-            groups = self.spark.createDataFrame([(m,) for m in names], f"{baselines.MODEL} string")
-            recs = lists.combined.filter(F.col(baselines.MODEL).isin(names))
-            per_user = metrics.per_user_metrics(recs, self.window.relevant, [k], by=[baselines.MODEL], groups=groups)
-            pdf = per_user.select(baselines.MODEL, USER_IDX, "ndcg").toPandas()  # scored users x models rows
+            names = [schemas.ALS_MODEL, *[m for m, rr in models.items() if rr is not None]]
+            groups = self.spark.createDataFrame([(m,) for m in names], f"{schemas.MODEL} string")
+            recs = lists.combined.filter(F.col(schemas.MODEL).isin(names))
+            per_user = metrics.per_user_metrics(recs, self.window.relevant, [k], by=[schemas.MODEL], groups=groups)
+            pdf = per_user.select(schemas.MODEL, USER_IDX, "ndcg").toPandas()  # scored users x models rows
         finally:
             lists.release()
-        wide = pdf.pivot(index=USER_IDX, columns=baselines.MODEL, values="ndcg").fillna(0.0).reset_index()
+        wide = pdf.pivot(index=USER_IDX, columns=schemas.MODEL, values="ndcg").fillna(0.0).reset_index()
         return values, wide
 
     def prepare_grid(self, rr: RerankConfig, fresh_days: list[float]) -> None:
@@ -324,7 +324,7 @@ def tune(windows: list[Window], start: RerankConfig, check: bool = False) -> Rer
     The objective is the mean over datasets of the pooled NDCG@k ratio to ALS over that dataset's windows
     (NDCG summed over all scored (window, user) pairs, re-rank over ALS)."""
     names = list(dict.fromkeys(w.data.name for w in windows))
-    base = [w.score([baselines.ALS_MODEL])[(baselines.ALS_MODEL, "ndcg")] for w in windows]
+    base = [w.score([schemas.ALS_MODEL])[(schemas.ALS_MODEL, "ndcg")] for w in windows]
     fresh_days = [start.fresh_days, *dict(GRID).get("fresh_days", [])]
     for w, b in zip(windows, base, strict=True):
         print(f"{w.data.name} {w.label}: ALS NDCG@{w.data.config.evaluate.k} = {b:.4f}, {w.users} users", flush=True)
@@ -359,7 +359,7 @@ def tune(windows: list[Window], start: RerankConfig, check: bool = False) -> Rer
     )
     if check:  # the one-pass grid must agree with the regular replay
         regular = [
-            w.score([baselines.ALS_RERANK], start)[(baselines.ALS_RERANK, "ndcg")] / b
+            w.score([schemas.ALS_RERANK], start)[(schemas.ALS_RERANK, "ndcg")] / b
             for w, b in zip(windows, base, strict=True)
         ]
         print(
@@ -410,8 +410,8 @@ def print_table(title: str, values: dict[tuple[str, str], float], models: list[s
     print("|---|" + "---:|" * len(SHOWN))
     for model in models:
         print(f"| {model} | " + " | ".join(f"{values.get((model, m), float('nan')):.4f}" for m in SHOWN) + " |")
-    als = baselines.ALS_MODEL
-    for rr in (m for m in models if m in (baselines.ALS_RERANK, TUNED)):
+    als = schemas.ALS_MODEL
+    for rr in (m for m in models if m in (schemas.ALS_RERANK, TUNED)):
         lifts = [values[(rr, m)] / values[(als, m)] - 1 if values.get((als, m)) else float("nan") for m in SHOWN]
         print(f"| **{rr} vs ALS** | " + " | ".join(f"{x:+.1%}" for x in lifts) + " |", flush=True)
 
@@ -441,7 +441,7 @@ def print_paired(data: Dataset, windows: list[Window], per_user: list[pd.DataFra
     print("|---|---:|" + "---|---:|" * len(rerankers))
     for i, (w, pdf) in enumerate(zip(windows, per_user, strict=True)):
         lifts = [
-            cluster_bootstrap(pdf[USER_IDX].to_numpy(), pdf[baselines.ALS_MODEL].to_numpy(), pdf[r].to_numpy())
+            cluster_bootstrap(pdf[USER_IDX].to_numpy(), pdf[schemas.ALS_MODEL].to_numpy(), pdf[r].to_numpy())
             for r in rerankers
         ]
         print(
@@ -451,7 +451,7 @@ def print_paired(data: Dataset, windows: list[Window], per_user: list[pd.DataFra
         )
     every = pd.concat(per_user, ignore_index=True)
     lifts = [
-        cluster_bootstrap(every[USER_IDX].to_numpy(), every[baselines.ALS_MODEL].to_numpy(), every[r].to_numpy())
+        cluster_bootstrap(every[USER_IDX].to_numpy(), every[schemas.ALS_MODEL].to_numpy(), every[r].to_numpy())
         for r in rerankers
     ]
     users = every[USER_IDX].nunique()
@@ -521,12 +521,12 @@ def main() -> None:
     for data in datasets:
         names = args.models or replay.replay_models(data.config.evaluate)
         models: dict[str, RerankConfig | None] = {
-            m: (data.config.rerank if m == baselines.ALS_RERANK else None) for m in names
+            m: (data.config.rerank if m == schemas.ALS_RERANK else None) for m in names
         }
         if tuned is not None:
             models[TUNED] = tuned
-        if args.paired and baselines.ALS_MODEL not in models:
-            models = {baselines.ALS_MODEL: None, **models}
+        if args.paired and schemas.ALS_MODEL not in models:
+            models = {schemas.ALS_MODEL: None, **models}
         score_dataset(spark, data, models, args.paired)
     print(f"\n{time.perf_counter() - started:.0f} s", flush=True)
 

@@ -16,24 +16,28 @@ from pipelines.core import ease, holdout, metrics, tables
 from pipelines.core.als import als_recommend, load_model, to_pairs
 from pipelines.core.config import EvaluateConfig, ShelfConfig
 from pipelines.core.runs import RunContext
-from pipelines.core.schemas import EVENT_TS, ITEM_IDX, RUN_ID, USER_IDX
+from pipelines.core.schemas import (
+    ALS_RERANK,
+    EASE,
+    EVENT_TS,
+    ITEM_IDX,
+    ITEM_KNN,
+    ITEM_KNN_FRESH,
+    MODEL,
+    POPULARITY,
+    PUBLISHED,
+    RECENT_POPULARITY,
+    RUN_ID,
+    USER_IDX,
+)
 from pipelines.core.splits import leave_last_n_split, random_stratified_split, temporal_split
 
-MODEL = "model"
-PUBLISHED = "published"
-POPULARITY = "popularity"
-RECENT_POPULARITY = "recent_popularity"
-ITEM_KNN = "item_knn"
-ALS_MODEL = "als"
-EASE = "ease"
 HOLDOUT_MODELS = (PUBLISHED, EASE)  # lists of the holdout run (pipelines.runner): scored only with its run id
 NEIGHBOUR = "neighbour"
 SIMILARITY = "similarity"
 METRICS_COLUMNS = (RUN_ID, MODEL, metrics.METRIC, metrics.K, metrics.METRIC_VALUE)
 # Popularity lists are drawn from this many extra items beyond k, to survive seen-item removal.
 POPULAR_POOL_MARGIN = 1000
-ALS_RERANK = "als_rerank"
-ITEM_KNN_FRESH = "item_knn_fresh"
 REPLAY_EXTRA_MODELS = (ITEM_KNN_FRESH, ALS_RERANK)
 
 

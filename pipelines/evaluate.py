@@ -35,13 +35,13 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.baselines import METRICS_COLUMNS, MODEL, cutoffs, diversity_factors, recommend, to_relevant
+from pipelines.baselines import METRICS_COLUMNS, cutoffs, diversity_factors, recommend, to_relevant
 from pipelines.core import holdout, metrics, reports, tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import RUN_ID, USER_IDX
+from pipelines.core.schemas import MODEL, RUN_ID, USER_IDX
 from pipelines.evaluation_report import report_files
 from pipelines.replay import run_replay
 

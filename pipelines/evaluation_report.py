@@ -6,10 +6,11 @@ from __future__ import annotations
 import io
 from typing import Any, cast
 
-from pipelines.baselines import MODEL, REPLAY_EXTRA_MODELS, cutoffs
+from pipelines.baselines import REPLAY_EXTRA_MODELS, cutoffs
 from pipelines.core import metrics, reports
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
+from pipelines.core.schemas import MODEL
 
 
 def _png(fig: Any) -> bytes:

@@ -14,18 +14,9 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipelines.baselines import (
-    ALS_MODEL,
-    ALS_RERANK,
-    EASE,
     HOLDOUT_MODELS,
-    ITEM_KNN,
-    ITEM_KNN_FRESH,
     METRICS_COLUMNS,
-    MODEL,
     NEIGHBOUR,
-    POPULARITY,
-    PUBLISHED,
-    RECENT_POPULARITY,
     REPLAY_EXTRA_MODELS,
     SIMILARITY,
     cutoffs,
@@ -55,7 +46,21 @@ from pipelines.core.reranking import (
     rerank_candidates,
 )
 from pipelines.core.runs import RunContext
-from pipelines.core.schemas import EVENT_TS, ITEM_IDX, RUN_ID, USER_IDX
+from pipelines.core.schemas import (
+    ALS_MODEL,
+    ALS_RERANK,
+    EASE,
+    EVENT_TS,
+    ITEM_IDX,
+    ITEM_KNN,
+    ITEM_KNN_FRESH,
+    MODEL,
+    POPULARITY,
+    PUBLISHED,
+    RECENT_POPULARITY,
+    RUN_ID,
+    USER_IDX,
+)
 from pipelines.evaluation_report import report_files
 
 

@@ -25,13 +25,13 @@ from pipelines.core.cli import STEPS, step_function
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import PublishRefusedError
 from pipelines.core.runs import RunContext
-from pipelines.core.schemas import RUN_ID
+from pipelines.core.schemas import POPULARITY, PUBLISHED, RUN_ID
 
 log = logging.getLogger("shelf.run")
 
 EVALUATE = "evaluate"
 PUBLISHING = ("train", "similarities", "candidates", "rerank")
-PUBLISHED, POPULARITY, NDCG = "published", "popularity", "ndcg"
+NDCG = "ndcg"
 
 
 def rehearsal_steps(config: ShelfConfig) -> tuple[str, ...]:

@@ -13,8 +13,8 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from benchmarks import replay as replay_benchmark
-from pipelines import baselines, evaluate, replay
-from pipelines.core import metrics, reports, tables
+from pipelines import evaluate, replay
+from pipelines.core import metrics, reports, schemas, tables
 from pipelines.core.config import RerankConfig, ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA
@@ -118,7 +118,7 @@ def test_als_rerank_lists_exclude_items_seen_before_the_end_of_the_fresh_window(
             rows = done.rows.toPandas()
         finally:
             done.unpersist()
-        plain = replay.replay_baseline(baselines.ALS_MODEL, window, config.evaluate, 10).toPandas()
+        plain = replay.replay_baseline(schemas.ALS_MODEL, window, config.evaluate, 10).toPandas()
     finally:
         window.release()
     scored = {u for u, _ in want}
@@ -157,7 +157,7 @@ def test_replay_run_scores_every_model_and_reports_the_lift(
     config, _ = shop
     evaluate.run(spark, config, RunContext(RUN, AS_OF))
     table = tables.read(spark, config, "gold", "metrics").filter(F.col("run_id") == RUN).toPandas()
-    models = {"popularity", "item_knn", "als", baselines.ITEM_KNN_FRESH, baselines.ALS_RERANK}
+    models = {"popularity", "item_knn", "als", schemas.ITEM_KNN_FRESH, schemas.ALS_RERANK}
     assert set(table["model"]) == models
     names = {*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS}
     assert set(table["metric"]) == names
@@ -251,7 +251,7 @@ def test_each_test_window_scores_its_own_users_and_the_paired_values_match_the_t
     config, events = shop
     data = replay_benchmark.Dataset("shop", config, AS_OF.isoformat(), test_windows=2)
     plan = replay_benchmark.replay_plan(config.evaluate, AS_OF, data.test_windows)
-    models: dict[str, RerankConfig | None] = {baselines.ALS_MODEL: None, baselines.ALS_RERANK: config.rerank}
+    models: dict[str, RerankConfig | None] = {schemas.ALS_MODEL: None, schemas.ALS_RERANK: config.rerank}
     for span in plan.test:
         window = replay_benchmark.Window(spark, data, span, "test")
         try:

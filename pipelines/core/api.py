@@ -25,12 +25,21 @@ from pipelines.core.cli import STEPS, step_function
 from pipelines.core.config import ShelfConfig, load_config
 from pipelines.core.errors import ConfigError, InputDataError
 from pipelines.core.runs import RunContext, make_context
-from pipelines.core.schemas import CATEGORY, EVENT_TS, ITEM_ID, ITEM_IDX, RUN_ID, TITLE, USER_ID, USER_IDX
+from pipelines.core.schemas import (
+    ALS_MODEL,
+    ALS_RERANK,
+    CATEGORY,
+    EVENT_TS,
+    ITEM_ID,
+    ITEM_IDX,
+    MODEL,
+    RUN_ID,
+    TITLE,
+    USER_ID,
+    USER_IDX,
+)
 from pipelines.core.session import get_spark
 
-MODEL = "model"  # gold.metrics' model column (pipelines/evaluate.py)
-ALS_MODEL = "als"
-ALS_RERANK = "als_rerank"
 RANK = "rank"
 REPORT_PLOTS = ("metrics_at_k.png", "metric_vs_k.png")
 

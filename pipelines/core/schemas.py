@@ -56,6 +56,17 @@ NETTED_OUT = "netted_out"  # a purchase fully cancelled by a later cancellation 
 ZERO_PRICE = "zero_price"
 BAD_ENCODING = "bad_encoding"  # bytes that are not UTF-8 (decoded as U+FFFD): the ids cannot be trusted
 BAD_ID = "bad_id"  # a user or item id with control characters
+
+# gold.metrics: its model column and the names of the compared models (pipelines/baselines.py ranks them).
+MODEL = "model"
+PUBLISHED = "published"  # the lists the publish path wrote, as written
+POPULARITY = "popularity"
+RECENT_POPULARITY = "recent_popularity"
+ITEM_KNN = "item_knn"
+ALS_MODEL = "als"
+EASE = "ease"
+ALS_RERANK = "als_rerank"  # replay protocol: ALS + the re-rank
+ITEM_KNN_FRESH = "item_knn_fresh"  # replay protocol: item-kNN that also sees the fresh window
 REASON_CODES = (
     NULL_USER,
     NULL_ITEM,
