@@ -341,7 +341,12 @@ KNOWN_TABLES: tuple[tuple[str, str], ...] = (
     ("gold", "recommendations"),
     ("bronze", "stream_events"),
     ("gold", "metrics"),
+    ("gold", "tuning"),
+    ("gold", "training_runs"),
+    ("gold", "ease_neighbours"),
     ("ops", "run_metrics"),
+    ("ops", "quality_gates"),
+    ("ops", "reports"),
 )
 
 
