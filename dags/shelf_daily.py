@@ -1,8 +1,11 @@
-"""shelf_daily: the whole shelf pipeline once a day, one SparkSubmitOperator per step in dependency order.
+"""shelf_daily: the whole shelf pipeline once a day, one SparkSubmitOperator per command, as `shelf run` orders them.
 
-Reads nothing itself: each task runs `spark-submit <entry> <step> --conf <file> --run-id daily-<date>
---as-of <logical date>`, and the step reads and writes its own tables (README, "What runs"). The run id
+Reads nothing itself: each task runs `spark-submit <entry> <command> --conf <file> --run-id daily-<date>
+--as-of <logical date>`, and the command reads and writes its own tables (README, "What runs"). The run id
 and `as_of` come from the run's logical date, so a rerun or a retry of a day replaces that day's rows.
+As in `shelf run`, the run is evaluated before it is published: ingest, clean, evaluate (its holdout
+rehearsal), then `gate` (exit 6 when the lists lose to popularity: the publishing tasks do not run and the
+previous run stays the serving one), then train, similarities, candidates and rerank.
 
 Configured in Airflow, not in this file (Variables; a run's `conf_file` param overrides the Variable):
 - connection `shelf_spark` (type spark): the master (`yarn`, `k8s://...`, `local[2]`) and, in its extra,
@@ -35,8 +38,9 @@ from airflow.sdk import DAG, Param, chain
 DAG_ID = "shelf_daily"
 SPARK_CONN_ID = "shelf_spark"
 POOL = "shelf_spark"
-# Pipeline order (pipelines/core/cli.py STEPS): each step reads what the previous ones wrote.
-STEPS = ("ingest", "clean", "train", "similarities", "candidates", "rerank", "evaluate")
+# pipelines/runner.py ORCHESTRATED: each command reads what the previous ones wrote; the gate before publishing.
+COMMANDS = ("ingest", "clean", "evaluate", "gate", "train", "similarities", "candidates", "rerank")
+GATE = "gate"  # not retried: a refusal is the answer, not a failure to try again
 
 CONF_FILE = "(params.conf_file or var.value.get('shelf_conf_file', 'conf/cluster.yaml'))"
 SHIP_CONF = "var.value.get('shelf_ship_conf', 'false')"
@@ -87,9 +91,10 @@ class ShelfSparkSubmit(SparkSubmitOperator):
 
 
 def step_task(step: str) -> SparkSubmitOperator:
-    """The spark-submit task of one step; every templated value is rendered per run."""
+    """The spark-submit task of one command; every templated value is rendered per run."""
     return ShelfSparkSubmit(
         task_id=step,
+        retries=0 if step == GATE else DEFAULT_ARGS["retries"],
         conn_id=SPARK_CONN_ID,
         application="{{ var.value.get('shelf_entry', 'pipelines/submit.py') }}",
         py_files="{{ var.value.get('shelf_wheel', 'dist/shelf-0.1.0-py3-none-any.whl') }}",
@@ -113,7 +118,7 @@ def step_task(step: str) -> SparkSubmitOperator:
 
 with DAG(
     dag_id=DAG_ID,
-    description="shelf: ingest -> clean -> train -> similarities -> candidates -> rerank -> evaluate",
+    description="shelf: ingest -> clean -> evaluate -> gate -> train -> similarities -> candidates -> rerank",
     schedule="0 3 * * *",  # 03:00 UTC daily, after the nightly event export
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
@@ -123,4 +128,4 @@ with DAG(
     user_defined_macros={"conf_arg": conf_arg, "conf_files": conf_files, "worker_python": worker_python},
     tags=["shelf", "spark"],
 ) as dag:
-    chain(*[step_task(step) for step in STEPS])
+    chain(*[step_task(step) for step in COMMANDS])

@@ -9,7 +9,9 @@ beside the baselines.
 gate, then train, similarities, candidates and rerank. The gate compares published NDCG@k with popularity's
 on the holdout (`evaluate.gate`: fail refuses to publish with exit code 6, so the previous run stays the
 serving run and gold.recommendations gets no row of the refused run; warn logs and publishes; off skips).
-`shelf rerank` on its own publishes as before.
+`shelf rerank` on its own publishes as before. An orchestrator that runs each command as a task (Airflow,
+Databricks jobs) follows `ORCHESTRATED`: the same order, with `shelf gate` as the task between evaluate and the
+publishing steps.
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import holdout, metrics, tables
-from pipelines.core.cli import STEPS, step_function
+from pipelines.core.cli import STEPS, step_function, step_main
 from pipelines.core.config import ShelfConfig
-from pipelines.core.errors import PublishRefusedError
+from pipelines.core.errors import InputDataError, PublishRefusedError
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import POPULARITY, PUBLISHED, RUN_ID
 
 log = logging.getLogger("shelf.run")
 
 EVALUATE = "evaluate"
+GATE = "gate"
 PUBLISHING = ("train", "similarities", "candidates", "rerank")
+# What `shelf run` does, one command per orchestrator task: evaluate (with its rehearsal) and the gate before
+# the publishing steps.
+ORCHESTRATED = (*[s for s in STEPS if s not in PUBLISHING and s != EVALUATE], EVALUATE, GATE, *PUBLISHING)
 NDCG = "ndcg"
 
 
@@ -101,6 +107,22 @@ def check_gate(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> Non
     raise PublishRefusedError(message)
 
 
+def gate_evaluated_run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
+    """`shelf gate`: the publish gate of a run whose `shelf evaluate` has run.
+
+    Raises:
+        InputDataError: gold.metrics holds no row of the run (its evaluate task did not run).
+        PublishRefusedError: evaluate.gate is fail and the published lists lose to popularity.
+    """
+    evaluated = tables.exists(spark, config, "gold", "metrics") and gate_figures(spark, config, ctx.run_id)
+    if config.evaluate.gate != "off" and not evaluated:
+        raise InputDataError(
+            f"gold.metrics has no NDCG@{config.evaluate.k} row of run {ctx.run_id}; run 'shelf evaluate --run-id "
+            f"{ctx.run_id}' before 'shelf gate' (same --run-id and --as-of)."
+        )
+    check_gate(spark, config, ctx)
+
+
 def run_steps(spark: SparkSession, config: ShelfConfig, ctx: RunContext, names: Sequence[str]) -> list[str]:
     """Run `names` in pipeline order; with evaluate and a publishing step, evaluate and gate before publishing."""
     ordered = [s for s in STEPS if s in names]
@@ -118,3 +140,6 @@ def run_steps(spark: SparkSession, config: ShelfConfig, ctx: RunContext, names: 
             step_function(name)(spark, config, ctx)
         ran.append(name)
     return ran
+
+
+main = step_main(GATE)  # shelf-gate

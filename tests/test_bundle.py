@@ -21,8 +21,8 @@ import jsonschema
 import pytest
 import yaml
 
-from pipelines.core.cli import STEPS
 from pipelines.core.config import load_config
+from pipelines.runner import GATE, ORCHESTRATED
 from tests.conftest import REPO
 
 WORKSPACE_CONF = re.compile(r"/Workspace\$\{workspace\.file_path\}/(conf/[\w.-]+\.ya?ml)")
@@ -73,12 +73,12 @@ def test_the_bundle_is_valid_against_the_databricks_bundle_schema(bundle: dict[s
     assert any("max_retry" in e.message for e in validator.iter_errors(broken))
 
 
-def test_two_jobs_one_wheel_task_per_step_in_pipeline_order(bundle: dict[str, Any]) -> None:
+def test_two_jobs_one_wheel_task_per_command_in_shelf_runs_order(bundle: dict[str, Any]) -> None:
     jobs = bundle["resources"]["jobs"]
     assert set(jobs) == {"shelf_daily", "shelf_daily_serverless"}
     for name, job in jobs.items():
         tasks = job["tasks"]
-        assert [t["task_key"] for t in tasks] == list(STEPS), name
+        assert [t["task_key"] for t in tasks] == list(ORCHESTRATED), name  # evaluated, gated, then published
         previous = None
         for task in tasks:
             depends = [d["task_key"] for d in task.get("depends_on", [])]
@@ -86,7 +86,8 @@ def test_two_jobs_one_wheel_task_per_step_in_pipeline_order(bundle: dict[str, An
             previous = task["task_key"]
         # Retries, time limits and a failure mail on every job and task.
         assert job["timeout_seconds"] > 0 and job["email_notifications"]["on_failure"]
-        assert all(t["max_retries"] >= 1 and 0 < t["timeout_seconds"] <= job["timeout_seconds"] for t in tasks)
+        assert all(0 < t["timeout_seconds"] <= job["timeout_seconds"] for t in tasks)
+        assert all(t["max_retries"] == 0 if t["task_key"] == GATE else t["max_retries"] >= 1 for t in tasks)
         assert job["max_concurrent_runs"] == 1
 
 

@@ -198,6 +198,28 @@ def assert_refused_publish_leaves_the_serving_run(
     assert {r.model for r in figures.collect()} >= {"published", "popularity"}
 
 
+def test_shelf_gate_alone_passes_refuses_with_exit_6_and_needs_an_evaluated_run(
+    spark: SparkSession, demo_run: DemoRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`shelf gate`, the task an orchestrator runs between evaluate and the publishing steps: it reads the run's
+    gold.metrics, passes the demo run, refuses it when the margin asks for 100x popularity, and says in one
+    sentence that a run without evaluation must be evaluated first. Nothing is written."""
+    args = ["gate", "--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={demo_run.root / 'tables'}"]
+    versions = {t: tables.latest_version(spark, demo_run.config, *t) for t in (("gold", "metrics"), *COMPARED_TABLES)}
+    assert cli.main([*args, "--run-id", DEMO_RUN_ID, "--as-of", DEMO_AS_OF]) == 0
+    capsys.readouterr()
+    assert cli.main([*args, "--set", "evaluate.gate_margin=99", "--run-id", DEMO_RUN_ID, "--as-of", DEMO_AS_OF]) == 6
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"shelf gate: error: Run {DEMO_RUN_ID} was not published: its lists scored NDCG@10")
+    assert cli.main([*args, "--run-id", "never-evaluated", "--as-of", DEMO_AS_OF]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        "shelf gate: error: gold.metrics has no NDCG@10 row of run never-evaluated; run 'shelf evaluate --run-id "
+        "never-evaluated' before 'shelf gate' (same --run-id and --as-of)."
+    )
+    assert versions == {t: tables.latest_version(spark, demo_run.config, *t) for t in versions}
+
+
 def assert_a_catalogue_over_ease_max_items_gets_no_ease_candidates(spark: SparkSession, tmp_path: Path) -> None:
     """train.ease.max_items below the catalogue: no EASE neighbours and no EASE candidate (nor score), so the
     re-rank's ease feature has nothing to act on and the lists are ALS's."""

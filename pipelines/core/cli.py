@@ -5,6 +5,8 @@ Maintenance: `shelf rollback --to-version N | --to-run RUN_ID [--table layer.nam
 `shelf forget --user ID [--user ID ...] [--vacuum]` (pipelines/maintenance.py).
 `shelf prune --keep N [--retain-hours H]` keeps the last N runs' rows of the per-run tables (pipelines/retention.py).
 `shelf report [--run-id ID] [--out DIR]` prints a run's evaluation report (ops.reports) or exports its files.
+`shelf gate --run-id ID` is `shelf run`'s publish gate on its own, for orchestrators that run each step as a task
+(evaluate, gate, then the publishing steps): exit 6 when the run's evaluation refuses the publish.
 A user's mistake ends with one sentence and a non-zero exit code, never a JVM stack trace.
 """
 
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in [*TOOLS, *STEPS, *STREAMING, "run"]:
         sub.add_parser(name, parents=[common], help=f"run the {name} step" if name != "run" else "run every step")
+    sub.add_parser(
+        "gate", parents=[common], help="exit 6 when the run's evaluation refuses the publish (evaluate.gate)"
+    )
     rollback = sub.add_parser("rollback", parents=[common], help="restore a table to an earlier version or run")
     rollback.add_argument("--table", default="gold.recommendations", help="layer.name (default gold.recommendations)")
     target = rollback.add_mutually_exclusive_group(required=True)
@@ -112,7 +117,10 @@ def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
         step_function(command)(spark, config, ctx)
         return 0
     runner = importlib.import_module("pipelines.runner")  # the entry layer: evaluate's holdout, the publish gate
-    runner.run_steps(spark, config, ctx, names)
+    if command == "gate":
+        runner.gate_evaluated_run(spark, config, ctx)
+    else:
+        runner.run_steps(spark, config, ctx, names)
     return 0
 
 
