@@ -51,8 +51,9 @@ demo: setup
 
 # Two pytest workers, one test file each at a time (--dist loadfile: a file's session fixtures are built once):
 # Spark tests on small data wait on the driver more than they compute, so two use 2 cores better than one.
+# --no-loadscope-reorder keeps tests/conftest.py's order: the slowest files first.
 test: setup airflow s3a
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check pipelines udfs tests

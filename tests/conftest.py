@@ -21,6 +21,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# The files that take longest (minutes each: real servers, whole runs), longest first. make test's two workers
+# take files in collection order (pytest-xdist --dist loadfile --no-loadscope-reorder), so these start first
+# and the short files fill in around them; ordered by test count instead, they came last and one worker ran
+# them alone for 26 minutes.
+SLOWEST_FILES = (
+    "test_clusters.py",
+    "test_end_to_end.py",
+    "test_airflow.py",
+    "test_stream.py",
+    "test_faults.py",
+    "test_notebooks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest files first, every file's tests in their own order."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))
+
+
 def make_test_config(tmp_path: Path, *overrides: str) -> ShelfConfig:
     """conf/test.yaml with tables, demo data and checkpoints under `tmp_path`."""
     return load_config(
