@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipelines.core.reranking import CAND_ITEMS, kernel_chunks
-from udfs.mmr import CHUNK_BYTES, MmrPicks, mmr_batch
-from udfs.rerank import FEATURES, ItemTable, RerankParams, UserBatch, features, mmr_select, rerank
+from udfs.features import FEATURES, features
+from udfs.mmr import CHUNK_BYTES, MmrPicks, mmr_batch, mmr_select
+from udfs.rerank import ItemTable, RerankParams, UserBatch, rerank
 from udfs.topk import normalise_rows
 
 SIMPLE = st.sampled_from([-1.0, -0.5, 0.0, 0.25, 0.5, 1.0])  # values that tie exactly

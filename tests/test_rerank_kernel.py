@@ -1,4 +1,4 @@
-"""udfs/rerank.py without Spark: invariants over random batches (hypothesis) and hand-built cases."""
+"""udfs/rerank.py and udfs/features.py without Spark: invariants over random batches (hypothesis) and hand-built cases."""
 
 from __future__ import annotations
 
@@ -8,17 +8,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udfs.rerank import (
-    FEATURES,
-    ItemTable,
-    RerankParams,
-    UserBatch,
-    features,
-    mmr_select,
-    neighbour_csr,
-    reason_lists,
-    rerank,
-)
+from udfs.features import FEATURES, features
+from udfs.mmr import mmr_select
+from udfs.rerank import ItemTable, RerankParams, UserBatch, neighbour_csr, reason_lists, rerank
 
 
 def make_case(seed: int, n_items: int = 30, n_users: int = 6, d: int = 4) -> tuple[ItemTable, UserBatch]:

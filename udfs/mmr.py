@@ -5,7 +5,7 @@ pools are segments of flat arrays (CSR / indptr style: user r owns entries `indp
 each ordered by item id (so the lowest position is the lowest item id). Output grain: one entry per
 (user, pick), users in input order, picks in pick order, `min(k, pool length)` picks per user.
 
-Per user it is exactly `udfs.rerank.mmr_select` (the per-user reference the tests compare against):
+Per user it is exactly `mmr_select` below (the per-user reference the tests compare against):
 value = lam * relevance - (1 - lam) * max(0, cosine to the already picked), the highest value is
 picked, ties go to the lowest position; lam >= 1 is the relevance order. "Exactly" means the same
 picks and bit-identical values, so the arithmetic is the reference's, vectorised over users:
@@ -90,6 +90,39 @@ def mmr_batch(
             positions[dest] = np.take_along_axis(idx, picks, axis=1)
             values[dest] = vals
     return MmrPicks(positions, values, out_ptr)
+
+
+def mmr_select(relevance: FloatArray, unit: npt.NDArray[np.float64], k: int, lam: float) -> tuple[IntArray, FloatArray]:
+    """Greedy MMR for one user's candidates, which must be ordered by item id (ties -> lower id).
+
+    The per-user reference of `mmr_batch` (which `udfs.rerank.rerank` uses); tests hold them bit-identical.
+
+    Args:
+        relevance: (p,) relevance scores.
+        unit: (p, d) unit-norm factors of the same candidates.
+        k: picks.
+        lam: lambda; value = lam * relevance - (1 - lam) * max(0, max cosine to the picked).
+
+    Returns:
+        (positions (<= k,) into the inputs in pick order, their values (non-increasing)).
+    """
+    p = relevance.size
+    k = min(k, p)
+    if lam >= 1.0:
+        order = np.lexsort((np.arange(p), -relevance))[:k]
+        return order.astype(np.int64), relevance[order].astype(np.float64)
+    sims = np.maximum(unit @ unit.T, 0.0)
+    redundancy = np.zeros(p)
+    free = np.ones(p, dtype=bool)
+    picks = np.empty(k, dtype=np.int64)
+    values = np.empty(k)
+    for step in range(k):
+        value = np.where(free, lam * relevance - (1.0 - lam) * redundancy, -np.inf)
+        best = int(np.argmax(value))  # first maximum = lowest item id among ties
+        picks[step], values[step] = best, value[best]
+        free[best] = False
+        np.maximum(redundancy, sims[best], out=redundancy)
+    return picks, values
 
 
 def _length_groups(lengths: IntArray) -> list[tuple[IntArray, int]]:
