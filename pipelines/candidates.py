@@ -179,45 +179,26 @@ def to_new_arrival_candidates(
     return cold_users.crossJoin(F.broadcast(fresh.select(ITEM_IDX, NEW_RANK)))
 
 
-def to_candidates(
-    als: DataFrame,
-    neighbours: DataFrame,
-    popular: DataFrame,
-    owned: DataFrame,
-    max_candidates: int,
-    run_id: str,
-    new_arrivals: DataFrame | None = None,
-    ease: DataFrame | None = None,
-    buy_again: DataFrame | None = None,
-) -> DataFrame:
-    """Union the sources, drop owned items (except buy_again's, which are owned by design), tag, cap per user."""
-    keys = [USER_IDX, ITEM_IDX]
+_SCORE_KINDS = {
+    ALS_SCORE: "double",
+    EASE_SCORE: "double",
+    REBUY_SCORE: "double",
+    SIM_SCORE: "double",
+    POP_RANK: "int",
+    NEW_RANK: "int",
+}
 
-    def source(frame: DataFrame, name: str, *present: str) -> DataFrame:
-        kinds = {
-            ALS_SCORE: "double",
-            EASE_SCORE: "double",
-            REBUY_SCORE: "double",
-            SIM_SCORE: "double",
-            POP_RANK: "int",
-            NEW_RANK: "int",
-        }
-        cols = [F.col(c) if c in present else F.lit(None).cast(kind).alias(c) for c, kind in kinds.items()]
-        return frame.select(*keys, *cols, F.lit(name).alias("_source"))
 
-    tagged = (
-        source(als, ALS, ALS_SCORE)
-        .unionByName(source(neighbours, NEIGHBOURS, SIM_SCORE))
-        .unionByName(source(popular, POPULAR, POP_RANK))
-    )
-    if new_arrivals is not None:
-        tagged = tagged.unionByName(source(new_arrivals, NEW_ARRIVAL, NEW_RANK))
-    if ease is not None:
-        tagged = tagged.unionByName(source(ease, EASE, EASE_SCORE))
-    unowned = tagged.join(owned, on=keys, how="left_anti")
-    if buy_again is not None:
-        unowned = unowned.unionByName(source(buy_again, BUY_AGAIN, REBUY_SCORE))
-    merged = unowned.groupBy(*keys).agg(
+def _tagged(frame: DataFrame, name: str, *present: str) -> DataFrame:
+    """One source's rows in the common shape: user_idx, item_idx, every score column (null unless `present`), and
+    the source's name."""
+    cols = [F.col(c) if c in present else F.lit(None).cast(kind).alias(c) for c, kind in _SCORE_KINDS.items()]
+    return frame.select(USER_IDX, ITEM_IDX, *cols, F.lit(name).alias("_source"))
+
+
+def _merged_and_capped(tagged: DataFrame, max_candidates: int) -> DataFrame:
+    """One row per (user, item) with its best scores and sorted sources, the best `max_candidates` per user."""
+    merged = tagged.groupBy(USER_IDX, ITEM_IDX).agg(
         F.max(ALS_SCORE).alias(ALS_SCORE),
         F.max(EASE_SCORE).alias(EASE_SCORE),
         F.max(REBUY_SCORE).alias(REBUY_SCORE),
@@ -236,7 +217,35 @@ def to_candidates(
         F.col(NEW_RANK).asc_nulls_last(),
         F.col(ITEM_IDX).asc(),
     )
-    capped = merged.withColumn("_n", F.row_number().over(order)).filter(F.col("_n") <= max_candidates)
+    return merged.withColumn("_n", F.row_number().over(order)).filter(F.col("_n") <= max_candidates)
+
+
+def to_candidates(
+    als: DataFrame,
+    neighbours: DataFrame,
+    popular: DataFrame,
+    owned: DataFrame,
+    max_candidates: int,
+    run_id: str,
+    new_arrivals: DataFrame | None = None,
+    ease: DataFrame | None = None,
+    buy_again: DataFrame | None = None,
+) -> DataFrame:
+    """Union the sources, drop owned items (except buy_again's, which are owned by design), tag, cap per user."""
+    keys = [USER_IDX, ITEM_IDX]
+    tagged = (
+        _tagged(als, ALS, ALS_SCORE)
+        .unionByName(_tagged(neighbours, NEIGHBOURS, SIM_SCORE))
+        .unionByName(_tagged(popular, POPULAR, POP_RANK))
+    )
+    if new_arrivals is not None:
+        tagged = tagged.unionByName(_tagged(new_arrivals, NEW_ARRIVAL, NEW_RANK))
+    if ease is not None:
+        tagged = tagged.unionByName(_tagged(ease, EASE, EASE_SCORE))
+    unowned = tagged.join(owned, on=keys, how="left_anti")
+    if buy_again is not None:
+        unowned = unowned.unionByName(_tagged(buy_again, BUY_AGAIN, REBUY_SCORE))
+    capped = _merged_and_capped(unowned, max_candidates)
     return capped.select(
         F.col(USER_IDX).cast("int"),
         F.col(ITEM_IDX).cast("int"),

@@ -23,24 +23,38 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
+Values = dict[tuple[str, str, int], float]  # (model, metric, k) -> value
+
+
 def report_files(
     rows: list[dict[str, object]], config: ShelfConfig, ctx: RunContext, sizes: dict[str, float]
 ) -> dict[str, bytes]:
     """The report from the gold.metrics rows: summary.md and PNG plots (metrics per model at k, metric vs k)."""
+    present = {str(r[MODEL]) for r in rows}
+    models = [m for m in (*config.evaluate.models, *REPLAY_EXTRA_MODELS) if m in present]
+    value = {
+        (str(r[MODEL]), str(r[metrics.METRIC]), cast(int, r[metrics.K])): cast(float, r[metrics.METRIC_VALUE])
+        for r in rows
+    }
+    return {
+        reports.SUMMARY: _summary(value, models, config, ctx, sizes).encode("utf-8"),
+        "metrics_at_k.png": _plot_at_k(value, models, config, ctx),
+        "metric_vs_k.png": _plot_vs_k(value, models, config),
+    }
+
+
+def _pyplot() -> Any:  # matplotlib.pyplot, imported (and set to Agg) only when a report is drawn
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = config.evaluate.k
-    present = {str(r[MODEL]) for r in rows}
-    models = [m for m in (*config.evaluate.models, *REPLAY_EXTRA_MODELS) if m in present]
-    names = [*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS]
-    value = {
-        (str(r[MODEL]), str(r[metrics.METRIC]), cast(int, r[metrics.K])): cast(float, r[metrics.METRIC_VALUE])
-        for r in rows
-    }
+    return plt
 
+
+def _plot_at_k(value: Values, models: list[str], config: ShelfConfig, ctx: RunContext) -> bytes:
+    plt, k = _pyplot(), config.evaluate.k
+    names = [*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(1, len(models))
     for i, model in enumerate(models):
@@ -50,8 +64,11 @@ def report_files(
     ax.set_title(f"metrics at k={k} ({config.evaluate.protocol} split, run {ctx.run_id})")
     ax.legend()
     fig.tight_layout()
-    at_k = _png(fig)
+    return _png(fig)
 
+
+def _plot_vs_k(value: Values, models: list[str], config: ShelfConfig) -> bytes:
+    plt = _pyplot()
     ks = cutoffs(config.evaluate)
     shown = ("precision", "recall", "ndcg", "map")
     fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.5))
@@ -62,8 +79,12 @@ def report_files(
         ax.set_xlabel("k")
     axes[0].legend()
     fig.tight_layout()
-    vs_k = _png(fig)
+    return _png(fig)
 
+
+def _summary(value: Values, models: list[str], config: ShelfConfig, ctx: RunContext, sizes: dict[str, float]) -> str:
+    k = config.evaluate.k
+    names = [*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS]
     header = "| model | " + " | ".join(names) + " |"
     lines = [
         f"# shelf evaluation, run {ctx.run_id}",
@@ -91,4 +112,4 @@ def report_files(
         "![metric vs k](metric_vs_k.png)",
         "",
     ]
-    return {reports.SUMMARY: "\n".join(lines).encode("utf-8"), "metrics_at_k.png": at_k, "metric_vs_k.png": vs_k}
+    return "\n".join(lines)

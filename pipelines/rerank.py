@@ -124,19 +124,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         item_index = tables.read(spark, config, "silver", "item_index")
         catalog = read_catalog(spark, config)
 
-        # The cap applies to ALS-proposed candidates and, separately, to the other sources' (to_capped_candidates).
-        per_user = candidates.groupBy(USER_IDX, F.col(ALS_SCORE).isNull()).count()
-        over = per_user.agg(
-            F.countDistinct(F.when(F.col("count") > rr.max_candidates, F.col(USER_IDX))).alias("o")
-        ).first()
-        counts["candidate_cap"] = rr.max_candidates
-        counts["users_over_cap"] = int(over["o"] or 0) if over else 0
-        log.info(
-            "[%s] candidates capped at %d per user and source kind, ALS or other (%d users over the cap)",
-            STEP,
-            rr.max_candidates,
-            counts["users_over_cap"],
-        )
+        counts.update(_cap_counts(candidates, rr.max_candidates))
         done = rerank_candidates(
             spark,
             candidates,
@@ -167,14 +155,34 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             )
         finally:
             done.unpersist()
-        written = tables.read(spark, config, "gold", "recommendations").filter(F.col(RUN_ID) == ctx.run_id)
-        stats = written.agg(
-            F.count(F.lit(1)).alias("rows"),
-            F.countDistinct(USER_ID).alias("users"),
-            F.countDistinct(F.when(F.array_contains(REASONS, POPULAR), F.col(USER_ID))).alias("fallback_users"),
-        ).first()
-        assert stats is not None
-        counts.update({"rows": stats["rows"], "users": stats["users"], "fallback_users": stats["fallback_users"]})
+        counts.update(_published_counts(spark, config, ctx.run_id))
+
+
+def _cap_counts(candidates: DataFrame, cap: int) -> dict[str, int]:
+    """The candidate cap and the users over it (it applies to ALS-proposed candidates and, separately, to the other
+    sources': to_capped_candidates)."""
+    per_user = candidates.groupBy(USER_IDX, F.col(ALS_SCORE).isNull()).count()
+    over = per_user.agg(F.countDistinct(F.when(F.col("count") > cap, F.col(USER_IDX))).alias("o")).first()
+    users_over = int(over["o"] or 0) if over else 0
+    log.info(
+        "[%s] candidates capped at %d per user and source kind, ALS or other (%d users over the cap)",
+        STEP,
+        cap,
+        users_over,
+    )
+    return {"candidate_cap": cap, "users_over_cap": users_over}
+
+
+def _published_counts(spark: SparkSession, config: ShelfConfig, run_id: str) -> dict[str, int]:
+    """Rows, users and popularity-fallback users of the run's gold.recommendations as written."""
+    written = tables.read(spark, config, "gold", "recommendations").filter(F.col(RUN_ID) == run_id)
+    stats = written.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.countDistinct(USER_ID).alias("users"),
+        F.countDistinct(F.when(F.array_contains(REASONS, POPULAR), F.col(USER_ID))).alias("fallback_users"),
+    ).first()
+    assert stats is not None
+    return {"rows": stats["rows"], "users": stats["users"], "fallback_users": stats["fallback_users"]}
 
 
 main = step_main(STEP)

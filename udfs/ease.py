@@ -49,7 +49,7 @@ def fit_ease(
     lam: float,
     *,
     overwrite_gram: bool = False,
-    inverse: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]] = np.linalg.inv,
+    inverse: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]] = np.linalg.inv,  # type: ignore[assignment]
 ) -> FloatArray:
     """The EASE weight matrix from a Gram matrix, inverted in float64.
 
@@ -274,6 +274,23 @@ def _block_scores(
     return np.bincount(keys, weights=contrib, minlength=r * n).reshape(r, n).astype(np.float32)
 
 
+def _neighbour_arrays(
+    nb_indptr: npt.ArrayLike, nb_cols: npt.ArrayLike, nb_weights: npt.ArrayLike, n: int
+) -> tuple[IntArray, IntArray, FloatArray]:
+    """The neighbour CSR as typed arrays, its shapes checked against a catalogue of `n` items."""
+    nb = (np.asarray(nb_indptr, np.int64), np.asarray(nb_cols, np.int64), np.asarray(nb_weights, np.float32))
+    if nb[0].shape != (n + 1,) or nb[1].shape != nb[2].shape:
+        raise ValueError(f"nb_indptr must have shape ({n + 1},) and nb_cols / nb_weights equal shapes")
+    return nb
+
+
+def _positive_top(scores: FloatArray, ex_rows: IntArray, ex_cols: IntArray, width: int) -> tuple[IntArray, FloatArray]:
+    """The top `width` columns per row of a score block among the positive, not excluded scores."""
+    scores[ex_rows, ex_cols] = -np.inf
+    scores[~(scores > 0)] = -np.inf
+    return _top_k_rows(scores, width)
+
+
 def top_n_sparse(
     user_indptr: npt.ArrayLike,
     user_items: npt.ArrayLike,
@@ -317,9 +334,7 @@ def top_n_sparse(
     catalogue = np.asarray(item_ids, dtype=np.int64)
     catalogue = _ascending_ids(catalogue, catalogue.size)
     n = catalogue.size
-    nb = (np.asarray(nb_indptr, np.int64), np.asarray(nb_cols, np.int64), np.asarray(nb_weights, np.float32))
-    if nb[0].shape != (n + 1,) or nb[1].shape != nb[2].shape:
-        raise ValueError(f"nb_indptr must have shape ({n + 1},) and nb_cols / nb_weights equal shapes")
+    nb = _neighbour_arrays(nb_indptr, nb_cols, nb_weights, n)
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
     indptr = np.asarray(user_indptr, dtype=np.int64)
@@ -334,9 +349,7 @@ def top_n_sparse(
         u0, u1 = np.searchsorted(rows, (r0, r1))  # rows and ex_rows are ascending: a block is a slice
         scores = _block_scores(rows[u0:u1] - r0, cols[u0:u1], x[u0:u1], nb, r1 - r0, n)
         e0, e1 = np.searchsorted(ex_rows, (r0, r1))
-        scores[ex_rows[e0:e1] - r0, ex_cols[e0:e1]] = -np.inf
-        scores[~(scores > 0)] = -np.inf
-        top_cols, top = _top_k_rows(scores, width)
+        top_cols, top = _positive_top(scores, ex_rows[e0:e1] - r0, ex_cols[e0:e1], width)
         out_ids[r0:r1] = np.where(top_cols >= 0, catalogue[np.maximum(top_cols, 0)], -1)
         out_scores[r0:r1] = top
     return TopN(out_ids, out_scores, (out_ids >= 0).sum(axis=1).astype(np.int64))

@@ -177,6 +177,44 @@ def _row_block_top(
     return np.take_along_axis(best_cols, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
 
+def _checked_factors(
+    queries: npt.ArrayLike, items: npt.ArrayLike, item_ids: npt.ArrayLike | None
+) -> tuple[FloatArray, FloatArray, IntArray]:
+    """float32 query and item factors and the item ids (default 0..n_items-1), catalogue sorted by id."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    x = np.ascontiguousarray(items, dtype=np.float32)
+    if q.ndim != 2 or x.ndim != 2 or (q.shape[0] and x.shape[0] and q.shape[1] != x.shape[1]):
+        raise ValueError(f"queries {q.shape} and items {x.shape} must be 2-d with the same rank")
+    n_items = x.shape[0]
+    ids = np.arange(n_items, dtype=np.int64) if item_ids is None else np.asarray(item_ids, dtype=np.int64)
+    if ids.shape != (n_items,):
+        raise ValueError(f"item_ids has shape {ids.shape}, expected ({n_items},)")
+    x, ids = _sorted_catalogue(x, ids)
+    return q, x, ids
+
+
+def _self_columns(query_ids: npt.ArrayLike | None, ids: IntArray, m: int) -> IntArray:
+    """The catalogue column of each query row's own item (exclude_self)."""
+    if query_ids is None:
+        raise ValueError("exclude_self needs query_ids")
+    cols = _columns_of(query_ids, ids)
+    if cols.shape != (m,):
+        raise ValueError(f"query_ids has shape {cols.shape}, expected ({m},)")
+    return cols
+
+
+def _block_exclusions(
+    indptr: IntArray | None, excl_cols: IntArray | None, r0: int, r1: int
+) -> tuple[IntArray | None, IntArray | None]:
+    """(block row, catalogue column) of the excluded items of query rows r0..r1 that are in the catalogue."""
+    if indptr is None or excl_cols is None:
+        return None, None
+    ex_rows = np.repeat(np.arange(r1 - r0), np.diff(indptr[r0 : r1 + 1]))
+    ex_cols = excl_cols[indptr[r0] : indptr[r1]]
+    valid = ex_cols >= 0
+    return ex_rows[valid], ex_cols[valid]
+
+
 def top_n_dot(
     queries: npt.ArrayLike,
     items: npt.ArrayLike,
@@ -210,30 +248,17 @@ def top_n_dot(
     Raises:
         ValueError: shapes disagree, ids repeat, or n/block sizes are not positive.
     """
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    x = np.ascontiguousarray(items, dtype=np.float32)
-    if q.ndim != 2 or x.ndim != 2 or (q.shape[0] and x.shape[0] and q.shape[1] != x.shape[1]):
-        raise ValueError(f"queries {q.shape} and items {x.shape} must be 2-d with the same rank")
     if n < 1 or block_rows < 1 or block_items < 1:
         raise ValueError("n, block_rows and block_items must be positive")
+    q, x, ids = _checked_factors(queries, items, item_ids)
     m, n_items = q.shape[0], x.shape[0]
-    ids = np.arange(n_items, dtype=np.int64) if item_ids is None else np.asarray(item_ids, dtype=np.int64)
-    if ids.shape != (n_items,):
-        raise ValueError(f"item_ids has shape {ids.shape}, expected ({n_items},)")
-    x, ids = _sorted_catalogue(x, ids)
     k = min(n, n_items)
     out_ids = np.full((m, k), -1, dtype=np.int64)
     out_scores = np.full((m, k), -np.inf, dtype=np.float32)
     if m == 0 or k == 0:
         return TopN(out_ids, out_scores, np.zeros(m, dtype=np.int64))
 
-    self_cols: IntArray | None = None
-    if exclude_self:
-        if query_ids is None:
-            raise ValueError("exclude_self needs query_ids")
-        self_cols = _columns_of(query_ids, ids)
-        if self_cols.shape != (m,):
-            raise ValueError(f"query_ids has shape {self_cols.shape}, expected ({m},)")
+    self_cols = _self_columns(query_ids, ids, m) if exclude_self else None
     indptr: IntArray | None = None
     excl_cols: IntArray | None = None
     if exclude_indptr is not None:
@@ -244,12 +269,7 @@ def top_n_dot(
 
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)
-        ex_rows = ex_cols = None
-        if indptr is not None and excl_cols is not None:
-            ex_rows = np.repeat(np.arange(r1 - r0), np.diff(indptr[r0 : r1 + 1]))
-            ex_cols = excl_cols[indptr[r0] : indptr[r1]]
-            valid = ex_cols >= 0
-            ex_rows, ex_cols = ex_rows[valid], ex_cols[valid]
+        ex_rows, ex_cols = _block_exclusions(indptr, excl_cols, r0, r1)
         own = self_cols[r0:r1] if self_cols is not None else None
         cols, top = _row_block_top(q[r0:r1], x, k, block_items, own, ex_rows, ex_cols)
         out_scores[r0:r1] = top

@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -120,30 +122,17 @@ def get_spark(config: ShelfConfig) -> SparkSession:
         )
         _tune(spark, config)
         return spark
+    return _local(config)
+
+
+def _local(config: ShelfConfig) -> SparkSession:
+    """A local Delta-enabled session on spark.master (jars from spark.jars_dir, else Delta's pip helper)."""
     check_java()
     # Workers must run this interpreter (the venv's), or they start the system python3 without pyarrow.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    builder = (
-        SparkSession.builder.master(config.spark.master)
-        .appName(config.spark.app_name)
-        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.driver.memory", config.spark.driver_memory)
-        .config("spark.pyspark.python", sys.executable)
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.log.level", config.spark.log_level)
-        .config("spark.checkpoint.dir", checkpoint_dir(config))
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.databricks.delta.snapshotPartitions", "2")
-        .config("spark.sql.warehouse.dir", uris.join(uris.qualify(config.storage.root), "_warehouse"))
-        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={driver_folder(config)}")
-        .config("spark.scheduler.mode", "FAIR")
-        .config("spark.scheduler.allocation.file", _pools_file(driver_folder(config)))
-    )
-    for key, value in config.spark.extra.items():
+    builder = SparkSession.builder.master(config.spark.master or "local[*]").appName(config.spark.app_name)
+    for key, value in {**_local_conf(config), **config.spark.extra}.items():
         builder = builder.config(key, value)
     jars = session_jars(config.spark.jars_dir, s3a=_uses_s3a(config))
     if jars:
@@ -161,6 +150,28 @@ def get_spark(config: ShelfConfig) -> SparkSession:
         ) from exc
     _tune(spark, config)
     return spark
+
+
+def _local_conf(config: ShelfConfig) -> dict[str, str]:
+    """The local session's settings (spark.extra is applied after them, so it can override any)."""
+    driver = driver_folder(config)
+    return {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.driver.memory": config.spark.driver_memory,
+        "spark.pyspark.python": sys.executable,
+        "spark.ui.showConsoleProgress": "false",
+        "spark.log.level": config.spark.log_level,
+        "spark.checkpoint.dir": checkpoint_dir(config),
+        "spark.ui.enabled": "false",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.databricks.delta.snapshotPartitions": "2",
+        "spark.sql.warehouse.dir": uris.join(uris.qualify(config.storage.root), "_warehouse"),
+        "spark.driver.extraJavaOptions": f"-Dderby.system.home={driver}",
+        "spark.scheduler.mode": "FAIR",
+        "spark.scheduler.allocation.file": _pools_file(driver),
+    }
 
 
 def _connect(config: ShelfConfig) -> SparkSession:
@@ -235,3 +246,19 @@ def _tune(spark: SparkSession, config: ShelfConfig) -> None:
         cores,
         partitions,
     )
+
+
+@contextmanager
+def session_conf(spark: SparkSession, values: dict[str, str]) -> Iterator[None]:
+    """Set these session settings for the block, then restore each one as it was (unset if it was unset)."""
+    before: dict[str, str | None] = {k: spark.conf.get(k, None) for k in values}
+    for k, v in values.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, old in before.items():
+            if old is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, old)
