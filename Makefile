@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint blas clean airflow s3a
+.PHONY: setup demo test test-fast lint blas clean airflow s3a
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ demo: setup
 # --no-loadscope-reorder keeps tests/conftest.py's order: the slowest files first.
 test: setup airflow s3a
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+
+# The inner loop: unit tests, kernels, config, the layer and size rules, single steps on tiny data (no end-to-end
+# runs, no servers, no Airflow or S3A set-up). docs/DEVELOPMENT.md has the measured time.
+test-fast: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not servers"
 
 lint: setup
 	$(BIN)/ruff check pipelines udfs tests

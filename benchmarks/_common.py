@@ -19,7 +19,8 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.core.config import ShelfConfig, load_config
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_loading import load_config
 from pipelines.core.session import get_spark
 
 # Targets of issue 5, as ratios of the other variant's time to shelf's.

@@ -41,7 +41,7 @@ from benchmarks._common import (
 )
 from pipelines import candidates
 from pipelines.core.config import SimilarityConfig
-from pipelines.core.schemas import ITEM_IDX, USER_IDX
+from pipelines.core.schemas import ALS_SCORE, ITEM_IDX, USER_IDX
 from udfs.topk import csr_from_lists, top_n_dot
 
 OWNED_PER_USER = 5
@@ -58,10 +58,10 @@ def naive_candidates(users: DataFrame, items: DataFrame, owned: DataFrame, k: in
             F.col(f"i.{ITEM_IDX}").alias(ITEM_IDX),
             F.aggregate(
                 F.zip_with("u.features", "i.features", lambda x, y: x * y), F.lit(0.0), lambda s, v: s + v
-            ).alias(candidates.ALS_SCORE),
+            ).alias(ALS_SCORE),
         )
     )
-    order = Window.partitionBy(USER_IDX).orderBy(F.col(candidates.ALS_SCORE).desc(), F.col(ITEM_IDX).asc())
+    order = Window.partitionBy(USER_IDX).orderBy(F.col(ALS_SCORE).desc(), F.col(ITEM_IDX).asc())
     unowned = pairs.join(owned, on=[USER_IDX, ITEM_IDX], how="left_anti")
     return unowned.withColumn("_n", F.row_number().over(order)).filter(F.col("_n") <= k)
 
@@ -69,7 +69,7 @@ def naive_candidates(users: DataFrame, items: DataFrame, owned: DataFrame, k: in
 def mllib_candidates(users: DataFrame, items: DataFrame, owned: DataFrame, rank: int, k: int) -> DataFrame:
     """MLlib's top-(K + 5) per user, exploded, owned items anti-joined."""
     recs = mllib_top_k(users.sparkSession, users, items, rank, k + OWNED_PER_USER)
-    long = mllib_long(recs, USER_IDX, ITEM_IDX, candidates.ALS_SCORE)
+    long = mllib_long(recs, USER_IDX, ITEM_IDX, ALS_SCORE)
     return long.join(owned, on=[USER_IDX, ITEM_IDX], how="left_anti")
 
 

@@ -34,13 +34,14 @@ from pyspark.sql import functions as F
 from benchmarks._common import blas_in_use
 from pipelines import baselines
 from pipelines.core import als, metrics, schemas
-from pipelines.core.config import ShelfConfig, SourceConfig, TrainConfig, load_config
+from pipelines.core.config import ShelfConfig, SourceConfig, TrainConfig
+from pipelines.core.config_loading import load_config
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, USER_IDX
 from pipelines.core.session import get_spark
 from pipelines.core.sources import read_source
 from pipelines.core.splits import random_stratified_split
-from pipelines.ingest import MOVIELENS_COLUMNS, text_layout
+from pipelines.source_presets import MOVIELENS_COLUMNS, text_layout
 from pipelines.train import tune
 
 REPO = Path(__file__).resolve().parents[1]

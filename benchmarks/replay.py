@@ -50,9 +50,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
 from pipelines import baselines, replay
-from pipelines.core import metrics, reranking, schemas, tables
+from pipelines.core import kernel_frames, metrics, reranking, schemas, tables
 from pipelines.core.cli import setup_logging
-from pipelines.core.config import EvaluateConfig, RerankConfig, ShelfConfig, load_config
+from pipelines.core.config import EvaluateConfig, RerankConfig, ShelfConfig
+from pipelines.core.config_loading import load_config
 from pipelines.core.reranking import read_catalog
 from pipelines.core.runs import parse_as_of
 from pipelines.core.schemas import ITEM_IDX, USER_IDX
@@ -217,7 +218,7 @@ def grid_batches(
         if pdf.empty:
             continue
         rank = next(iter(item_tables.values())).factors.shape[1]
-        batch = reranking.to_user_batch(pdf, rank)
+        batch = kernel_frames.to_user_batch(pdf, rank)
         relevant = [set(np.asarray(v, dtype=np.int64).tolist()) for v in pdf[RELEVANT]]
         sums = []
         for trial in trials:

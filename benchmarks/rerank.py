@@ -26,7 +26,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
 from pipelines.core import reranking as step
-from pipelines.core.config import load_config
+from pipelines.core.config_loading import load_config
 from pipelines.core.schemas import USER_IDX
 from pipelines.core.session import get_spark
 from udfs.rerank import ItemTable, RerankParams

@@ -59,12 +59,15 @@ import pyarrow as pa
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import rerank, stream
-from pipelines.core import reranking, tables
-from pipelines.core.config import ShelfConfig, load_config
+from pipelines import rerank
+from pipelines.core import kernel_frames, reranking, tables
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_loading import load_config
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA, USER_IDX
 from pipelines.core.session import get_spark
+from pipelines.stream.job import BatchReport, StreamJob, start
+from pipelines.stream.serving import Serving, landing_path
 
 REPO = Path(__file__).resolve().parents[1]
 AS_OF = datetime(2026, 11, 1)
@@ -196,7 +199,7 @@ def _appender(args: argparse.Namespace) -> Callable[[dict[str, list[str]]], None
             Path(args.root), "spark.master=local[1]", "spark.driver_memory=1g", f"stream.source_path={args.source}"
         )
         spark = get_spark(config)
-        landing = stream.landing_path(config)
+        landing = landing_path(config)
         atexit.register(spark.stop)
 
         def append_spark(columns: dict[str, list[str]]) -> None:
@@ -226,11 +229,11 @@ def _appender(args: argparse.Namespace) -> Callable[[dict[str, list[str]]], None
 
 @dataclass
 class Batch:
-    report: stream.BatchReport
+    report: BatchReport
     chunks: list[int]
 
 
-class RecordingJob(stream.StreamJob):
+class RecordingJob(StreamJob):
     """The product's batch function, plus which writer commits each batch held (read from the batch's cached rows
     after the product's work, so it adds one small job at the end of a batch, after the lists are readable)."""
 
@@ -239,11 +242,11 @@ class RecordingJob(stream.StreamJob):
         self.chunks: dict[int, list[int]] = {}
         super().__init__(spark, config, on_batch=self.remember)
 
-    def remember(self, report: stream.BatchReport) -> None:
+    def remember(self, report: BatchReport) -> None:
         self.batches.append(Batch(report, self.chunks.pop(report.batch_id, [])))
 
     def process(  # type: ignore[no-untyped-def]
-        self, classified, batch_id: int, serving: stream.Serving, report: stream.BatchReport
+        self, classified, batch_id: int, serving: Serving, report: BatchReport
     ) -> None:
         super().process(classified, batch_id, serving, report)
         chunks = classified.select(F.regexp_extract("session_id", r"^c(\d+)$", 1).cast("int").alias("c")).distinct()
@@ -313,11 +316,11 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
         "stream.trigger=processing_time",
         *args.set,
     )
-    spark.createDataFrame([], LANDING).write.format("delta").mode("append").save(stream.landing_path(config))
+    spark.createDataFrame([], LANDING).write.format("delta").mode("append").save(landing_path(config))
     job = RecordingJob(spark, config)
     started = time.time()
     job.serving_for()  # the model loads once per nightly run: not part of an event's latency
-    query = stream.start(spark, config, job)
+    query = start(spark, config, job)
     log = sub / "writer.jsonl"
     cmd = [sys.executable, "-m", "benchmarks.stream", "--writer", "--root", str(root), "--log", str(log)]
     total = args.warmup + args.seconds
@@ -436,7 +439,7 @@ def summarise(
 
 def single_user_baseline(spark: SparkSession, config: ShelfConfig) -> float:
     """Median seconds of one user's re-rank in process (rerank_frame on one user row, no Spark)."""
-    job = stream.StreamJob(spark, config)
+    job = StreamJob(spark, config)
     serving = job.serving_for()
     stored = tables.read(spark, config, "gold", "candidates").filter(F.col("run_id") == serving.run_id)
     one = stored.filter(F.col(USER_IDX) == 0).select(USER_IDX, "item_idx", "als_score", "sources")
@@ -447,7 +450,7 @@ def single_user_baseline(spark: SparkSession, config: ShelfConfig) -> float:
     times = []
     for _ in range(20):
         started = time.perf_counter()
-        reranking.rerank_frame(row, table, params)
+        kernel_frames.rerank_frame(row, table, params)
         times.append(time.perf_counter() - started)
     job.close()
     return float(np.median(times))

@@ -19,6 +19,7 @@ from pipelines.core.runs import RunContext
 from pipelines.core.schemas import (
     ALS_RERANK,
     EASE,
+    EASE_SCORE,
     EVENT_TS,
     ITEM_IDX,
     ITEM_KNN,
@@ -26,8 +27,10 @@ from pipelines.core.schemas import (
     MODEL,
     POPULARITY,
     PUBLISHED,
+    RANK,
     RECENT_POPULARITY,
     RUN_ID,
+    SCORE,
     USER_IDX,
 )
 from pipelines.core.splits import leave_last_n_split, random_stratified_split, temporal_split
@@ -78,14 +81,14 @@ def recommend_popular(item_scores: DataFrame, users: DataFrame, train: DataFrame
     """
     targets = users.select(USER_IDX).distinct()
     pool = min(k + _max_seen(train, targets), k + POPULAR_POOL_MARGIN)
-    top = item_scores.orderBy(F.col(metrics.SCORE).desc(), F.col(ITEM_IDX).asc()).limit(pool)
+    top = item_scores.orderBy(F.col(SCORE).desc(), F.col(ITEM_IDX).asc()).limit(pool)
     candidates = targets.crossJoin(F.broadcast(top))
     return metrics.top_k(metrics.remove_seen(candidates, train), k)
 
 
 def popularity_scores(train: DataFrame) -> DataFrame:
     """(item, score): the number of training users who interacted with the item."""
-    return train.groupBy(ITEM_IDX).agg(F.countDistinct(USER_IDX).cast("double").alias(metrics.SCORE))
+    return train.groupBy(ITEM_IDX).agg(F.countDistinct(USER_IDX).cast("double").alias(SCORE))
 
 
 def recent_popularity_scores(train: DataFrame, recent_days: float) -> DataFrame:
@@ -145,7 +148,7 @@ def recommend_item_knn(
         recent.join(users.select(USER_IDX).distinct(), on=USER_IDX, how="inner")
         .join(neighbours, on=ITEM_IDX, how="inner")
         .groupBy(USER_IDX, F.col(NEIGHBOUR).alias(ITEM_IDX))
-        .agg(F.sum(SIMILARITY).alias(metrics.SCORE))
+        .agg(F.sum(SIMILARITY).alias(SCORE))
     )
     return metrics.top_k(metrics.remove_seen(scores, excluded), k)
 
@@ -153,7 +156,7 @@ def recommend_item_knn(
 def published_lists(spark: SparkSession, config: ShelfConfig, run_id: str, users: DataFrame, k: int) -> DataFrame:
     """The holdout's published lists of `users`, as written (nothing removed), cut at k: user, item, score, rank."""
     lists = holdout.read_published(spark, config, run_id)
-    return lists.join(users.select(USER_IDX).distinct(), on=USER_IDX, how="inner").filter(F.col(metrics.RANK) <= k)
+    return lists.join(users.select(USER_IDX).distinct(), on=USER_IDX, how="inner").filter(F.col(RANK) <= k)
 
 
 def recommend(
@@ -185,11 +188,11 @@ def recommend_ease(
     held = holdout.holdout_config(config)
     neighbours = ease.neighbours_of_run(spark, held, run_id)
     if neighbours is None:
-        return spark.createDataFrame([], f"{USER_IDX} int, {ITEM_IDX} int, {metrics.SCORE} double, {metrics.RANK} int")
+        return spark.createDataFrame([], f"{USER_IDX} int, {ITEM_IDX} int, {SCORE} double, {RANK} int")
     interactions = tables.read(spark, held, "silver", "interactions").join(users, on=USER_IDX, how="left_semi")
     x = ease.to_ease_input(interactions, config.train.ease.values)
     seen = excluded.select(USER_IDX, ITEM_IDX)
-    scores = ease.ease_candidates(x, neighbours, seen, k).withColumnRenamed(ease.EASE_SCORE, metrics.SCORE)
+    scores = ease.ease_candidates(x, neighbours, seen, k).withColumnRenamed(EASE_SCORE, SCORE)
     return metrics.top_k(scores, k)
 
 

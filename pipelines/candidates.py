@@ -38,21 +38,30 @@ from pipelines.core.config import EaseValues, RecommendConfig, ShelfConfig, Simi
 from pipelines.core.factors import factors_of_run, top_k_by_dot
 from pipelines.core.quality import ts_lit
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import EVENT_TS, EVENT_TYPE, IN_STOCK, ITEM_ID, ITEM_IDX, LAUNCHED_AT, RUN_ID, USER_IDX
+from pipelines.core.schemas import (
+    ALS_SCORE,
+    ALS_SOURCE,
+    BUY_AGAIN_SOURCE,
+    EASE_SCORE,
+    EASE_SOURCE,
+    EVENT_TS,
+    EVENT_TYPE,
+    IN_STOCK,
+    ITEM_ID,
+    ITEM_IDX,
+    LAUNCHED_AT,
+    NEIGHBOUR_IDX,
+    NEIGHBOURS_SOURCE,
+    NEW_ARRIVAL_SOURCE,
+    POPULAR_SOURCE,
+    REBUY_SCORE,
+    RUN_ID,
+    SOURCES,
+    USER_IDX,
+)
 
 STEP = "candidates"
 OWNED = "owned"
-ALS_SCORE = "als_score"
-EASE_SCORE = "ease_score"
-REBUY_SCORE = "rebuy_score"
-SOURCES = "sources"
-ALS = "als"
-EASE = "ease"
-BUY_AGAIN = "buy_again"
-NEIGHBOURS = "neighbours"
-POPULAR = "popular"
-NEW_ARRIVAL = "new_arrival"
-NEIGHBOUR_IDX = "neighbour_idx"
 SIM_SCORE = "_sim"
 POP_RANK = "_pop_rank"
 NEW_RANK = "_new_rank"
@@ -234,17 +243,17 @@ def to_candidates(
     """Union the sources, drop owned items (except buy_again's, which are owned by design), tag, cap per user."""
     keys = [USER_IDX, ITEM_IDX]
     tagged = (
-        _tagged(als, ALS, ALS_SCORE)
-        .unionByName(_tagged(neighbours, NEIGHBOURS, SIM_SCORE))
-        .unionByName(_tagged(popular, POPULAR, POP_RANK))
+        _tagged(als, ALS_SOURCE, ALS_SCORE)
+        .unionByName(_tagged(neighbours, NEIGHBOURS_SOURCE, SIM_SCORE))
+        .unionByName(_tagged(popular, POPULAR_SOURCE, POP_RANK))
     )
     if new_arrivals is not None:
-        tagged = tagged.unionByName(_tagged(new_arrivals, NEW_ARRIVAL, NEW_RANK))
+        tagged = tagged.unionByName(_tagged(new_arrivals, NEW_ARRIVAL_SOURCE, NEW_RANK))
     if ease is not None:
-        tagged = tagged.unionByName(_tagged(ease, EASE, EASE_SCORE))
+        tagged = tagged.unionByName(_tagged(ease, EASE_SOURCE, EASE_SCORE))
     unowned = tagged.join(owned, on=keys, how="left_anti")
     if buy_again is not None:
-        unowned = unowned.unionByName(_tagged(buy_again, BUY_AGAIN, REBUY_SCORE))
+        unowned = unowned.unionByName(_tagged(buy_again, BUY_AGAIN_SOURCE, REBUY_SCORE))
     capped = _merged_and_capped(unowned, max_candidates)
     return capped.select(
         F.col(USER_IDX).cast("int"),

@@ -269,34 +269,13 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         flagged = classify(bronze, clean).persist()
         cached: list[DataFrame] = [flagged]
         try:
-            input_rows = bronze.count()
-            if input_rows == 0:
-                raise InputDataError(
-                    f"bronze.events has no rows for run id {ctx.run_id}; "
-                    "run 'shelf ingest' with the same --run-id first."
-                )
-            by_status = {row[_STATUS]: int(row["count"]) for row in flagged.groupBy(_STATUS).count().collect()}
-            accepted_rows, bots, rare = (by_status.get(s, 0) for s in (ACCEPTED, BOT, RARE))
-            duplicates = input_rows - sum(by_status.values())
-            counts.update(
-                {
-                    "input_rows": input_rows,
-                    "duplicates_removed": duplicates,
-                    "quarantined": bots,
-                    f"quarantined.{BOT_USER}": bots,
-                    "filtered_min_support": rare,
-                    "accepted": accepted_rows,
-                }
-            )
-            reconcile(STEP_NAME, input_rows, accepted_rows, bots, duplicates, rare)
-
+            accepted_rows, bots = _count_statuses(bronze, flagged, ctx.run_id, counts)
             accepted = flagged.filter(F.col(_STATUS) == ACCEPTED)
             user_index = assign_index(accepted, _existing_index(spark, config, "user_index"), USER_ID, USER_IDX)
             item_index = assign_index(accepted, _existing_index(spark, config, "item_index"), ITEM_ID, ITEM_IDX)
             user_index, item_index = user_index.localCheckpoint(), item_index.localCheckpoint()
             interactions = to_interactions(accepted, user_index, item_index, clean, ctx.run_id, ctx.as_of).persist()
             cached.append(interactions)
-
             tables.write_replacing(
                 to_bot_quarantine(flagged, ctx.run_id, ctx.as_of),
                 config,
@@ -305,53 +284,98 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
                 ctx.run_id,
                 {RUN_ID: ctx.run_id, STEP: STEP_NAME},
             )
-            ingest_input = input_rows + _ingest_quarantined(spark, config, ctx.run_id)
-            quarantine_rate = (ingest_input - input_rows + bots) / ingest_input
-            top_user = interactions.groupBy(USER_IDX).count().agg(F.max("count").alias("m")).first()
-            max_user_share = (top_user["m"] or 0) / accepted_rows if top_user and accepted_rows else 0.0
-            counts.update({"quarantine_rate": round(quarantine_rate, 6), "max_user_share": round(max_user_share, 6)})
-            tables.write_replacing(
-                run_metrics_frame(spark, ctx.run_id, STEP_NAME, counts),
-                config,
-                "ops",
-                "run_metrics",
-                ctx.run_id,
-                {RUN_ID: ctx.run_id, STEP: STEP_NAME},
-            )
-
-            start, end = window(ctx.as_of, clean.window_days, clean.future_tolerance_hours)
-            limits = GateLimits(start, end, clean.max_value, clean.max_quarantine_rate, clean.max_user_share)
-            summary = spark.createDataFrame(
-                [(float(quarantine_rate), float(max_user_share))],
-                "quarantine_rate double, max_user_share double",
-            )
-            check_interactions(
-                interactions,
-                summary,
-                limits,
-                key=SILVER_KEY,
-                ids=[USER_IDX, ITEM_IDX],
-                weight=WEIGHT,
-                ts=EVENT_TS,
-                save=gate_recorder(spark, config, ctx.run_id, STEP_NAME),
-            )
-
+            shares = _record_shares(spark, config, ctx, interactions, counts, bots, accepted_rows)
+            _gate(spark, config, ctx, interactions, shares)
             tables.write(interactions, config, "silver", "interactions", ctx.run_id)
             tables.write(user_index, config, "silver", "user_index", ctx.run_id)
             tables.write(item_index, config, "silver", "item_index", ctx.run_id)
-            if catalog is not None:
-                tables.write(
-                    to_catalog(catalog, config.source.catalog_columns),
-                    config,
-                    "silver",
-                    "catalog",
-                    ctx.run_id,
-                )
-            elif (items := read_source_items(spark, config, ctx.run_id)) is not None:
-                tables.write(items, config, "silver", "catalog", ctx.run_id)
+            _write_catalog(spark, config, ctx.run_id, catalog)
         finally:
             for df in cached:
                 df.unpersist()
+
+
+def _count_statuses(bronze: DataFrame, flagged: DataFrame, run_id: str, counts: dict[str, float]) -> tuple[int, int]:
+    """Rows by status (accepted, bot, rare; duplicates are the rest), reconciled and counted; (accepted, bots)."""
+    input_rows = bronze.count()
+    if input_rows == 0:
+        raise InputDataError(
+            f"bronze.events has no rows for run id {run_id}; run 'shelf ingest' with the same --run-id first."
+        )
+    by_status = {row[_STATUS]: int(row["count"]) for row in flagged.groupBy(_STATUS).count().collect()}
+    accepted_rows, bots, rare = (by_status.get(s, 0) for s in (ACCEPTED, BOT, RARE))
+    duplicates = input_rows - sum(by_status.values())
+    counts.update(
+        {
+            "input_rows": input_rows,
+            "duplicates_removed": duplicates,
+            "quarantined": bots,
+            f"quarantined.{BOT_USER}": bots,
+            "filtered_min_support": rare,
+            "accepted": accepted_rows,
+        }
+    )
+    reconcile(STEP_NAME, input_rows, accepted_rows, bots, duplicates, rare)
+    return accepted_rows, bots
+
+
+def _record_shares(
+    spark: SparkSession,
+    config: ShelfConfig,
+    ctx: RunContext,
+    interactions: DataFrame,
+    counts: dict[str, float],
+    bots: int,
+    accepted_rows: int,
+) -> tuple[float, float]:
+    """The quarantine rate (ingest's and clean's) and the largest user's share -> counts and ops.run_metrics;
+    returns both, unrounded."""
+    input_rows = int(counts["input_rows"])
+    ingest_input = input_rows + _ingest_quarantined(spark, config, ctx.run_id)
+    quarantine_rate = (ingest_input - input_rows + bots) / ingest_input
+    top_user = interactions.groupBy(USER_IDX).count().agg(F.max("count").alias("m")).first()
+    max_user_share = (top_user["m"] or 0) / accepted_rows if top_user and accepted_rows else 0.0
+    counts.update({"quarantine_rate": round(quarantine_rate, 6), "max_user_share": round(max_user_share, 6)})
+    tables.write_replacing(
+        run_metrics_frame(spark, ctx.run_id, STEP_NAME, counts),
+        config,
+        "ops",
+        "run_metrics",
+        ctx.run_id,
+        {RUN_ID: ctx.run_id, STEP: STEP_NAME},
+    )
+    return quarantine_rate, max_user_share
+
+
+def _gate(
+    spark: SparkSession, config: ShelfConfig, ctx: RunContext, interactions: DataFrame, shares: tuple[float, float]
+) -> None:
+    """The Great Expectations gate on silver.interactions before it is written (raises when it fails)."""
+    clean = config.clean
+    start, end = window(ctx.as_of, clean.window_days, clean.future_tolerance_hours)
+    limits = GateLimits(start, end, clean.max_value, clean.max_quarantine_rate, clean.max_user_share)
+    summary = spark.createDataFrame(
+        [(float(shares[0]), float(shares[1]))],
+        "quarantine_rate double, max_user_share double",
+    )
+    check_interactions(
+        interactions,
+        summary,
+        limits,
+        key=SILVER_KEY,
+        ids=[USER_IDX, ITEM_IDX],
+        weight=WEIGHT,
+        ts=EVENT_TS,
+        save=gate_recorder(spark, config, ctx.run_id, STEP_NAME),
+    )
+
+
+def _write_catalog(spark: SparkSession, config: ShelfConfig, run_id: str, catalog: DataFrame | None) -> None:
+    """silver.catalog from the catalogue source, else from the items the source file describes (if any)."""
+    if catalog is not None:
+        tables.write(to_catalog(catalog, config.source.catalog_columns), config, "silver", "catalog", run_id)
+    elif (items := read_source_items(spark, config, run_id)) is not None:
+        tables.write(items, config, "silver", "catalog", run_id)
 
 
 main = step_main(STEP_NAME)

@@ -34,31 +34,28 @@ from pipelines.core.config import EvaluateConfig, RecommendConfig, RerankConfig,
 from pipelines.core.errors import InputDataError
 from pipelines.core.neighbours import to_cooccurrence_neighbours
 from pipelines.core.quality import ts_lit
-from pipelines.core.reranking import (
-    ALS_SCORE,
-    FEATURES,
-    NEIGHBOUR_IDX,
-    RANK,
-    SCORE,
-    SOURCES,
-    Reranked,
-    read_catalog,
-    rerank_candidates,
-)
+from pipelines.core.reranking import Reranked, read_catalog, rerank_candidates
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import (
     ALS_MODEL,
     ALS_RERANK,
+    ALS_SCORE,
     EASE,
     EVENT_TS,
+    FEATURES,
     ITEM_IDX,
     ITEM_KNN,
     ITEM_KNN_FRESH,
     MODEL,
+    NEIGHBOUR_IDX,
+    NEIGHBOURS_SOURCE,
     POPULARITY,
     PUBLISHED,
+    RANK,
     RECENT_POPULARITY,
     RUN_ID,
+    SCORE,
+    SOURCES,
     USER_IDX,
 )
 from pipelines.evaluation_report import report_files
@@ -128,7 +125,7 @@ def replay_item_knn(pairs: DataFrame, window: ReplayWindow, evaluate: EvaluateCo
         recent.join(window.users, on=USER_IDX, how="inner")
         .join(neighbours, on=ITEM_IDX, how="inner")
         .groupBy(USER_IDX, F.col(NEIGHBOUR).alias(ITEM_IDX))
-        .agg(F.sum(SIMILARITY).alias(metrics.SCORE))
+        .agg(F.sum(SIMILARITY).alias(SCORE))
     )
     return metrics.top_k(metrics.remove_seen(scores, window.seen), k)
 
@@ -147,9 +144,6 @@ def replay_baseline(name: str, window: ReplayWindow, evaluate: EvaluateConfig, k
     return als_recommend(window.model, window.users, window.seen, k)
 
 
-NEIGHBOUR_SOURCE = "neighbours"  # the candidate source tag `shelf candidates` uses
-
-
 def replay_candidates(
     window: ReplayWindow, rerank_config: RerankConfig, recommend: RecommendConfig | None = None
 ) -> DataFrame:
@@ -159,7 +153,7 @@ def replay_candidates(
     recent items before T + d; nothing seen before T + d."""
     rc = recommend or RecommendConfig()
     pool = als_recommend(window.model, window.users, window.seen, rerank_config.max_candidates)
-    als = pool.select(USER_IDX, ITEM_IDX, F.col(metrics.SCORE).alias(ALS_SCORE), F.lit(ALS_MODEL).alias("_source"))
+    als = pool.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(ALS_SCORE), F.lit(ALS_MODEL).alias("_source"))
     best = Window.partitionBy(ITEM_IDX).orderBy(F.col(SCORE).desc(), F.col(NEIGHBOUR_IDX).asc())
     lists = window.neighbours.withColumn("_r", F.row_number().over(best)).filter(F.col("_r") <= rc.neighbours_per_item)
     recent = recent_items(to_pairs(window.history), rc.recent_items).join(window.users, on=USER_IDX, how="inner")
@@ -169,7 +163,7 @@ def replay_candidates(
         .distinct()
         .join(window.seen, on=[USER_IDX, ITEM_IDX], how="left_anti")
         .select(
-            USER_IDX, ITEM_IDX, F.lit(None).cast("double").alias(ALS_SCORE), F.lit(NEIGHBOUR_SOURCE).alias("_source")
+            USER_IDX, ITEM_IDX, F.lit(None).cast("double").alias(ALS_SCORE), F.lit(NEIGHBOURS_SOURCE).alias("_source")
         )
     )
     return (
@@ -255,7 +249,7 @@ def replay_lists(
         elif rr is not None:
             done = replay_rerank(spark, window, rr, item_index, catalog, k, recommend=config.recommend)
             held.append(done)
-            recs = done.rows.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(metrics.SCORE), RANK)
+            recs = done.rows.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(SCORE), RANK)
         else:
             recs = replay_baseline(name, window, config.evaluate, k)
         recs = recs.withColumn(MODEL, F.lit(name)).cache()

@@ -35,19 +35,9 @@ from pipelines.core.publishing import RECOMMENDATIONS_SCHEMA as RECOMMENDATIONS_
 from pipelines.core.publishing import TABLE_COMMENT
 from pipelines.core.publishing import read_cooccurrence as read_cooccurrence  # re-exported
 from pipelines.core.publishing import to_recommendations as to_recommendations  # re-exported
-from pipelines.core.reranking import (
-    _BOUGHT,
-    _USERS,
-    ALS_SCORE,
-    BLOCKED,
-    RANK,
-    REASONS,
-    SCORE,
-    read_catalog,
-    rerank_candidates,
-)
+from pipelines.core.reranking import _BOUGHT, _USERS, BLOCKED, read_catalog, rerank_candidates
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import IN_STOCK, ITEM_IDX, RUN_ID, USER_ID, USER_IDX
+from pipelines.core.schemas import ALS_SCORE, IN_STOCK, ITEM_IDX, RANK, REASONS, RUN_ID, SCORE, USER_ID, USER_IDX
 
 log = logging.getLogger("shelf.rerank")
 

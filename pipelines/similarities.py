@@ -28,15 +28,9 @@ from pipelines.core import tables
 from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, SimilarityConfig
 from pipelines.core.factors import factors_of_run, item_factor_matrix
-from pipelines.core.neighbours import (
-    NEIGHBOUR_IDX,
-    RANK,
-    SCORE,
-    rank_neighbours,
-    to_cooccurrence_neighbours,
-)
+from pipelines.core.neighbours import rank_neighbours, to_cooccurrence_neighbours
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import ITEM_IDX, RUN_ID
+from pipelines.core.schemas import ITEM_IDX, NEIGHBOUR_IDX, RANK, RUN_ID, SCORE
 from pipelines.core.session import parallelism
 from udfs.topk import normalise_rows, to_long, top_n_dot
 

@@ -11,7 +11,8 @@ import pytest
 from pyspark.sql import DataFrame, SparkSession
 
 from pipelines.core import tables
-from pipelines.core.config import ShelfConfig, load_config
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_loading import load_config
 from pipelines.core.session import get_spark
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipelines.core.config import load_config
+from pipelines.core.config_loading import load_config
 from pipelines.runner import GATE, ORCHESTRATED
 from tests.conftest import REPO
 

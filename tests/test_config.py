@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.core.config import RerankConfig, ShelfConfig, config_warnings, load_config
+from pipelines.core.config import RerankConfig, ShelfConfig
+from pipelines.core.config_loading import config_warnings, load_config
 from pipelines.core.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -16,6 +16,7 @@ from pipelines.core import sources, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import ConfigError, InputDataError
 from pipelines.core.runs import RunContext
+from pipelines.source_presets import movielens_items_path
 from tests.conftest import make_test_config as make_config
 
 AS_OF = datetime(2026, 11, 1)
@@ -247,11 +248,11 @@ def test_the_movies_file_is_found_beside_the_ratings_by_uri(spark: SparkSession,
     """Local paths are looked up on the driver's disk, remote URIs by a Spark listing (sources.listable, here on
     file: URIs, the same Hadoop call an s3a:// or abfss:// one takes); a URI keeps its scheme."""
     ratings = write_text(tmp_path / "ml" / "ratings.csv", ["userId,movieId,rating,timestamp"])
-    assert ingest.movielens_items_path(spark, str(ratings)) is None
+    assert movielens_items_path(spark, str(ratings)) is None
     movies = write_text(tmp_path / "ml" / "movies.csv", MOVIES_FILES["movies.csv"])
-    assert ingest.movielens_items_path(spark, str(ratings)) == str(movies)
-    assert ingest.movielens_items_path(spark, f"file://{ratings}") == f"file://{movies}"
-    assert ingest.movielens_items_path(spark, str(tmp_path / "ml" / "events.csv")) is None  # not a MovieLens name
+    assert movielens_items_path(spark, str(ratings)) == str(movies)
+    assert movielens_items_path(spark, f"file://{ratings}") == f"file://{movies}"
+    assert movielens_items_path(spark, str(tmp_path / "ml" / "events.csv")) is None  # not a MovieLens name
     assert sources.listable(spark, f"file://{movies}") and sources.listable(spark, f"file://{tmp_path / 'ml'}")
     assert not sources.listable(spark, f"file://{tmp_path / 'ml' / 'u.item'}")
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipelines.core.reranking import CAND_ITEMS, kernel_chunks
+from pipelines.core.kernel_frames import CAND_ITEMS, kernel_chunks
 from udfs.features import FEATURES, features
 from udfs.mmr import CHUNK_BYTES, MmrPicks, mmr_batch, mmr_select
 from udfs.rerank import ItemTable, RerankParams, UserBatch, rerank

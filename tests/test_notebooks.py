@@ -16,7 +16,8 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import tables
-from pipelines.core.config import ShelfConfig, load_config
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_loading import load_config
 from pipelines.core.schemas import RUN_ID, USER_ID
 from tests.conftest import REPO
 

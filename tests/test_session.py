@@ -55,8 +55,8 @@ def test_delta_jar_coordinates_match_installed_packages() -> None:
 def test_background_work_yields_the_cores_to_the_main_work(spark: SparkSession) -> None:
     """The local session schedules FAIR with the pools of session._POOLS: the default pool (the main work) always
     goes first, and the stream's side writes run in the side pool."""
-    from pipelines import stream
     from pipelines.core.session import SIDE_POOL
+    from pipelines.stream.side import SideWork
 
     sc = spark.sparkContext
     assert sc.getConf().get("spark.scheduler.mode") == "FAIR"
@@ -64,6 +64,6 @@ def test_background_work_yields_the_cores_to_the_main_work(spark: SparkSession) 
     assert pools.getPoolForName("default").get().minShare() == 100000
     assert pools.getPoolForName(SIDE_POOL).get().minShare() == 0
     seen: list[str | None] = []
-    stream._Background(spark, lambda: seen.append(sc.getLocalProperty("spark.scheduler.pool"))).join()
+    SideWork(spark, lambda: seen.append(sc.getLocalProperty("spark.scheduler.pool"))).join()
     assert seen == [SIDE_POOL]
     assert sc.getLocalProperty("spark.scheduler.pool") is None  # the batch's own thread keeps the default pool

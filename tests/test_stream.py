@@ -1,4 +1,4 @@
-"""pipelines/stream.py on a hand-built nightly run: `availableNow` micro-batches re-rank the users with new
+"""pipelines/stream (`shelf stream`) on a hand-built nightly run: `availableNow` micro-batches re-rank the users with new
 events and MERGE their lists into gold.recommendations.
 
 The world: 16 items, sku-00..07 in category A (factors along e1), sku-08..15 in category B (along e2); six
@@ -25,22 +25,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from pipelines import rerank, stream
+from pipelines import rerank
 from pipelines.core import cli, publishing, sources, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA, RUN_ID, STEP
+from pipelines.stream.job import StreamJob, start
+from pipelines.stream.merge import GateState, MergeOptions, prepare_recommendations, publish
+from pipelines.stream.recent import checkpoint_rdd
+from pipelines.stream.serving import SOURCE_KEY, batch_tag, checkpoint_path, landing_path, serving_run
 from tests.conftest import REPO, make_test_config, write_factor_tables
 
 AS_OF = datetime(2026, 11, 1)
@@ -141,11 +146,11 @@ def write_nightly(spark: SparkSession, config: ShelfConfig) -> None:
 def append_landing(spark: SparkSession, config: ShelfConfig, rows: Sequence[tuple[str | None, ...]]) -> None:
     """One tracker commit to the landing table (one file: one micro-batch with maxFilesPerTrigger 1)."""
     frame = spark.createDataFrame(rows, LANDING).coalesce(1)
-    frame.write.format("delta").mode("append").save(stream.landing_path(config))
+    frame.write.format("delta").mode("append").save(landing_path(config))
 
 
-def run_stream(spark: SparkSession, config: ShelfConfig, job: stream.StreamJob) -> None:
-    query = stream.start(spark, config, job, available_now=True)
+def run_stream(spark: SparkSession, config: ShelfConfig, job: StreamJob) -> None:
+    query = start(spark, config, job, available_now=True)
     try:
         query.awaitTermination()
     finally:
@@ -172,7 +177,7 @@ def streamed(spark: SparkSession, nightly: Path, tmp_path_factory: pytest.TempPa
     config = make_test_config(root, *OVERRIDES)
     append_landing(spark, config, BATCH_0)
     append_landing(spark, config, BATCH_1)
-    run_stream(spark, config, stream.StreamJob(spark, config))
+    run_stream(spark, config, StreamJob(spark, config))
     return config
 
 
@@ -227,7 +232,7 @@ def test_users_first_seen_today_get_lists_from_their_session(spark: SparkSession
 
 
 def test_bad_rows_are_quarantined_and_counts_reconcile(spark: SparkSession, streamed: ShelfConfig) -> None:
-    tag = stream.batch_tag(streamed, 0)
+    tag = batch_tag(streamed, 0)
     quarantined = tables.read(spark, streamed, "quarantine", "events").filter(
         (F.col(RUN_ID) == tag) & (F.col(STEP) == "stream")
     )
@@ -249,7 +254,7 @@ def test_replaying_a_batch_id_changes_nothing(
     """A replayed batch leaves gold.recommendations as it was; and of the local checkpoints it made (the batch's
     users, its lists, the gate's read, the recent events), only the recent events still hold blocks after it."""
     before = rows_of(tables.read(spark, streamed, "gold", "recommendations"))
-    landing = sources.read_source(spark, stream.landing_path(streamed), "delta", stream.SOURCE_KEY)
+    landing = sources.read_source(spark, landing_path(streamed), "delta", SOURCE_KEY)
     first_commit = landing.filter(F.col("session_id") != "s5").drop("_source_file")
     made: list[DataFrame] = []
     classic = type(first_commit)  # the session's DataFrame class (pyspark.sql.DataFrame only dispatches to it)
@@ -260,11 +265,11 @@ def test_replaying_a_batch_id_changes_nothing(
         return made[-1]
 
     monkeypatch.setattr(classic, "localCheckpoint", recording)
-    job = stream.StreamJob(spark, streamed)
+    job = StreamJob(spark, streamed)
     try:
         job(first_commit, 0)  # what Spark does after a crash between the MERGE and the checkpoint commit
-        made_ids = {stream.checkpoint_rdd(f).id() for f in made}
-        kept = {stream.checkpoint_rdd(s.frame).id() for s in job.recent.slices}
+        made_ids = {checkpoint_rdd(f).id() for f in made}
+        kept = {checkpoint_rdd(s.frame).id() for s in job.recent.slices}
         assert len(made_ids) == len(kept) + 3 and kept < made_ids  # users, lists, gate (a fresh job reads it)
         deadline = time.monotonic() + 30  # blocks are removed asynchronously
         while (held := made_ids & {i.id() for i in spark.sparkContext._jsc.sc().getRDDStorageInfo()}) != kept:
@@ -279,12 +284,12 @@ def test_replaying_a_batch_id_changes_nothing(
 STREAM_TABLES = (("gold", "recommendations"), ("quarantine", "events"), ("bronze", "stream_events"))
 
 
-def stream_cli(config: ShelfConfig) -> list[str]:
-    """`shelf stream` as a subprocess command line on `config`'s tables (conf/test.yaml: available_now)."""
+def stream_cli(config: ShelfConfig, pause_after: str) -> list[str]:
+    """`shelf stream` as a subprocess command line on `config`'s tables (conf/test.yaml: available_now), stopping at
+    batch N's after_batch_writes hook (`pause_after` = "N:<marker file>"; tests/stream_child.py)."""
     sets = [f"storage.root={config.storage.root}", f"spark.jars_dir={REPO / '.jars'}", *OVERRIDES]
-    return [sys.executable, "-m", "pipelines.core.cli", "stream", "--conf", str(REPO / "conf" / "test.yaml")] + [
-        arg for value in sets for arg in ("--set", value)
-    ]
+    command = [sys.executable, "-m", "tests.stream_child", "--conf", str(REPO / "conf" / "test.yaml")]
+    return [*command, *[arg for value in sets for arg in ("--set", value)], "--pause-after", pause_after]
 
 
 @pytest.mark.slow
@@ -296,13 +301,14 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
     append_landing(spark, config, BATCH_0)
     append_landing(spark, config, BATCH_1)
     marker = tmp_path / "merged-1"
-    # The test-only hook: batch 1 writes the marker once its MERGE and its side writes (quarantine,
-    # bronze.stream_events, run metrics: blind appends, batch 1 runs for the first time) are done, then sleeps
-    # before it ends; the process (and its JVM: its own process group) is killed there with SIGKILL.
-    env = {**os.environ, stream.PAUSE_AFTER_WRITES_ENV: f"1:{marker}"}
+    # StreamJob's after_batch_writes hook (tests/stream_child.py): batch 1 writes the marker once its MERGE and its
+    # side writes (quarantine, bronze.stream_events, run metrics: blind appends, batch 1 runs for the first time)
+    # are done, then waits before it ends; the process (and its JVM: its own process group) is killed there.
     log = tmp_path / "stream.log"
     with log.open("wb") as err:
-        proc = subprocess.Popen(stream_cli(config), cwd=REPO, env=env, start_new_session=True, stdout=err, stderr=err)
+        proc = subprocess.Popen(
+            stream_cli(config, f"1:{marker}"), cwd=REPO, start_new_session=True, stdout=err, stderr=err
+        )
         try:
             deadline = time.monotonic() + 900  # a loaded 2-core machine: minutes to start a JVM and serve
             while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -319,11 +325,11 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
         bronze.count()
         == tables.read(spark, streamed, "bronze", "stream_events").filter(F.col(RUN_ID) == "stream-1").count()
     )
-    checkpoint = Path(stream.checkpoint_path(config))
+    checkpoint = Path(checkpoint_path(config))
     assert (checkpoint / "offsets" / "1").exists() and not (checkpoint / "commits" / "1").exists()
     # Restart from the same checkpoint (in this process): Spark replays batch 1; its MERGE changes nothing (its
     # own rows are there), its side writes replace the rows its first run appended (no duplicates below).
-    run_stream(spark, config, stream.StreamJob(spark, config))
+    run_stream(spark, config, StreamJob(spark, config))
     for layer, name in STREAM_TABLES:
         got = tables.read(spark, config, layer, name)
         want = tables.read(spark, streamed, layer, name)
@@ -333,18 +339,36 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
     assert rows_of(metrics.select(RUN_ID, "metric", "value")) == rows_of(want_metrics.select(RUN_ID, "metric", "value"))
 
 
-class NightlyCommitsMidMerge(stream.StreamJob):
+def gated_rows(batches: Iterable[pd.DataFrame], gate: str) -> Iterator[pd.DataFrame]:
+    """A pass-through of the MERGE's source that, until `<gate>/released` exists, writes `<gate>/entered` and waits for
+    it (at most 120 s). The MERGE reads its source inside its transaction, so the test can commit to
+    gold.recommendations between the MERGE's read and its commit."""
+    for pdf in batches:
+        if not (Path(gate) / "released").exists():
+            (Path(gate) / "entered").touch()
+            deadline = time.monotonic() + 120
+            while not (Path(gate) / "released").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        yield pdf
+
+
+class NightlyCommitsMidMerge(StreamJob):
     """Forces the race deterministically: the first MERGE attempt's source (evaluated inside the MERGE's
     transaction, after it chose its snapshot) waits at a gate while another thread republishes the serving run
     with the real `shelf rerank`; then the MERGE tries to commit."""
 
     def __init__(self, spark: SparkSession, config: ShelfConfig, gate: Path) -> None:
         super().__init__(spark, config)
-        self.merge_gate = str(gate)
+        self.gate_dir = str(gate)
         self.attempts: list[int] = []
 
     def before_merge_attempt(self, attempt: int) -> None:
         self.attempts.append(attempt)
+
+    def merge_source(self, source: DataFrame) -> DataFrame:
+        # One task waits; the other core stays free for the concurrent nightly.
+        gate = self.gate_dir
+        return source.coalesce(1).mapInPandas(lambda it: gated_rows(it, gate), source.schema)
 
 
 def republish_while_the_merge_waits(spark: SparkSession, config: ShelfConfig, gate: Path, errors: list[str]) -> None:
@@ -419,7 +443,7 @@ def test_next_nightly_takes_over_and_the_newer_information_wins(
     candidates = tables.read(spark, config, "gold", "candidates").withColumn(RUN_ID, F.lit("night-2"))
     tables.write(candidates, config, "gold", "candidates", "night-2", mode="run")
     rerank.run(spark, config, RunContext("night-2", night_2))  # the batch publish still works on the wider table
-    assert stream.serving_run(spark, config) == ("night-2", night_2)
+    assert serving_run(spark, config) == ("night-2", night_2)
     night_1_rows = rows_of(tables.read(spark, config, "gold", "recommendations").filter(F.col(RUN_ID) == RUN))
     published = tables.read(spark, config, "gold", "recommendations").filter(F.col(RUN_ID) == "night-2")
     assert published.filter(F.col("stream_batch").isNotNull()).count() == 0
@@ -427,7 +451,7 @@ def test_next_nightly_takes_over_and_the_newer_information_wins(
     # Batch 2: u01 again, with an event older than night-2's as_of (night-2 knows better); u00 after it.
     append_landing(spark, config, [(user_id(1), item_id(6), "view", at(3.0), "1", "s6")])
     append_landing(spark, config, [(user_id(0), item_id(7), "add_to_cart", at(25.0), "1", "s7")])
-    run_stream(spark, config, stream.StreamJob(spark, config))
+    run_stream(spark, config, StreamJob(spark, config))
     after = lists_of_run(spark, config, "night-2")
     assert after[user_id(1)] == before[user_id(1)]  # older information than the nightly: ignored
     assert after[user_id(0)] != before[user_id(0)] and any(category(i) == "A" for i in after[user_id(0)])
@@ -483,7 +507,7 @@ def nightly_list(user: str, length: int) -> list[ListRow]:
 def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_win(
     spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """stream.publish reads gold.recommendations for its newer-wins gate before the MERGE starts. Here the gate reads
+    """publish reads gold.recommendations for its newer-wins gate before the MERGE starts. Here the gate reads
     a stale version (a rerun of the nightly and a newer stream batch committed after it): the MERGE's own row
     conditions must keep u-b's newer rows, and the MERGE must remove the tail ranks of u-a's longer rerun list,
     which the gate never saw, so each user ends with one whole list, never a mix."""
@@ -493,7 +517,7 @@ def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_wi
         return recommendation_rows(spark, rows)
 
     tables.write(frame(nightly_list("u-a", 2) + nightly_list("u-b", 2)), config, "gold", "recommendations", RUN)
-    stream.prepare_recommendations(spark, config)
+    prepare_recommendations(spark, config)
     stale = tables.latest_version(spark, config, "gold", "recommendations")
     # After the gate's read: the nightly reruns (u-a's list is now 4 long) and a later stream batch (9, event time
     # 3 h after as_of) rewrote u-b's list.
@@ -506,10 +530,10 @@ def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_wi
             version = stale
         return read(spark_, config_, layer, name, version)
 
-    monkeypatch.setattr(stream.tables, "read", stale_read)
+    monkeypatch.setattr(tables, "read", stale_read)
     batch_5 = AS_OF + timedelta(hours=2)
     new = [(u, r, f"{u}-batch5-{r}", 5, batch_5) for u in ("u-a", "u-b") for r in (1, 2)]
-    stream.publish(spark, config, frame(new), RUN, 5, batch_5)
+    publish(spark, config, frame(new), RUN, 5, batch_5)
     monkeypatch.undo()
     after = lists(spark, config)
     assert after == {"u-a": ["u-a-batch5-1", "u-a-batch5-2"], "u-b": ["u-b-batch9-1", "u-b-batch9-2"]}
@@ -518,13 +542,13 @@ def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_wi
 def publish_counting_reads(
     spark: SparkSession,
     config: ShelfConfig,
-    state: stream.GateState,
+    state: GateState,
     batch_id: int,
     reads: list[int | None],
     monkeypatch: pytest.MonkeyPatch,
     length: int = 2,
 ) -> None:
-    """stream.publish of batch `batch_id`: u-a's new `length`-long list, event time `batch_id` hours after AS_OF;
+    """publish of batch `batch_id`: u-a's new `length`-long list, event time `batch_id` hours after AS_OF;
     each read of gold.recommendations it makes (the gate's) is appended to `reads`."""
     read = tables.read
 
@@ -535,10 +559,10 @@ def publish_counting_reads(
 
     time_ = AS_OF + timedelta(hours=batch_id)
     rows = [("u-a", r, f"u-a-batch{batch_id}-{r}", batch_id, time_) for r in range(1, length + 1)]
-    monkeypatch.setattr(stream.tables, "read", counting_read)
+    monkeypatch.setattr(tables, "read", counting_read)
     try:
-        options = stream.MergeOptions(state=state, as_of=AS_OF)
-        stream.publish(spark, config, recommendation_rows(spark, rows), RUN, batch_id, time_, options)
+        options = MergeOptions(state=state, as_of=AS_OF)
+        publish(spark, config, recommendation_rows(spark, rows), RUN, batch_id, time_, options)
     finally:
         monkeypatch.undo()
 
@@ -553,8 +577,8 @@ def test_the_gate_reads_the_table_only_after_another_writer_committed(
     config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}")
     nightly = nightly_list("u-a", 2) + nightly_list("u-b", 2)
     tables.write(recommendation_rows(spark, nightly), config, "gold", "recommendations", RUN)
-    stream.prepare_recommendations(spark, config)
-    state, reads = stream.GateState(), list[int | None]()
+    prepare_recommendations(spark, config)
+    state, reads = GateState(), list[int | None]()
     publish_counting_reads(spark, config, state, 5, reads, monkeypatch)
     publish_counting_reads(spark, config, state, 6, reads, monkeypatch)
     assert len(reads) == 1, reads  # batch 6: only the stream's own MERGE since the read
@@ -577,8 +601,8 @@ def test_a_shorter_list_deletes_the_whole_tail_of_a_longer_one_without_a_gate_re
     config = make_test_config(tmp_path, f"rerank.top_k={TOP_K}", f"stream.merge_broadcast_mb={merge_broadcast_mb}")
     nightly = nightly_list("u-a", 2) + nightly_list("u-b", 2)
     tables.write(recommendation_rows(spark, nightly), config, "gold", "recommendations", RUN)
-    stream.prepare_recommendations(spark, config)
-    state, reads = stream.GateState(), list[int | None]()
+    prepare_recommendations(spark, config)
+    state, reads = GateState(), list[int | None]()
     spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")  # a micro-batch's setting (stream.broadcast_joins)
     try:
         publish_counting_reads(spark, config, state, 5, reads, monkeypatch, length=TOP_K + 3)
@@ -604,8 +628,8 @@ def test_auto_compaction_keeps_the_stream_files_few_without_forcing_gate_reads(
         "recommendations",
         RUN,
     )
-    stream.prepare_recommendations(spark, config)
-    state, reads = stream.GateState(), list[int | None]()
+    prepare_recommendations(spark, config)
+    state, reads = GateState(), list[int | None]()
     spark.conf.set("spark.databricks.delta.autoCompact.minNumFiles", "3")
     try:
         for batch_id in range(5, 11):

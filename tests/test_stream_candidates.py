@@ -10,10 +10,20 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import stream
-from pipelines.core import publishing, reranking
-from pipelines.core.reranking import ALS_SCORE, SOURCES
-from pipelines.core.schemas import ITEM_ID, ITEM_IDX, USER_ID, USER_IDX
+from pipelines.core import kernel_frames, publishing, reranking
+from pipelines.core.schemas import (
+    ALS_SCORE,
+    FEATURES,
+    ITEM_ID,
+    ITEM_IDX,
+    RANK,
+    REASONS,
+    SCORE,
+    SOURCES,
+    USER_ID,
+    USER_IDX,
+)
+from pipelines.stream.users import to_candidate_lists
 from udfs.candidates import NEIGHBOURS_BIT, POPULAR_BIT, merge_candidates
 from udfs.rerank import ItemTable, RerankParams
 
@@ -88,12 +98,12 @@ def test_the_union_and_cap_equal_the_batch_steps_spark_path(spark: SparkSession)
         want.setdefault(r[USER_IDX], []).append((r[ITEM_IDX], r[ALS_SCORE] is not None))
 
     # The stream: stored lists grouped once (to_candidate_lists), extras per user, merged in numpy.
-    lists = stream.to_candidate_lists(stored).toPandas().set_index(USER_IDX)
+    lists = to_candidate_lists(stored).toPandas().set_index(USER_IDX)
     users = sorted(set(lists.index) | {u for u, _, _ in extra_rows})
     frame = lists.reindex(users)
 
     def column(name: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-        return reranking.segments(
+        return kernel_frames.segments(
             pd.Series([v if isinstance(v, np.ndarray | list) else None for v in frame[name]]), dtype
         )
 
@@ -139,13 +149,13 @@ def test_kernel_rows_get_the_same_ids_and_reasons_in_pandas_as_in_spark(spark: S
     user_rows = pd.DataFrame(
         {
             USER_IDX: [3, -1],
-            reranking.FEATURES: [[0.5, 0.5], None],
-            reranking.CAND_ITEMS: [[11, 12], [11, 12]],
-            reranking.CAND_ALS: [[True, True], [False, False]],
-            reranking.EV_ITEMS: [[10], [10]],
-            reranking.EV_WEIGHTS: [[1.0], [1.0]],
-            reranking.EV_AGES: [[0.0], [0.0]],
-            reranking.EV_BOUGHT: [[False], [False]],
+            FEATURES: [[0.5, 0.5], None],
+            kernel_frames.CAND_ITEMS: [[11, 12], [11, 12]],
+            kernel_frames.CAND_ALS: [[True, True], [False, False]],
+            kernel_frames.EV_ITEMS: [[10], [10]],
+            kernel_frames.EV_WEIGHTS: [[1.0], [1.0]],
+            kernel_frames.EV_AGES: [[0.0], [0.0]],
+            kernel_frames.EV_BOUGHT: [[False], [False]],
         }
     )
     params = RerankParams(top_k=2, mmr_lambda=1.0, alpha=1.0, weights={"session": 1.0})
@@ -153,12 +163,12 @@ def test_kernel_rows_get_the_same_ids_and_reasons_in_pandas_as_in_spark(spark: S
     items = spark.createDataFrame([(i, f"item-{i}") for i in (10, 11, 12, 13)], "item_idx int, item_id string")
     ids = publishing.ItemIds.collect(items)
 
-    dense = reranking.rerank_frame(user_rows, table, params)
-    frame = spark.createDataFrame(dense, schema=reranking.KERNEL_SCHEMA)
+    dense = kernel_frames.rerank_frame(user_rows, table, params)
+    frame = spark.createDataFrame(dense, schema=kernel_frames.KERNEL_SCHEMA)
     want = publishing.to_recommendations(frame, users, items, "r1", pd.Timestamp("2026-11-01").to_pydatetime())
-    columns = [USER_ID, ITEM_ID, reranking.RANK, reranking.SCORE, reranking.REASONS]
+    columns = [USER_ID, ITEM_ID, RANK, SCORE, REASONS]
     expected = sorted((r[0], r[1], r[2], r[3], list(r[4])) for r in want.select(*columns).collect())
-    named = reranking.rerank_frame(user_rows, table, params, name_items=ids.of)
+    named = kernel_frames.rerank_frame(user_rows, table, params, name_items=ids.of)
     got = publishing.to_recommendations_pandas(named, pd.Series(["u-three", "new-one"], index=[3, -1]), ids)
     actual = sorted((u, i, int(k), float(s), list(r)) for u, i, k, s, r in got[columns].itertuples(index=False))
     assert actual == expected

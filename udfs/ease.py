@@ -331,8 +331,7 @@ def top_n_sparse(
     Raises:
         ValueError: shapes disagree, ids are not strictly ascending, or k is not positive.
     """
-    catalogue = np.asarray(item_ids, dtype=np.int64)
-    catalogue = _ascending_ids(catalogue, catalogue.size)
+    catalogue = _ascending_ids(np.asarray(item_ids, dtype=np.int64), np.size(item_ids))
     n = catalogue.size
     nb = _neighbour_arrays(nb_indptr, nb_cols, nb_weights, n)
     if k < 1:
@@ -341,8 +340,7 @@ def top_n_sparse(
     m, width = indptr.size - 1, min(k, n)
     rows, cols, x = _user_entries(indptr, user_items, user_values, catalogue)
     ex_rows, ex_cols = _exclusions(exclude_indptr, exclude_indices, m, catalogue)
-    out_ids = np.full((m, width), -1, dtype=np.int64)
-    out_scores = np.full((m, width), -np.inf, dtype=np.float32)
+    out_ids, out_scores = np.full((m, width), -1, dtype=np.int64), np.full((m, width), -np.inf, dtype=np.float32)
     step = max(1, block_cells // max(n, 1))
     for r0 in range(0, m if width else 0, step):
         r1 = min(r0 + step, m)

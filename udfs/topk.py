@@ -203,6 +203,19 @@ def _self_columns(query_ids: npt.ArrayLike | None, ids: IntArray, m: int) -> Int
     return cols
 
 
+def _excluded_columns(
+    exclude_indptr: npt.ArrayLike | None, exclude_indices: npt.ArrayLike | None, ids: IntArray, m: int
+) -> tuple[IntArray | None, IntArray | None]:
+    """(indptr, catalogue column of each excluded id: -1 outside the catalogue), or (None, None): no exclusions."""
+    if exclude_indptr is None:
+        return None, None
+    indptr = np.asarray(exclude_indptr, dtype=np.int64)
+    if indptr.shape != (m + 1,):
+        raise ValueError(f"exclude_indptr has shape {indptr.shape}, expected ({m + 1},)")
+    excluded = np.asarray(exclude_indices if exclude_indices is not None else [], dtype=np.int64)
+    return indptr, _columns_of(excluded, ids)
+
+
 def _block_exclusions(
     indptr: IntArray | None, excl_cols: IntArray | None, r0: int, r1: int
 ) -> tuple[IntArray | None, IntArray | None]:
@@ -259,14 +272,7 @@ def top_n_dot(
         return TopN(out_ids, out_scores, np.zeros(m, dtype=np.int64))
 
     self_cols = _self_columns(query_ids, ids, m) if exclude_self else None
-    indptr: IntArray | None = None
-    excl_cols: IntArray | None = None
-    if exclude_indptr is not None:
-        indptr = np.asarray(exclude_indptr, dtype=np.int64)
-        if indptr.shape != (m + 1,):
-            raise ValueError(f"exclude_indptr has shape {indptr.shape}, expected ({m + 1},)")
-        excl_cols = _columns_of(np.asarray(exclude_indices if exclude_indices is not None else [], dtype=np.int64), ids)
-
+    indptr, excl_cols = _excluded_columns(exclude_indptr, exclude_indices, ids, m)
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)
         ex_rows, ex_cols = _block_exclusions(indptr, excl_cols, r0, r1)

@@ -17,12 +17,11 @@ from pipelines.core import metrics, uris
 from pipelines.core.config import ShelfConfig, TrainConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.factors import top_k_by_dot
-from pipelines.core.schemas import AS_OF, DECAY, EVENT_TS, ITEM_IDX, USER_IDX, WEIGHT
+from pipelines.core.schemas import AS_OF, DECAY, EVENT_TS, FEATURES, ITEM_IDX, SCORE, USER_IDX, WEIGHT
 from pipelines.core.session import parallelism
 
 RATING = "rating"
 STRENGTH = "strength"
-FEATURES = metrics.FEATURES
 MAX_BLOCKS = 4
 SECONDS_PER_DAY = 86400.0
 
@@ -140,7 +139,7 @@ def als_recommend(model: ALSModel, users: DataFrame, seen: DataFrame, k: int) ->
     own = seen.select(USER_IDX, ITEM_IDX).distinct().join(targets, on=USER_IDX, how="inner")
     user_factors = model.userFactors.select(F.col("id").alias(USER_IDX), FEATURES).join(targets, USER_IDX, "inner")
     item_factors = model.itemFactors.select(F.col("id").alias(ITEM_IDX), FEATURES)
-    return metrics.top_k(top_k_by_dot(user_factors, item_factors, own, k, metrics.SCORE), k)
+    return metrics.top_k(top_k_by_dot(user_factors, item_factors, own, k, SCORE), k)
 
 
 def model_path(config: ShelfConfig, run_id: str) -> str:

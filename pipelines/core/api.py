@@ -22,7 +22,8 @@ from pyspark.sql import functions as F
 
 from pipelines.core import metrics, reports, tables, uris
 from pipelines.core.cli import STEPS, step_function
-from pipelines.core.config import ShelfConfig, load_config
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_loading import load_config
 from pipelines.core.errors import ConfigError, InputDataError
 from pipelines.core.runs import RunContext, make_context
 from pipelines.core.schemas import (
@@ -33,6 +34,7 @@ from pipelines.core.schemas import (
     ITEM_ID,
     ITEM_IDX,
     MODEL,
+    RANK,
     RUN_ID,
     TITLE,
     USER_ID,
@@ -40,7 +42,6 @@ from pipelines.core.schemas import (
 )
 from pipelines.core.session import get_spark
 
-RANK = "rank"
 REPORT_PLOTS = ("metrics_at_k.png", "metric_vs_k.png")
 
 

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from pipelines.core import uris
-from pipelines.core.config import ShelfConfig, load_config
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_loading import load_config
 from pipelines.core.errors import ShelfError
 from pipelines.core.runs import RunContext, make_context
 
@@ -36,7 +37,7 @@ STEPS: dict[str, str] = {
 }
 TOOLS: dict[str, str] = {"generate": "pipelines.generate"}
 # Long-running jobs: own subcommands, never part of `shelf run`.
-STREAMING: dict[str, str] = {"stream": "pipelines.stream"}
+STREAMING: dict[str, str] = {"stream": "pipelines.stream.job"}
 ADMIN = ("rollback", "forget", "prune")
 
 StepRun = Callable[[Any, ShelfConfig, RunContext], Any]

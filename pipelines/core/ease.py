@@ -30,15 +30,13 @@ from scipy.linalg import lapack
 
 from pipelines.core import tables
 from pipelines.core.config import EaseValues, ShelfConfig
-from pipelines.core.neighbours import NEIGHBOUR_IDX, RANK
-from pipelines.core.schemas import ITEM_IDX, RUN_ID, USER_IDX, WEIGHT
+from pipelines.core.schemas import EASE_SCORE, ITEM_IDX, NEIGHBOUR_IDX, RANK, RUN_ID, USER_IDX, WEIGHT
 from udfs.ease import dense_peak_bytes, ease_csr, fit_ease, prune_top_n, top_n_sparse
 from udfs.topk import csr_from_lists, to_long
 
 log = logging.getLogger("shelf.ease")
 
 X = "x"
-EASE_SCORE = "ease_score"
 ITEMS = "_items"
 VALUES = "_values"
 EXCLUDED = "_excluded"

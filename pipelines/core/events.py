@@ -4,7 +4,7 @@ Reads nothing and writes nothing: pure DataFrame transforms. `classify` types th
 (`to_canonical` / `to_canonical_from_table` map a source's columns onto them) and sets `reason` to the first
 rule a row breaks (null: accepted); `to_bronze` and `to_quarantine` shape the accepted and rejected rows into
 BRONZE_EVENTS_SCHEMA and QUARANTINE_SCHEMA (one row per source row). The reason codes and their order are
-listed in `pipelines/ingest.py`'s docstring.
+listed in `pipelines/ingest.py`'s docstring, each preset's own in `pipelines/source_presets.py`'s.
 """
 
 from __future__ import annotations

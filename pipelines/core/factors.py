@@ -17,10 +17,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipelines.core.errors import InputDataError
-from pipelines.core.schemas import ITEM_IDX, RUN_ID, USER_IDX
+from pipelines.core.schemas import FEATURES, ITEM_IDX, RUN_ID, USER_IDX
 from udfs.topk import DEFAULT_BLOCK_ITEMS, DEFAULT_BLOCK_ROWS, csr_from_lists, to_long, top_n_dot
 
-FEATURES = "features"
 DOT_SCORE = "_dot"
 _EXCLUDED = "_excluded"
 

@@ -28,12 +28,8 @@ from collections.abc import Sequence
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from pipelines.core.schemas import ITEM_IDX, USER_IDX
+from pipelines.core.schemas import FEATURES, ITEM_IDX, RANK, SCORE, USER_IDX
 
-FEATURES = "features"
-
-RANK = "rank"
-SCORE = "score"
 METRIC = "metric"
 K = "k"
 METRIC_VALUE = "value"

@@ -11,11 +11,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from pipelines.core.config import SimilarityConfig
-from pipelines.core.schemas import EVENT_TS, ITEM_IDX, USER_IDX, WEIGHT
-
-NEIGHBOUR_IDX = "neighbour_idx"
-SCORE = "score"
-RANK = "rank"
+from pipelines.core.schemas import EVENT_TS, ITEM_IDX, NEIGHBOUR_IDX, RANK, SCORE, USER_IDX, WEIGHT
 
 
 def with_recent_items(interactions: DataFrame, max_items_per_user: int) -> DataFrame:

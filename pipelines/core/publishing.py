@@ -23,8 +23,18 @@ from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.factors import factors_of_run
 from pipelines.core.quality import ts_lit
-from pipelines.core.reranking import NEIGHBOUR_IDX, RANK, REASONS, SCORE
-from pipelines.core.schemas import AS_OF, ITEM_ID, ITEM_IDX, RUN_ID, USER_ID, USER_IDX
+from pipelines.core.schemas import (
+    AS_OF,
+    ITEM_ID,
+    ITEM_IDX,
+    NEIGHBOUR_IDX,
+    RANK,
+    REASONS,
+    RUN_ID,
+    SCORE,
+    USER_ID,
+    USER_IDX,
+)
 
 log = logging.getLogger("shelf.rerank")
 
@@ -108,7 +118,7 @@ def to_recommendations_pandas(ranked: pd.DataFrame, user_ids: pd.Series, items: 
     """to_recommendations on a pandas batch of kernel rows, in a Python worker: user_id (from `user_ids`, indexed
     by user_idx), item_id, rank, score, reasons; the caller adds run_id and as_of.
 
-    `ranked` comes from reranking.rerank_frame(..., name_items=items.of), so its similar_to reasons already name
+    `ranked` comes from kernel_frames.rerank_frame(..., name_items=items.of), so its similar_to reasons already name
     the source's item ids (to_recommendations rewrites the dense ids in Spark instead)."""
     return pd.DataFrame(
         {

@@ -57,6 +57,20 @@ ZERO_PRICE = "zero_price"
 BAD_ENCODING = "bad_encoding"  # bytes that are not UTF-8 (decoded as U+FFFD): the ids cannot be trusted
 BAD_ID = "bad_id"  # a user or item id with control characters
 
+# Columns of the model and list tables (gold.*_factors, gold.item_similarities, gold.candidates, gold.recommendations).
+FEATURES = "features"  # a factor vector
+NEIGHBOUR_IDX = "neighbour_idx"
+RANK = "rank"
+SCORE = "score"
+REASONS = "reasons"
+ALS_SCORE = "als_score"
+EASE_SCORE = "ease_score"
+REBUY_SCORE = "rebuy_score"
+SOURCES = "sources"  # gold.candidates: the sources that proposed the item (CANDIDATE_SOURCES)
+# gold.candidates' source tags (pipelines/candidates.py)
+ALS_SOURCE, EASE_SOURCE, BUY_AGAIN_SOURCE = "als", "ease", "buy_again"
+NEIGHBOURS_SOURCE, POPULAR_SOURCE, NEW_ARRIVAL_SOURCE = "neighbours", "popular", "new_arrival"
+
 # gold.metrics: its model column and the names of the compared models (pipelines/baselines.py ranks them).
 MODEL = "model"
 PUBLISHED = "published"  # the lists the publish path wrote, as written
