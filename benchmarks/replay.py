@@ -50,8 +50,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
 from pipelines import baselines, replay
+from pipelines.cli import setup_logging
 from pipelines.core import kernel_frames, metrics, reranking, schemas, tables
-from pipelines.core.cli import setup_logging
 from pipelines.core.config import EvaluateConfig, RerankConfig, ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.reranking import read_catalog

@@ -38,7 +38,7 @@ from airflow.sdk import DAG, Param, chain
 DAG_ID = "shelf_daily"
 SPARK_CONN_ID = "shelf_spark"
 POOL = "shelf_spark"
-# pipelines/runner.py ORCHESTRATED: each command reads what the previous ones wrote; the gate before publishing.
+# pipelines/steps.py ORCHESTRATED: each command reads what the previous ones wrote; the gate before publishing.
 COMMANDS = ("ingest", "clean", "evaluate", "gate", "train", "similarities", "candidates", "rerank")
 GATE = "gate"  # not retried: a refusal is the answer, not a failure to try again
 

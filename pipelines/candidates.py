@@ -33,7 +33,6 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
 
 from pipelines.core import ease, tables
-from pipelines.core.cli import step_main
 from pipelines.core.config import EaseValues, RecommendConfig, ShelfConfig, SimilarityConfig
 from pipelines.core.factors import factors_of_run, top_k_by_dot
 from pipelines.core.quality import ts_lit
@@ -349,6 +348,3 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         assert stats is not None
         counts["rows"] = stats["rows"]
         counts["users"] = stats["users"]
-
-
-main = step_main(STEP)

@@ -33,7 +33,6 @@ from pyspark.sql import functions as F
 
 from pipelines.core import sources, tables, uris
 from pipelines.core.als import time_decay
-from pipelines.core.cli import step_main
 from pipelines.core.config import CatalogMapping, CleanConfig, ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.quality import (
@@ -376,6 +375,3 @@ def _write_catalog(spark: SparkSession, config: ShelfConfig, run_id: str, catalo
         tables.write(to_catalog(catalog, config.source.catalog_columns), config, "silver", "catalog", run_id)
     elif (items := read_source_items(spark, config, run_id)) is not None:
         tables.write(items, config, "silver", "catalog", run_id)
-
-
-main = step_main(STEP_NAME)

@@ -37,7 +37,6 @@ from pyspark.sql import functions as F
 
 from pipelines.baselines import METRICS_COLUMNS, cutoffs, diversity_factors, recommend, to_relevant
 from pipelines.core import holdout, metrics, reports, tables
-from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.runs import RunContext, step_log
@@ -100,10 +99,3 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         reports.save(spark, config, ctx.run_id, report_files(rows, config, ctx, sizes))
         train.unpersist()
         test.unpersist()
-
-
-main = step_main(STEP)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

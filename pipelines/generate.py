@@ -285,14 +285,4 @@ def run(spark: object, config: ShelfConfig, ctx: RunContext) -> None:
     log.info("demo events in %s, catalog in %s", config.source.path, config.source.catalog_path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.core.cli import step_main
-
-    return step_main("generate")(argv)
-
-
-__all__ = ["generate", "run", "main"]
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["generate", "run"]

@@ -38,7 +38,6 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import sources, tables
-from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, SourceConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.events import classify, rules_for, to_bronze, to_canonical, to_canonical_from_table, to_quarantine
@@ -155,6 +154,3 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             )
         finally:
             classified.unpersist()
-
-
-main = step_main(STEP_NAME)

@@ -28,7 +28,6 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipelines.core import tables
-from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.publishing import RECOMMENDATIONS_SCHEMA as RECOMMENDATIONS_SCHEMA  # re-exported
@@ -173,9 +172,3 @@ def _published_counts(spark: SparkSession, config: ShelfConfig, run_id: str) -> 
     ).first()
     assert stats is not None
     return {"rows": stats["rows"], "users": stats["users"], "fallback_users": stats["fallback_users"]}
-
-
-main = step_main(STEP)
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,7 @@ gate, then train, similarities, candidates and rerank. The gate compares publish
 on the holdout (`evaluate.gate`: fail refuses to publish with exit code 6, so the previous run stays the
 serving run and gold.recommendations gets no row of the refused run; warn logs and publishes; off skips).
 `shelf rerank` on its own publishes as before. An orchestrator that runs each command as a task (Airflow,
-Databricks jobs) follows `ORCHESTRATED`: the same order, with `shelf gate` as the task between evaluate and the
+Databricks jobs) follows `pipelines.steps.ORCHESTRATED`: the same order, with `shelf gate` as the task between evaluate and the
 publishing steps.
 """
 
@@ -23,20 +23,14 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import holdout, metrics, tables
-from pipelines.core.cli import STEPS, step_function, step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError, PublishRefusedError
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import POPULARITY, PUBLISHED, RUN_ID
+from pipelines.steps import EVALUATE, PUBLISHING, STEPS, step_function
 
 log = logging.getLogger("shelf.run")
 
-EVALUATE = "evaluate"
-GATE = "gate"
-PUBLISHING = ("train", "similarities", "candidates", "rerank")
-# What `shelf run` does, one command per orchestrator task: evaluate (with its rehearsal) and the gate before
-# the publishing steps.
-ORCHESTRATED = (*[s for s in STEPS if s not in PUBLISHING and s != EVALUATE], EVALUATE, GATE, *PUBLISHING)
 NDCG = "ndcg"
 
 
@@ -140,6 +134,3 @@ def run_steps(spark: SparkSession, config: ShelfConfig, ctx: RunContext, names: 
             step_function(name)(spark, config, ctx)
         ran.append(name)
     return ran
-
-
-main = step_main(GATE)  # shelf-gate

@@ -25,7 +25,6 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
 
 from pipelines.core import tables
-from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, SimilarityConfig
 from pipelines.core.factors import factors_of_run, item_factor_matrix
 from pipelines.core.neighbours import rank_neighbours, to_cooccurrence_neighbours
@@ -175,6 +174,3 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         written = tables.read(spark, config, "gold", "item_similarities").filter(F.col(RUN_ID) == ctx.run_id)
         for row in written.groupBy(SOURCE).count().collect():  # one row per source
             counts[f"rows_{row[SOURCE]}"] = row["count"]
-
-
-main = step_main(STEP)

@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     import pipelines
-    from pipelines.core.cli import main as cli_main
-    from pipelines.core.cli import setup_logging
+    from pipelines.cli import main as cli_main
+    from pipelines.cli import setup_logging
 
     args = sys.argv[1:] if argv is None else argv
     setup_logging()

@@ -29,7 +29,6 @@ from pipelines.core import ease, metrics, tables
 from pipelines.core.als import AlsParams, als_recommend, fit_als, num_blocks, save_model, to_pairs, with_half_life
 from pipelines.core.als import load_model as load_model  # re-exported
 from pipelines.core.als import model_path as model_path  # re-exported
-from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig, TrainConfig
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import AS_OF, FEATURES, ITEM_IDX, RUN_ID, USER_IDX
@@ -204,10 +203,3 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             "users long, items long, ratings long, seconds double",
         )
         tables.write(training, config, "gold", "training_runs", ctx.run_id, mode="run")
-
-
-main = step_main(STEP)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -104,7 +104,7 @@ class DemoRun:
 @pytest.fixture(scope="session")
 def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     """The local run shared by the end-to-end test and the runs on other engines that must equal it."""
-    from pipelines.core import cli
+    from pipelines import cli
 
     root = tmp_path_factory.mktemp("demo-run")
     assert cli.main(demo_run_args(root)) == 0

@@ -15,7 +15,8 @@ import time
 
 from pyspark.sql import functions as F
 
-from pipelines.core import api, cli, tables
+from pipelines import api, cli
+from pipelines.core import tables
 from pipelines.core.schemas import USER_ID, USER_IDX
 
 

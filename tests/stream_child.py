@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from pipelines.core.cli import setup_logging
+from pipelines.cli import setup_logging
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.session import get_spark

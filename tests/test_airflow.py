@@ -29,7 +29,7 @@ from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.schemas import EVENT_TYPE, ITEM_ID, RUN_ID, SESSION_ID, STEP, USER_ID, USER_IDX
-from pipelines.runner import GATE, ORCHESTRATED
+from pipelines.steps import GATE, ORCHESTRATED
 from tests.conftest import REPO
 from tests.submitting import (
     delta_jar_list,

@@ -11,8 +11,8 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import clean, ingest
-from pipelines.core import cli, tables
+from pipelines import clean, cli, ingest
+from pipelines.core import tables
 from pipelines.core.errors import InputDataError
 from pipelines.core.runs import RunContext
 from tests.conftest import REPO, make_test_config

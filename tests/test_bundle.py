@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from pipelines.core.config_loading import load_config
-from pipelines.runner import GATE, ORCHESTRATED
+from pipelines.steps import GATE, ORCHESTRATED
 from tests.conftest import REPO
 
 WORKSPACE_CONF = re.compile(r"/Workspace\$\{workspace\.file_path\}/(conf/[\w.-]+\.ya?ml)")

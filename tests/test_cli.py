@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.core import cli
+from pipelines import cli
 from pipelines.core.runs import make_context
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,11 +16,12 @@ from chispa import assert_approx_df_equality, assert_df_equality
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import baselines, candidates, rerank, runner, similarities, train
-from pipelines.core import api, cli, ease, holdout, tables
+from pipelines import api, baselines, candidates, cli, rerank, runner, similarities, train
+from pipelines.core import ease, holdout, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import RUN_ID, USER_ID, USER_IDX
+from pipelines.steps import PUBLISHING
 from tests.conftest import COMPARED_TABLES, DEMO_AS_OF, DEMO_RUN_ID, REPO, DemoRun, demo_run_args, make_test_config
 from tests.remote_checks import delta_tables, holds_user, operations, read_delta, user_factor_ids, write_remote_config
 from tests.servers import S3
@@ -98,8 +99,8 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert cli.main([*report_args, "--run-id", "never-ran"]) == 2
     assert "has no evaluation report" in capsys.readouterr().err
     # The publishing steps again, same run id and as_of: the same lists (ALS and EASE seeded, no wall clock).
-    ran = runner.run_steps(spark, config, RunContext(run_id="e2e", as_of=datetime(2026, 11, 1)), runner.PUBLISHING)
-    assert ran == list(runner.PUBLISHING)
+    ran = runner.run_steps(spark, config, RunContext(run_id="e2e", as_of=datetime(2026, 11, 1)), PUBLISHING)
+    assert ran == list(PUBLISHING)
     after = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
     assert_df_equality(before, after.orderBy("user_id", "rank"), ignore_row_order=True, ignore_nullable=True)
 

@@ -39,8 +39,8 @@ from delta.exceptions import ConcurrentAppendException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import rerank
-from pipelines.core import cli, tables
+from pipelines import cli, rerank
+from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import EVENT_TS, EVENT_TYPE, ITEM_ID, ITEM_IDX, RUN_ID, USER_ID, USER_IDX
@@ -79,7 +79,7 @@ def _argv(step: str, root: Path, demo: Path) -> list[str]:
 
 def _shelf() -> list[str]:
     script = Path(sys.executable).parent / "shelf"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pipelines.core.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pipelines.cli"]
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from chispa import assert_df_equality
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import ingest
-from pipelines.core import cli, tables
+from pipelines import cli, ingest
+from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.privacy import hmac_sha256_hex, pseudonym
 from pipelines.core.runs import RunContext

@@ -37,8 +37,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from pipelines import rerank
-from pipelines.core import cli, publishing, sources, tables
+from pipelines import cli, rerank
+from pipelines.core import publishing, sources, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA, RUN_ID, STEP

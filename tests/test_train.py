@@ -12,8 +12,8 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import baselines, clean, runner, train
-from pipelines.core import als, api, holdout, reports, tables
+from pipelines import api, baselines, clean, runner, train
+from pipelines.core import als, holdout, reports, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.runs import RunContext

@@ -136,26 +136,11 @@ def write(
     mode "overwrite": the table becomes `df` (a snapshot per run; older runs by time travel).
     mode "run": rows of `run_id` are replaced, other runs' rows stay (idempotent accumulation).
     """
-    where = location(config, layer, name)
-    spark = df.sparkSession
-
-    def commit() -> None:  # rebuilt per attempt: a concurrent writer may have created the table meanwhile
-        writer = df.write.format("delta").option("userMetadata", f"run_id={run_id}")
-        if mode == "run" and exists(spark, config, layer, name):
-            # mergeSchema: a table written by an earlier version gains the new nullable columns (e.g. ease_score).
-            writer = (
-                writer.mode("overwrite").option("replaceWhere", f"{RUN_ID} = '{run_id}'").option("mergeSchema", "true")
-            )
-        else:
-            writer = writer.mode("overwrite").option("overwriteSchema", "true")
-        if _is_path(config):
-            writer.save(where)
-        else:
-            writer.saveAsTable(where)
-
-    _commit_with_retry(commit, layer, name, run_id)
+    # mergeSchema: a table written by an earlier version gains the new nullable columns (e.g. ease_score).
+    replace = f"{RUN_ID} = '{run_id}'" if mode == "run" else None
+    _commit(df, config, layer, name, run_id, replace_where=replace, merge_schema=True)
     if comment:
-        spark.sql(f"COMMENT ON TABLE {target(config, layer, name)} IS '{comment.replace(chr(39), '')}'")
+        df.sparkSession.sql(f"COMMENT ON TABLE {target(config, layer, name)} IS '{comment.replace(chr(39), '')}'")
 
 
 # A commit that loses a race with another writer of the same table (Delta's optimistic concurrency) is
@@ -228,16 +213,34 @@ def write_replacing(
     the commit is a blind append: it reads none of the table's files (a replacing write looks up the files
     holding the keys' rows first: measured 0.9 s against 0.2 s a commit on local[2], see docs/BENCHMARKS.md).
     """
+    predicate = " AND ".join(f"{col} = '{value.replace(chr(39), '')}'" for col, value in keys.items())
+    _commit(df, config, layer, name, run_id, replace_where=predicate, append=absent)
+
+
+def _commit(
+    df: DataFrame,
+    config: ShelfConfig,
+    layer: str,
+    name: str,
+    run_id: str,
+    replace_where: str | None,
+    append: bool = False,
+    merge_schema: bool = False,
+) -> None:
+    """One Delta commit of `df` tagged run_id=<run_id>, retried on conflicts: a blind append (`append`), else an
+    overwrite of the rows matching `replace_where` when the table exists (`merge_schema`: gaining new nullable
+    columns), else of the whole table (created, or replaced with `replace_where` None)."""
     where = location(config, layer, name)
     spark = df.sparkSession
 
     def commit() -> None:  # rebuilt per attempt: a concurrent writer may have created the table meanwhile
         writer = df.write.format("delta").option("userMetadata", f"run_id={run_id}")
-        if absent:
+        if append:
             writer = writer.mode("append")
-        elif exists(spark, config, layer, name):
-            predicate = " AND ".join(f"{col} = '{value.replace(chr(39), '')}'" for col, value in keys.items())
-            writer = writer.mode("overwrite").option("replaceWhere", predicate)
+        elif replace_where is not None and exists(spark, config, layer, name):
+            writer = writer.mode("overwrite").option("replaceWhere", replace_where)
+            if merge_schema:
+                writer = writer.option("mergeSchema", "true")
         else:
             writer = writer.mode("overwrite").option("overwriteSchema", "true")
         if _is_path(config):

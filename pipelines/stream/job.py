@@ -14,7 +14,6 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import events, reranking, sources, tables
-from pipelines.core.cli import step_main
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import EnvironmentSetupError
 from pipelines.core.quality import run_metrics_frame, ts_lit
@@ -390,9 +389,3 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
     finally:
         job.close()
     log.info("[%s] stopped (run context %s ignored for data)", STEP_NAME, ctx.run_id)
-
-
-main = step_main(STEP_NAME)
-
-if __name__ == "__main__":
-    raise SystemExit(main(None))

@@ -13,47 +13,22 @@ A user's mistake ends with one sentence and a non-zero exit code, never a JVM st
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.errors import ShelfError
 from pipelines.core.runs import RunContext, make_context
-
-# Step name -> module in `pipelines/`, in pipeline order (DESIGN.md's data flow).
-STEPS: dict[str, str] = {
-    "ingest": "pipelines.ingest",
-    "clean": "pipelines.clean",
-    "train": "pipelines.train",
-    "similarities": "pipelines.similarities",
-    "candidates": "pipelines.candidates",
-    "rerank": "pipelines.rerank",
-    "evaluate": "pipelines.evaluate",
-}
-TOOLS: dict[str, str] = {"generate": "pipelines.generate"}
-# Long-running jobs: own subcommands, never part of `shelf run`.
-STREAMING: dict[str, str] = {"stream": "pipelines.stream.job"}
-ADMIN = ("rollback", "forget", "prune")
-
-StepRun = Callable[[Any, ShelfConfig, RunContext], Any]
+from pipelines.steps import ADMIN, GATE, STEPS, STREAMING, TOOLS, step_function
 
 
 class StepMain(Protocol):
     """A step's console-script entry point: argv defaults to sys.argv[1:]."""
 
     def __call__(self, argv: list[str] | None = None) -> int: ...
-
-
-def step_function(step: str) -> StepRun:
-    """The `run` function of a step (its module is imported on first use, so `shelf generate` needs no Spark)."""
-    module = importlib.import_module(STEPS.get(step) or STREAMING.get(step) or TOOLS[step])
-    run: StepRun = module.run
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,8 +92,9 @@ def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
     if command in STREAMING:
         step_function(command)(spark, config, ctx)
         return 0
-    runner = importlib.import_module("pipelines.runner")  # the entry layer: evaluate's holdout, the publish gate
-    if command == "gate":
+    from pipelines import runner  # imports pyspark: `shelf generate` never gets here
+
+    if command == GATE:
         runner.gate_evaluated_run(spark, config, ctx)
     else:
         runner.run_steps(spark, config, ctx, names)
@@ -176,6 +152,20 @@ def step_main(step: str) -> StepMain:
         return main([step, *(sys.argv[1:] if argv is None else argv)])
 
     return entry
+
+
+# Console scripts (pyproject.toml, the Databricks bundle's python_wheel_task entry points): `shelf-<command> ARGS`
+# is `shelf <command> ARGS`.
+generate_main = step_main("generate")
+ingest_main = step_main("ingest")
+clean_main = step_main("clean")
+train_main = step_main("train")
+similarities_main = step_main("similarities")
+candidates_main = step_main("candidates")
+rerank_main = step_main("rerank")
+evaluate_main = step_main("evaluate")
+gate_main = step_main(GATE)
+stream_main = step_main("stream")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ only read: `table` returns a Delta table (the rows of one run id when it has a r
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from pipelines import runner
 from pipelines.core import metrics, reports, tables, uris
-from pipelines.core.cli import STEPS, step_function
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.errors import ConfigError, InputDataError
@@ -41,6 +40,7 @@ from pipelines.core.schemas import (
     USER_IDX,
 )
 from pipelines.core.session import get_spark
+from pipelines.steps import STEPS, step_function
 
 REPORT_PLOTS = ("metrics_at_k.png", "metric_vs_k.png")
 
@@ -91,7 +91,6 @@ def run_pipeline(
         return []
     if config.source.preset == "synthetic" and uris.local_missing(config.source.path):
         step_function("generate")(spark, config, ctx)
-    runner = importlib.import_module("pipelines.runner")  # evaluate's holdout rehearsal and the publish gate
     ran: list[str] = runner.run_steps(spark, config, ctx, chosen)
     return ran
 
