@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from pipelines import generate
-from pipelines.core.config import CleanConfig, GenerateConfig
 from pipelines.core.config_loading import load_config
+from pipelines.core.config_sections import CleanConfig, GenerateConfig
 from pipelines.core.runs import parse_as_of
 from pipelines.core.schemas import ITEM_IDX, USER_IDX
 

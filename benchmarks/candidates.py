@@ -40,7 +40,7 @@ from benchmarks._common import (
     timed,
 )
 from pipelines import candidates
-from pipelines.core.config import SimilarityConfig
+from pipelines.core.config_sections import SimilarityConfig
 from pipelines.core.schemas import ALS_SCORE, ITEM_IDX, USER_IDX
 from udfs.topk import csr_from_lists, top_n_dot
 

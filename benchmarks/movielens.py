@@ -34,8 +34,9 @@ from pyspark.sql import functions as F
 from benchmarks._common import blas_in_use
 from pipelines import baselines
 from pipelines.core import als, metrics, schemas
-from pipelines.core.config import ShelfConfig, SourceConfig, TrainConfig
+from pipelines.core.config import ShelfConfig, SourceConfig
 from pipelines.core.config_loading import load_config
+from pipelines.core.config_sections import TrainConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, USER_IDX
 from pipelines.core.session import get_spark

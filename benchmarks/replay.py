@@ -52,8 +52,9 @@ from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 from pipelines import baselines, replay
 from pipelines.cli import setup_logging
 from pipelines.core import kernel_frames, metrics, reranking, schemas, tables
-from pipelines.core.config import EvaluateConfig, RerankConfig, ShelfConfig
+from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
+from pipelines.core.config_sections import EvaluateConfig, RerankConfig
 from pipelines.core.reranking import read_catalog
 from pipelines.core.runs import parse_as_of
 from pipelines.core.schemas import ITEM_IDX, USER_IDX

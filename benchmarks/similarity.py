@@ -36,7 +36,7 @@ from benchmarks._common import (
     timed,
 )
 from pipelines import similarities
-from pipelines.core.config import SimilarityConfig
+from pipelines.core.config_sections import SimilarityConfig
 from pipelines.core.schemas import ITEM_IDX
 from udfs.topk import normalise_rows, top_n_dot
 

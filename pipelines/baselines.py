@@ -14,7 +14,8 @@ from pyspark.sql import functions as F
 
 from pipelines.core import ease, holdout, metrics, tables
 from pipelines.core.als import als_recommend, load_model, to_pairs
-from pipelines.core.config import EvaluateConfig, ShelfConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import EvaluateConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import (
     ALS_RERANK,

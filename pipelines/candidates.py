@@ -33,7 +33,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
 
 from pipelines.core import ease, tables
-from pipelines.core.config import EaseValues, RecommendConfig, ShelfConfig, SimilarityConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import EaseValues, RecommendConfig, SimilarityConfig
 from pipelines.core.factors import factors_of_run, top_k_by_dot
 from pipelines.core.quality import ts_lit
 from pipelines.core.runs import RunContext, step_log

@@ -33,7 +33,8 @@ from pyspark.sql import functions as F
 
 from pipelines.core import sources, tables, uris
 from pipelines.core.als import time_decay
-from pipelines.core.config import CatalogMapping, CleanConfig, ShelfConfig
+from pipelines.core.config import CatalogMapping, ShelfConfig
+from pipelines.core.config_sections import CleanConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.quality import (
     GateLimits,

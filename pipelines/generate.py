@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from pipelines.core import uris
-from pipelines.core.config import GenerateConfig, ShelfConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import GenerateConfig
 from pipelines.core.errors import ConfigError
 from pipelines.core.runs import RunContext, parse_as_of, step_log
 

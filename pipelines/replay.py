@@ -30,7 +30,8 @@ from pipelines.baselines import (
 )
 from pipelines.core import metrics, reports, tables
 from pipelines.core.als import AlsParams, als_recommend, fit_als, to_pairs
-from pipelines.core.config import EvaluateConfig, RecommendConfig, RerankConfig, ShelfConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import EvaluateConfig, RecommendConfig, RerankConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.neighbours import to_cooccurrence_neighbours
 from pipelines.core.quality import ts_lit

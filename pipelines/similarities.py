@@ -25,7 +25,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
 
 from pipelines.core import tables
-from pipelines.core.config import ShelfConfig, SimilarityConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import SimilarityConfig
 from pipelines.core.factors import factors_of_run, item_factor_matrix
 from pipelines.core.neighbours import rank_neighbours, to_cooccurrence_neighbours
 from pipelines.core.runs import RunContext, step_log

@@ -29,7 +29,8 @@ from pipelines.core import ease, metrics, tables
 from pipelines.core.als import AlsParams, als_recommend, fit_als, num_blocks, save_model, to_pairs, with_half_life
 from pipelines.core.als import load_model as load_model  # re-exported
 from pipelines.core.als import model_path as model_path  # re-exported
-from pipelines.core.config import ShelfConfig, TrainConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import TrainConfig
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import AS_OF, FEATURES, ITEM_IDX, RUN_ID, USER_IDX
 from pipelines.core.splits import leave_last_n_split

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel, TypeAdapter
 
-from pipelines.core.config import RerankConfig, ShelfConfig
+from pipelines.core import config_reference
+from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import config_warnings, load_config
+from pipelines.core.config_sections import Section
 from pipelines.core.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+DOCS = CONF.parent / "docs"
 NO_COOC = ["rerank.weights.cooc_sum=0", "rerank.weights.cooc_max=0"]
 
 
@@ -28,17 +33,60 @@ def test_required_keys_exist_with_their_names() -> None:
     assert config.source.path and config.storage.root and config.rerank.top_k == 10
 
 
-def test_tuned_rerank_defaults_in_base_yaml_agree_with_the_model_defaults() -> None:
-    # The re-rank's weights were tuned on validation windows (docs/EVALUATION.md "Does re-ranking help?"); code that
-    # builds RerankConfig() without a file must get the same values as conf/base.yaml.
-    section = yaml.safe_load((CONF / "base.yaml").read_text())["rerank"]
-    assert RerankConfig.model_validate(section) == RerankConfig()
+def test_every_field_of_every_section_has_a_description() -> None:
+    assert config_reference.missing_descriptions() == []
+
+
+def test_the_description_check_finds_a_field_without_one() -> None:
+    source = (
+        "class Probe(Section):\n"
+        "    # described above\n"
+        "    above: int = 1\n"
+        "    beside: int = 2  # described beside\n"
+        "    bare: int = 3\n"
+    )
+    assert config_reference.field_comments(source, "Probe") == {
+        "above": "described above",
+        "beside": "described beside",
+        "bare": "",
+    }
+    assert config_reference.missing_descriptions(_Undescribed) == ["bare", "nested.bare"]
+
+
+def test_config_reference_is_generated_from_the_models() -> None:
+    # Stale? Run: python -m pipelines.core.config_reference
+    assert (DOCS / "CONFIG_REFERENCE.md").read_text() == config_reference.reference()
+    assert config_reference.main(["--check"]) == 0
+
+
+def test_base_yaml_holds_overrides_only() -> None:
+    # The defaults live in the models (docs/CONFIG_REFERENCE.md); a key in base.yaml equal to its default is a
+    # second copy that drifts.
+    def same_as_default(tree: dict[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
+        found = []
+        for key, value in tree.items():
+            field = model.model_fields[key]
+            nested = field.annotation if isinstance(value, dict) and isinstance(field.annotation, type) else None
+            if nested is not None and issubclass(nested, BaseModel):
+                found += same_as_default(value, nested, f"{prefix}{key}.")
+            elif TypeAdapter(field.annotation).validate_python(value) == field.get_default(call_default_factory=True):
+                found.append(f"{prefix}{key}")
+        return found
+
+    base = yaml.safe_load((CONF / "base.yaml").read_text())
+    assert same_as_default(base, ShelfConfig) == []
+    assert same_as_default({"env": "local", "rerank": {"top_k": 10, "weights": {"ease": 4}}}, ShelfConfig) == [
+        "env",
+        "rerank.top_k",
+        "rerank.weights.ease",
+    ]
+    assert load_config(CONF / "base.yaml").model_dump() == ShelfConfig(env="base").model_dump()
 
 
 def test_overlay_deep_merges_over_base() -> None:
     config = load_config(CONF / "test.yaml")
     assert config.train.rank == 8  # from test.yaml
-    assert config.train.reg_param == 0.05  # from base.yaml, untouched by the overlay
+    assert config.train.reg_param == 0.05  # the model's default, untouched by the overlay
     assert config.spark.master == "local[2]"
     assert load_config(CONF / "cluster.yaml").spark.master is None
 
@@ -112,3 +160,13 @@ def test_presets_fill_what_the_config_leaves_out_and_explicit_keys_win() -> None
 def test_the_list_length_has_one_key() -> None:
     with pytest.raises(ConfigError, match="recommend.top_k"):
         load_config(CONF / "test.yaml", ["recommend.top_k=5"])
+
+
+class _UndescribedPart(Section):
+    bare: int = 0
+
+
+class _Undescribed(Section):
+    described: int = 0  # a field with a description
+    bare: int = 0
+    nested: _UndescribedPart = _UndescribedPart()  # a nested section: its own fields are checked too

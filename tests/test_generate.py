@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.core.config import GenerateConfig
+from pipelines.core.config_sections import GenerateConfig
 from pipelines.generate import BAD_TIMESTAMPS, UNKNOWN_EVENT_TYPES, generate
 
 CFG = GenerateConfig(users=1500, items=400, categories=10, days=40, bots=2, bot_events=800)

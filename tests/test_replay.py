@@ -15,7 +15,8 @@ from pyspark.sql import functions as F
 from benchmarks import replay as replay_benchmark
 from pipelines import evaluate, replay
 from pipelines.core import metrics, reports, schemas, tables
-from pipelines.core.config import RerankConfig, ShelfConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import RerankConfig
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import CATALOG_SCHEMA, INTERACTIONS_SCHEMA
 from tests.conftest import make_test_config

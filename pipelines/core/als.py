@@ -14,7 +14,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import metrics, uris
-from pipelines.core.config import ShelfConfig, TrainConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import TrainConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.factors import top_k_by_dot
 from pipelines.core.schemas import AS_OF, DECAY, EVENT_TS, FEATURES, ITEM_IDX, SCORE, USER_IDX, WEIGHT

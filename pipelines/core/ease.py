@@ -29,7 +29,8 @@ from pyspark.sql import functions as F
 from scipy.linalg import lapack
 
 from pipelines.core import tables
-from pipelines.core.config import EaseValues, ShelfConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import EaseValues
 from pipelines.core.schemas import EASE_SCORE, ITEM_IDX, NEIGHBOUR_IDX, RANK, RUN_ID, USER_IDX, WEIGHT
 from udfs.ease import dense_peak_bytes, ease_csr, fit_ease, prune_top_n, top_n_sparse
 from udfs.topk import csr_from_lists, to_long

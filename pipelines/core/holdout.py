@@ -27,7 +27,8 @@ from pyspark.sql import functions as F
 
 from pipelines.core import tables
 from pipelines.core.als import to_pairs
-from pipelines.core.config import EvaluateConfig, ShelfConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import EvaluateConfig
 from pipelines.core.quality import ts_lit
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import EVENT_TS, ITEM_ID, ITEM_IDX, RUN_ID, USER_ID, USER_IDX

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from pipelines.core.config import SimilarityConfig
+from pipelines.core.config_sections import SimilarityConfig
 from pipelines.core.schemas import EVENT_TS, ITEM_IDX, NEIGHBOUR_IDX, RANK, SCORE, USER_IDX, WEIGHT
 
 

@@ -24,7 +24,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.functions import pandas_udf
 
-from pipelines.core.config import PrivacyConfig
+from pipelines.core.config_sections import PrivacyConfig
 from pipelines.core.errors import ConfigError
 
 

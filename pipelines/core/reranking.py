@@ -25,7 +25,8 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipelines.core import tables
-from pipelines.core.config import RerankConfig, ShelfConfig
+from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import RerankConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.kernel_frames import (
     CAND_ALS,
