@@ -6,7 +6,7 @@ then `shelf run` runs as one subprocess on `conf/local.yaml` (local[*]) under a 
 A sampler reads the resident memory of the whole process tree (Python driver, its JVM, the Python
 workers) every 0.2 s and books each sample to the step whose "[step] start" line came last, so the
 table shows each step's wall time (from the step's own "done in" log line) and the peak memory of
-the tree while it ran. The JVM's heap is capped by `spark.driver_memory` (4g in conf/base.yaml);
+the tree while it ran. The JVM's heap is capped by `spark.driver_memory` (default 4g);
 the peak RSS includes it and the Python workers.
 
     .venv/bin/python -u -m benchmarks.e2e --events 100000 1000000 3000000

@@ -36,6 +36,7 @@ from pipelines.core import ease, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_sections import EaseValues, RecommendConfig, SimilarityConfig
 from pipelines.core.factors import factors_of_run, top_k_by_dot
+from pipelines.core.neighbours import with_recent_items
 from pipelines.core.quality import ts_lit
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import (
@@ -122,17 +123,6 @@ def to_buy_again_candidates(interactions: DataFrame, consumed: list[str], k: int
         .withColumn("_r", F.row_number().over(best))
         .filter(F.col("_r") <= k)
         .select(USER_IDX, ITEM_IDX, REBUY_SCORE)
-    )
-
-
-def to_recent_items(interactions: DataFrame, recent_items: int) -> DataFrame:
-    """Each user's `recent_items` most recently touched items: user_idx, item_idx."""
-    last = interactions.groupBy(USER_IDX, ITEM_IDX).agg(F.max(EVENT_TS).alias(EVENT_TS))
-    latest = Window.partitionBy(USER_IDX).orderBy(F.col(EVENT_TS).desc(), F.col(ITEM_IDX).asc())
-    return (
-        last.withColumn("_n", F.row_number().over(latest))
-        .filter(F.col("_n") <= recent_items)
-        .select(USER_IDX, ITEM_IDX)
     )
 
 
@@ -293,7 +283,7 @@ def build_candidates(
         x = ease.to_ease_input(interactions, ease_values)
         ease_source = ease.ease_candidates(x, ease_neighbours, owned, recommend.candidates_k)
     als = to_als_candidates(user_factors, item_factors, owned, recommend.candidates_k, blocks)
-    recent = to_recent_items(interactions, recommend.recent_items)
+    recent = with_recent_items(interactions, recommend.recent_items)
     neighbours = to_neighbour_candidates(recent, similarities, recommend.neighbours_per_item)
     popular = to_popular_candidates(interactions, user_factors, recommend.popular_k)
     new_arrivals = None

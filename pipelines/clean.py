@@ -41,9 +41,9 @@ from pipelines.core.quality import (
     check_interactions,
     gate_recorder,
     reconcile,
-    run_metrics_frame,
     ts_lit,
     window,
+    write_run_metrics,
 )
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import (
@@ -336,14 +336,7 @@ def _record_shares(
     top_user = interactions.groupBy(USER_IDX).count().agg(F.max("count").alias("m")).first()
     max_user_share = (top_user["m"] or 0) / accepted_rows if top_user and accepted_rows else 0.0
     counts.update({"quarantine_rate": round(quarantine_rate, 6), "max_user_share": round(max_user_share, 6)})
-    tables.write_replacing(
-        run_metrics_frame(spark, ctx.run_id, STEP_NAME, counts),
-        config,
-        "ops",
-        "run_metrics",
-        ctx.run_id,
-        {RUN_ID: ctx.run_id, STEP: STEP_NAME},
-    )
+    write_run_metrics(spark, config, ctx.run_id, STEP_NAME, counts)
     return quarantine_rate, max_user_share
 
 

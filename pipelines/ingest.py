@@ -42,7 +42,7 @@ from pipelines.core.config import ShelfConfig, SourceConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.events import classify, rules_for, to_bronze, to_canonical, to_canonical_from_table, to_quarantine
 from pipelines.core.privacy import key_from_env, with_pseudonymous_users
-from pipelines.core.quality import reconcile, run_metrics_frame
+from pipelines.core.quality import reconcile, write_run_metrics
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import RAW, REASON, RUN_ID, SOURCE_FILE, STEP, UNPARSEABLE_ROW, USER_ID
 from pipelines.source_presets import (
@@ -144,13 +144,6 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
                 ctx.run_id,
                 {RUN_ID: ctx.run_id, STEP: STEP_NAME},
             )
-            tables.write_replacing(
-                run_metrics_frame(spark, ctx.run_id, STEP_NAME, counts),
-                config,
-                "ops",
-                "run_metrics",
-                ctx.run_id,
-                {RUN_ID: ctx.run_id, STEP: STEP_NAME},
-            )
+            write_run_metrics(spark, config, ctx.run_id, STEP_NAME, counts)
         finally:
             classified.unpersist()

@@ -104,7 +104,7 @@ class RerankParams:
             "ease": 1.0,
             "buy_again": 1.0,
         }
-    )  # the kernel's own defaults, used by its tests; the product's tuned defaults live in conf/base.yaml
+    )  # the kernel's own defaults, used by its tests; the product's tuned defaults live in pipelines/core/config_sections.py (RerankConfig)
 
 
 @dataclass(frozen=True)

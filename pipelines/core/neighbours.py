@@ -15,7 +15,8 @@ from pipelines.core.schemas import EVENT_TS, ITEM_IDX, NEIGHBOUR_IDX, RANK, SCOR
 
 
 def with_recent_items(interactions: DataFrame, max_items_per_user: int) -> DataFrame:
-    """One row per (user, item) among the user's `max_items_per_user` most recent, then heaviest, items."""
+    """One row per (user, item) among the user's `max_items_per_user` most recent, then heaviest, items (ties: lower
+    item_idx first): the co-occurrence baskets and the items `shelf candidates` takes neighbours of."""
     per_item = interactions.groupBy(USER_IDX, ITEM_IDX).agg(
         F.max(EVENT_TS).alias(EVENT_TS), F.sum(WEIGHT).alias(WEIGHT)
     )

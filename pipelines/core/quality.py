@@ -207,3 +207,11 @@ def run_metrics_frame(spark: SparkSession, run_id: str, step: str, counts: dict[
     """One ops.run_metrics row per (run, step, metric)."""
     rows = [(run_id, step, metric, float(value)) for metric, value in sorted(counts.items())]
     return spark.createDataFrame(rows, RUN_METRICS_SCHEMA)
+
+
+def write_run_metrics(
+    spark: SparkSession, config: ShelfConfig, run_id: str, step: str, counts: dict[str, float], absent: bool = False
+) -> None:
+    """The step's counts -> ops.run_metrics, replacing the (run, step)'s rows (`absent`: none exist yet, append)."""
+    frame = run_metrics_frame(spark, run_id, step, counts)
+    tables.write_replacing(frame, config, "ops", "run_metrics", run_id, {RUN_ID: run_id, STEP: step}, absent=absent)

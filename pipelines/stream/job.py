@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from pipelines.core import events, reranking, sources, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import EnvironmentSetupError
-from pipelines.core.quality import run_metrics_frame, ts_lit
+from pipelines.core.quality import ts_lit, write_run_metrics
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import AS_OF, REASON, RUN_ID, STEP, USER_IDX
 from pipelines.core.session import is_connect, parallelism, session_conf
@@ -246,10 +246,7 @@ class StreamJob:
         """Keep the batch's accepted rows for the next batches' session events; its counts -> ops.run_metrics."""
         if event_time is not None:
             self.recent.add(accepted, event_time, earliest_event(self.config, event_time + NOW_AFTER_LAST_EVENT))
-        metrics = run_metrics_frame(self.spark, tag, STEP_NAME, report.counts)
-        tables.write_replacing(
-            metrics, self.config, "ops", "run_metrics", tag, {RUN_ID: tag, STEP: STEP_NAME}, absent=report.fresh
-        )
+        write_run_metrics(self.spark, self.config, tag, STEP_NAME, report.counts, absent=report.fresh)
 
     def rerank_users(
         self,
