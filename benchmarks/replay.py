@@ -15,8 +15,8 @@ Test window i (i = 0 .. N - 1) ends at as_of - i x h, so the scored days of cons
 
 With `--tune`, the re-rank parameters are tuned on `--validation-windows` validation windows, the j-th
 ending at as_of - (N + j) x h: the latest ends at the earliest test window's T + d, so no scored test day
-is used for tuning. Greedy coordinate search (`GRID`, three rounds) on the mean over datasets of the pooled
-NDCG@k(ALS + re-rank) / NDCG@k(ALS) over that dataset's validation windows. Tuning builds each validation
+is used for tuning. Greedy coordinate search (`shelf tune`'s: pipelines/tune.py, `GRID`, three rounds) on the mean over datasets of
+the pooled NDCG@k(ALS + re-rank) / NDCG@k(ALS) over that dataset's validation windows. Tuning builds each validation
 window's kernel input once (the same frames `rerank_candidates` builds: candidates, fresh events, item
 table with the co-occurrence lists), caches it with each user's relevant items, and scores all values of
 one coordinate in a single `mapInPandas` pass (kernel + NDCG@k per user, summed per value), so a
@@ -37,51 +37,30 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import numpy as np
 import pandas as pd
-from pyspark import Broadcast
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
 from pipelines import baselines, replay
 from pipelines.cli import setup_logging
-from pipelines.core import kernel_frames, metrics, reranking, schemas, tables
+from pipelines.core import metrics, schemas
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.config_sections import EvaluateConfig, RerankConfig
-from pipelines.core.reranking import read_catalog
 from pipelines.core.runs import parse_as_of
-from pipelines.core.schemas import ITEM_IDX, USER_IDX
+from pipelines.core.schemas import USER_IDX
 from pipelines.core.session import get_spark
-from udfs.rerank import ItemTable, RerankParams, rerank
+from pipelines.tune import TuningWindow, changes, tune, values_at
 
 SHOWN = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage", "novelty", "diversity")
 TUNED = "als_rerank_tuned"
-# Greedy coordinate search: each key's values are tried in turn, keeping the best so far.
-GRID: list[tuple[str, list[Any]]] = [
-    ("category_cap", [None, 3, 5]),
-    ("mmr_lambda", [1.0, 0.9, 0.7]),
-    ("weights.cooc_sum", [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]),
-    ("weights.cooc_max", [0.0, 0.5, 1.0, 2.0, 4.0]),
-    ("alpha", [0.0, 0.25, 0.5, 1.0]),
-    ("half_life_days", [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]),
-    ("fresh_days", [7.0, 14.0, 28.0, 56.0, 112.0]),
-    ("weights.session", [0.0, 0.5, 1.0, 2.0, 4.0]),
-    ("weights.max_cosine", [0.0, 0.5, 1.0]),
-    ("weights.mean_cosine", [0.0, 0.25]),
-    ("weights.popularity", [0.0, 0.2, 0.5, 1.0, 2.0]),
-]
 ROUNDS = 3
 RESAMPLES, BOOTSTRAP_SEED = 2000, 0
-RELEVANT, VALUE, NDCG_SUM = "_relevant", "_value", "_ndcg_sum"
 WINDOW = "window"
-GRID_SCHEMA = StructType([StructField(VALUE, IntegerType(), False), StructField(NDCG_SUM, DoubleType(), False)])
 
 
 @dataclass
@@ -184,71 +163,13 @@ def cluster_bootstrap(
     return Lift(float(other.sum() / base.sum() - 1.0), float(low), float(high), gain, lose, base.size - gain - lose)
 
 
-def with_value(rerank: RerankConfig, key: str, value: Any) -> RerankConfig:
-    if key.startswith("weights."):
-        weights = rerank.weights.model_copy(update={key.split(".", 1)[1]: value})
-        return rerank.model_copy(update={"weights": weights})
-    return rerank.model_copy(update={key: value})
-
-
-def values_at(table: DataFrame, k: int) -> dict[tuple[str, str], float]:
-    rows = table.filter(table[metrics.K] == k).collect()  # models x metrics rows
-    return {(r[schemas.MODEL], r[metrics.METRIC]): float(r[metrics.METRIC_VALUE]) for r in rows}
-
-
-def ndcg_sum(rows: np.ndarray, items: np.ndarray, ranks: np.ndarray, relevant: list[set[int]], k: int) -> float:
-    """Sum over the batch's users (each with a relevant item) of NDCG@k as `metrics` defines it."""
-    hit = np.fromiter((int(i) in relevant[r] for r, i in zip(rows, items, strict=True)), dtype=bool, count=items.size)
-    keep = hit & (ranks <= k)
-    dcg = np.bincount(rows[keep], weights=1.0 / np.log2(ranks[keep] + 1.0), minlength=len(relevant))
-    ideal = np.cumsum(1.0 / np.log2(np.arange(1, k + 1) + 1.0))
-    n_relevant = np.array([len(r) for r in relevant], dtype=np.int64)
-    has = n_relevant > 0
-    return float(np.sum(dcg[has] / ideal[np.minimum(k, n_relevant[has]) - 1]))
-
-
-def grid_batches(
-    batches: Iterable[pd.DataFrame],
-    tables_by_fresh: Broadcast[dict[float, ItemTable]],
-    trials: list[RerankParams],
-    k: int,
-) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: every trial's kernel on a batch of user rows -> (trial, summed NDCG@k)."""
-    item_tables = tables_by_fresh.value
-    for pdf in batches:
-        if pdf.empty:
-            continue
-        rank = next(iter(item_tables.values())).factors.shape[1]
-        batch = kernel_frames.to_user_batch(pdf, rank)
-        relevant = [set(np.asarray(v, dtype=np.int64).tolist()) for v in pdf[RELEVANT]]
-        sums = []
-        for trial in trials:
-            out = rerank(item_tables[trial.fresh_days], batch, trial)
-            sums.append(ndcg_sum(out.user_rows, out.items, out.ranks, relevant, k))
-        yield pd.DataFrame({VALUE: np.arange(len(trials), dtype=np.int32), NDCG_SUM: np.asarray(sums)})
-
-
-class Window:
+class Window(TuningWindow):
     """One dataset's replay window ending at `span.end`, ALS fitted once; scores any re-rank config on it."""
 
     def __init__(self, spark: SparkSession, data: Dataset, span: WindowSpan, label: str) -> None:
-        self.spark, self.data, self.span, self.label = spark, data, span, label
-        self.as_of = span.end
-        interactions = tables.read(spark, data.config, "silver", "interactions")
-        self.window = replay.prepare_replay(spark, interactions, data.config, self.as_of)
-        self.item_index = tables.read(spark, data.config, "silver", "item_index")
-        self.catalog = read_catalog(spark, data.config)
-        self.users = self.window.users.count()
+        super().__init__(spark, data.config, span.end, label, name=data.name)
+        self.data, self.span = data, span
         print(f"  {data.name} {label}: {span.describe()}, {self.users} users scored", flush=True)
-
-        self._rows: DataFrame | None = None
-        self._tables: Broadcast[dict[float, ItemTable]] | None = None
-
-    def score(self, models: list[str], rerank: RerankConfig | None = None) -> dict[tuple[str, str], float]:
-        table = replay.replay_metrics(
-            self.spark, self.window, self.data.config, self.item_index, self.catalog, models, rerank
-        )
-        return values_at(table, self.data.config.evaluate.k)
 
     def score_lists(
         self, models: dict[str, RerankConfig | None], paired: bool
@@ -271,128 +192,6 @@ class Window:
             lists.release()
         wide = pdf.pivot(index=USER_IDX, columns=schemas.MODEL, values="ndcg").fillna(0.0).reset_index()
         return values, wide
-
-    def prepare_grid(self, rr: RerankConfig, fresh_days: list[float]) -> None:
-        """Cache the kernel input of this window (as `replay_rerank` builds it) with each user's relevant
-        items, and broadcast one item table per fresh_days value (popularity counts the fresh window)."""
-        horizon = rr.model_copy(update={"fresh_days": max(fresh_days)})
-        fresh = reranking.to_fresh_events(self.window.history, horizon, self.window.fresh_end).cache()
-        user_factors, item_factors = replay.replay_factors(self.window)
-        by_fresh = {}
-        for days in sorted(set(fresh_days)):
-            attributes = reranking.to_item_attributes(
-                self.item_index,
-                item_factors,
-                self.catalog,
-                fresh,
-                rr.model_copy(update={"fresh_days": days}),
-                self.window.fresh_end,
-            )
-            by_fresh[days] = reranking.build_item_table(attributes, self.window.neighbours)
-        self._tables = self.spark.sparkContext.broadcast(by_fresh)
-        candidates = reranking.to_capped_candidates(
-            replay.replay_candidates(self.window, rr, self.data.config.recommend), rr.max_candidates
-        )
-        events = reranking.to_capped_events(fresh, rr.max_fresh_events)
-        relevant = self.window.relevant.groupBy(USER_IDX).agg(F.collect_list(ITEM_IDX).alias(RELEVANT))
-        rows = reranking.to_user_rows(candidates, user_factors, events).join(relevant, on=USER_IDX, how="inner")
-        self._rows = rows.repartition(4, USER_IDX).cache()
-        print(f"  {self.data.name} {self.label}: {self._rows.count()} user rows cached for tuning", flush=True)
-
-    def grid_ndcg(self, trials: list[RerankConfig]) -> list[float]:
-        """Mean NDCG@k over the scored users (no list counts 0) of each trial, in one Spark pass."""
-        assert self._rows is not None and self._tables is not None, "call prepare_grid first"
-        k = self.data.config.evaluate.k
-        params = [replace(reranking.params_from(t), top_k=k) for t in trials]
-        model = self._tables
-        sums = (
-            self._rows.mapInPandas(lambda it: grid_batches(it, model, params, k), GRID_SCHEMA)
-            .groupBy(VALUE)
-            .agg(F.sum(NDCG_SUM).alias(NDCG_SUM))
-            .collect()  # one row per trial
-        )
-        got = {int(r[VALUE]): float(r[NDCG_SUM]) for r in sums}
-        return [got.get(i, 0.0) / self.users for i in range(len(trials))]
-
-    def release(self) -> None:
-        if self._rows is not None:
-            self._rows.unpersist()
-        self.window.release()
-
-
-def tune(windows: list[Window], start: RerankConfig, check: bool = False) -> RerankConfig:
-    """Greedy coordinate search on the validation windows; returns the best re-rank config found.
-
-    The objective is the mean over datasets of the pooled NDCG@k ratio to ALS over that dataset's windows
-    (NDCG summed over all scored (window, user) pairs, re-rank over ALS)."""
-    names = list(dict.fromkeys(w.data.name for w in windows))
-    base = [w.score([schemas.ALS_MODEL])[(schemas.ALS_MODEL, "ndcg")] for w in windows]
-    fresh_days = [start.fresh_days, *dict(GRID).get("fresh_days", [])]
-    for w, b in zip(windows, base, strict=True):
-        print(f"{w.data.name} {w.label}: ALS NDCG@{w.data.config.evaluate.k} = {b:.4f}, {w.users} users", flush=True)
-        w.prepare_grid(start, fresh_days)
-
-    def ratios(per_window: list[list[float]], i: int) -> list[float]:
-        """Pooled ratio per dataset of trial i."""
-        out = []
-        for name in names:
-            own = [j for j, w in enumerate(windows) if w.data.name == name]
-            got = sum(per_window[j][i] * windows[j].users for j in own)
-            als = sum(base[j] * windows[j].users for j in own)
-            out.append(got / als)
-        return out
-
-    def objective(trials: list[RerankConfig]) -> list[float]:
-        per_window = [w.grid_ndcg(trials) for w in windows]
-        values = []
-        for i, trial in enumerate(trials):
-            by_data = ratios(per_window, i)
-            per_dataset[trial.model_dump_json()] = ", ".join(
-                f"{n} {r:.4f}" for n, r in zip(names, by_data, strict=True)
-            )
-            values.append(sum(by_data) / len(by_data))
-        return values
-
-    per_dataset: dict[str, str] = {}  # trial (as JSON) -> its ratio per dataset, for the log
-
-    best, best_value = start, objective([start])[0]
-    print(
-        f"validation: configured re-rank, NDCG ratio to ALS = {best_value:.4f} ({per_dataset[start.model_dump_json()]})"
-    )
-    if check:  # the one-pass grid must agree with the regular replay
-        regular = [
-            w.score([schemas.ALS_RERANK], start)[(schemas.ALS_RERANK, "ndcg")] / b
-            for w, b in zip(windows, base, strict=True)
-        ]
-        print(
-            f"validation: the same from the regular replay, per window = {[round(r, 4) for r in regular]}", flush=True
-        )
-    for round_ in range(ROUNDS):
-        for key, values in GRID:
-            trials = [t for t in (with_value(best, key, v) for v in values) if t != best]
-            if not trials:
-                continue
-            for trial, got in zip(trials, objective(trials), strict=True):
-                print(
-                    f"  {key}={_value_of(trial, key)}: {got:.4f} ({per_dataset[trial.model_dump_json()]})", flush=True
-                )
-                if got > best_value + 1e-9:
-                    best, best_value = trial, got
-            print(f"validation round {round_ + 1}: after {key}, best {best_value:.4f}", flush=True)
-    return best
-
-
-def _value_of(rerank: RerankConfig, key: str) -> Any:
-    if key.startswith("weights."):
-        return getattr(rerank.weights, key.split(".", 1)[1])
-    return getattr(rerank, key)
-
-
-def changes(configured: RerankConfig, tuned: RerankConfig) -> dict[str, Any]:
-    before, after = configured.model_dump(), tuned.model_dump()
-    changed = {k: v for k, v in after.items() if v != before[k] and k != "weights"}
-    changed.update({f"weights.{k}": v for k, v in after["weights"].items() if v != before["weights"][k]})
-    return changed
 
 
 def pooled(values: list[dict[tuple[str, str], float]], users: list[int]) -> dict[tuple[str, str], float]:
@@ -495,7 +294,6 @@ def main() -> None:
     parser.add_argument("--validation-windows", type=int, default=1, help="with --tune: validation windows per dataset")
     parser.add_argument("--tune", action="store_true", help="tune the re-rank on the validation windows first")
     parser.add_argument("--models", nargs="+", help="models scored on the test windows (default: all)")
-    parser.add_argument("--check", action="store_true", help="with --tune: also score the start by the regular replay")
     parser.add_argument("--paired", action="store_true", help="add the NDCG@k lift over ALS with bootstrap intervals")
     args = parser.parse_args()
     setup_logging()
@@ -515,7 +313,7 @@ def main() -> None:
             validation += [
                 Window(spark, data, span, f"validation window {j}") for j, span in enumerate(plan.validation)
             ]
-        tuned = tune(validation, configured, args.check)
+        tuned, _ = tune(validation, configured, ROUNDS)
         for w in validation:
             w.release()
         print(f"\ntuned re-rank (changes from the configured one): {changes(configured, tuned)}", flush=True)

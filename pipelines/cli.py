@@ -7,6 +7,8 @@ Maintenance: `shelf rollback --to-version N | --to-run RUN_ID [--table layer.nam
 `shelf report [--run-id ID] [--out DIR]` prints a run's evaluation report (ops.reports) or exports its files.
 `shelf gate --run-id ID` is `shelf run`'s publish gate on its own, for orchestrators that run each step as a task
 (evaluate, gate, then the publishing steps): exit 6 when the run's evaluation refuses the publish.
+`shelf tune` tunes the re-rank on replay validation windows of the run's data (pipelines/tune.py; writes
+gold.rerank_tuning, logs the tuned overlay).
 A user's mistake ends with one sentence and a non-zero exit code, never a JVM stack trace.
 """
 
@@ -22,7 +24,7 @@ from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.errors import ShelfError
 from pipelines.core.runs import RunContext, make_context
-from pipelines.steps import ADMIN, GATE, STEPS, STREAMING, TOOLS, step_function
+from pipelines.steps import ADMIN, ANALYSES, GATE, STEPS, STREAMING, TOOLS, step_function
 
 
 class StepMain(Protocol):
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--run-id", default=None, help="run id (default: derived from --as-of)")
     common.add_argument("--as-of", default=None, help="the run's 'now' (ISO; default: generate.end)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in [*TOOLS, *STEPS, *STREAMING, "run"]:
+    for name in [*TOOLS, *STEPS, *STREAMING, *ANALYSES, "run"]:
         sub.add_parser(name, parents=[common], help=f"run the {name} step" if name != "run" else "run every step")
     sub.add_parser(
         "gate", parents=[common], help="exit 6 when the run's evaluation refuses the publish (evaluate.gate)"
@@ -89,7 +91,7 @@ def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
         names = list(STEPS)
     else:
         names = [command]
-    if command in STREAMING:
+    if command in STREAMING or command in ANALYSES:
         step_function(command)(spark, config, ctx)
         return 0
     from pipelines import runner  # imports pyspark: `shelf generate` never gets here
@@ -166,6 +168,7 @@ rerank_main = step_main("rerank")
 evaluate_main = step_main("evaluate")
 gate_main = step_main(GATE)
 stream_main = step_main("stream")
+tune_main = step_main("tune")
 
 
 if __name__ == "__main__":

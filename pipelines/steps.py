@@ -26,6 +26,8 @@ STEPS: dict[str, str] = {
 TOOLS: dict[str, str] = {"generate": "pipelines.generate"}
 # Long-running jobs: own subcommands, never part of `shelf run`.
 STREAMING: dict[str, str] = {"stream": "pipelines.stream.job"}
+# Analyses of the run's data that change no table the steps read: own subcommands, never part of `shelf run`.
+ANALYSES: dict[str, str] = {"tune": "pipelines.tune"}
 ADMIN = ("rollback", "forget", "prune")
 
 EVALUATE = "evaluate"
@@ -40,6 +42,6 @@ StepRun = Callable[[Any, ShelfConfig, RunContext], Any]
 
 def step_function(step: str) -> StepRun:
     """The `run` function of a step (its module is imported on first use, so `shelf generate` needs no Spark)."""
-    module = importlib.import_module(STEPS.get(step) or STREAMING.get(step) or TOOLS[step])
+    module = importlib.import_module(STEPS.get(step) or STREAMING.get(step) or ANALYSES.get(step) or TOOLS[step])
     run: StepRun = module.run
     return run

@@ -4,6 +4,7 @@ benchmarks/replay.py's consecutive test windows, validation window and cluster b
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from benchmarks import replay as replay_benchmark
-from pipelines import evaluate, replay
+from pipelines import evaluate, replay, tune
 from pipelines.core import metrics, reports, schemas, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_sections import RerankConfig
@@ -271,3 +272,32 @@ def test_each_test_window_scores_its_own_users_and_the_paired_values_match_the_t
         assert set(wide["user_idx"]) == want and window.users == len(want) > 0
         for model in models:  # the per-user NDCG the bootstrap resamples averages to the table's value
             assert wide[model].mean() == pytest.approx(values[(model, "ndcg")])
+
+
+def test_shelf_tune_records_every_trial_and_its_grid_pass_agrees_with_the_regular_replay(
+    spark: SparkSession, shop: tuple[ShelfConfig, list[Event]]
+) -> None:
+    """`shelf tune` (pipelines/tune.py) on the shop's latest replay window: one gold.rerank_tuning row per trial, the
+    best so far only ever rising, the returned config the last best; and the one-pass grid's NDCG ratio of a config
+    equals the regular replay's NDCG@k(ALS + re-rank) / NDCG@k(ALS) on the same window."""
+    config, _ = shop
+    config = config.model_copy(update={"rerank": config.rerank.model_copy(update={"tune_rounds": 1})})
+    tuned = tune.run(spark, config, RunContext("tune-1", AS_OF))
+    rows = tables.read(spark, config, "gold", "rerank_tuning").filter(F.col("run_id") == "tune-1").toPandas()
+    tried = sum(len([v for v in values if v != tune.value_of(config.rerank, key)]) for key, values in tune.GRID)
+    assert len(rows) >= 1 + len(tune.GRID) and len(rows) <= 1 + tried  # the start, then each new value tried
+    assert rows.iloc[0]["key"] == "start" and bool(rows.iloc[0]["best"])
+    best = rows[rows["best"]]
+    assert list(best["ndcg_ratio"]) == sorted(best["ndcg_ratio"]) and best["ndcg_ratio"].is_unique
+    assert rows["ndcg_ratio"].max() == pytest.approx(best["ndcg_ratio"].iloc[-1])
+    won = {r["key"]: json.loads(r["value"]) for _, r in best.iloc[1:].iterrows()}  # one round: a key wins once
+    assert tune.changes(config.rerank, tuned) == won
+    window = tune.TuningWindow(spark, config, AS_OF, "check")
+    try:
+        regular = window.score([schemas.ALS_MODEL, schemas.ALS_RERANK], tuned)
+        search = tune.Search([window], config.rerank, [])
+        ratio = regular[(schemas.ALS_RERANK, "ndcg")] / regular[(schemas.ALS_MODEL, "ndcg")]
+        assert search.values([tuned])[0] == pytest.approx(ratio, rel=1e-6)
+        assert search.values([tuned])[0] == pytest.approx(best["ndcg_ratio"].iloc[-1], rel=1e-6)
+    finally:
+        window.release()

@@ -250,6 +250,8 @@ class RerankConfig(Section):
     mmr_pool: int = Field(50, ge=1)  # most relevant candidates per user that MMR chooses from
     buckets: int | None = Field(None, ge=1)  # user hash partitions; None: spark.sql.shuffle.partitions
     weights: RerankWeights = RerankWeights()  # the re-ranking features' weights in the relevance score
+    tune_windows: int = Field(1, ge=1)  # shelf tune: replay validation windows ending at as_of, one horizon apart
+    tune_rounds: int = Field(3, ge=1)  # shelf tune: rounds of the greedy coordinate search over its grid
 
 
 class StreamConfig(Section):

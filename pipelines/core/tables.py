@@ -347,6 +347,7 @@ KNOWN_TABLES: tuple[tuple[str, str], ...] = (
     ("gold", "tuning"),
     ("gold", "training_runs"),
     ("gold", "ease_neighbours"),
+    ("gold", "rerank_tuning"),
     ("ops", "run_metrics"),
     ("ops", "quality_gates"),
     ("ops", "reports"),
