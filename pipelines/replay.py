@@ -16,16 +16,13 @@ from pyspark.sql import functions as F
 from pipelines.baselines import (
     HOLDOUT_MODELS,
     METRICS_COLUMNS,
-    NEIGHBOUR,
     REPLAY_EXTRA_MODELS,
-    SIMILARITY,
     cutoffs,
-    item_neighbours,
     popularity_scores,
     published_lists,
-    recent_items,
     recent_popularity_scores,
     recommend_ease,
+    recommend_item_knn,
     recommend_popular,
 )
 from pipelines.core import metrics, reports, tables
@@ -33,7 +30,7 @@ from pipelines.core.als import AlsParams, als_recommend, fit_als, to_pairs
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_sections import EvaluateConfig, RecommendConfig, RerankConfig
 from pipelines.core.errors import InputDataError
-from pipelines.core.neighbours import to_cooccurrence_neighbours
+from pipelines.core.neighbours import to_cooccurrence_neighbours, with_recent_items
 from pipelines.core.quality import ts_lit
 from pipelines.core.reranking import Reranked, read_catalog, rerank_candidates
 from pipelines.core.runs import RunContext
@@ -118,19 +115,6 @@ def prepare_replay(spark: SparkSession, interactions: DataFrame, config: ShelfCo
     return ReplayWindow(cut, fresh_end, train, history, seen, relevant, users, model, neighbours.cache())
 
 
-def replay_item_knn(pairs: DataFrame, window: ReplayWindow, evaluate: EvaluateConfig, k: int) -> DataFrame:
-    """Item-kNN over `pairs` (the history it may see), with everything seen before T + d removed."""
-    recent = recent_items(pairs, evaluate.knn_recent_items)
-    neighbours = item_neighbours(recent, evaluate.knn_neighbours)
-    scores = (
-        recent.join(window.users, on=USER_IDX, how="inner")
-        .join(neighbours, on=ITEM_IDX, how="inner")
-        .groupBy(USER_IDX, F.col(NEIGHBOUR).alias(ITEM_IDX))
-        .agg(F.sum(SIMILARITY).alias(SCORE))
-    )
-    return metrics.top_k(metrics.remove_seen(scores, window.seen), k)
-
-
 def replay_baseline(name: str, window: ReplayWindow, evaluate: EvaluateConfig, k: int) -> DataFrame:
     """Top-k lists (user, item, score, rank) of a model that does not re-rank."""
     if name == POPULARITY:
@@ -139,9 +123,9 @@ def replay_baseline(name: str, window: ReplayWindow, evaluate: EvaluateConfig, k
         scores = recent_popularity_scores(window.train, evaluate.recent_days)
         return recommend_popular(scores, window.users, window.seen, k)
     if name == ITEM_KNN:
-        return replay_item_knn(window.train, window, evaluate, k)
+        return recommend_item_knn(window.train, window.users, evaluate, k, window.seen)
     if name == ITEM_KNN_FRESH:
-        return replay_item_knn(to_pairs(window.history), window, evaluate, k)
+        return recommend_item_knn(to_pairs(window.history), window.users, evaluate, k, window.seen)
     return als_recommend(window.model, window.users, window.seen, k)
 
 
@@ -157,7 +141,7 @@ def replay_candidates(
     als = pool.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(ALS_SCORE), F.lit(ALS_MODEL).alias("_source"))
     best = Window.partitionBy(ITEM_IDX).orderBy(F.col(SCORE).desc(), F.col(NEIGHBOUR_IDX).asc())
     lists = window.neighbours.withColumn("_r", F.row_number().over(best)).filter(F.col("_r") <= rc.neighbours_per_item)
-    recent = recent_items(to_pairs(window.history), rc.recent_items).join(window.users, on=USER_IDX, how="inner")
+    recent = with_recent_items(window.history, rc.recent_items).join(window.users, on=USER_IDX, how="inner")
     near = (
         recent.join(lists, on=ITEM_IDX, how="inner")
         .select(USER_IDX, F.col(NEIGHBOUR_IDX).alias(ITEM_IDX))
