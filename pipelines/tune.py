@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from pyspark import Broadcast
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
@@ -99,12 +98,11 @@ def ndcg_sum(rows: np.ndarray, items: np.ndarray, ranks: np.ndarray, relevant: l
 
 def grid_batches(
     batches: Iterable[pd.DataFrame],
-    tables_by_fresh: Broadcast[dict[float, ItemTable]],
+    item_tables: dict[float, ItemTable],
     trials: list[RerankParams],
     k: int,
 ) -> Iterator[pd.DataFrame]:
     """mapInPandas body: every trial's kernel on a batch of user rows -> (trial, summed NDCG@k)."""
-    item_tables = tables_by_fresh.value
     for pdf in batches:
         if pdf.empty:
             continue
@@ -136,7 +134,7 @@ class TuningWindow:
         self.catalog = read_catalog(spark, config)
         self.users = self.window.users.count()
         self._rows: DataFrame | None = None
-        self._tables: Broadcast[dict[float, ItemTable]] | None = None
+        self._tables: dict[float, ItemTable] | None = None
 
     def score(self, models: list[str], rerank_config: RerankConfig | None = None) -> dict[tuple[str, str], float]:
         """The regular replay's metrics at k of `models`."""
@@ -147,7 +145,7 @@ class TuningWindow:
 
     def prepare_grid(self, rr: RerankConfig, fresh_days: list[float]) -> None:
         """Cache the kernel input of this window (as `replay_rerank` builds it) with each user's relevant
-        items, and broadcast one item table per fresh_days value (popularity counts the fresh window)."""
+        items, and build one item table per fresh_days value (popularity counts the fresh window)."""
         horizon = rr.model_copy(update={"fresh_days": max(fresh_days)})
         fresh = reranking.to_fresh_events(self.window.history, horizon, self.window.fresh_end).cache()
         user_factors, item_factors = replay.replay_factors(self.window)
@@ -158,7 +156,9 @@ class TuningWindow:
                 self.item_index, item_factors, self.catalog, fresh, rr_days, self.window.fresh_end
             )
             by_fresh[days] = reranking.build_item_table(attributes, self.window.neighbours)
-        self._tables = self.spark.sparkContext.broadcast(by_fresh)
+        # Shipped in the grid pass's closure (pyspark broadcasts a large pickled function itself), as
+        # kernel_frames.to_reranked does: no SparkContext, so tuning runs over Spark Connect too.
+        self._tables = by_fresh
         candidates = reranking.to_capped_candidates(
             replay.replay_candidates(self.window, rr, self.config.recommend), rr.max_candidates
         )
@@ -186,8 +186,7 @@ class TuningWindow:
     def release(self) -> None:
         if self._rows is not None:
             self._rows.unpersist()
-        if self._tables is not None:
-            self._tables.unpersist()
+        self._tables = None
         self.window.release()
 
 
