@@ -169,7 +169,7 @@ def recommend(
     count, a baseline may recommend them too (a fair rival for buy-again lists)."""
     if name == PUBLISHED:
         return published_lists(spark, config, run_id, users, k)
-    excluded = train if config.evaluate.relevant == "unseen" else train.limit(0)
+    excluded = train if config.relevant == "unseen" else train.limit(0)
     if name == POPULARITY:
         return recommend_popular(popularity_scores(train), users, excluded, k)
     if name == RECENT_POPULARITY:

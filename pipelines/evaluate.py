@@ -52,7 +52,7 @@ def evaluate_models(
 ) -> DataFrame:
     """gold.metrics rows: one per (model, metric, k) for every configured model."""
     ks = cutoffs(config.evaluate)
-    relevant = to_relevant(train, test, config.evaluate.relevant).cache()
+    relevant = to_relevant(train, test, config.relevant).cache()
     users = relevant.select(USER_IDX).distinct().cache()
     if users.limit(1).count() == 0:
         raise InputDataError(

@@ -184,9 +184,10 @@ def test_consumed_items_are_never_candidates_per_preset(
     assert by_type[kept] <= got
 
 
-def test_buy_again_offers_consumed_items_scored_by_their_repurchase_cycle(spark: SparkSession, tmp_path: Path) -> None:
-    """User 0 bought item 1 every 10 days, the last time 10 days ago (due again), and item 2 once, yesterday.
-    With recommend.repeat_purchase both come back as buy_again candidates, item 1 first; without, neither."""
+def test_buy_again_offers_consumed_items_scored_by_how_often_and_how_lately(spark: SparkSession, tmp_path: Path) -> None:
+    """User 0 bought item 1 on three days, the last 10 days ago, and item 2 once, yesterday (and viewed item 3).
+    With recommend.repeat_purchase both purchases come back as buy_again candidates, the frequent one first;
+    without, neither; a view is not a purchase."""
     events = [(0, 1, "purchase", d) for d in (30, 20, 10)] + [(0, 2, "purchase", 1), (0, 3, "view", 2)]
     events += [(1, 1, "purchase", 5), (1, 4, "view", 3)]
     rows = [(u, i, t, AS_OF - timedelta(days=d), None, 1.0, 1.0, RUN, AS_OF) for u, i, t, d in events]
@@ -213,5 +214,6 @@ def test_buy_again_offers_consumed_items_scored_by_their_repurchase_cycle(spark:
     assert scores[False] == {}
     assert set(scores[True]) == {(0, 1), (0, 2), (1, 1)}
     assert scores[True][(0, 1)] > scores[True][(0, 2)] > 0
-    # user 1 bought item 1 once, 5 days ago: item 1's median cycle (10 days, user 0's) is its interval
-    assert scores[True][(1, 1)] == pytest.approx(np.log1p(1) * np.exp(-abs(np.log((5 + 1) / (10 + 1)))), rel=1e-6)
+    half_life = 90.0  # recommend.buy_again_half_life_days' default
+    assert scores[True][(0, 1)] == pytest.approx(np.log1p(3) * 2 ** (-10 / half_life), rel=1e-6)
+    assert scores[True][(1, 1)] == pytest.approx(np.log1p(1) * 2 ** (-5 / half_life), rel=1e-6)

@@ -192,6 +192,11 @@ class ShelfConfig(Section):
         """The event types that consume an item (recommend.consumed_event_types, resolved from the preset)."""
         return list(self.recommend.consumed_event_types or ["purchase"])
 
+    @property
+    def relevant(self) -> str:
+        """Which test items count as hits (evaluate.relevant, resolved from recommend.repeat_purchase)."""
+        return self.evaluate.relevant or ("any" if self.recommend.repeat_purchase else "unseen")
+
 
 def _absolute(location: str | None) -> str | None:
     """A bare relative local path made absolute against the client's working directory; URIs unchanged."""

@@ -154,8 +154,9 @@ class EvaluateConfig(Section):
         "ease",
     ]
     # unseen: a test item counts only if the user had not touched it in training (new items); any: every test item
-    # counts, repeats included (buy-again: recommend.repeat_purchase), and the baselines may recommend them too.
-    relevant: Literal["unseen", "any"] = "unseen"
+    # counts, repeats included, and the baselines may recommend them too. None: any when recommend.repeat_purchase
+    # is on (a buy-again list is scored on what the user buys, again or not), else unseen.
+    relevant: Literal["unseen", "any"] | None = None
     # `shelf run` evaluates before it publishes: fail refuses to publish (exit 6) when published NDCG@k is below
     # popularity's x (1 + gate_margin), warn logs it and publishes, off skips the check.
     gate: Literal["fail", "warn", "off"] = "fail"
@@ -185,9 +186,13 @@ class RecommendConfig(Section):
     # evaluation alike). None: the preset's (movielens: rating; synthetic, online_retail, generic: purchase).
     consumed_event_types: list[str] | None = None
     # Buy again: items the user consumed come back as candidates (source buy_again, reason buy_again), scored by
-    # their repurchase cycle (rerank.weights.buy_again); false: a consumed item is never recommended again.
+    # how often and how lately the user bought them (rerank.weights.buy_again); false: a consumed item is never
+    # recommended again.
     repeat_purchase: bool = False
-    buy_again_k: int = Field(20, ge=1)  # consumed items per user offered again, best repurchase score first
+    buy_again_k: int = Field(20, ge=1)  # consumed items per user offered again, best rebuy_score first
+    # rebuy_score = log1p(days the user bought the item) * 2^(-days since the last time / this); 90: best of 30, 90,
+    # 180, 365 on an Online Retail validation week (docs/EVALUATION.md "Buy again")
+    buy_again_half_life_days: float = Field(90.0, gt=0)
     recent_items: int = 5  # a user's most recently touched items whose neighbours become candidates
     neighbours_per_item: int = 10  # the best neighbours taken from each of those items' lists
     popular_k: int = 100  # popularity fallback for users without ALS factors
@@ -211,7 +216,9 @@ class RerankWeights(Section):
     cooc_sum: float = 0.5  # sum over fresh items j of pull_j * co-occurrence sim(j, c) (j's top-N neighbour list)
     cooc_max: float = 2.0  # max over fresh items j of co-occurrence sim(j, c)
     ease: float = 4.0  # the candidate's EASE score (x_u B)_c; 4: best of 1, 2, 4, 8 on a MovieLens validation split
-    buy_again: float = 1.0  # the buy-again score of a consumed item (recommend.repeat_purchase); 0 otherwise
+    # the buy-again score of a consumed item (recommend.repeat_purchase), 0 otherwise; 8: best of 1, 4, 8 on an Online
+    # Retail validation week (docs/EVALUATION.md "Buy again")
+    buy_again: float = 8.0
 
 
 class RerankConfig(Section):
