@@ -9,13 +9,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Literal
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import ease, holdout, metrics, tables
-from pipelines.core.als import als_recommend, load_model, to_pairs
+from pipelines.core.als import STRENGTH, als_recommend, load_model, to_pairs
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_sections import EvaluateConfig
+from pipelines.core.neighbours import cooccurrence_neighbours, with_recent_items
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import (
     ALS_RERANK,
@@ -26,6 +27,7 @@ from pipelines.core.schemas import (
     ITEM_KNN,
     ITEM_KNN_FRESH,
     MODEL,
+    NEIGHBOUR_IDX,
     POPULARITY,
     PUBLISHED,
     RANK,
@@ -37,8 +39,6 @@ from pipelines.core.schemas import (
 from pipelines.core.splits import leave_last_n_split, random_stratified_split, temporal_split
 
 HOLDOUT_MODELS = (PUBLISHED, EASE)  # lists of the holdout run (pipelines.runner): scored only with its run id
-NEIGHBOUR = "neighbour"
-SIMILARITY = "similarity"
 METRICS_COLUMNS = (RUN_ID, MODEL, metrics.METRIC, metrics.K, metrics.METRIC_VALUE)
 # Popularity lists are drawn from this many extra items beyond k, to survive seen-item removal.
 POPULAR_POOL_MARGIN = 1000
@@ -102,54 +102,19 @@ def recent_popularity_scores(train: DataFrame, recent_days: float) -> DataFrame:
     return popularity_scores(recent)
 
 
-def recent_items(train: DataFrame, per_user: int) -> DataFrame:
-    """Each user's `per_user` most recent items (ties on time: higher item id first)."""
-    latest_first = Window.partitionBy(USER_IDX).orderBy(F.col(EVENT_TS).desc(), F.col(ITEM_IDX).desc())
-    return (
-        train.withColumn("_pos", F.row_number().over(latest_first))
-        .filter(F.col("_pos") <= per_user)
-        .select(USER_IDX, ITEM_IDX)
-    )
-
-
-def item_neighbours(recent: DataFrame, neighbours: int) -> DataFrame:
-    """Cosine co-occurrence neighbours: (item, neighbour, similarity), the top `neighbours` per item.
-
-    The self-join runs on each user's recent items only, so a user adds at most N^2 pairs.
-    """
-    item_users = recent.groupBy(ITEM_IDX).agg(F.count(F.lit(1)).alias("_users"))
-    left = recent.select(USER_IDX, ITEM_IDX)
-    right = recent.select(USER_IDX, F.col(ITEM_IDX).alias(NEIGHBOUR))
-    co = (
-        left.join(right, on=USER_IDX, how="inner")
-        .filter(F.col(ITEM_IDX) != F.col(NEIGHBOUR))
-        .groupBy(ITEM_IDX, NEIGHBOUR)
-        .agg(F.count(F.lit(1)).alias("_co"))
-    )
-    own = item_users.select(ITEM_IDX, F.col("_users").alias("_n_item"))
-    other = item_users.select(F.col(ITEM_IDX).alias(NEIGHBOUR), F.col("_users").alias("_n_neighbour"))
-    best = Window.partitionBy(ITEM_IDX).orderBy(F.col(SIMILARITY).desc(), F.col(NEIGHBOUR).asc())
-    return (
-        co.join(own, on=ITEM_IDX, how="inner")
-        .join(other, on=NEIGHBOUR, how="inner")
-        .withColumn(SIMILARITY, F.col("_co") / F.sqrt(F.col("_n_item") * F.col("_n_neighbour")))
-        .withColumn("_pos", F.row_number().over(best))
-        .filter(F.col("_pos") <= neighbours)
-        .select(ITEM_IDX, NEIGHBOUR, SIMILARITY)
-    )
-
-
 def recommend_item_knn(
     train: DataFrame, users: DataFrame, evaluate: EvaluateConfig, k: int, excluded: DataFrame
 ) -> DataFrame:
-    """Item-kNN: score = summed similarity of an item to the user's recent items, `excluded` pairs skipped."""
-    recent = recent_items(train, evaluate.knn_recent_items)
-    neighbours = item_neighbours(recent, evaluate.knn_neighbours)
+    """Item-kNN: score = summed co-occurrence cosine of an item to the user's `knn_recent_items` most recent items
+    (`neighbours.with_recent_items` on the pairs' strength), among each item's `knn_neighbours` best neighbours
+    in those same baskets; `excluded` pairs skipped."""
+    recent = with_recent_items(train, evaluate.knn_recent_items, weight=STRENGTH)
+    neighbours = cooccurrence_neighbours(recent, evaluate.knn_neighbours)
     scores = (
         recent.join(users.select(USER_IDX).distinct(), on=USER_IDX, how="inner")
         .join(neighbours, on=ITEM_IDX, how="inner")
-        .groupBy(USER_IDX, F.col(NEIGHBOUR).alias(ITEM_IDX))
-        .agg(F.sum(SIMILARITY).alias(SCORE))
+        .groupBy(USER_IDX, F.col(NEIGHBOUR_IDX).alias(ITEM_IDX))
+        .agg(F.sum(SCORE).alias(SCORE))
     )
     return metrics.top_k(metrics.remove_seen(scores, excluded), k)
 
