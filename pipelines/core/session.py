@@ -166,7 +166,6 @@ def _local_conf(config: ShelfConfig) -> dict[str, str]:
         "spark.checkpoint.dir": checkpoint_dir(config),
         "spark.ui.enabled": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.databricks.delta.snapshotPartitions": "2",
         "spark.sql.warehouse.dir": uris.join(uris.qualify(config.storage.root), "_warehouse"),
         "spark.driver.extraJavaOptions": f"-Dderby.system.home={driver}",
         "spark.scheduler.mode": "FAIR",
@@ -239,6 +238,7 @@ def _tune(spark: SparkSession, config: ShelfConfig) -> None:
     cores = parallelism(spark)
     partitions = config.spark.shuffle_partitions or max(2, 2 * cores)
     spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
+    _set_if_unset(spark, SNAPSHOT_PARTITIONS, str(min(50, 2 * cores)))
     log.info(
         "spark %s, master %s, %d cores, %d shuffle partitions",
         spark.version,
@@ -246,6 +246,20 @@ def _tune(spark: SparkSession, config: ShelfConfig) -> None:
         cores,
         partitions,
     )
+
+
+# Delta rebuilds a table's state from its log in this many partitions on every snapshot (default 50: a shelf run
+# takes hundreds of snapshots, so on 2 cores a demo run over Spark Connect spent ~40% of its time there).
+SNAPSHOT_PARTITIONS = "spark.databricks.delta.snapshotPartitions"
+
+
+def _set_if_unset(spark: SparkSession, key: str, value: str) -> None:
+    """Set a session default the user (or the platform) has not set; a platform that forbids the key keeps its own."""
+    try:
+        if spark.conf.get(key, None) is None:
+            spark.conf.set(key, value)
+    except Exception as exc:  # e.g. Databricks serverless allows only some keys: CONFIG_NOT_AVAILABLE
+        log.debug("%s left as it is: %s", key, exc)
 
 
 @contextmanager
