@@ -26,6 +26,26 @@ from pipelines.core.errors import ShelfError
 from pipelines.core.runs import RunContext, make_context
 from pipelines.steps import ADMIN, ANALYSES, GATE, STEPS, STREAMING, TOOLS, step_function
 
+EXIT_CODES = """exit codes:
+  0  done
+  1  an unexpected failure (a bug or the engine: the traceback is printed)
+  2  the command line is wrong (usage)
+  3  the data-quality gate failed: nothing downstream was written
+  4  row counts do not reconcile (input != accepted + quarantined + duplicates removed)
+  5  another writer kept committing to the same table: this write gave up after its retries
+  6  the publish gate refused the run: the previous run stays the serving run
+  7  a mistake you can fix (config, input data, environment): the one-sentence message says what and how"""
+
+
+def package_version() -> str:
+    """The installed distribution's version (a checkout that is not installed: unknown)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shelf")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
 
 class StepMain(Protocol):
     """A step's console-script entry point: argv defaults to sys.argv[1:]."""
@@ -34,7 +54,13 @@ class StepMain(Protocol):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shelf", description="Distributed batch recommender on Spark + Delta.")
+    parser = argparse.ArgumentParser(
+        prog="shelf",
+        description="Distributed batch recommender on Spark + Delta.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"shelf {package_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--conf", default="conf/local.yaml", help="overlay config file (default conf/local.yaml)")
     common.add_argument(

@@ -115,11 +115,11 @@ def test_file_level_problems_stop_ingest_with_one_sentence_and_write_nothing(
     assert not tables.exists(spark, config, "quarantine", "events")
 
 
-def test_missing_source_path_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_source_path_exits_7_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main([
         "ingest", "--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={tmp_path}",
         "--set", f"source.path={tmp_path / 'nowhere'}",
     ])  # fmt: skip
-    assert code == 2
+    assert code == 7
     err = capsys.readouterr().err
     assert "nowhere does not exist" in err and "source.path" in err and "Traceback" not in err

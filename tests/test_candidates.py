@@ -184,7 +184,9 @@ def test_consumed_items_are_never_candidates_per_preset(
     assert by_type[kept] <= got
 
 
-def test_buy_again_offers_consumed_items_scored_by_how_often_and_how_lately(spark: SparkSession, tmp_path: Path) -> None:
+def test_buy_again_offers_consumed_items_scored_by_how_often_and_how_lately(
+    spark: SparkSession, tmp_path: Path
+) -> None:
     """User 0 bought item 1 on three days, the last 10 days ago, and item 2 once, yesterday (and viewed item 3).
     With recommend.repeat_purchase both purchases come back as buy_again candidates, the frequent one first;
     without, neither; a view is not a purchase."""

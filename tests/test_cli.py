@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import cli
+from pipelines.core.errors import PublishRefusedError, QualityGateError, ShelfError
 from pipelines.core.runs import make_context
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ def test_every_step_of_the_design_has_a_subcommand() -> None:
 def test_bad_config_key_exits_non_zero_with_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["generate", "--conf", str(REPO / "conf/test.yaml"), "--set", "generate.userz=3"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
+    assert code == 7  # a mistake the user can fix (argparse's usage errors are 2)
     assert err[-1] == (
         "shelf generate: error: Unknown config key 'generate.userz' in --set generate.userz=3; "
         "remove it or correct its spelling."
@@ -30,7 +31,7 @@ def test_bad_config_key_exits_non_zero_with_one_sentence(capsys: pytest.CaptureF
 
 def test_bad_as_of_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["generate", "--conf", str(REPO / "conf/test.yaml"), "--as-of", "tomorrow"])
-    assert code == 2 and "--as-of 'tomorrow' is not an ISO date" in capsys.readouterr().err
+    assert code == 7 and "--as-of 'tomorrow' is not an ISO date" in capsys.readouterr().err
 
 
 def test_run_id_defaults_from_as_of_so_reruns_are_idempotent() -> None:
@@ -63,9 +64,24 @@ def test_generate_writes_events_and_catalog(tmp_path: Path) -> None:
 def test_generate_into_a_remote_uri_says_it_writes_locally(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["generate", "--conf", str(REPO / "conf/test.yaml"), "--set", "source.path=s3a://shop/events"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and err == (
+    assert code == 7 and err == (
         "shelf generate: error: shelf generate writes the demo shop to the driver's disk, not to "
         "s3a://shop/events; generate it into a local folder and copy it there, or set source.path to data "
         "that already exists."
     )
     assert not Path("s3a:").exists() and not (REPO / "s3a:").exists()
+
+
+def test_version_and_the_exit_code_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """`shelf --version` names the installed version; a usage error (2) is not a user's fixable mistake (7)."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as shown:
+        cli.main(["--version"])
+    assert shown.value.code == 0 and capsys.readouterr().out.strip() == f"shelf {version('shelf')}"
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["no-such-step"])
+    assert usage.value.code == 2
+    codes = {int(line.split()[0]) for line in cli.EXIT_CODES.splitlines()[1:]}
+    assert codes == set(range(8))
+    assert ShelfError.exit_code == 7 and {QualityGateError.exit_code, PublishRefusedError.exit_code} == {3, 6}

@@ -96,7 +96,7 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert "# shelf evaluation, run e2e" in printed and "| published |" in printed and "| popularity |" in printed
     assert sorted(p.name for p in exported.iterdir()) == ["metric_vs_k.png", "metrics_at_k.png", "summary.md"]
     assert not (tmp_path / "reports").exists()  # nothing else on the driver's disk
-    assert cli.main([*report_args, "--run-id", "never-ran"]) == 2
+    assert cli.main([*report_args, "--run-id", "never-ran"]) == 7
     assert "has no evaluation report" in capsys.readouterr().err
     # The publishing steps again, same run id and as_of: the same lists (ALS and EASE seeded, no wall clock).
     ran = runner.run_steps(spark, config, RunContext(run_id="e2e", as_of=datetime(2026, 11, 1)), PUBLISHING)
@@ -212,7 +212,7 @@ def test_shelf_gate_alone_passes_refuses_with_exit_6_and_needs_an_evaluated_run(
     assert cli.main([*args, "--set", "evaluate.gate_margin=99", "--run-id", DEMO_RUN_ID, "--as-of", DEMO_AS_OF]) == 6
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"shelf gate: error: Run {DEMO_RUN_ID} was not published: its lists scored NDCG@10")
-    assert cli.main([*args, "--run-id", "never-evaluated", "--as-of", DEMO_AS_OF]) == 2
+    assert cli.main([*args, "--run-id", "never-evaluated", "--as-of", DEMO_AS_OF]) == 7
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
         "shelf gate: error: gold.metrics has no NDCG@10 row of run never-evaluated; run 'shelf evaluate --run-id "

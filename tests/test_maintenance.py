@@ -77,7 +77,7 @@ def test_pseudonymised_ingest_without_key_says_which_variable(tmp_path: Path, mo
         "--set", f"storage.root={tmp_path / 'tables'}",
         "--set", "privacy.pseudonymize_users=true", "--set", f"privacy.key_env={KEY_ENV}",
     ])  # fmt: skip
-    assert code == 2
+    assert code == 7
 
 
 def _recs(spark: SparkSession, run_id: str, n: int) -> DataFrame:
@@ -116,10 +116,10 @@ def test_rollback_to_run_and_to_version(
         tables.read(spark, config, "gold", "recommendations"), second, ignore_row_order=True, ignore_nullable=True
     )
 
-    assert _rollback(config, "--to-run", "night-9") == 2
+    assert _rollback(config, "--to-run", "night-9") == 7
     assert "No version of gold.recommendations was written by run night-9" in capsys.readouterr().err
-    assert _rollback(config, "--to-version", "7") == 2
-    assert _rollback(config, "--table", "gold.nope", "--to-version", "0") == 2
+    assert _rollback(config, "--to-version", "7") == 7
+    assert _rollback(config, "--table", "gold.nope", "--to-version", "0") == 7
 
 
 # Runs in its own process: a local session with an event log (the shared session has none).
@@ -180,7 +180,7 @@ def test_prune_keeps_the_runs_written_last_and_vacuums(
     for run_id in ("r1", "r2"):
         write("ops", "run_metrics", run_id)  # not a per-day output table: never pruned
     args = ["prune", "--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={config.storage.root}"]
-    assert cli.main([*args, "--keep", "0"]) == 2
+    assert cli.main([*args, "--keep", "0"]) == 7
     assert "--keep must be at least 1" in capsys.readouterr().err
     assert cli.main([*args, "--keep", "1", "--retain-hours", "0"]) == 0
 

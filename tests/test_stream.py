@@ -429,7 +429,7 @@ def test_shelf_stream_without_a_landing_table_says_what_to_do(
     code = cli.main(
         ["stream", "--conf", str(REPO / "conf" / "test.yaml"), "--set", f"storage.root={tmp_path / 'tables'}"]
     )
-    assert code == 2
+    assert code == 7
     err = capsys.readouterr().err
     assert "is not a Delta table; point stream.source_path at the table the tracker appends to" in err
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 
 class ShelfError(Exception):
-    """Base class: the CLI prints the message (no stack trace) and exits non-zero."""
+    """Base class: the CLI prints the message (no stack trace) and exits non-zero (7; argparse's usage errors are 2,
+    the full table is `shelf --help`'s epilog, pipelines/cli.py EXIT_CODES)."""
 
-    exit_code = 2
+    exit_code = 7
 
 
 class ConfigError(ShelfError):
