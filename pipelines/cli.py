@@ -105,11 +105,11 @@ def setup_logging() -> None:
 
 def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
     """Run one step, or every step in order for `run`. Returns the exit code."""
-    from pipelines.core.session import get_spark
-
-    if command in TOOLS:  # generating demo data needs no Spark
+    if command in TOOLS:  # generating demo data needs no Spark: pyspark is not even imported
         step_function(command)(None, config, ctx)
         return 0
+    from pipelines.core.session import get_spark
+
     spark = get_spark(config)
     if command == "run":
         if config.source.preset == "synthetic" and uris.local_missing(config.source.path):

@@ -85,3 +85,16 @@ def test_version_and_the_exit_code_table(capsys: pytest.CaptureFixture[str]) -> 
     codes = {int(line.split()[0]) for line in cli.EXIT_CODES.splitlines()[1:]}
     assert codes == set(range(8))
     assert ShelfError.exit_code == 7 and {QualityGateError.exit_code, PublishRefusedError.exit_code} == {3, 6}
+
+
+def test_generate_runs_where_pyspark_cannot_be_imported(tmp_path: Path) -> None:
+    """`shelf generate` writes the demo shop with pandas only: in a process where importing pyspark fails, it works."""
+    import subprocess
+    import sys
+
+    args = ["generate", "--conf", str(REPO / "conf/test.yaml"), "--set", f"source.path={tmp_path / 'ev'}"]
+    args += ["--set", f"source.catalog_path={tmp_path / 'cat'}"]
+    code = f"import sys; sys.modules['pyspark'] = None; from pipelines import cli; sys.exit(cli.main({args!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ev" / "part-00000.csv").exists()
