@@ -70,11 +70,11 @@ def read_canonical(spark: SparkSession, source: SourceConfig) -> DataFrame:
     columns (see module docstring)."""
     if source.table:
         df = sources.read_source_table(spark, source.table, TABLE_KEY)
-        require_columns(tuple(df.columns), mapped_columns(source), source.table, "source.columns")
+        require_columns(tuple(df.columns), mapped_columns(source, optional=False), source.table, "source.columns")
         return to_canonical_from_table(df, source)
     if source.preset in ("generic", "synthetic") and source.format in ("parquet", "delta"):
         df = sources.read_source(spark, source.path, source.format, PATH_KEY)
-        require_columns(tuple(df.columns), mapped_columns(source), source.path, "source.columns")
+        require_columns(tuple(df.columns), mapped_columns(source, optional=False), source.path, "source.columns")
         return to_canonical_from_table(df, source)
     lines = sources.read_source(spark, source.path, "text", PATH_KEY).select(
         # A UTF-8 byte-order mark would glue itself to the first header name.

@@ -305,7 +305,7 @@ def text_layout(spark: SparkSession, source: SourceConfig) -> TextLayout:
     else:
         width = len(_header_columns(spark, source.path, sep, header=False))
         columns = tuple(f"_c{i}" for i in range(width))
-    require_columns(columns, mapped_columns(source), source.path, "source.columns")
+    require_columns(columns, mapped_columns(source, optional=False), source.path, "source.columns")
     return TextLayout(sep, source.header, columns)
 
 
@@ -315,8 +315,9 @@ def _header_columns(spark: SparkSession, path: str, sep: str, header: bool = Tru
     return tuple(c for c in df.columns if c != "_source_file")
 
 
-def mapped_columns(source: SourceConfig) -> tuple[str, ...]:
-    """The source column names `source.columns` maps the canonical columns to (generic and synthetic presets)."""
+def mapped_columns(source: SourceConfig, optional: bool = True) -> tuple[str, ...]:
+    """The source column names `source.columns` maps the canonical columns to (generic and synthetic presets);
+    optional=False leaves out session_id, which a source may lack (its rows then have no session)."""
     mapping = source.columns
     names = (
         mapping.user_id,
@@ -324,7 +325,7 @@ def mapped_columns(source: SourceConfig) -> tuple[str, ...]:
         mapping.event_type,
         mapping.event_ts,
         mapping.value,
-        mapping.session_id,
+        mapping.session_id if optional else None,
     )
     return tuple(n for n in names if n is not None)
 

@@ -134,6 +134,29 @@ def test_generic_mapping_delimiter_no_header_and_timestamp_format(spark: SparkSe
     assert [r.reason for r in quarantine(spark, config).collect()] == ["unknown_event_type"]
 
 
+def test_a_generic_csv_without_the_optional_session_id_column(spark: SparkSession, tmp_path: Path) -> None:
+    """session_id is mapped by default but optional: a file without it ingests, its rows without a session; a
+    missing required column still stops with the key to fix."""
+    config = make_config(tmp_path, "source.preset=generic")
+    write_text(
+        Path(config.source.path) / "a.csv",
+        [
+            "user_id,item_id,event_type,event_ts,value",
+            "u1,i1,view,2026-10-01 10:00:00,1",
+            "u2,i1,purchase,2026-10-02,2",
+        ],
+    )
+    run_ingest(spark, config)
+    assert bronze_rows(spark, config) == [
+        ("u1", "i1", "view", datetime(2026, 10, 1, 10), 1.0, None),
+        ("u2", "i1", "purchase", datetime(2026, 10, 2), 2.0, None),
+    ]
+    no_item = make_config(tmp_path / "no-item", "source.preset=generic")
+    write_text(Path(no_item.source.path) / "a.csv", ["user_id,event_type,event_ts,value", "u1,view,2026-10-01,1"])
+    with pytest.raises(InputDataError, match="item_id.*source.columns"):
+        run_ingest(spark, no_item)
+
+
 def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> None:
     config = make_config(tmp_path / "json", "source.format=json")
     write_text(

@@ -90,11 +90,15 @@ def _blank_to_null(col: Column) -> Column:
 
 
 def to_canonical(parsed: DataFrame, source: SourceConfig) -> DataFrame:
-    """Map the source's columns (`source.columns`) onto the canonical string columns."""
+    """Map the source's columns (`source.columns`) onto the canonical string columns; a mapped column the source
+    lacks (only session_id may be: the others are checked before) is null."""
     mapping = source.columns
+    present = set(parsed.schema["fields"].dataType.fieldNames())  # type: ignore[attr-defined]
 
     def field(name: str | None) -> Column:
-        return F.lit(None).cast("string") if name is None else _blank_to_null(F.col(f"fields.`{name}`"))
+        if name is None or name not in present:
+            return F.lit(None).cast("string")
+        return _blank_to_null(F.col(f"fields.`{name}`"))
 
     return parsed.select(
         RAW,
