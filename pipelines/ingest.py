@@ -44,7 +44,7 @@ from pipelines.core.events import classify, rules_for, to_bronze, to_canonical, 
 from pipelines.core.privacy import key_from_env, with_pseudonymous_users
 from pipelines.core.quality import reconcile, write_run_metrics
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import RAW, REASON, RUN_ID, SOURCE_FILE, STEP, UNPARSEABLE_ROW, USER_ID
+from pipelines.core.schemas import FUTURE_TIMESTAMP, RAW, REASON, RUN_ID, SOURCE_FILE, STEP, UNPARSEABLE_ROW, USER_ID
 from pipelines.source_presets import (
     PATH_KEY,
     filter_header_lines,
@@ -145,5 +145,22 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
                 {RUN_ID: ctx.run_id, STEP: STEP_NAME},
             )
             write_run_metrics(spark, config, ctx.run_id, STEP_NAME, counts)
+            if accepted == 0:
+                raise all_quarantined(config.source.table or config.source.path, ctx.run_id, by_reason)
         finally:
             classified.unpersist()
+
+
+def all_quarantined(source: str, run_id: str, by_reason: dict[str, int]) -> InputDataError:
+    """The error when no row of the source was accepted (the quarantine and metrics are written first)."""
+    top = sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in top)
+    hint = (
+        "an --as-of before the events makes them future timestamps: pass a later --as-of"
+        if top[0][0] == FUTURE_TIMESTAMP
+        else "fix the source or source.columns / source.event_types"
+    )
+    return InputDataError(
+        f"All {sum(by_reason.values()):,} rows of {source} were quarantined ({reasons}; quarantine.events, run id "
+        f"{run_id}); {hint}."
+    )

@@ -157,6 +157,25 @@ def test_a_generic_csv_without_the_optional_session_id_column(spark: SparkSessio
         run_ingest(spark, no_item)
 
 
+def test_a_source_whose_every_row_is_quarantined_stops_ingest_with_its_reasons(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """--as-of before every event: ingest still writes the quarantine (nothing lost), then stops with the count,
+    the top reasons and what to do, instead of leaving clean to report an empty bronze table."""
+    config = make_config(tmp_path, "source.preset=generic")
+    write_text(
+        Path(config.source.path) / "a.csv",
+        [HEADER, "u1,i1,view,2026-12-20 10:00:00,1,s1", "u2,i1,view,2026-12-21,1,s2", "u3,,view,2026-12-21,1,s3"],
+    )
+    with pytest.raises(InputDataError) as stopped:
+        run_ingest(spark, config)
+    assert str(stopped.value) == (
+        f"All 3 rows of {config.source.path} were quarantined (future_timestamp 2, null_item 1; quarantine.events, "
+        "run id r1); an --as-of before the events makes them future timestamps: pass a later --as-of."
+    )
+    assert Counter(r.reason for r in quarantine(spark, config).collect()) == {"future_timestamp": 2, "null_item": 1}
+
+
 def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> None:
     config = make_config(tmp_path / "json", "source.format=json")
     write_text(
