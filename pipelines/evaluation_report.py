@@ -53,16 +53,21 @@ def _pyplot() -> Any:  # matplotlib.pyplot, imported (and set to Agg) only when 
 
 
 def _plot_at_k(value: Values, models: list[str], config: ShelfConfig, ctx: RunContext) -> bytes:
+    """Small multiples: one panel per metric, each on its own scale (novelty is about 5, precision about 0.05)."""
     plt, k = _pyplot(), config.evaluate.k
     names = [*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / max(1, len(models))
-    for i, model in enumerate(models):
-        xs = [j + i * width for j in range(len(names))]
-        ax.bar(xs, [value.get((model, m, k), 0.0) for m in names], width=width, label=model)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
-    ax.set_title(f"metrics at k={k} ({config.evaluate.protocol} split, run {ctx.run_id})")
-    ax.legend()
+    columns = 4
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    colours = [f"C{i}" for i in range(len(models))]
+    for ax, metric in zip(axes.flat, names, strict=False):
+        ax.barh(models, [value.get((model, metric, k), 0.0) for model in models], color=colours)
+        ax.invert_yaxis()  # the first model (published) on top
+        ax.set_title(metric, fontsize=10)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"metrics at k={k} ({config.evaluate.protocol} split, run {ctx.run_id})")
     fig.tight_layout()
     return _png(fig)
 
