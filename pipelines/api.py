@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -43,6 +43,27 @@ from pipelines.core.session import get_spark
 from pipelines.steps import STEPS, step_function
 
 REPORT_PLOTS = ("metrics_at_k.png", "metric_vs_k.png")
+
+
+def widgets(**defaults: str) -> dict[str, str]:
+    """A notebook's parameters: on Databricks from its widgets (each created with its default, then read), elsewhere
+    (Jupyter, papermill, which rewrites the parameters cell) the defaults unchanged."""
+    dbutils = _dbutils()
+    if dbutils is None:
+        return dict(defaults)
+    for name, value in defaults.items():
+        dbutils.widgets.text(name, value)
+    return {name: str(dbutils.widgets.get(name)) for name in defaults}
+
+
+def _dbutils() -> Any:
+    """Databricks' `dbutils`, which its notebooks define as a global of the IPython session; None elsewhere."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    return None if shell is None else shell.user_ns.get("dbutils")
 
 
 def load(conf: str | Path = "conf/local.yaml", overrides: Mapping[str, object] | None = None) -> ShelfConfig:

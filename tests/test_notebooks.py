@@ -78,6 +78,38 @@ def test_notebooks_are_committed_without_outputs_and_with_a_parameters_cell() ->
         assert "SparkSession" not in source and "import pyspark" not in source and "def " not in source
 
 
+class FakeWidgets:
+    """Databricks' dbutils.widgets as far as api.widgets uses it (text creates with a default, get reads); a
+    workspace is not reachable from CI, so this stands in for it."""
+
+    def __init__(self, set_by_user: dict[str, str]) -> None:
+        self.values = dict(set_by_user)
+
+    def text(self, name: str, default: str) -> None:
+        self.values.setdefault(name, default)
+
+    def get(self, name: str) -> str:
+        return self.values[name]
+
+
+def test_notebook_parameters_come_from_databricks_widgets_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jupyter / papermill: the cell's values unchanged. Databricks: a widget the user set wins, the others are
+    created with the cell's values; every notebook passes its four common parameters through api.widgets."""
+    from types import SimpleNamespace
+
+    from pipelines import api
+
+    cell = {"conf": "../conf/local.yaml", "overrides": "{}", "run_id": "notebook-demo", "as_of": "2026-11-01"}
+    assert api.widgets(**cell) == cell
+    fake = SimpleNamespace(widgets=FakeWidgets({"run_id": "nightly-7"}))
+    monkeypatch.setattr(api, "_dbutils", lambda: fake)
+    assert api.widgets(**cell) == {**cell, "run_id": "nightly-7"}
+    assert fake.widgets.values == {**cell, "run_id": "nightly-7"}
+    for path in NOTEBOOKS:
+        source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert "api.widgets(conf=conf, overrides=json.dumps(overrides), run_id=run_id, as_of=as_of)" in source
+
+
 @pytest.mark.slow
 def test_quick_start_runs_the_pipeline_and_shows_the_tables(
     spark: SparkSession, workspace: tuple[Path, dict[str, object], ShelfConfig]
