@@ -101,7 +101,8 @@ class TextLayout:
 def with_csv_fields(lines: DataFrame, layout: TextLayout) -> DataFrame:
     """Parse each `raw` line into a `fields` struct of strings; wrong field counts set `_corrupt`."""
     schema = ", ".join(f"`{c}` string" for c in [*layout.columns, _CORRUPT])
-    options = {"sep": layout.sep, "mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}
+    # escape '"': a quote inside a quoted field is doubled (RFC 4180: "a ""b"" c" is a "b" c), not backslashed
+    options = {"sep": layout.sep, "escape": '"', "mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}
     return lines.withColumn("fields", F.from_csv(F.col(RAW), schema, options))
 
 
@@ -310,7 +311,7 @@ def text_layout(spark: SparkSession, source: SourceConfig) -> TextLayout:
 
 
 def _header_columns(spark: SparkSession, path: str, sep: str, header: bool = True) -> tuple[str, ...]:
-    options = {"header": str(header).lower(), "sep": sep, "inferSchema": "false"}
+    options = {"header": str(header).lower(), "sep": sep, "escape": '"', "inferSchema": "false"}
     df = sources.read_source(spark, path, "csv", PATH_KEY, options=options)
     return tuple(c for c in df.columns if c != "_source_file")
 

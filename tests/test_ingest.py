@@ -176,6 +176,17 @@ def test_a_source_whose_every_row_is_quarantined_stops_ingest_with_its_reasons(
     assert Counter(r.reason for r in quarantine(spark, config).collect()) == {"future_timestamp": 2, "null_item": 1}
 
 
+def test_doubled_quotes_inside_a_quoted_csv_field_are_one_quote(spark: SparkSession, tmp_path: Path) -> None:
+    """RFC 4180: "a ""b"" c" is the value a "b" c, delimiters inside quotes included."""
+    config = make_config(tmp_path, "source.preset=generic")
+    write_text(
+        Path(config.source.path) / "a.csv",
+        [HEADER, 'u1,"lamp ""7"", white",view,2026-10-01,1,s1', '"u ""2""",i2,view,2026-10-02,1,s2'],
+    )
+    run_ingest(spark, config)
+    assert [(r[0], r[1]) for r in bronze_rows(spark, config)] == [('u "2"', "i2"), ("u1", 'lamp "7", white')]
+
+
 def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> None:
     config = make_config(tmp_path / "json", "source.format=json")
     write_text(
