@@ -97,7 +97,7 @@ def step_task(step: str) -> SparkSubmitOperator:
         retries=0 if step == GATE else DEFAULT_ARGS["retries"],
         conn_id=SPARK_CONN_ID,
         application="{{ var.value.get('shelf_entry', 'pipelines/submit.py') }}",
-        py_files="{{ var.value.get('shelf_wheel', 'dist/shelf-0.1.0-py3-none-any.whl') }}",
+        py_files="{{ var.value.get('shelf_wheel', 'dist/shelf_recommender-0.1.0-py3-none-any.whl') }}",
         jars="{{ var.value.get('shelf_jars', '') }}",
         packages="{{ var.value.get('shelf_packages', '') }}",
         files=f"{{{{ conf_files({CONF_FILE}, {SHIP_CONF}) }}}}",

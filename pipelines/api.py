@@ -10,39 +10,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import pandas as pd
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipelines import runner
+from pipelines import inspection, runner
 from pipelines.core import metrics, reports, tables, uris
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.errors import ConfigError, InputDataError
 from pipelines.core.runs import RunContext, make_context
-from pipelines.core.schemas import (
-    ALS_MODEL,
-    ALS_RERANK,
-    CATEGORY,
-    EVENT_TS,
-    ITEM_ID,
-    ITEM_IDX,
-    MODEL,
-    RANK,
-    RUN_ID,
-    TITLE,
-    USER_ID,
-    USER_IDX,
-)
+from pipelines.core.schemas import ALS_MODEL, ALS_RERANK, MODEL
 from pipelines.core.session import get_spark
 from pipelines.steps import STEPS, step_function
 
 REPORT_PLOTS = ("metrics_at_k.png", "metric_vs_k.png")
+
+# Looking up what a run wrote (pipelines/inspection.py, shared with `shelf show` and `shelf tables`):
+table = inspection.read_run  # (spark, config, layer, name, run_id=None): a table, or one run's rows of it
+UserExplanation = inspection.UserExplanation
+explain_user = inspection.explain_user  # one user's history, fresh events, candidates and list
 
 
 def widgets(**defaults: str) -> dict[str, str]:
@@ -66,11 +56,12 @@ def _dbutils() -> Any:
     return None if shell is None else shell.user_ns.get("dbutils")
 
 
-def load(conf: str | Path = "conf/local.yaml", overrides: Mapping[str, object] | None = None) -> ShelfConfig:
-    """The validated config: `conf` (base.yaml beside it) plus `overrides` as `--set key=value` would give.
+def load(conf: str | Path | None = None, overrides: Mapping[str, object] | None = None) -> ShelfConfig:
+    """The validated config: the packaged defaults, `conf` (base.yaml beside it) and `overrides` as `--set
+    key=value` would give.
 
     Args:
-        conf: the overlay file.
+        conf: the overlay file; None: the defaults alone.
         overrides: dotted keys to values, e.g. {"storage.root": "/tmp/t", "rerank.top_k": 5}.
     """
     sets = [
@@ -122,29 +113,20 @@ def _has_run(spark: SparkSession, config: ShelfConfig, layer: str, name: str, ru
     return not table(spark, config, layer, name, run_id).limit(1).isEmpty()
 
 
-def table(spark: SparkSession, config: ShelfConfig, layer: str, name: str, run_id: str | None = None) -> DataFrame:
-    """A pipeline table; with `run_id`, only that run's rows (tables without a run_id column are returned whole)."""
-    df = tables.read(spark, config, layer, name)
-    if run_id is not None and RUN_ID in df.columns:
-        df = df.filter(F.col(RUN_ID) == run_id)
-    return df
-
-
 def table_overview(spark: SparkSession, config: ShelfConfig, run_id: str) -> pd.DataFrame:
-    """One row per pipeline table: where it lives, whether it exists, and its row count for this run."""
-    rows = []
-    for layer, name in tables.KNOWN_TABLES:
-        present = tables.exists(spark, config, layer, name)
-        count = table(spark, config, layer, name, run_id).count() if present else None
-        rows.append(
-            {
-                "table": f"{layer}.{name}",
-                "location": tables.location(config, layer, name),
-                "exists": present,
-                "rows": count,
-            }
-        )
-    return pd.DataFrame(rows)
+    """One row per table the run wrote, with the rows its last commit to each wrote (`shelf run`'s summary)."""
+    return inspection.run_tables(spark, config, run_id)
+
+
+def summary(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> inspection.RunSummary:
+    """`shelf run`'s end-of-run summary: tables written, the report, NDCG against popularity, three users' lists.
+    A notebook shows it inline as the last expression of a cell; `.tables`, `.headline`, `.lists` are frames."""
+    return inspection.summarize(spark, config, ctx)
+
+
+def tables_state(spark: SparkSession, config: ShelfConfig) -> pd.DataFrame:
+    """`shelf tables`: every table with its version, last run, when it was written and its row count."""
+    return inspection.table_states(spark, config)
 
 
 def metrics_at_k(spark: SparkSession, config: ShelfConfig, run_id: str, k: int | None = None) -> pd.DataFrame:
@@ -197,80 +179,9 @@ def report_plots(spark: SparkSession, config: ShelfConfig, run_id: str) -> list[
     return [files[name] for name in REPORT_PLOTS if name in files]
 
 
-@dataclass(frozen=True)
-class UserExplanation:
-    """Everything behind one user's list: what they did, what was fresh, what was proposed, what was kept."""
-
-    user_id: str
-    history: DataFrame  # their silver.interactions rows, newest first
-    fresh: DataFrame  # the rows in [as_of - rerank.fresh_days, as_of): the session the re-rank used
-    candidates: DataFrame  # gold.candidates of the run, best ALS score first
-    recommendations: DataFrame  # gold.recommendations of the run, by rank, with reasons
-
-
 def pick_user(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> str:
     """A user worth explaining, deterministically: the one with most fresh events that got a list (ties: smallest id)."""
-    fresh = _with_items(spark, config, _fresh(_interactions(spark, config, ctx), config, ctx), ctx.run_id)
-    listed = table(spark, config, "gold", "recommendations", ctx.run_id).select(USER_ID).distinct()
-    best = (
-        fresh.join(listed, on=USER_ID, how="inner")
-        .groupBy(USER_ID)
-        .count()
-        .orderBy(F.col("count").desc(), F.col(USER_ID))
-        .first()
-    )
-    if best is None:
-        raise InputDataError(f"No user of run {ctx.run_id} has both fresh events and recommendations; pass a user_id.")
-    return str(best[USER_ID])
-
-
-def explain_user(spark: SparkSession, config: ShelfConfig, ctx: RunContext, user_id: str) -> UserExplanation:
-    """One user's history, fresh events, candidates and final list (string ids, catalogue titles when known)."""
-    user_index = table(spark, config, "silver", "user_index", ctx.run_id).filter(F.col(USER_ID) == user_id)
-    if user_index.limit(1).isEmpty():
-        raise InputDataError(f"User '{user_id}' is not in silver.user_index of run {ctx.run_id}; pick another user_id.")
-    mine = _interactions(spark, config, ctx).join(user_index.select(USER_IDX), on=USER_IDX, how="inner")
-    history = _with_items(spark, config, mine, ctx.run_id).orderBy(F.col(EVENT_TS).desc())
-    fresh = history.filter(_fresh_window(config, ctx))
-    candidates = (
-        table(spark, config, "gold", "candidates", ctx.run_id)
-        .join(user_index.select(USER_IDX), on=USER_IDX, how="inner")
-        .transform(lambda df: _with_items(spark, config, df, ctx.run_id))
-        .drop(USER_IDX, ITEM_IDX, RUN_ID)
-        .orderBy(F.col("als_score").desc_nulls_last(), F.col(ITEM_ID))
-    )
-    recommendations = _with_catalog(
-        spark, config, table(spark, config, "gold", "recommendations", ctx.run_id).filter(F.col(USER_ID) == user_id)
-    ).orderBy(RANK)
-    return UserExplanation(user_id, history, fresh, candidates, recommendations)
-
-
-def _interactions(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> DataFrame:
-    return table(spark, config, "silver", "interactions", ctx.run_id)
-
-
-def _fresh_window(config: ShelfConfig, ctx: RunContext) -> Column:
-    start = ctx.as_of - timedelta(days=config.rerank.fresh_days)
-    return (F.col(EVENT_TS) >= F.lit(start)) & (F.col(EVENT_TS) < F.lit(ctx.as_of))
-
-
-def _fresh(df: DataFrame, config: ShelfConfig, ctx: RunContext) -> DataFrame:
-    return df.filter(_fresh_window(config, ctx))
-
-
-def _with_items(spark: SparkSession, config: ShelfConfig, df: DataFrame, run_id: str) -> DataFrame:
-    """Dense ids -> the source's string ids (user when present, item), plus catalogue title and category."""
-    items = table(spark, config, "silver", "item_index", run_id).select(ITEM_ID, ITEM_IDX)
-    out = df.join(items, on=ITEM_IDX, how="left")
-    if USER_IDX in df.columns:
-        users = table(spark, config, "silver", "user_index", run_id).select(USER_ID, USER_IDX)
-        out = out.join(users, on=USER_IDX, how="left")
-    return _with_catalog(spark, config, out)
-
-
-def _with_catalog(spark: SparkSession, config: ShelfConfig, df: DataFrame) -> DataFrame:
-    if not tables.exists(spark, config, "silver", "catalog"):
-        return df
-    catalog = tables.read(spark, config, "silver", "catalog")
-    wanted = [c for c in (TITLE, CATEGORY) if c in catalog.columns and c not in df.columns]
-    return df.join(catalog.select(ITEM_ID, *wanted), on=ITEM_ID, how="left") if wanted else df
+    chosen = inspection.pick_users(spark, config, ctx, 1)
+    if not chosen:
+        raise InputDataError(f"No user has a list in gold.recommendations of run {ctx.run_id}; pass a user_id.")
+    return chosen[0]

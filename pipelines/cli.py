@@ -1,10 +1,12 @@
 """`shelf <step>`: one subcommand per pipeline step, `shelf run` for all of them in order.
 
-Common options: --conf (default conf/local.yaml), --set KEY=VALUE (repeatable), --run-id, --as-of.
+Common options: --conf (an overlay on the packaged defaults; default none), --set KEY=VALUE (repeatable), --run-id, --as-of.
 Maintenance: `shelf rollback --to-version N | --to-run RUN_ID [--table layer.name]` and
 `shelf forget --user ID [--user ID ...] [--vacuum]` (pipelines/maintenance.py).
 `shelf prune --keep N [--retain-hours H]` keeps the last N runs' rows of the per-run tables (pipelines/retention.py).
 `shelf report [--run-id ID] [--out DIR]` prints a run's evaluation report (ops.reports) or exports its files.
+`shelf show --user ID` explains one user's list; `shelf tables` lists every table (pipelines/inspection.py).
+`shelf run` ends with a summary: tables written, the report, NDCG against popularity, three users' lists.
 `shelf gate --run-id ID` is `shelf run`'s publish gate on its own, for orchestrators that run each step as a task
 (evaluate, gate, then the publishing steps): exit 6 when the run's evaluation refuses the publish.
 `shelf tune` tunes the re-rank on replay validation windows of the run's data (pipelines/tune.py; writes
@@ -37,12 +39,15 @@ EXIT_CODES = """exit codes:
   7  a mistake you can fix (config, input data, environment): the one-sentence message says what and how"""
 
 
+DISTRIBUTION = "shelf-recommender"  # the name on PyPI ("shelf" is taken); the command stays `shelf`
+
+
 def package_version() -> str:
     """The installed distribution's version (a checkout that is not installed: unknown)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("shelf")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:
         return "unknown (not installed)"
 
@@ -62,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"shelf {package_version()}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--conf", default="conf/local.yaml", help="overlay config file (default conf/local.yaml)")
+    common.add_argument(
+        "--conf",
+        default=None,
+        help="config file overlaid on the packaged defaults (and on conf/base.yaml beside it, when present); "
+        "default: none, the defaults alone (local[*], tables under .data/tables, the demo shop)",
+    )
     common.add_argument(
         "--set",
         dest="overrides",
@@ -92,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--retain-hours", type=float, default=None, help="VACUUM retention (default Delta's 168: a week of time travel)"
     )
+    show = sub.add_parser(
+        "show", parents=[common], help="one user's list, reasons, fresh events and where each candidate came from"
+    )
+    show.add_argument("--user", required=True, help="the user id, as in the source data")
+    sub.add_parser("tables", parents=[common], help="every table with its version, last run and row count")
     report = sub.add_parser("report", parents=[common], help="print a run's evaluation report (ops.reports)")
     report.add_argument("--out", default=None, help="also write summary.md and the PNG plots into this local folder")
     return parser
@@ -124,8 +139,12 @@ def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
 
     if command == GATE:
         runner.gate_evaluated_run(spark, config, ctx)
-    else:
-        runner.run_steps(spark, config, ctx, names)
+        return 0
+    runner.run_steps(spark, config, ctx, names)
+    if command == "run":
+        from pipelines import inspection
+
+        print(inspection.render_summary(inspection.summarize(spark, config, ctx)))
     return 0
 
 
@@ -157,6 +176,27 @@ def execute_report(args: argparse.Namespace, config: ShelfConfig, ctx: RunContex
     return 0
 
 
+def execute_inspection(args: argparse.Namespace, config: ShelfConfig) -> int:
+    """`shelf tables`; `shelf show --user ID` (of --run-id / --as-of when given, else of the serving run)."""
+    from pipelines import inspection
+    from pipelines.core.session import get_spark
+
+    spark = get_spark(config)
+    if args.command == "tables":
+        states = inspection.table_states(spark, config)
+        print(states.to_string(index=False) if not states.empty else f"No table under {config.storage.root} yet.")
+        return 0
+    if args.run_id is None and args.as_of is None:
+        from pipelines.stream.serving import serving_run
+
+        run_id, as_of = serving_run(spark, config)
+        ctx = make_context(run_id, as_of.isoformat(), config.generate.end)
+    else:
+        ctx = make_context(args.run_id, args.as_of, config.generate.end)
+    print(inspection.render_user(spark, config, ctx, args.user))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -164,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.conf, args.overrides)
         if args.command in ADMIN:
             return execute_admin(args, config)
+        if args.command in ("show", "tables"):
+            return execute_inspection(args, config)
         ctx = make_context(args.run_id, args.as_of, config.generate.end)
         if args.command == "report":
             return execute_report(args, config, ctx)

@@ -13,7 +13,7 @@ from typing import Any
 from pipelines.core.config import ShelfConfig
 from pipelines.core.runs import RunContext
 
-# Step name -> module in `pipelines/`, in pipeline order (DESIGN.md's data flow).
+# Step name -> module in `pipelines/`, in pipeline order (docs/CONCEPTS.md's data flow).
 STEPS: dict[str, str] = {
     "ingest": "pipelines.ingest",
     "clean": "pipelines.clean",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,7 @@ class DemoRun:
     root: Path
     config: ShelfConfig
     versions: dict[tuple[str, str], int]
+    printed: str  # what `shelf run` printed on stdout: its end-of-run summary
 
     def read(self, spark: SparkSession, layer: str, name: str) -> DataFrame:
         return tables.read(spark, self.config, layer, name, version=self.versions[(layer, name)])
@@ -107,10 +110,12 @@ def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> D
     from pipelines import cli
 
     root = tmp_path_factory.mktemp("demo-run")
-    assert cli.main(demo_run_args(root)) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(demo_run_args(root)) == 0
     config = make_test_config(root)
     versions = {t: tables.latest_version(spark, config, *t) for t in (*COMPARED_TABLES, ("gold", "metrics"))}
-    return DemoRun(root, config, versions)
+    return DemoRun(root, config, versions, printed.getvalue())
 
 
 @pytest.fixture(scope="session")

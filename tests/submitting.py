@@ -30,7 +30,7 @@ def build_wheel(out_dir: Path) -> Path:
         capture_output=True,
         timeout=600,
     )
-    (wheel,) = out_dir.glob("shelf-*.whl")
+    (wheel,) = out_dir.glob("shelf_recommender-*.whl")
     return wheel
 
 

@@ -162,7 +162,7 @@ def test_cluster_deploy_mode_ships_config_packages_and_the_python_environment(tm
         "shelf_packages": "io.delta:delta-spark_2.13:4.4.0",
         "shelf_archives": "hdfs:///envs/shelf-env.tar.gz#environment",
         "shelf_python": "./environment/bin/python",
-        "shelf_wheel": "hdfs:///shelf/shelf-0.1.0-py3-none-any.whl",
+        "shelf_wheel": "hdfs:///shelf/shelf_recommender-0.1.0-py3-none-any.whl",
         "shelf_entry": "hdfs:///shelf/submit.py",
     }
     connection = {"conn_type": "spark", "host": "yarn", "extra": {"deploy-mode": "cluster"}}

@@ -78,7 +78,7 @@ def test_version_and_the_exit_code_table(capsys: pytest.CaptureFixture[str]) -> 
 
     with pytest.raises(SystemExit) as shown:
         cli.main(["--version"])
-    assert shown.value.code == 0 and capsys.readouterr().out.strip() == f"shelf {version('shelf')}"
+    assert shown.value.code == 0 and capsys.readouterr().out.strip() == f"shelf {version(cli.DISTRIBUTION)}"
     with pytest.raises(SystemExit) as usage:
         cli.main(["no-such-step"])
     assert usage.value.code == 2
@@ -87,14 +87,14 @@ def test_version_and_the_exit_code_table(capsys: pytest.CaptureFixture[str]) -> 
     assert ShelfError.exit_code == 7 and {QualityGateError.exit_code, PublishRefusedError.exit_code} == {3, 6}
 
 
-def test_generate_runs_where_pyspark_cannot_be_imported(tmp_path: Path) -> None:
-    """`shelf generate` writes the demo shop with pandas only: in a process where importing pyspark fails, it works."""
+def test_generate_runs_without_a_conf_file_where_pyspark_cannot_be_imported(tmp_path: Path) -> None:
+    """Outside a checkout (no conf/ folder) with no --conf, `shelf generate` runs on the packaged defaults and
+    writes the demo shop with pandas only: in a process where importing pyspark fails, it works."""
     import subprocess
     import sys
 
-    args = ["generate", "--conf", str(REPO / "conf/test.yaml"), "--set", f"source.path={tmp_path / 'ev'}"]
-    args += ["--set", f"source.catalog_path={tmp_path / 'cat'}"]
-    code = f"import sys; sys.modules['pyspark'] = None; from pipelines import cli; sys.exit(cli.main({args!r}))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    code = "import sys; sys.modules['pyspark'] = None; from pipelines import cli; sys.exit(cli.main(['generate']))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "ev" / "part-00000.csv").exists()
+    assert (tmp_path / ".data" / "demo" / "events" / "part-00000.csv").exists()
+    assert (tmp_path / ".data" / "demo" / "catalog").is_dir()

@@ -33,6 +33,13 @@ def test_required_keys_exist_with_their_names() -> None:
     assert config.source.path and config.storage.root and config.rerank.top_k == 10
 
 
+def test_no_conf_file_means_the_packaged_defaults_which_are_the_laptop_overlay() -> None:
+    """A wheel installed outside a checkout needs no conf file: `shelf run` with no --conf loads the models'
+    defaults, which conf/local.yaml merely restates."""
+    assert load_config(None).model_dump() == load_config(CONF / "local.yaml").model_dump()
+    assert load_config(None, ["rerank.top_k=5"]).rerank.top_k == 5
+
+
 def test_every_field_of_every_section_has_a_description() -> None:
     assert config_reference.missing_descriptions() == []
 

@@ -1,5 +1,6 @@
-"""Loading the configuration: `conf/base.yaml` deep-merged with an overlay and `--set key.path=value` overrides,
-validated into a ShelfConfig (pipelines/core/config.py holds the section models).
+"""Loading the configuration: the defaults of the config models (packaged with shelf, so a run needs no file),
+`conf/base.yaml` and an overlay deep-merged over them, and `--set key.path=value` overrides, validated into a
+ShelfConfig (pipelines/core/config.py holds the section models).
 
 A typo or a wrong type fails at start-up with the key's full path and the file (or flag) it came from.
 """
@@ -94,27 +95,32 @@ def _nest(parts: list[str], value: Any) -> dict[str, Any]:
     return tree
 
 
+def _file_layers(overlay_path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(origin, tree) of base.yaml beside the overlay (when present) and of the overlay itself."""
+    base_path = overlay_path.parent / BASE_FILE
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if base_path.is_file():
+        layers.append((str(base_path), _read_yaml(base_path)))
+    if not base_path.is_file() or overlay_path.resolve() != base_path.resolve():
+        layers.append((str(overlay_path), _read_yaml(overlay_path)))
+    return layers
+
+
 def load_config(conf: str | Path | None = None, overrides: list[str] | None = None) -> ShelfConfig:
-    """Load `conf/base.yaml` + the overlay `conf` + `--set` overrides into a validated ShelfConfig.
+    """The packaged defaults (the config models), `conf/base.yaml` and the overlay `conf`, then `--set` overrides,
+    validated into a ShelfConfig.
 
     Args:
-        conf: the overlay file (e.g. conf/local.yaml); base.yaml is read from the same folder.
+        conf: the overlay file (e.g. conf/local.yaml); a base.yaml in the same folder is read first. None: no
+            file at all, the defaults alone (what a wheel installed outside a checkout runs with).
         overrides: `key.path=value` strings, applied last.
 
     Raises:
         ConfigError: a file is missing or invalid, or a key is unknown or has the wrong type.
     """
-    overlay_path = Path(conf) if conf is not None else Path("conf/local.yaml")
-    base_path = overlay_path.parent / BASE_FILE
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if base_path.is_file():
-        layers.append((str(base_path), _read_yaml(base_path)))
-    if overlay_path.resolve() != base_path.resolve():
-        layers.append((str(overlay_path), _read_yaml(overlay_path)))
-    elif not base_path.is_file():
-        _read_yaml(overlay_path)
+    layers = _file_layers(Path(conf)) if conf is not None else []
     for text in overrides or []:
         parts, value = parse_override(text)
         layers.append((f"--set {text}", _nest(parts, value)))
@@ -126,7 +132,7 @@ def load_config(conf: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as exc:
         error = exc.errors()[0]
         path = ".".join(str(p) for p in error["loc"])
-        origin = origins.get(path, origins.get(path.rsplit(".", 1)[0], str(overlay_path)))
+        origin = origins.get(path, origins.get(path.rsplit(".", 1)[0], str(conf or "the defaults")))
         if error["type"] == "extra_forbidden":
             raise ConfigError(f"Unknown config key '{path}' in {origin}; remove it or correct its spelling.") from exc
         raise ConfigError(
