@@ -114,7 +114,7 @@ def sample_lists(spark: SparkSession, config: ShelfConfig, ctx: RunContext, user
     return _pandas(frame.orderBy(USER_ID, RANK))  # users x rerank.top_k rows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RunSummary:
     """What a run left behind: its tables, where its report is, how good its lists are, and a few of them."""
 
@@ -126,6 +126,9 @@ class RunSummary:
 
     def text(self) -> str:
         return render_summary(self)
+
+    def __repr__(self) -> str:
+        return self.text()
 
     def _repr_markdown_(self) -> str:  # Jupyter and Databricks show the summary inline
         return f"```text\n{self.text()}\n```"

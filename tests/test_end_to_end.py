@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from datetime import datetime
@@ -19,6 +21,7 @@ from pyspark.sql import functions as F
 from pipelines import api, baselines, candidates, cli, rerank, runner, similarities, train
 from pipelines.core import ease, holdout, tables
 from pipelines.core.config import ShelfConfig
+from pipelines.core.config_loading import load_config
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import RUN_ID, USER_ID, USER_IDX
 from pipelines.steps import PUBLISHING
@@ -27,6 +30,102 @@ from tests.remote_checks import delta_tables, holds_user, operations, read_delta
 from tests.servers import S3
 
 pytestmark = pytest.mark.slow
+
+
+def printed_lists(text: str) -> dict[str, list[str]]:
+    """user -> item ids in rank order, read from the summary's or `shelf show`'s list lines."""
+    lists: dict[str, list[str]] = {}
+    user = None
+    for line in text.splitlines():
+        if header := re.match(r"^  user (\S+)$", line) or re.match(r"^User (\S+), run ", line):
+            user = header.group(1)
+            lists[user] = []
+        elif user is not None and (entry := re.match(r"^\s+\d+\. (\S+)", line)):
+            lists[user].append(entry.group(1))
+        elif not line.startswith(" ") and not line.startswith("List"):
+            user = None
+    return lists
+
+
+def served_list(spark: SparkSession, demo_run: DemoRun, user: str) -> list[str]:
+    recs = demo_run.read(spark, "gold", "recommendations").filter(
+        (F.col(RUN_ID) == DEMO_RUN_ID) & (F.col(USER_ID) == user)
+    )
+    return [r.item_id for r in recs.orderBy("rank").collect()]
+
+
+def test_a_run_ends_with_its_summary_and_shelf_tables_and_show_explain_it(
+    spark: SparkSession, demo_run: DemoRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs first in this file, on the run as written: the summary's counts, figures and lists are the tables'."""
+    config, printed = demo_run.config, demo_run.printed
+    recs = demo_run.read(spark, "gold", "recommendations").filter(F.col(RUN_ID) == DEMO_RUN_ID)
+    interactions = demo_run.read(spark, "silver", "interactions").filter(F.col(RUN_ID) == DEMO_RUN_ID)
+    assert re.search(rf"^  gold\.recommendations +{recs.count():,} ", printed, re.M), printed
+    assert re.search(rf"^  silver\.interactions +{interactions.count():,} ", printed, re.M), printed
+    assert f"shelf report --run-id {DEMO_RUN_ID}" in printed
+    figures = runner.gate_figures(spark, config, DEMO_RUN_ID)
+    ratio = figures["published"] / figures["popularity"]
+    assert f"published {figures['published']:.4f} ({ratio:.2f}x popularity)" in printed
+    assert f"als {figures['als']:.4f}" in printed and f"popularity {figures['popularity']:.4f}" in printed
+    shown = printed_lists(printed)
+    assert len(shown) == 3 and all(items == served_list(spark, demo_run, u) for u, items in shown.items()), shown
+
+    base = ["--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={demo_run.root / 'tables'}"]
+    assert cli.main(["tables", *base]) == 0
+    listing = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    recs_line = listing["gold.recommendations"]
+    assert int(recs_line[1]) == tables.latest_version(spark, config, "gold", "recommendations")
+    assert (
+        recs_line[2] == DEMO_RUN_ID
+        and int(recs_line[5]) == tables.read(spark, config, "gold", "recommendations").count()
+    )
+    assert set(listing) == {
+        f"{layer}.{name}" for layer, name in tables.KNOWN_TABLES if tables.exists(spark, config, layer, name)
+    }
+
+    user = next(iter(shown))
+    assert cli.main(["show", "--user", user, *base]) == 0  # no --run-id: the serving run
+    explained = capsys.readouterr().out
+    assert f"User {user}, run {DEMO_RUN_ID} " in explained and printed_lists(explained)[user] == shown[user]
+    found = api.explain_user(spark, config, api.context(config, DEMO_RUN_ID, DEMO_AS_OF), user)
+    candidate_lines = explained.split("proposed them:\n", 1)[1].splitlines()[1:]
+    sources = {r.item_id: r.sources for r in found.candidates.collect()}
+    for line in candidate_lines:  # each candidate shown with the sources gold.candidates holds for it
+        item = line.split()[0]
+        assert all(source in line for source in sources[item]), line
+    assert cli.main(["show", "--user", "nobody", *base]) == 7
+    assert "is not in silver.user_index" in capsys.readouterr().err
+
+
+def readme_commands() -> list[list[str]]:
+    """The `shelf` command lines of the README's bash blocks (continuations joined, comments dropped)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split("#", 1)[0])
+            if words and words[0].endswith("shelf"):
+                commands.append(words[1:])
+    return commands
+
+
+def test_the_readme_commands_parse_load_their_config_and_the_look_around_ones_run(
+    spark: SparkSession, demo_run: DemoRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every `shelf` line of the README is a valid command with a valid config; those that only read (tables,
+    show, report) run against the test run's tables and exit 0."""
+    commands = readme_commands()
+    assert {c[0] for c in commands} >= {"run", "tables", "show", "report"}, commands
+    base = ["--conf", str(REPO / "conf/test.yaml"), "--set", f"storage.root={demo_run.root / 'tables'}"]
+    for words in commands:
+        args = cli.build_parser().parse_args(words)
+        conf = None if args.conf is None else REPO / args.conf
+        load_config(conf, args.overrides)  # every --set key exists and has the right type
+        if args.command in ("tables", "show", "report"):
+            extra = ["--run-id", DEMO_RUN_ID] if args.command == "report" else []
+            assert cli.main([*words, *base, *extra]) == 0, words
+            assert capsys.readouterr().out.strip()
 
 
 def _run(root: Path, *extra: str) -> int:

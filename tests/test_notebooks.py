@@ -121,6 +121,8 @@ def test_quick_start_runs_the_pipeline_and_shows_the_tables(
     assert users > config.generate.users // 2
     text = outputs_text(book)
     assert "gold.recommendations" in text and "reasons" in text
+    # The run's summary, inline: what it wrote, how good it is, three users' lists.
+    assert f"Run {RUN}: tables written" in text and "NDCG on the holdout: " in text and "Lists of 3 users" in text
 
 
 @pytest.mark.slow
