@@ -4,7 +4,7 @@ Layers, lowest first; a module imports only from its own layer or lower ones:
 1. `udfs`: numpy kernels (the standard library, numpy and udfs only);
 2. `pipelines.core`: the machinery (config, session, tables, events, re-rank plumbing); never a step;
 3. the steps and their helpers: every other module of `pipelines` (ingest ... evaluate, the stream package);
-4. the entry points: `pipelines.cli`, `pipelines.api` (notebooks), `pipelines.runner`, `pipelines.steps` (the one
+4. the entry points: `pipelines.cli`, `pipelines.api` (notebooks), `pipelines.inspection`, `pipelines.runner`, `pipelines.steps` (the one
    registry of steps), `pipelines.submit` (spark-submit), plus dags/ and notebooks/ outside the package.
 
 Sizes: a module of pipelines/ or udfs/ has at most 400 lines and a function at most 60, unless a comment on the line
@@ -21,7 +21,14 @@ import pytest
 
 from tests.conftest import REPO
 
-ENTRY = ("pipelines.cli", "pipelines.api", "pipelines.runner", "pipelines.steps", "pipelines.submit")
+ENTRY = (
+    "pipelines.cli",
+    "pipelines.api",
+    "pipelines.inspection",
+    "pipelines.runner",
+    "pipelines.steps",
+    "pipelines.submit",
+)
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
 LONG = "# long:"
 
