@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = read_ratings(spark, config.source).cache()
     train, test = random_stratified_split(pairs, ratio=args.ratio, seed=args.seed, by=args.by)
     train, test = train.cache(), test.cache()
-    relevant = baselines.to_relevant(train, test).cache()
+    relevant = baselines.to_relevant(train, test, owned=train).cache()  # a rating consumes the film
     users = relevant.select(USER_IDX).distinct().cache()
     print(
         f"ratings {pairs.count():,}, train {train.count():,}, test {test.count():,}, "

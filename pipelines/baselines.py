@@ -1,7 +1,8 @@
 """The models evaluation compares, by name: the published lists as written, popularity, recent popularity,
 item-kNN, ALS and EASE, each ranked for a set of users from a training split (`recommend`).
 
-The baselines skip the items a user touched in training unless `evaluate.relevant` is "any".
+The baselines skip the items a user owned (consumed) in training, as the publish path does, unless
+`evaluate.relevant` is "any" (`holdout.read_owned`).
 """
 
 from __future__ import annotations
@@ -58,13 +59,13 @@ def split_pairs(interactions: DataFrame, evaluate: EvaluateConfig, ctx: RunConte
     return random_stratified_split(pairs, ratio=1.0 - evaluate.test_ratio, seed=evaluate.seed, by=by)
 
 
-def to_relevant(train: DataFrame, test: DataFrame, relevant: str = "unseen") -> DataFrame:
-    """Test (user, item) pairs of users seen in training, minus items they already had in training
-    (`relevant` "unseen"; "any" keeps them: repeat purchases count, for recommend.repeat_purchase)."""
+def to_relevant(train: DataFrame, test: DataFrame, owned: DataFrame | None = None) -> DataFrame:
+    """Test (user, item) pairs of users seen in training, minus the `owned` (user, item) pairs (evaluate.relevant
+    "unseen": what the user consumed in training, holdout.read_owned; None keeps every test pair: "any")."""
     warm = train.select(USER_IDX).distinct()
     pairs = test.select(USER_IDX, ITEM_IDX).distinct()
-    if relevant != "any":
-        pairs = metrics.remove_seen(pairs, train)
+    if owned is not None:
+        pairs = metrics.remove_seen(pairs, owned)
     return pairs.join(warm, on=USER_IDX, how="inner").select(USER_IDX, ITEM_IDX)
 
 
@@ -126,15 +127,22 @@ def published_lists(spark: SparkSession, config: ShelfConfig, run_id: str, users
 
 
 def recommend(
-    spark: SparkSession, name: str, train: DataFrame, users: DataFrame, config: ShelfConfig, k: int, run_id: str
+    spark: SparkSession,
+    name: str,
+    train: DataFrame,
+    users: DataFrame,
+    config: ShelfConfig,
+    k: int,
+    run_id: str,
+    excluded: DataFrame,
 ) -> DataFrame:
     """Top-k lists of one model for `users`, trained on `train` only (`published`, `als`: the holdout run's).
 
-    The baselines skip the items a user touched in training, unless evaluate.relevant is "any": when repeats
-    count, a baseline may recommend them too (a fair rival for buy-again lists)."""
+    The baselines skip the `excluded` (user, item) pairs: with evaluate.relevant "unseen" what the user owned in
+    training (consumed, the rule the publish path follows); with "any" none, so a baseline may repeat too (a
+    fair rival for buy-again lists)."""
     if name == PUBLISHED:
         return published_lists(spark, config, run_id, users, k)
-    excluded = train if config.relevant == "unseen" else train.limit(0)
     if name == POPULARITY:
         return recommend_popular(popularity_scores(train), users, excluded, k)
     if name == RECENT_POPULARITY:

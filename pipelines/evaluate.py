@@ -19,8 +19,10 @@ Reads the holdout tables. The split, by `evaluate.protocol` (the preset's when u
   recommend.recent_items most recent items; the same neighbour lists feed its co-occurrence features.
   Items a user touched before T + d are removed from the relevant set and from every list.
 
-The relevant items of a user are the test items they had not interacted with in training; users
-absent from training (cold users) are not scored. Every model ranks unseen items only.
+The relevant items of a user are the test items they had not owned in training (consumed:
+recommend.consumed_event_types, the rule the publish path follows; a viewed item the user buys later counts), or
+every test item with evaluate.relevant "any"; users absent from training (cold users) are not scored. Every
+baseline skips the items the user owned, as the publish path does.
 
 The models are in `pipelines.baselines`, the replay protocol in `pipelines.replay`, the report's content in
 `pipelines.evaluation_report`.
@@ -52,7 +54,8 @@ def evaluate_models(
 ) -> DataFrame:
     """gold.metrics rows: one per (model, metric, k) for every configured model."""
     ks = cutoffs(config.evaluate)
-    relevant = to_relevant(train, test, config.relevant).cache()
+    owned = holdout.read_owned(spark, config).cache() if config.relevant == "unseen" else None
+    relevant = to_relevant(train, test, owned).cache()
     users = relevant.select(USER_IDX).distinct().cache()
     if users.limit(1).count() == 0:
         raise InputDataError(
@@ -62,7 +65,9 @@ def evaluate_models(
     lists = []
     for name in config.evaluate.models:
         # Each model's lists are materialised once; all models are then scored in one metrics pass.
-        recs = recommend(spark, name, train, users, config, max(ks), run_id).withColumn(MODEL, F.lit(name)).cache()
+        excluded = owned if owned is not None else train.limit(0)
+        recs = recommend(spark, name, train, users, config, max(ks), run_id, excluded)
+        recs = recs.withColumn(MODEL, F.lit(name)).cache()
         recs.count()
         lists.append(recs)
     combined = lists[0]
@@ -77,6 +82,8 @@ def evaluate_models(
         recs.unpersist()
     relevant.unpersist()
     users.unpersist()
+    if owned is not None:
+        owned.unpersist()
     return table.withColumn(RUN_ID, F.lit(run_id)).select(*METRICS_COLUMNS)
 
 

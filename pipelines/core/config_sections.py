@@ -153,7 +153,8 @@ class EvaluateConfig(Section):
         "als",
         "ease",
     ]
-    # unseen: a test item counts only if the user had not touched it in training (new items); any: every test item
+    # unseen: a test item counts only if the user had not owned it in training (consumed: recommend.consumed_event_types,
+    # the publish path's rule; a viewed item bought later counts) and the baselines skip owned items; any: every test item
     # counts, repeats included, and the baselines may recommend them too. None: any when recommend.repeat_purchase
     # is on (a buy-again list is scored on what the user buys, again or not), else unseen.
     relevant: Literal["unseen", "any"] | None = None

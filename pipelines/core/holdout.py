@@ -31,7 +31,7 @@ from pipelines.core.config import ShelfConfig
 from pipelines.core.config_sections import EvaluateConfig
 from pipelines.core.quality import ts_lit
 from pipelines.core.runs import RunContext
-from pipelines.core.schemas import EVENT_TS, ITEM_ID, ITEM_IDX, RUN_ID, USER_ID, USER_IDX
+from pipelines.core.schemas import EVENT_TS, EVENT_TYPE, ITEM_ID, ITEM_IDX, RUN_ID, USER_ID, USER_IDX
 from pipelines.core.splits import leave_last_n_split, random_stratified_split
 
 NAMESPACE = "holdout_"
@@ -87,6 +87,15 @@ def read_test(spark: SparkSession, config: ShelfConfig, run_id: str) -> DataFram
 def read_train(spark: SparkSession, config: ShelfConfig) -> DataFrame:
     """The training part's (user, item) pairs (strength, latest event time): what every baseline learns from."""
     return to_pairs(tables.read(spark, holdout_config(config), "silver", "interactions"))
+
+
+def read_owned(spark: SparkSession, config: ShelfConfig) -> DataFrame:
+    """The training part's (user, item) pairs the user owned (consumed: recommend.consumed_event_types): what the
+    publish path never recommends again, so what "unseen" relevance and the baselines leave out (a viewed item
+    is not owned)."""
+    interactions = tables.read(spark, holdout_config(config), "silver", "interactions")
+    owned = interactions.filter(F.col(EVENT_TYPE).isin(config.consumed_event_types))
+    return owned.select(USER_IDX, ITEM_IDX).distinct()
 
 
 def read_published(spark: SparkSession, config: ShelfConfig, run_id: str) -> DataFrame:
