@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--user", required=True, help="the user id, as in the source data")
     sub.add_parser("tables", parents=[common], help="every table with its version, last run and row count")
+    sub.add_parser(
+        "serve", parents=[common], help="re-rank the published lists at request time over HTTP (needs .[serve])"
+    )
     report = sub.add_parser("report", parents=[common], help="print a run's evaluation report (ops.reports)")
     report.add_argument("--out", default=None, help="also write summary.md and the PNG plots into this local folder")
     return parser
@@ -206,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             return execute_admin(args, config)
         if args.command in ("show", "tables"):
             return execute_inspection(args, config)
+        if args.command == "serve":  # no Spark: delta-rs reads the tables
+            from pipelines.serve.main import serve
+
+            serve(config)
+            return 0
         ctx = make_context(args.run_id, args.as_of, config.generate.end)
         if args.command == "report":
             return execute_report(args, config, ctx)

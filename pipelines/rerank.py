@@ -126,6 +126,7 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             ctx.as_of,
             neighbours=read_cooccurrence(spark, config, ctx.run_id),
             consumed=config.consumed_event_types,
+            keep_inputs=lambda rows, attributes: keep_kernel_inputs(rows, attributes, config, ctx.run_id),
         )
         try:
             reranked, fresh, attributes = done.rows, done.fresh, done.attributes
@@ -145,6 +146,18 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
         finally:
             done.unpersist()
         counts.update(_published_counts(spark, config, ctx.run_id))
+
+
+def keep_kernel_inputs(user_rows: DataFrame, attributes: DataFrame, config: ShelfConfig, run_id: str) -> DataFrame:
+    """Write what the kernel re-ranks, so a service can re-rank the same way later without Spark (`shelf serve`):
+    gold.rerank_inputs (one row per user: factors, candidate arrays, fresh-event arrays, ages as of the run's
+    as_of) and gold.rerank_items (one row per item: factors and the business attributes). Returns the user rows
+    read back, so they are computed once."""
+    tag = F.lit(run_id).alias(RUN_ID)
+    tables.write(attributes.select("*", tag), config, "gold", "rerank_items", run_id, mode="run")
+    tables.write(user_rows.select("*", tag), config, "gold", "rerank_inputs", run_id, mode="run")
+    written = tables.read(user_rows.sparkSession, config, "gold", "rerank_inputs")
+    return written.filter(F.col(RUN_ID) == run_id).drop(RUN_ID)
 
 
 def _cap_counts(candidates: DataFrame, cap: int) -> dict[str, int]:

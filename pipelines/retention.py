@@ -31,6 +31,9 @@ PRUNED: tuple[tuple[str, str], ...] = (
     ("gold", "tuning"),
     ("gold", "training_runs"),
     ("gold", ease.TABLE),
+    ("gold", "rerank_tuning"),
+    ("gold", "rerank_inputs"),
+    ("gold", "rerank_items"),
     ("ops", "quality_gates"),
     ("ops", "reports"),
 )

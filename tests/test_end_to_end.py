@@ -10,7 +10,8 @@ import re
 import shlex
 import subprocess
 import sys
-from datetime import datetime
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,47 @@ def test_the_readme_commands_parse_load_their_config_and_the_look_around_ones_ru
             extra = ["--run-id", DEMO_RUN_ID] if args.command == "report" else []
             assert cli.main([*words, *base, *extra]) == 0, words
             assert capsys.readouterr().out.strip()
+
+
+def test_shelf_serve_answers_the_published_lists_and_re_ranks_with_fresh_events(
+    spark: SparkSession, demo_run: DemoRun
+) -> None:
+    """The service loads the serving run with delta-rs; every list it would re-rank at as_of is the published one;
+    with a page's events it answers what the batch kernel gives for the same events and time; the HTTP contract;
+    bad requests are 4xx with one sentence; accepted events reach the landing table."""
+    from deltalake import DeltaTable
+    from fastapi.testclient import TestClient
+
+    from pipelines.serve.app import Service, create_app
+    from pipelines.serve.main import flusher, landing_uri
+    from pipelines.serve.ranking import recommend
+    from pipelines.serve.state import load_state
+    from tests import serve_checks
+
+    config = demo_run.config
+    state = load_state(config)
+    assert state.run_id == DEMO_RUN_ID
+    assert serve_checks.assert_every_list_is_the_kernel_on_the_stored_inputs(state, config) == len(state.input_users)
+    user = str(state.input_users[0])
+    now = state.as_of + timedelta(hours=2)
+    events = serve_checks.session_events(state, user, now)
+    served = recommend(state, config, user, events, 10, now)
+    assert served.source == "reranked"
+    expected = serve_checks.batch_kernel_list(spark, state, config, user, events, now)
+    assert [i["item_id"] for i in served.items] == expected
+    published = state.published(user)
+    assert published is not None  # the events changed the scores (the kernel ran, not a copy of the list)
+    assert [round(i["score"], 9) for i in served.items] != [round(x, 9) for x in published.column("score").to_pylist()]
+
+    service = Service(config, state, clock=lambda: now)
+    flush = flusher(service)
+    with TestClient(create_app(service, flush)) as client:
+        serve_checks.check_http_contract(client, state, user, now)
+        serve_checks.check_bad_requests(client)
+        assert client.post("/v1/flush").json() == {"appended": 3}
+        serve_checks.check_no_request_makes_it_answer_500(client)
+    landed = DeltaTable(landing_uri(config)).to_pandas()
+    assert sorted(landed["item_id"])[:3] == sorted(e.item_id for e in events)
 
 
 def _run(root: Path, *extra: str) -> int:
@@ -382,3 +424,62 @@ def test_a_run_on_an_s3_root_equals_the_local_run_and_the_admin_commands_work_th
     metrics = read_delta(spark, s3, bucket, "shelf/gold/metrics")  # prune --keep 1: the only run's rows stay
     local_metrics = demo_run.read(spark, "gold", "metrics").filter(F.col(RUN_ID) == DEMO_RUN_ID)
     assert metrics.filter(F.col(RUN_ID) == DEMO_RUN_ID).count() == local_metrics.count() > 0
+
+
+def test_shelf_serve_swaps_to_a_new_run_under_load_and_flushes_on_sigterm(
+    spark: SparkSession, demo_run: DemoRun, tmp_path: Path
+) -> None:
+    """`shelf serve` in its own process, on a copy of the run's tables: GETs running while a new run is published
+    all succeed and move from the old run to the new one; events posted before a SIGTERM reach the landing table."""
+    import shutil
+    import signal
+    import threading
+
+    import httpx
+    from deltalake import DeltaTable
+
+    from tests import serve_checks
+    from tests.servers import free_port
+
+    shutil.copytree(demo_run.root / "tables", tmp_path / "tables")
+    config = make_test_config(tmp_path)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    sets = ("serve.reload_every_seconds=0.5", "serve.flush_every_seconds=600")
+    with serve_checks.running_server(tmp_path / "tables", port, log, *sets) as server:
+        base = f"http://127.0.0.1:{port}"
+        user = httpx.get(f"{base}/v1/users/u000001/recommendations").json()["user_id"]
+        answers: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=base, timeout=10) as client:
+                while not stop.is_set():
+                    got = client.get(f"/v1/users/{user}/recommendations", params={"k": 5})
+                    answers.append((got.status_code, got.json().get("run_id", "")))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        try:
+            runner.run_steps(spark, config, RunContext("e2e-next", datetime(2026, 11, 2)), ["candidates", "rerank"])
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{base}/healthz").json()["run_id"] != "e2e-next":
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            loader.join()
+        assert answers and all(code == 200 for code, _ in answers), [a for a in answers if a[0] != 200][:3]
+        runs = [run for _, run in answers]
+        assert runs[0] == DEMO_RUN_ID and runs[-1] == "e2e-next" and set(runs) == {DEMO_RUN_ID, "e2e-next"}
+        events = [
+            {"user_id": user, "item_id": f"i0000{n}", "event_type": "view", "event_ts": "2026-11-02T00:00:00"}
+            for n in (1, 2, 3)
+        ]
+        assert httpx.post(f"{base}/v1/events", json={"events": events}).json()["accepted"] == 3
+        server.send_signal(signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal: exit -15 or 0
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+        assert "shut down: 3 buffered events appended" in log.read_text()
+    landed = DeltaTable(str(tmp_path / "tables" / "landing" / "events")).to_pandas()
+    assert sorted(landed["item_id"]) == ["i00001", "i00002", "i00003"] and set(landed["user_id"]) == {user}

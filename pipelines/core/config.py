@@ -23,6 +23,7 @@ from pipelines.core.config_sections import (
     RecommendConfig,
     RerankConfig,
     Section,
+    ServeConfig,
     SimilarityConfig,
     StreamConfig,
     TrainConfig,
@@ -158,6 +159,7 @@ class ShelfConfig(Section):
     rerank: RerankConfig = RerankConfig()  # `shelf rerank`: the re-rank and business rules
     privacy: PrivacyConfig = PrivacyConfig()  # pseudonymisation of user ids
     stream: StreamConfig = StreamConfig()  # `shelf stream`: near-real-time re-ranking
+    serve: ServeConfig = ServeConfig()  # `shelf serve`: re-ranking at request time over HTTP
 
     @model_validator(mode="before")
     @classmethod

@@ -285,6 +285,17 @@ class StreamConfig(Section):
     merge_broadcast_mb: float = Field(10.0, ge=0)
 
 
+class ServeConfig(Section):
+    """`shelf serve`: the HTTP service that re-ranks the published lists at request time (pipelines/serve)."""
+
+    host: str = "127.0.0.1"  # the address uvicorn binds (0.0.0.0: every interface, behind a load balancer)
+    port: int = Field(8000, ge=1, le=65535)  # the port it listens on
+    max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies are refused with 413
+    flush_every_seconds: float = Field(5.0, gt=0)  # accepted events are appended to the landing table this often
+    flush_max_events: int = Field(1000, ge=1)  # ... or as soon as this many wait, whichever comes first
+    reload_every_seconds: float = Field(60.0, gt=0)  # how often it checks for a newly published run to swap to
+
+
 class PrivacyConfig(Section):
     """Pseudonymisation of user ids (pipelines/core/privacy.py)."""
 

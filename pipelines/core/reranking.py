@@ -14,7 +14,7 @@ Output grain of `rerank_candidates`: one row per (user_idx, rank) with item_idx,
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import cast
@@ -67,7 +67,8 @@ OPTIONAL_SCORES = (EASE_SCORE, REBUY_SCORE)  # candidate columns of later source
 POPULARITY = "popularity"
 NEW_ARRIVAL = "new_arrival"
 BLOCKED = "blocked"
-_AGE, _W, _BOUGHT, _USERS = "_age", "_w", "_bought", "_users"
+_AGE, _W, _BOUGHT = "_age", "_w", "_bought"
+_USERS = "fresh_users"  # gold.rerank_items: distinct users of the item in the fresh window (the popularity feature)
 SECONDS_PER_DAY = 86400.0
 
 
@@ -178,6 +179,19 @@ def build_item_table(attributes: DataFrame, neighbours: DataFrame | None = None)
         InputDataError: no item has factors (train has not run on these items).
     """
     pdf = cast(pd.DataFrame, attributes.orderBy(ITEM_IDX).toPandas())
+    return item_table_from_pandas(pdf, collect_neighbours(neighbours))
+
+
+def item_table_from_pandas(
+    pdf: pd.DataFrame, neighbours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> ItemTable:
+    """The kernel's ItemTable from to_item_attributes' rows (Spark's, or gold.rerank_items read by `shelf serve`),
+    sorted by item_idx; `neighbours` = (item_idx, neighbour_idx, score) arrays or None.
+
+    Raises:
+        InputDataError: no item has factors (train has not run on these items).
+    """
+    pdf = pdf.sort_values(ITEM_IDX, kind="stable").reset_index(drop=True)
     with_factors = pdf[FEATURES].dropna()
     if with_factors.empty:
         raise InputDataError("No item of silver.item_index has factors in gold.item_factors; run 'shelf train' first.")
@@ -191,7 +205,7 @@ def build_item_table(attributes: DataFrame, neighbours: DataFrame | None = None)
     return ItemTable.plain(
         pdf[ITEM_IDX].to_numpy(dtype=np.int64),
         factors,
-        neighbours=collect_neighbours(neighbours),
+        neighbours=neighbours,
         popularity=users / top if top > 0 else np.zeros_like(users),
         promo=pdf[PROMO].to_numpy(dtype=bool),
         new_arrival=pdf[NEW_ARRIVAL].to_numpy(dtype=bool),
@@ -315,6 +329,7 @@ def rerank_candidates(
     top_k: int | None = None,
     neighbours: DataFrame | None = None,
     consumed: Sequence[str] = ("purchase",),
+    keep_inputs: Callable[[DataFrame, DataFrame], DataFrame] | None = None,
 ) -> Reranked:
     """Re-rank `candidates` (user_idx, item_idx, als_score, sources) with the events before `as_of`.
 
@@ -323,6 +338,8 @@ def rerank_candidates(
         neighbours: item_idx, neighbour_idx, score: bounded co-occurrence neighbour lists (gold.item_similarities
             rows of source cooccurrence) for the co-occurrence features; None: those features are 0.
         consumed: event types that consume an item (ShelfConfig.consumed_event_types): never re-recommended.
+        keep_inputs: (user rows, item attributes) -> the user rows to re-rank: `shelf rerank` writes both
+            (gold.rerank_inputs, gold.rerank_items: what `shelf serve` loads) and re-ranks the rows it wrote.
 
     Raises:
         InputDataError: no item of item_index has factors.
@@ -341,6 +358,8 @@ def rerank_candidates(
     log_event_cap(fresh, rerank_config.max_fresh_events)
     events = to_capped_events(fresh, rerank_config.max_fresh_events)
     user_rows = to_user_rows(to_capped_candidates(candidates, rerank_config.max_candidates), user_factors, events)
+    if keep_inputs is not None:
+        user_rows = keep_inputs(user_rows, attributes)
     buckets = rerank_config.buckets or int(spark.conf.get("spark.sql.shuffle.partitions") or 4)
     rows = to_reranked(spark, user_rows, items, params, buckets).cache()
     return Reranked(rows, fresh, attributes)

@@ -343,6 +343,8 @@ KNOWN_TABLES: tuple[tuple[str, str], ...] = (
     ("gold", "training_runs"),
     ("gold", "ease_neighbours"),
     ("gold", "rerank_tuning"),
+    ("gold", "rerank_inputs"),
+    ("gold", "rerank_items"),
     ("ops", "run_metrics"),
     ("ops", "quality_gates"),
     ("ops", "reports"),

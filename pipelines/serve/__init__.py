@@ -1,0 +1,1 @@
+"""`shelf serve`: real-time re-ranking over HTTP from the published run, without Spark (docs/SERVING.md)."""

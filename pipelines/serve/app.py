@@ -1,0 +1,199 @@
+"""The HTTP service: FastAPI routes over a ServingState, the events it was sent, and Prometheus metrics.
+
+Every bad request is a 4xx with one sentence in `{"error": ...}`: FastAPI's validation errors are rewritten to
+their first problem, bodies over `serve.max_body_bytes` are refused before they are read, ids with control
+characters and unknown event types are rejected by field. The state is one reference swapped whole
+(`Service.swap`), so a request sees one run from start to end.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.core.config import ShelfConfig
+from pipelines.serve.metrics import Metrics
+from pipelines.serve.ranking import Event, recommend
+from pipelines.serve.state import ServingState
+
+MAX_K = 100
+ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,256}$"  # 1-256 characters, none of them a control character
+
+
+class EventIn(BaseModel):
+    """A tracker event: the ids as the source names them, a shelf event type, an ISO-8601 time (UTC if naive)."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: str | None = Field(None, max_length=256)
+    item_id: str | None = Field(None, max_length=256)
+    event_type: str | None = Field(None, max_length=64)
+    event_ts: datetime | None = None
+    value: float | None = None
+    session_id: str | None = Field(None, max_length=256)
+
+
+class EventsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[EventIn] = Field(max_length=1000)
+
+
+class SessionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[EventIn] = Field(default_factory=list, max_length=1000)
+    k: int = Field(10, ge=1, le=MAX_K)
+
+
+Clock = Callable[[], datetime]
+UserId = Annotated[str, Path(pattern=ID_PATTERN, description="the user id, as the source names it")]
+K = Annotated[int, Query(ge=1, le=MAX_K, description="list length")]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Service:
+    """The serving state, the events posted per user (bounded), the landing buffer and the metrics."""
+
+    def __init__(self, config: ShelfConfig, state: ServingState, clock: Clock = utc_now) -> None:
+        self.config, self.state, self.clock = config, state, clock
+        self.lock = threading.Lock()
+        self.recent: dict[str, deque[Event]] = defaultdict(lambda: deque(maxlen=config.rerank.max_fresh_events))
+        self.buffered: list[EventIn] = []  # accepted, not yet appended to the landing table
+        self.metrics = Metrics()
+
+    def swap(self, state: ServingState) -> None:
+        """Serve `state` from the next request on (requests in flight finish on the one they started with)."""
+        self.state = state
+
+    def validate(self, event: EventIn, now: datetime) -> str | None:
+        """The reason code ingest would give this event, or None when it is accepted."""
+        if not event.user_id:
+            return "null_user"
+        if not event.item_id:
+            return "null_item"
+        if any(ord(c) < 32 or ord(c) == 127 for c in event.user_id + event.item_id):
+            return "bad_id"
+        if event.event_ts is None:
+            return "bad_timestamp"
+        if event.event_type not in self.config.source.event_types:
+            return "unknown_event_type"
+        if event.value is not None and event.value < 0:
+            return "negative_value"
+        if _naive(event.event_ts) > now + timedelta(hours=self.config.stream.max_hours_ahead):
+            return "future_timestamp"
+        return None
+
+    def accept(self, events: list[EventIn]) -> list[dict[str, object]]:
+        """Validate a batch; accepted events join their user's recent events and the landing buffer at once."""
+        now = self.clock()
+        rejected = []
+        with self.lock:
+            for at, event in enumerate(events):
+                reason = self.validate(event, now)
+                if reason is not None:
+                    rejected.append({"index": at, "reason": reason})
+                    continue
+                self.recent[str(event.user_id)].append(self.to_event(event))
+                self.buffered.append(event)
+        self.metrics.accepted += len(events) - len(rejected)
+        self.metrics.rejected += len(rejected)
+        return rejected
+
+    def to_event(self, event: EventIn) -> Event:
+        kind = self.config.source.event_types[str(event.event_type)]
+        return Event(str(event.user_id), str(event.item_id), kind, _naive(event.event_ts))  # type: ignore[arg-type]
+
+    def drain(self) -> list[EventIn]:
+        with self.lock:
+            taken, self.buffered = self.buffered, []
+        return taken
+
+
+def create_app(service: Service, flush: Callable[[], int] | None = None) -> FastAPI:
+    """The ASGI app. `flush` appends the buffered events to the landing table (called on shutdown too)."""
+    app = FastAPI(title="shelf serve", version="1", description="Real-time re-ranking of the published lists.")
+    app.state.service = service
+    _errors(app, service)
+    _routes(app, service, flush)
+    return app
+
+
+def _routes(app: FastAPI, service: Service, flush: Callable[[], int] | None) -> None:
+    @app.get("/v1/users/{user_id}/recommendations")
+    def get_list(user_id: UserId, k: K = 10) -> dict[str, Any]:
+        with service.lock:
+            known = list(service.recent.get(user_id, ()))
+        return _answer(service, user_id, known, k)
+
+    @app.post("/v1/users/{user_id}/recommendations")
+    def post_session(user_id: UserId, body: SessionIn) -> Any:
+        events = [e.model_copy(update={"user_id": user_id}) for e in body.events]
+        now = service.clock()
+        bad = [{"index": i, "reason": r} for i, e in enumerate(events) if (r := service.validate(e, now))]
+        if bad:
+            return _error(422, f"Event {bad[0]['index']} of the session was rejected ({bad[0]['reason']}); fix it.")
+        return _answer(service, user_id, [service.to_event(e) for e in events], body.k)
+
+    @app.post("/v1/events")
+    def post_events(body: EventsIn) -> dict[str, Any]:
+        rejected = service.accept(body.events)
+        return {"accepted": len(body.events) - len(rejected), "rejected": rejected}
+
+    @app.post("/v1/flush")
+    def post_flush() -> dict[str, int]:
+        return {"appended": flush() if flush else 0}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "run_id": service.state.run_id}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> str:
+        return service.metrics.render(service.state.run_id, len(service.buffered))
+
+
+def _answer(service: Service, user_id: str, events: list[Event], k: int) -> dict[str, Any]:
+    state, started = service.state, time.perf_counter()
+    ranked = recommend(state, service.config, user_id, events, k, service.clock())
+    service.metrics.observe(ranked.source, time.perf_counter() - started)
+    return {"user_id": user_id, "run_id": state.run_id, "source": ranked.source, "items": ranked.items}
+
+
+def _errors(app: FastAPI, service: Service) -> None:
+    limit = service.config.serve.max_body_bytes
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "the body"
+        return _error(422, f"{where}: {first.get('msg', 'invalid')}; see /docs for the request's schema.")
+
+    @app.middleware("http")
+    async def bounded(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limit):
+            return _error(413, f"The request body is over {limit} bytes; send fewer events per request.")
+        try:
+            return await call_next(request)
+        except json.JSONDecodeError:
+            return _error(400, "The request body is not valid JSON; send a JSON object.")
+
+
+def _error(status: int, sentence: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": sentence})
+
+
+def _naive(ts: datetime) -> datetime:
+    """UTC without tzinfo, as the tables hold it."""
+    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo is not None else ts

@@ -1,0 +1,118 @@
+"""`shelf serve`: load the serving run, start uvicorn, append accepted events to the landing table in
+micro-batches (delta-rs), swap to a newly published run when one appears, and flush on shutdown (SIGTERM)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pyarrow as pa
+from deltalake import write_deltalake
+from fastapi import FastAPI
+
+from pipelines.core import uris
+from pipelines.core.config import ShelfConfig
+from pipelines.serve.app import EventIn, Service, create_app
+from pipelines.serve.state import load_state, serving_run
+
+log = logging.getLogger("shelf.serve")
+
+
+def landing_uri(config: ShelfConfig) -> str:
+    """The landing table `shelf stream` reads (stream.source_path, else <storage.root>/landing/events)."""
+    return config.stream.source_path or uris.join(config.storage.root, "landing", "events")
+
+
+def to_landing(config: ShelfConfig, events: list[EventIn]) -> pa.Table:
+    """Accepted events as landing rows: string columns named as the source names them (source.columns)."""
+    names = config.source.columns  # event_type stays the source's own value (source.event_types maps it)
+
+    def text(values: list[object]) -> list[str | None]:
+        return [None if v is None else str(v) for v in values]
+
+    columns = {
+        names.user_id: text([e.user_id for e in events]),
+        names.item_id: text([e.item_id for e in events]),
+        names.event_type: text([e.event_type for e in events]),
+        names.event_ts: [e.event_ts.isoformat() if e.event_ts else None for e in events],
+    }
+    if names.value:
+        columns[names.value] = text([e.value for e in events])
+    if names.session_id:
+        columns[names.session_id] = text([e.session_id for e in events])
+    return pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()})
+
+
+def flusher(service: Service) -> Callable[[], int]:
+    """A function that appends the buffered events to the landing table as one Delta commit; returns how many."""
+    target = landing_uri(service.config)
+
+    def flush() -> int:
+        events = service.drain()
+        if events:
+            write_deltalake(target, to_landing(service.config, events), mode="append")
+            log.info("[serve] appended %d events to %s", len(events), target)
+        return len(events)
+
+    return flush
+
+
+def reloader(service: Service) -> Callable[[], bool]:
+    """A function that swaps to the latest published run when it changed; returns whether it swapped."""
+
+    def reload() -> bool:
+        run_id, _ = serving_run(service.config)
+        if run_id == service.state.run_id:
+            return False
+        service.swap(load_state(service.config, run_id))
+        log.info("[serve] now serving run %s", run_id)
+        return True
+
+    return reload
+
+
+def build(config: ShelfConfig) -> FastAPI:
+    """The app with its background loops: flush every serve.flush_every_seconds (or at serve.flush_max_events),
+    look for a new run every serve.reload_every_seconds, flush once more on shutdown."""
+    state = load_state(config)
+    service = Service(config, state)
+    flush, reload = flusher(service), reloader(service)
+    stop = threading.Event()
+
+    def loop() -> None:
+        waited = 0.0
+        while not stop.wait(0.2):
+            waited += 0.2
+            if len(service.buffered) >= config.serve.flush_max_events or waited >= config.serve.flush_every_seconds:
+                flush()
+                waited = 0.0
+
+    def watch() -> None:
+        while not stop.wait(config.serve.reload_every_seconds):
+            try:
+                reload()
+            except Exception:  # a half-written run or a storage hiccup: keep serving the current one
+                log.exception("[serve] reload failed; still serving run %s", service.state.run_id)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threads = [threading.Thread(target=f, daemon=True, name=f"shelf-{f.__name__}") for f in (loop, watch)]
+        for thread in threads:
+            thread.start()
+        log.info("[serve] serving run %s (as_of %s)", state.run_id, state.as_of.isoformat())
+        yield
+        stop.set()
+        appended = flush()
+        log.info("[serve] shut down: %d buffered events appended", appended)
+
+    app = create_app(service, flush)
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def serve(config: ShelfConfig) -> None:
+    import uvicorn
+
+    uvicorn.run(build(config), host=config.serve.host, port=config.serve.port, log_level="info")
