@@ -105,7 +105,7 @@ def readme_commands() -> list[list[str]]:
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line.split("#", 1)[0])
+            words = shlex.split(line.split("#", 1)[0].rstrip().removesuffix("&"))  # `cmd &`: in the background
             if words and words[0].endswith("shelf"):
                 commands.append(words[1:])
     return commands
@@ -461,7 +461,7 @@ def test_shelf_serve_swaps_to_a_new_run_under_load_and_flushes_on_sigterm(
         loader = threading.Thread(target=load)
         loader.start()
         try:
-            runner.run_steps(spark, config, RunContext("e2e-next", datetime(2026, 11, 2)), ["candidates", "rerank"])
+            runner.run_steps(spark, config, RunContext("e2e-next", datetime(2026, 11, 2)), PUBLISHING)
             deadline = time.monotonic() + 60
             while httpx.get(f"{base}/healthz").json()["run_id"] != "e2e-next":
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
