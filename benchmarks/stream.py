@@ -445,7 +445,7 @@ def single_user_baseline(spark: SparkSession, config: ShelfConfig) -> float:
     one = stored.filter(F.col(USER_IDX) == 0).select(USER_IDX, "item_idx", "als_score", "sources")
     no_events = spark.createDataFrame([], "user_idx int, item_idx int, _age double, _w double, _bought boolean")
     row = reranking.to_user_rows(one, serving.user_factors, no_events).toPandas()
-    params = reranking.params_from(config.rerank)
+    params = kernel_frames.params_from(config.rerank)
     table = serving.items.value
     times = []
     for _ in range(20):

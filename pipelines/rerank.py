@@ -30,11 +30,12 @@ from pyspark.sql import functions as F
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
+from pipelines.core.kernel_frames import _USERS, BLOCKED
 from pipelines.core.publishing import RECOMMENDATIONS_SCHEMA as RECOMMENDATIONS_SCHEMA  # re-exported
 from pipelines.core.publishing import TABLE_COMMENT
 from pipelines.core.publishing import read_cooccurrence as read_cooccurrence  # re-exported
 from pipelines.core.publishing import to_recommendations as to_recommendations  # re-exported
-from pipelines.core.reranking import _BOUGHT, _USERS, BLOCKED, read_catalog, rerank_candidates
+from pipelines.core.reranking import _BOUGHT, read_catalog, rerank_candidates
 from pipelines.core.runs import RunContext, step_log
 from pipelines.core.schemas import ALS_SCORE, IN_STOCK, ITEM_IDX, RANK, REASONS, RUN_ID, SCORE, USER_ID, USER_IDX
 

@@ -157,7 +157,7 @@ class TuningWindow:
             )
             by_fresh[days] = reranking.build_item_table(attributes, self.window.neighbours)
         # Shipped in the grid pass's closure (pyspark broadcasts a large pickled function itself), as
-        # kernel_frames.to_reranked does: no SparkContext, so tuning runs over Spark Connect too.
+        # reranking.to_reranked does: no SparkContext, so tuning runs over Spark Connect too.
         self._tables = by_fresh
         candidates = reranking.to_capped_candidates(
             replay.replay_candidates(self.window, rr, self.config.recommend), rr.max_candidates
@@ -172,7 +172,7 @@ class TuningWindow:
         """Mean NDCG@k over the scored users (no list counts 0) of each trial, in one Spark pass."""
         assert self._rows is not None and self._tables is not None, "call prepare_grid first"
         k = self.config.evaluate.k
-        params = [replace(reranking.params_from(t), top_k=k) for t in trials]
+        params = [replace(kernel_frames.params_from(t), top_k=k) for t in trials]
         model = self._tables
         sums = (
             self._rows.mapInPandas(lambda it: grid_batches(it, model, params, k), GRID_SCHEMA)

@@ -98,3 +98,13 @@ def test_generate_runs_without_a_conf_file_where_pyspark_cannot_be_imported(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / ".data" / "demo" / "events" / "part-00000.csv").exists()
     assert (tmp_path / ".data" / "demo" / "catalog").is_dir()
+
+
+def test_shelf_serve_imports_no_pyspark() -> None:
+    """`.[serve]` installs no Spark: the service's modules import where importing pyspark fails."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['pyspark'] = None; import pipelines.serve.main, pipelines.serve.app"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -153,7 +153,7 @@ def test_spark_kernel_equals_in_process_kernel_and_rules_hold(spark: SparkSessio
     user_rows = reranking.to_user_rows(
         tables.read(spark, cfg, "gold", "candidates"), tables.read(spark, cfg, "gold", "user_factors"), fresh
     ).toPandas()
-    local = kernel_frames.rerank_frame(user_rows, items, reranking.params_from(rr))
+    local = kernel_frames.rerank_frame(user_rows, items, kernel_frames.params_from(rr))
     assert local.dtypes.astype(str).tolist()[:4] == ["int32", "int32", "int32", "float64"]
 
     def named(reasons: list[str]) -> tuple[str, ...]:  # published reasons name items by the source's ids

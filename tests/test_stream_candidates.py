@@ -161,10 +161,10 @@ def test_kernel_rows_get_the_same_ids_and_reasons_in_pandas_as_in_spark(spark: S
     params = RerankParams(top_k=2, mmr_lambda=1.0, alpha=1.0, weights={"session": 1.0})
     users = spark.createDataFrame([(3, "u-three"), (-1, "new-one")], "user_idx int, user_id string")
     items = spark.createDataFrame([(i, f"item-{i}") for i in (10, 11, 12, 13)], "item_idx int, item_id string")
-    ids = publishing.ItemIds.collect(items)
+    ids = kernel_frames.ItemIds.collect(items)
 
     dense = kernel_frames.rerank_frame(user_rows, table, params)
-    frame = spark.createDataFrame(dense, schema=kernel_frames.KERNEL_SCHEMA)
+    frame = spark.createDataFrame(dense, schema=reranking.KERNEL_SCHEMA)
     want = publishing.to_recommendations(frame, users, items, "r1", pd.Timestamp("2026-11-01").to_pydatetime())
     columns = [USER_ID, ITEM_ID, RANK, SCORE, REASONS]
     expected = sorted((r[0], r[1], r[2], r[3], list(r[4])) for r in want.select(*columns).collect())
@@ -177,4 +177,4 @@ def test_kernel_rows_get_the_same_ids_and_reasons_in_pandas_as_in_spark(spark: S
         ("new-one", "item-12", 2, 0.0, ["promo", "trending"]),
     ]
     with pytest.raises(ValueError, match="missing from silver.item_index"):
-        publishing.ItemIds.collect(items).of(np.array([5]))
+        kernel_frames.ItemIds.collect(items).of(np.array([5]))

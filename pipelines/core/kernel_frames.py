@@ -5,29 +5,42 @@ Shared by `shelf rerank`, the replay protocol and `shelf stream`; the Spark side
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
 
-from pipelines.core.schemas import FEATURES, ITEM_IDX, RANK, REASONS, SCORE, USER_IDX
+from pipelines.core.columns import (
+    CATEGORY,
+    FEATURES,
+    IN_STOCK,
+    ITEM_ID,
+    ITEM_IDX,
+    PRICE,
+    PROMO,
+    RANK,
+    REASONS,
+    SCORE,
+    USER_IDX,
+)
+from pipelines.core.config_sections import RerankConfig
+from pipelines.core.errors import InputDataError
+
+if TYPE_CHECKING:  # only a type: this module imports no Spark (shelf serve uses it)
+    from pyspark.sql import DataFrame
+
 from udfs.rerank import ItemTable, RerankParams, UserBatch, reason_lists, rerank
 
 CAND_ITEMS, CAND_ALS, CAND_EASE, CAND_REBUY = "cand_items", "cand_als", "cand_ease", "cand_rebuy"
 EV_ITEMS, EV_WEIGHTS, EV_AGES, EV_BOUGHT = "ev_items", "ev_weights", "ev_ages", "ev_bought"
 EVENT_COLUMNS = (EV_ITEMS, EV_WEIGHTS, EV_AGES, EV_BOUGHT)
 KERNEL_CANDIDATES = 1 << 18  # candidates per kernel call (see kernel_chunks)
-
-KERNEL_SCHEMA = StructType(
-    [
-        StructField(USER_IDX, IntegerType(), False),
-        StructField(ITEM_IDX, IntegerType(), False),
-        StructField(RANK, IntegerType(), False),
-        StructField(SCORE, DoubleType(), False),
-        StructField(REASONS, ArrayType(StringType(), False), False),
-    ]
-)
+# gold.rerank_items' columns beside the catalogue's (to_item_attributes writes them, item_table_from_pandas reads them)
+POPULARITY = "popularity"
+NEW_ARRIVAL = "new_arrival"
+BLOCKED = "blocked"
+_USERS = "fresh_users"  # distinct users of the item in the fresh window (the popularity feature)
 
 
 def segments(column: pd.Series, dtype: type) -> tuple[np.ndarray, np.ndarray]:
@@ -119,13 +132,75 @@ def kernel_chunks(pdf: pd.DataFrame, max_candidates: int | None = None) -> list[
     return [pdf.iloc[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-def to_reranked(
-    spark: SparkSession, user_rows: DataFrame, items: ItemTable, params: RerankParams, buckets: int
-) -> DataFrame:
-    """Kernel output for every user row: user_idx, item_idx, rank, score, reasons.
+@dataclass(frozen=True)
+class ItemIds:
+    """A run's item_idx -> item_id, collected once (bounded by the catalogue, like the kernel's ItemTable) so that
+    Python workers map the kernel's rows to the contract's ids in place: to_recommendations without its joins."""
 
-    The item table rides in the function's closure (pyspark broadcasts a large pickled function itself), so no
-    SparkContext is needed and it runs over Spark Connect.
+    idx: np.ndarray  # item_idx, sorted (int64)
+    ids: np.ndarray  # item_id of each, aligned (object)
+
+    @classmethod
+    def collect(cls, item_index: DataFrame) -> ItemIds:
+        pdf = pd.DataFrame(item_index.select(ITEM_IDX, ITEM_ID).toPandas())
+        order = np.argsort(pdf[ITEM_IDX].to_numpy(dtype=np.int64), kind="stable")
+        return cls(pdf[ITEM_IDX].to_numpy(dtype=np.int64)[order], pdf[ITEM_ID].to_numpy(dtype=object)[order])
+
+    def of(self, idx: np.ndarray) -> np.ndarray:
+        """item_id of each dense id in `idx` (all must be known: the kernel only ranks items of the model)."""
+        at = np.searchsorted(self.idx, idx)
+        if idx.size and (at.max() >= self.idx.size or not np.array_equal(self.idx[at], idx)):
+            raise ValueError("the kernel ranked an item_idx missing from silver.item_index")
+        return self.ids[at]
+
+
+def params_from(rerank_config: RerankConfig) -> RerankParams:
+    """The kernel's parameters from the rerank config section."""
+    return RerankParams(
+        top_k=rerank_config.top_k,
+        alpha=rerank_config.alpha,
+        half_life_days=rerank_config.half_life_days,
+        fresh_days=rerank_config.fresh_days,
+        bought_window_days=rerank_config.bought_window_days,
+        category_cap=rerank_config.category_cap,
+        mmr_lambda=rerank_config.mmr_lambda,
+        mmr_pool=rerank_config.mmr_pool,
+        trending_threshold=rerank_config.trending_threshold,
+        similar_threshold=rerank_config.similar_threshold,
+        cooc_threshold=rerank_config.cooc_threshold,
+        weights=rerank_config.weights.model_dump(),
+    )
+
+
+def item_table_from_pandas(
+    pdf: pd.DataFrame, neighbours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> ItemTable:
+    """The kernel's ItemTable from to_item_attributes' rows (Spark's, or gold.rerank_items read by `shelf serve`),
+    sorted by item_idx; `neighbours` = (item_idx, neighbour_idx, score) arrays or None.
+
+    Raises:
+        InputDataError: no item has factors (train has not run on these items).
     """
-    spread = user_rows.repartition(buckets, USER_IDX)
-    return spread.mapInPandas(lambda it: rerank_batches(it, items, params), KERNEL_SCHEMA)
+    pdf = pdf.sort_values(ITEM_IDX, kind="stable").reset_index(drop=True)
+    with_factors = pdf[FEATURES].dropna()
+    if with_factors.empty:
+        raise InputDataError("No item of silver.item_index has factors in gold.item_factors; run 'shelf train' first.")
+    rank = len(with_factors.iloc[0])
+    factors = np.zeros((len(pdf), rank), dtype=np.float32)
+    for pos, vec in zip(with_factors.index, with_factors, strict=True):  # item-sized, driver only
+        factors[pos] = np.asarray(vec, dtype=np.float32)
+    codes, _ = pd.factorize(pdf[CATEGORY], sort=True)  # null -> -1; sorted: stable across runs
+    users = pdf[_USERS].to_numpy(dtype=np.float64)
+    top = users.max() if users.size else 0.0
+    return ItemTable.plain(
+        pdf[ITEM_IDX].to_numpy(dtype=np.int64),
+        factors,
+        neighbours=neighbours,
+        popularity=users / top if top > 0 else np.zeros_like(users),
+        promo=pdf[PROMO].to_numpy(dtype=bool),
+        new_arrival=pdf[NEW_ARRIVAL].to_numpy(dtype=bool),
+        in_stock=pdf[IN_STOCK].to_numpy(dtype=bool),
+        blocked=pdf[BLOCKED].to_numpy(dtype=bool),
+        category=codes.astype(np.int64),
+        price=pdf[PRICE].to_numpy(dtype=np.float64, na_value=np.nan),
+    )

@@ -10,7 +10,6 @@ columns and column comments. Writing is the caller's (a `replaceWhere` per run, 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
@@ -20,8 +19,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType, TimestampType
 
 from pipelines.core import tables
+from pipelines.core.columns import COOCCURRENCE, SIM_SOURCE
 from pipelines.core.config import ShelfConfig
 from pipelines.core.factors import factors_of_run
+from pipelines.core.kernel_frames import ItemIds
 from pipelines.core.quality import ts_lit
 from pipelines.core.schemas import (
     AS_OF,
@@ -39,8 +40,6 @@ from pipelines.core.schemas import (
 log = logging.getLogger("shelf.rerank")
 
 STEP = "rerank"
-COOCCURRENCE = "cooccurrence"  # gold.item_similarities source of the co-occurrence neighbour lists
-SIM_SOURCE = "source"
 
 RECOMMENDATIONS_SCHEMA = StructType(
     [
@@ -90,28 +89,6 @@ def _similar_idx(reasons: Column) -> Column:
     """The dense item id inside a `similar_to:<item_idx>` reason (null when there is none)."""
     found = F.filter(reasons, lambda r: r.startswith(_SIMILAR_PREFIX))
     return F.substring_index(F.try_element_at(found, F.lit(1)), ":", -1).cast("int")
-
-
-@dataclass(frozen=True)
-class ItemIds:
-    """A run's item_idx -> item_id, collected once (bounded by the catalogue, like the kernel's ItemTable) so that
-    Python workers map the kernel's rows to the contract's ids in place: to_recommendations without its joins."""
-
-    idx: np.ndarray  # item_idx, sorted (int64)
-    ids: np.ndarray  # item_id of each, aligned (object)
-
-    @classmethod
-    def collect(cls, item_index: DataFrame) -> ItemIds:
-        pdf = pd.DataFrame(item_index.select(ITEM_IDX, ITEM_ID).toPandas())
-        order = np.argsort(pdf[ITEM_IDX].to_numpy(dtype=np.int64), kind="stable")
-        return cls(pdf[ITEM_IDX].to_numpy(dtype=np.int64)[order], pdf[ITEM_ID].to_numpy(dtype=object)[order])
-
-    def of(self, idx: np.ndarray) -> np.ndarray:
-        """item_id of each dense id in `idx` (all must be known: the kernel only ranks items of the model)."""
-        at = np.searchsorted(self.idx, idx)
-        if idx.size and (at.max() >= self.idx.size or not np.array_equal(self.idx[at], idx)):
-            raise ValueError("the kernel ranked an item_idx missing from silver.item_index")
-        return self.ids[at]
 
 
 def to_recommendations_pandas(ranked: pd.DataFrame, user_ids: pd.Series, items: ItemIds) -> pd.DataFrame:

@@ -23,12 +23,15 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StringType, StructField, StructType
 
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_sections import RerankConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.kernel_frames import (
+    _USERS,
+    BLOCKED,
     CAND_ALS,
     CAND_EASE,
     CAND_ITEMS,
@@ -37,7 +40,10 @@ from pipelines.core.kernel_frames import (
     EV_BOUGHT,
     EV_ITEMS,
     EV_WEIGHTS,
-    to_reranked,
+    NEW_ARRIVAL,
+    item_table_from_pandas,
+    params_from,
+    rerank_batches,
 )
 from pipelines.core.quality import ts_lit
 from pipelines.core.schemas import (
@@ -54,6 +60,8 @@ from pipelines.core.schemas import (
     NEIGHBOUR_IDX,
     PRICE,
     PROMO,
+    RANK,
+    REASONS,
     REBUY_SCORE,
     SCORE,
     SOURCES,
@@ -63,31 +71,19 @@ from udfs.rerank import ItemTable, RerankParams
 
 log = logging.getLogger("shelf.rerank")
 
+KERNEL_SCHEMA = StructType(
+    [
+        StructField(USER_IDX, IntegerType(), False),
+        StructField(ITEM_IDX, IntegerType(), False),
+        StructField(RANK, IntegerType(), False),
+        StructField(SCORE, DoubleType(), False),
+        StructField(REASONS, ArrayType(StringType(), False), False),
+    ]
+)
+
 OPTIONAL_SCORES = (EASE_SCORE, REBUY_SCORE)  # candidate columns of later sources: absent in older tables
-POPULARITY = "popularity"
-NEW_ARRIVAL = "new_arrival"
-BLOCKED = "blocked"
 _AGE, _W, _BOUGHT = "_age", "_w", "_bought"
-_USERS = "fresh_users"  # gold.rerank_items: distinct users of the item in the fresh window (the popularity feature)
 SECONDS_PER_DAY = 86400.0
-
-
-def params_from(rerank_config: RerankConfig) -> RerankParams:
-    """The kernel's parameters from the rerank config section."""
-    return RerankParams(
-        top_k=rerank_config.top_k,
-        alpha=rerank_config.alpha,
-        half_life_days=rerank_config.half_life_days,
-        fresh_days=rerank_config.fresh_days,
-        bought_window_days=rerank_config.bought_window_days,
-        category_cap=rerank_config.category_cap,
-        mmr_lambda=rerank_config.mmr_lambda,
-        mmr_pool=rerank_config.mmr_pool,
-        trending_threshold=rerank_config.trending_threshold,
-        similar_threshold=rerank_config.similar_threshold,
-        cooc_threshold=rerank_config.cooc_threshold,
-        weights=rerank_config.weights.model_dump(),
-    )
 
 
 def to_fresh_events(
@@ -180,40 +176,6 @@ def build_item_table(attributes: DataFrame, neighbours: DataFrame | None = None)
     """
     pdf = cast(pd.DataFrame, attributes.orderBy(ITEM_IDX).toPandas())
     return item_table_from_pandas(pdf, collect_neighbours(neighbours))
-
-
-def item_table_from_pandas(
-    pdf: pd.DataFrame, neighbours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-) -> ItemTable:
-    """The kernel's ItemTable from to_item_attributes' rows (Spark's, or gold.rerank_items read by `shelf serve`),
-    sorted by item_idx; `neighbours` = (item_idx, neighbour_idx, score) arrays or None.
-
-    Raises:
-        InputDataError: no item has factors (train has not run on these items).
-    """
-    pdf = pdf.sort_values(ITEM_IDX, kind="stable").reset_index(drop=True)
-    with_factors = pdf[FEATURES].dropna()
-    if with_factors.empty:
-        raise InputDataError("No item of silver.item_index has factors in gold.item_factors; run 'shelf train' first.")
-    rank = len(with_factors.iloc[0])
-    factors = np.zeros((len(pdf), rank), dtype=np.float32)
-    for pos, vec in zip(with_factors.index, with_factors, strict=True):  # item-sized, driver only
-        factors[pos] = np.asarray(vec, dtype=np.float32)
-    codes, _ = pd.factorize(pdf[CATEGORY], sort=True)  # null -> -1; sorted: stable across runs
-    users = pdf[_USERS].to_numpy(dtype=np.float64)
-    top = users.max() if users.size else 0.0
-    return ItemTable.plain(
-        pdf[ITEM_IDX].to_numpy(dtype=np.int64),
-        factors,
-        neighbours=neighbours,
-        popularity=users / top if top > 0 else np.zeros_like(users),
-        promo=pdf[PROMO].to_numpy(dtype=bool),
-        new_arrival=pdf[NEW_ARRIVAL].to_numpy(dtype=bool),
-        in_stock=pdf[IN_STOCK].to_numpy(dtype=bool),
-        blocked=pdf[BLOCKED].to_numpy(dtype=bool),
-        category=codes.astype(np.int64),
-        price=pdf[PRICE].to_numpy(dtype=np.float64, na_value=np.nan),
-    )
 
 
 def to_capped_candidates(candidates: DataFrame, max_candidates: int) -> DataFrame:
@@ -363,3 +325,15 @@ def rerank_candidates(
     buckets = rerank_config.buckets or int(spark.conf.get("spark.sql.shuffle.partitions") or 4)
     rows = to_reranked(spark, user_rows, items, params, buckets).cache()
     return Reranked(rows, fresh, attributes)
+
+
+def to_reranked(
+    spark: SparkSession, user_rows: DataFrame, items: ItemTable, params: RerankParams, buckets: int
+) -> DataFrame:
+    """Kernel output for every user row: user_idx, item_idx, rank, score, reasons.
+
+    The item table rides in the function's closure (pyspark broadcasts a large pickled function itself), so no
+    SparkContext is needed and it runs over Spark Connect.
+    """
+    spread = user_rows.repartition(buckets, USER_IDX)
+    return spread.mapInPandas(lambda it: rerank_batches(it, items, params), KERNEL_SCHEMA)

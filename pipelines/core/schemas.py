@@ -14,90 +14,198 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-USER_ID = "user_id"
-ITEM_ID = "item_id"
-USER_IDX = "user_idx"
-ITEM_IDX = "item_idx"
-EVENT_TYPE = "event_type"
-EVENT_TS = "event_ts"
-VALUE = "value"
-SESSION_ID = "session_id"
-WEIGHT = "weight"
-DECAY = "decay"
-RUN_ID = "run_id"
-AS_OF = "as_of"
-SOURCE_FILE = "source_file"
-RAW = "raw"
-REASON = "reason"
-STEP = "step"
-CATEGORY = "category"
-PRICE = "price"
-IN_STOCK = "in_stock"
-PROMO = "promo"
-LAUNCHED_AT = "launched_at"
-TITLE = "title"
-
-EVENT_TYPES = ("view", "add_to_cart", "purchase", "rating")
-
-# Reason codes of quarantine.events.
-NULL_USER = "null_user"
-NULL_ITEM = "null_item"
-BAD_TIMESTAMP = "bad_timestamp"
-FUTURE_TIMESTAMP = "future_timestamp"
-STALE_TIMESTAMP = "stale_timestamp"
-UNKNOWN_EVENT_TYPE = "unknown_event_type"
-NEGATIVE_VALUE = "negative_value"
-BAD_VALUE = "bad_value"
-BOT_USER = "bot_user"
-UNPARSEABLE_ROW = "unparseable_row"
-NON_PRODUCT = "non_product"
-CANCELLED = "cancelled"
-NETTED_OUT = "netted_out"  # a purchase fully cancelled by a later cancellation invoice
-ZERO_PRICE = "zero_price"
-BAD_ENCODING = "bad_encoding"  # bytes that are not UTF-8 (decoded as U+FFFD): the ids cannot be trusted
-BAD_ID = "bad_id"  # a user or item id with control characters
-
-# Columns of the model and list tables (gold.*_factors, gold.item_similarities, gold.candidates, gold.recommendations).
-FEATURES = "features"  # a factor vector
-NEIGHBOUR_IDX = "neighbour_idx"
-RANK = "rank"
-SCORE = "score"
-REASONS = "reasons"
-ALS_SCORE = "als_score"
-EASE_SCORE = "ease_score"
-REBUY_SCORE = "rebuy_score"
-SOURCES = "sources"  # gold.candidates: the sources that proposed the item (CANDIDATE_SOURCES)
-# gold.candidates' source tags (pipelines/candidates.py)
-ALS_SOURCE, EASE_SOURCE, BUY_AGAIN_SOURCE = "als", "ease", "buy_again"
-NEIGHBOURS_SOURCE, POPULAR_SOURCE, NEW_ARRIVAL_SOURCE = "neighbours", "popular", "new_arrival"
-
-# gold.metrics: its model column and the names of the compared models (pipelines/baselines.py ranks them).
-MODEL = "model"
-PUBLISHED = "published"  # the lists the publish path wrote, as written
-POPULARITY = "popularity"
-RECENT_POPULARITY = "recent_popularity"
-ITEM_KNN = "item_knn"
-ALS_MODEL = "als"
-EASE = "ease"
-ALS_RERANK = "als_rerank"  # replay protocol: ALS + the re-rank
-ITEM_KNN_FRESH = "item_knn_fresh"  # replay protocol: item-kNN that also sees the fresh window
-REASON_CODES = (
-    NULL_USER,
-    NULL_ITEM,
-    BAD_TIMESTAMP,
-    FUTURE_TIMESTAMP,
-    STALE_TIMESTAMP,
-    UNKNOWN_EVENT_TYPE,
-    NEGATIVE_VALUE,
-    BAD_VALUE,
-    BOT_USER,
-    UNPARSEABLE_ROW,
-    NON_PRODUCT,
-    CANCELLED,
-    NETTED_OUT,
-    ZERO_PRICE,
-    BAD_ENCODING,
-    BAD_ID,
+# The names are re-exported: the steps import them from here, with the Spark schemas below.
+from pipelines.core.columns import (
+    ALS_MODEL as ALS_MODEL,
+)
+from pipelines.core.columns import (
+    ALS_RERANK as ALS_RERANK,
+)
+from pipelines.core.columns import (
+    ALS_SCORE as ALS_SCORE,
+)
+from pipelines.core.columns import (
+    ALS_SOURCE as ALS_SOURCE,
+)
+from pipelines.core.columns import (
+    AS_OF as AS_OF,
+)
+from pipelines.core.columns import (
+    BAD_ENCODING as BAD_ENCODING,
+)
+from pipelines.core.columns import (
+    BAD_ID as BAD_ID,
+)
+from pipelines.core.columns import (
+    BAD_TIMESTAMP as BAD_TIMESTAMP,
+)
+from pipelines.core.columns import (
+    BAD_VALUE as BAD_VALUE,
+)
+from pipelines.core.columns import (
+    BOT_USER as BOT_USER,
+)
+from pipelines.core.columns import (
+    BUY_AGAIN_SOURCE as BUY_AGAIN_SOURCE,
+)
+from pipelines.core.columns import (
+    CANCELLED as CANCELLED,
+)
+from pipelines.core.columns import (
+    CATEGORY as CATEGORY,
+)
+from pipelines.core.columns import (
+    DECAY as DECAY,
+)
+from pipelines.core.columns import (
+    EASE as EASE,
+)
+from pipelines.core.columns import (
+    EASE_SCORE as EASE_SCORE,
+)
+from pipelines.core.columns import (
+    EASE_SOURCE as EASE_SOURCE,
+)
+from pipelines.core.columns import (
+    EVENT_TS as EVENT_TS,
+)
+from pipelines.core.columns import (
+    EVENT_TYPE as EVENT_TYPE,
+)
+from pipelines.core.columns import (
+    EVENT_TYPES as EVENT_TYPES,
+)
+from pipelines.core.columns import (
+    FEATURES as FEATURES,
+)
+from pipelines.core.columns import (
+    FUTURE_TIMESTAMP as FUTURE_TIMESTAMP,
+)
+from pipelines.core.columns import (
+    IN_STOCK as IN_STOCK,
+)
+from pipelines.core.columns import (
+    ITEM_ID as ITEM_ID,
+)
+from pipelines.core.columns import (
+    ITEM_IDX as ITEM_IDX,
+)
+from pipelines.core.columns import (
+    ITEM_KNN as ITEM_KNN,
+)
+from pipelines.core.columns import (
+    ITEM_KNN_FRESH as ITEM_KNN_FRESH,
+)
+from pipelines.core.columns import (
+    LAUNCHED_AT as LAUNCHED_AT,
+)
+from pipelines.core.columns import (
+    MODEL as MODEL,
+)
+from pipelines.core.columns import (
+    NEGATIVE_VALUE as NEGATIVE_VALUE,
+)
+from pipelines.core.columns import (
+    NEIGHBOUR_IDX as NEIGHBOUR_IDX,
+)
+from pipelines.core.columns import (
+    NEIGHBOURS_SOURCE as NEIGHBOURS_SOURCE,
+)
+from pipelines.core.columns import (
+    NETTED_OUT as NETTED_OUT,
+)
+from pipelines.core.columns import (
+    NEW_ARRIVAL_SOURCE as NEW_ARRIVAL_SOURCE,
+)
+from pipelines.core.columns import (
+    NON_PRODUCT as NON_PRODUCT,
+)
+from pipelines.core.columns import (
+    NULL_ITEM as NULL_ITEM,
+)
+from pipelines.core.columns import (
+    NULL_USER as NULL_USER,
+)
+from pipelines.core.columns import (
+    POPULAR_SOURCE as POPULAR_SOURCE,
+)
+from pipelines.core.columns import (
+    POPULARITY as POPULARITY,
+)
+from pipelines.core.columns import (
+    PRICE as PRICE,
+)
+from pipelines.core.columns import (
+    PROMO as PROMO,
+)
+from pipelines.core.columns import (
+    PUBLISHED as PUBLISHED,
+)
+from pipelines.core.columns import (
+    RANK as RANK,
+)
+from pipelines.core.columns import (
+    RAW as RAW,
+)
+from pipelines.core.columns import (
+    REASON as REASON,
+)
+from pipelines.core.columns import (
+    REASON_CODES as REASON_CODES,
+)
+from pipelines.core.columns import (
+    REASONS as REASONS,
+)
+from pipelines.core.columns import (
+    REBUY_SCORE as REBUY_SCORE,
+)
+from pipelines.core.columns import (
+    RECENT_POPULARITY as RECENT_POPULARITY,
+)
+from pipelines.core.columns import (
+    RUN_ID as RUN_ID,
+)
+from pipelines.core.columns import (
+    SCORE as SCORE,
+)
+from pipelines.core.columns import (
+    SESSION_ID as SESSION_ID,
+)
+from pipelines.core.columns import (
+    SOURCE_FILE as SOURCE_FILE,
+)
+from pipelines.core.columns import (
+    SOURCES as SOURCES,
+)
+from pipelines.core.columns import (
+    STALE_TIMESTAMP as STALE_TIMESTAMP,
+)
+from pipelines.core.columns import (
+    STEP as STEP,
+)
+from pipelines.core.columns import (
+    TITLE as TITLE,
+)
+from pipelines.core.columns import (
+    UNKNOWN_EVENT_TYPE as UNKNOWN_EVENT_TYPE,
+)
+from pipelines.core.columns import (
+    UNPARSEABLE_ROW as UNPARSEABLE_ROW,
+)
+from pipelines.core.columns import (
+    USER_ID as USER_ID,
+)
+from pipelines.core.columns import (
+    USER_IDX as USER_IDX,
+)
+from pipelines.core.columns import (
+    VALUE as VALUE,
+)
+from pipelines.core.columns import (
+    WEIGHT as WEIGHT,
+)
+from pipelines.core.columns import (
+    ZERO_PRICE as ZERO_PRICE,
 )
 
 RAW_EVENT_SCHEMA = StructType(

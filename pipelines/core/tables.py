@@ -321,9 +321,7 @@ def merge(
     _commit_with_retry(commit, layer, name, run_id)
 
 
-# ---------------------------------------------------------------- maintenance: rollback, forget
-
-# Every table shelf writes, as (layer, name); what `shelf forget` scans.
+# ------------------------------------- maintenance: every table shelf writes (what `shelf forget` scans), rollback
 KNOWN_TABLES: tuple[tuple[str, str], ...] = (
     ("bronze", "events"),
     ("bronze", "items"),

@@ -16,6 +16,7 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
+from pipelines.core.columns import FEATURES, ITEM_IDX, RANK, REASONS, SCORE, USER_IDX
 from pipelines.core.config import ShelfConfig
 from pipelines.core.kernel_frames import (
     CAND_ALS,
@@ -28,7 +29,6 @@ from pipelines.core.kernel_frames import (
     EV_WEIGHTS,
     rerank_frame,
 )
-from pipelines.core.schemas import FEATURES, ITEM_IDX, RANK, REASONS, SCORE, USER_IDX
 from pipelines.serve.state import ServingState
 
 SECONDS_PER_DAY = 86400.0

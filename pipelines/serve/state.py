@@ -3,7 +3,7 @@
 What the batch re-rank saw is what the service re-ranks: `shelf rerank` writes gold.rerank_inputs (one row per
 user: factors, candidate arrays, fresh-event arrays with ages as of the run's as_of) and gold.rerank_items (the
 item side: factors and business attributes), and the service builds the kernel's ItemTable from the latter with
-the same function the batch uses (`reranking.item_table_from_pandas`). The published lists come from
+the same function the batch uses (`kernel_frames.item_table_from_pandas`). The published lists come from
 gold.recommendations as written. Nothing is held as a Python object per user: user ids are one pandas Index
 (hash lookups), the lists and the kernel inputs stay Arrow columns sliced per request.
 """
@@ -20,11 +20,22 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from pipelines.core import uris
+from pipelines.core.columns import (
+    AS_OF,
+    COOCCURRENCE,
+    ITEM_ID,
+    ITEM_IDX,
+    NEIGHBOUR_IDX,
+    RANK,
+    RUN_ID,
+    SCORE,
+    SIM_SOURCE,
+    USER_ID,
+    USER_IDX,
+)
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
-from pipelines.core.publishing import COOCCURRENCE, SIM_SOURCE, ItemIds
-from pipelines.core.reranking import item_table_from_pandas, params_from
-from pipelines.core.schemas import AS_OF, ITEM_ID, ITEM_IDX, NEIGHBOUR_IDX, RANK, RUN_ID, SCORE, USER_ID, USER_IDX
+from pipelines.core.kernel_frames import ItemIds, item_table_from_pandas, params_from
 from udfs.rerank import ItemTable, RerankParams
 
 LIST_COLUMNS = (ITEM_ID, RANK, SCORE, "reasons")

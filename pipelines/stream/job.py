@@ -13,7 +13,7 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.core import events, reranking, sources, tables
+from pipelines.core import events, kernel_frames, reranking, sources, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import EnvironmentSetupError
 from pipelines.core.quality import ts_lit, write_run_metrics
@@ -300,7 +300,7 @@ class StreamJob:
         touched = to_touched_items(accepted, users, serving.item_index)
         user_rows = to_batch_user_rows(serving, users, touched, capped)
         meter = KernelMeter.create(spark)
-        params = reranking.params_from(config.rerank)
+        params = kernel_frames.params_from(config.rerank)
         items, ids, cap = serving.items, serving.item_ids, config.rerank.max_candidates
         buckets = config.stream.kernel_buckets or parallelism(spark)
         ranked = user_rows.repartition(buckets, USER_IDX).mapInPandas(

@@ -11,7 +11,7 @@ from pyspark import Broadcast
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipelines.core import publishing, reranking, tables, uris
+from pipelines.core import kernel_frames, publishing, reranking, tables, uris
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.factors import factors_of_run
@@ -73,7 +73,7 @@ class Serving:
     run_id: str
     as_of: datetime
     items: Broadcast[ItemTable]
-    item_ids: Broadcast[publishing.ItemIds]  # the kernel's rows get their item ids in the Python workers
+    item_ids: Broadcast[kernel_frames.ItemIds]  # the kernel's rows get their item ids in the Python workers
     rank: int
     user_index: DataFrame
     item_index: DataFrame
@@ -158,7 +158,7 @@ def load_serving(spark: SparkSession, config: ShelfConfig, run_id: str, as_of: d
         run_id,
         as_of,
         spark.sparkContext.broadcast(table),
-        spark.sparkContext.broadcast(publishing.ItemIds.collect(item_index)),
+        spark.sparkContext.broadcast(kernel_frames.ItemIds.collect(item_index)),
         rank,
         user_index,
         item_index,

@@ -228,7 +228,7 @@ RANKED_SCHEMA = StructType([*publishing.RECOMMENDATIONS_SCHEMA.fields[:5], Struc
 def timed_rerank_batches(
     batches: Iterable[pd.DataFrame],
     items: Broadcast[ItemTable],
-    item_ids: Broadcast[publishing.ItemIds],
+    item_ids: Broadcast[kernel_frames.ItemIds],
     params: RerankParams,
     max_candidates: int,
     meter: KernelMeter,
