@@ -442,6 +442,7 @@ def test_shelf_serve_swaps_to_a_new_run_under_load_and_flushes_on_sigterm(
     from tests.servers import free_port
 
     shutil.copytree(demo_run.root / "tables", tmp_path / "tables")
+    shutil.rmtree(tmp_path / "tables" / "landing", ignore_errors=True)  # the other serve test's events
     config = make_test_config(tmp_path)
     port = free_port()
     log = tmp_path / "serve.log"
