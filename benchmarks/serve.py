@@ -1,28 +1,40 @@
 """Benchmark: `shelf serve` on a finished run: load time and memory, one user's list in process (the published
-lookup against the kernel re-run with 20 fresh events), and HTTP through uvicorn on 127.0.0.1 at 1, 16 and 64
-concurrent clients (GETs of users who posted 20 events, so every answer runs the kernel).
+lookup against the kernel re-run with 20 fresh events, alone and in batches), and HTTP through uvicorn on
+127.0.0.1 at 1, 16 and 64 concurrent connections (GETs of users who posted 20 events, so every answer runs the
+kernel), with dynamic batching off (`serve.max_batch` 1: the baseline) and on, in the same run.
 
     make demo   # or any shelf run; then:
-    .venv/bin/python -u -m benchmarks.serve --root .data/tables --requests 2000 --seconds 10
+    .venv/bin/python -u -m benchmarks.serve --root .data/tables --users 200000 --seconds 10
 
-The figures print with the command; docs/BENCHMARKS.md ("Serving") keeps the current ones.
+The load comes from `wrk` in its own process when it is installed (`apt-get install wrk`), else from an httpx
+client in this process (which then shares the server's GIL: a floor, not the capacity). `--users N` tiles the
+run's kernel inputs to N users (new ids, same rows) to measure memory and lookups at that size. The figures
+print with the command; docs/BENCHMARKS.md ("Serving") keeps the current ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import resource
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import numpy as np
+import pandas as pd
 
 from pipelines.core.config_loading import load_config
 from pipelines.serve.app import Service, create_app
-from pipelines.serve.ranking import Event, recommend
+from pipelines.serve.ranking import Ask, Event, recommend, recommend_many
 from pipelines.serve.state import ServingState, load_state
 
 
@@ -58,6 +70,13 @@ def in_process(state: ServingState, config: object, users: list[str], events: in
     print(f"in process, {len(users)} users: published lookup {percentiles(lookup)}")
     print(f"in process, {len(users)} users: kernel with {events} fresh events {percentiles(kernel)}")
     print(f"ratio kernel / lookup at p50: {np.median(kernel) / np.median(lookup):.1f}x")
+    for size in (1, 16, 64):
+        asks = [Ask(u, tuple(session(state, u, events, rng)), 10, now) for u in users[: size * (len(users) // size)]]
+        started = time.perf_counter()
+        for at in range(0, len(asks), size):
+            recommend_many(state, config, asks[at : at + size])  # type: ignore[arg-type]
+        per = (time.perf_counter() - started) / max(len(asks), 1)
+        print(f"in process, kernel in batches of {size:>2}: {per * 1000:.2f} ms per request")
 
 
 async def load(base: str, users: list[str], clients: int, seconds: float) -> tuple[list[float], int]:
@@ -80,7 +99,37 @@ async def load(base: str, users: list[str], clients: int, seconds: float) -> tup
     return latencies, errors
 
 
-def over_http(service: Service, users: list[str], events: int, seconds: float, rng: np.random.Generator) -> None:
+def with_events(service: Service, users: list[str], events: int, rng: np.random.Generator) -> None:
+    """Each user has posted `events` events (held by the service, as POST /v1/events leaves them)."""
+    for user in users:
+        service.recent[user].extend(session(service.state, user, events, rng))
+
+
+def run_wrk(base: str, users: list[str], clients: int, seconds: float) -> tuple[float, float, float, int]:
+    """(requests/s, p50 ms, p99 ms, errors) of `wrk` GETting the users' lists round-robin."""
+    script = "local users = {" + ",".join(f'"{quote(u, safe="")}"' for u in users) + "}\nlocal n = 0\n"
+    script += 'request = function()\n  n = n + 1\n  return wrk.format("GET", "/v1/users/" .. users[(n % #users) + 1] .. "/recommendations")\nend\n'
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(script)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--latency", "-s", lua.name, base],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    Path(lua.name).unlink()
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rate, _ms(out, "50%"), _ms(out, "99%"), int(errors.group(1)) if errors else 0
+
+
+def _ms(out: str, label: str) -> float:
+    value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def over_http(service: Service, users: list[str], seconds: float) -> dict[int, float]:
+    """Requests/s at 1, 16, 64 connections against a uvicorn server in this process; prints each level."""
     import uvicorn
 
     from tests.servers import free_port
@@ -91,20 +140,34 @@ def over_http(service: Service, users: list[str], events: int, seconds: float, r
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    for user in users:
-        body = [
-            {"user_id": e.user_id, "item_id": e.item_id, "event_type": e.event_type, "event_ts": e.event_ts.isoformat()}
-            for e in session(service.state, user, events, rng)
-        ]
-        httpx.post(f"{base}/v1/events", json={"events": body})
+    base, rates = f"http://127.0.0.1:{port}", {}
     for clients in (1, 16, 64):
-        latencies, errors = asyncio.run(load(base, users, clients, seconds))
+        if shutil.which("wrk"):
+            rate, p50, p99, errors = run_wrk(base, users, clients, seconds)
+            figures = f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+        else:
+            latencies, errors = asyncio.run(load(base, users, clients, seconds))
+            rate, figures = len(latencies) / seconds, percentiles(latencies)
+        rates[clients] = rate
+        label = f"max_batch {service.config.serve.max_batch}"
         print(
-            f"HTTP, {clients:>2} clients, {seconds:.0f} s: {len(latencies) / seconds:,.0f} requests/s, {percentiles(latencies)}, {errors} errors"
+            f"HTTP, {label}, {clients:>2} connections, {seconds:.0f} s: {rate:,.0f} requests/s, {figures}, {errors} errors"
         )
+    print(
+        f"  kernel calls {service.batcher.batches:,}, {service.batcher.batched / max(service.batcher.batches, 1):.1f} requests per call"
+    )
     server.should_exit = True
     thread.join()
+    return rates
+
+
+def scaled(state: ServingState, users: int) -> ServingState:
+    """The state with its kernel inputs tiled to `users` rows (copies get new ids: '<id>~<copy>')."""
+    if users <= len(state.input_users):
+        return state
+    base = len(state.input_users)
+    ids = [f"{state.input_users[n % base]}~{n // base}" if n >= base else str(state.input_users[n]) for n in range(users)]
+    return replace(state, rows=state.rows.take(np.arange(users) % base), input_users=pd.Index(ids, dtype=object))
 
 
 def main() -> None:
@@ -114,25 +177,36 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=1000, help="users timed in process")
     p.add_argument("--events", type=int, default=20, help="fresh events per user")
     p.add_argument("--seconds", type=float, default=10.0, help="load per concurrency level")
+    p.add_argument("--users", type=int, default=0, help="tile the kernel inputs to this many users (0: as run)")
     args = p.parse_args()
     config = load_config(args.conf, [f"storage.root={args.root}"])
     before, started = rss_mb(), time.perf_counter()
-    state = load_state(config)
+    state = scaled(load_state(config), args.users)
     loaded = time.perf_counter() - started
     users = [str(u) for u in state.input_users]
-    candidates = len(state.inputs.column("cand_items").combine_chunks().values)
+    candidates = len(state.rows.values["cand_items"])
     print(
         f"run {state.run_id}: {len(users):,} users with kernel inputs, {candidates:,} candidates, {state.items.ids.size:,} items"
     )
     print(
-        f"load {loaded:.2f} s, peak RSS +{rss_mb() - before:.0f} MB; kernel inputs {state.inputs.nbytes / 1e6:.1f} MB in Arrow "
-        f"({state.inputs.nbytes / max(candidates, 1):.1f} bytes per candidate; 1M users x 300 candidates: "
-        f"{state.inputs.nbytes / max(candidates, 1) * 3e8 / 1e9:.1f} GB), lists {state.lists.nbytes / 1e6:.1f} MB"
+        f"load {loaded:.2f} s, peak RSS +{rss_mb() - before:.0f} MB; kernel inputs {state.rows.nbytes / 1e6:.1f} MB as numpy "
+        f"({state.rows.nbytes / max(candidates, 1):.1f} bytes per candidate; 1M users x 300 candidates: "
+        f"{state.rows.nbytes / max(candidates, 1) * 3e8 / 1e9:.1f} GB), lists {state.lists.nbytes / 1e6:.1f} MB"
     )
     rng = np.random.default_rng(7)
     sample = [str(u) for u in rng.choice(users, size=min(args.requests, len(users)), replace=False)]
     in_process(state, config, sample, args.events, rng)
-    over_http(Service(config, state, clock=lambda: state.as_of), sample, args.events, args.seconds, rng)
+    rates = {}
+    for max_batch in (1, config.serve.max_batch):
+        tuned = config.model_copy(update={"serve": config.serve.model_copy(update={"max_batch": max_batch})})
+        service = Service(tuned, state, clock=lambda: state.as_of)
+        with_events(service, sample, args.events, rng)
+        rates[max_batch] = over_http(service, sample, args.seconds)
+    batched = rates[config.serve.max_batch]
+    print(
+        "dynamic batching / none, requests/s: "
+        + ", ".join(f"{c} connections {batched[c] / rates[1][c]:.2f}x" for c in batched)
+    )
 
 
 if __name__ == "__main__":

@@ -24,26 +24,30 @@ from pipelines.core import reranking, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.kernel_frames import rerank_frame
 from pipelines.core.schemas import ITEM_IDX, RUN_ID, USER_ID, USER_IDX
-from pipelines.serve.ranking import Event, with_events
+from pipelines.serve.ranking import Ask, Event, rank_rows, recommend, recommend_many, with_events
 from pipelines.serve.state import ServingState
 from tests.conftest import REPO
 
 
 def assert_every_list_is_the_kernel_on_the_stored_inputs(state: ServingState, config: ShelfConfig) -> int:
-    """For every user with kernel inputs, the kernel re-run at as_of with no new event gives the published list
-    exactly (items, ranks, scores, reasons): what the service loaded is what the batch re-ranked."""
+    """For every user with kernel inputs, the kernel re-run at as_of with no new event (in batches of 256 users,
+    as the service's dynamic batching calls it) gives the published list exactly (items, ranks, scores,
+    reasons): what the service loaded is what the batch re-ranked."""
+    users = [str(u) for u in state.input_users]
     checked = 0
-    for user in state.input_users:
-        row = with_events(state.kernel_row(user), state, config, [], state.as_of)
-        ranked = rerank_frame(row, state.items, state.params, name_items=state.item_ids.of)
-        published = state.published(user)
-        assert published is not None, user
-        expected = published.to_pandas()
-        assert list(state.item_ids.of(ranked[ITEM_IDX].to_numpy(dtype=np.int64))) == list(expected["item_id"]), user
-        assert list(ranked["rank"]) == list(expected["rank"])
-        assert np.allclose(ranked["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-12, atol=0)
-        assert [list(r) for r in ranked["reasons"]] == [list(r) for r in expected["reasons"]]
-        checked += 1
+    for start in range(0, len(users), 256):
+        batch = users[start : start + 256]
+        rows = [with_events(state.user_row(u), state, config, [], state.as_of) for u in batch]  # type: ignore[arg-type]
+        for user, ranked in zip(batch, rank_rows(state, rows, state.params.top_k), strict=True):
+            published = state.published(user)
+            assert published is not None, user
+            expected = published.to_pandas()
+            assert [i["item_id"] for i in ranked] == list(expected["item_id"]), user
+            assert [i["rank"] for i in ranked] == list(expected["rank"])
+            scores = np.array([i["score"] for i in ranked])
+            assert np.allclose(scores, expected["score"].to_numpy(), rtol=1e-12, atol=0), user
+            assert [i["reasons"] for i in ranked] == [list(r) for r in expected["reasons"]]
+            checked += 1
     return checked
 
 
@@ -86,6 +90,34 @@ def session_events(state: ServingState, user: str, now: datetime) -> list[Event]
         Event(user, item, kind, now - timedelta(minutes=5 - n))
         for n, (item, kind) in enumerate(zip(others, kinds, strict=True))
     ]
+
+
+def stored_and_new_event(state: ServingState, now: datetime) -> tuple[str, Event, Event]:
+    """A user whose stored kernel row holds a fresh event: (user, that event as a page would post it, an event
+    after the run's as_of)."""
+    for user in state.input_users:
+        row = state.user_row(str(user))
+        assert row is not None
+        items, ages = row.ev_items, row.ev_ages
+        if len(items):
+            item = str(state.item_ids.of(np.asarray(items[:1], dtype=np.int64))[0])
+            ts = state.as_of - timedelta(seconds=round(float(ages[0]) * 86400))
+            return str(user), Event(str(user), item, "view", ts), Event(str(user), item, "view", now)
+    raise AssertionError("no user of the run has a fresh event")
+
+
+def check_batches_answer_as_single_requests(state: ServingState, config: ShelfConfig, now: datetime) -> None:
+    """One kernel call for several requests (known users with events at two list lengths, a new user, one with no
+    event) answers each exactly as that request alone."""
+    users = [str(u) for u in state.input_users[:4]]
+    asks = [Ask(u, tuple(session_events(state, u, now)), 5 + 5 * (n % 2), now) for n, u in enumerate(users)]
+    asks.append(Ask("someone-new", tuple(session_events(state, users[0], now)[:1]), 10, now))
+    asks.append(Ask(users[0], (), 10, now))
+    together = recommend_many(state, config, asks)
+    alone = [recommend(state, config, a.user_id, list(a.events), a.k, now) for a in asks]
+    assert together == alone
+    assert [a.source for a in together] == ["reranked"] * 4 + ["cold_start", "published"]
+    assert [len(a.items) for a in together] == [5, 10, 5, 10, 10, 10]
 
 
 def check_http_contract(client: Any, state: ServingState, user: str, now: datetime) -> None:

@@ -140,7 +140,7 @@ def test_shelf_serve_answers_the_published_lists_and_re_ranks_with_fresh_events(
 
     from pipelines.serve.app import Service, create_app
     from pipelines.serve.main import flusher, landing_uri
-    from pipelines.serve.ranking import recommend
+    from pipelines.serve.ranking import horizon_days, recommend
     from pipelines.serve.state import load_state
     from tests import serve_checks
 
@@ -159,6 +159,7 @@ def test_shelf_serve_answers_the_published_lists_and_re_ranks_with_fresh_events(
     assert published is not None  # the events changed the scores (the kernel ran, not a copy of the list)
     assert [round(i["score"], 9) for i in served.items] != [round(x, 9) for x in published.column("score").to_pylist()]
 
+    serve_checks.check_batches_answer_as_single_requests(state, config, now)
     service = Service(config, state, clock=lambda: now)
     flush = flusher(service)
     with TestClient(create_app(service, flush)) as client:
@@ -168,6 +169,17 @@ def test_shelf_serve_answers_the_published_lists_and_re_ranks_with_fresh_events(
         serve_checks.check_no_request_makes_it_answer_500(client)
     landed = DeltaTable(landing_uri(config)).to_pandas()
     assert sorted(landed["item_id"])[:3] == sorted(e.item_id for e in events)
+
+    # A run that holds a posted event: the swap forgets it (it would count twice), not the later one; past the
+    # fresh horizon the later one goes too, and the user with it.
+    stored_user, held, later = serve_checks.stored_and_new_event(state, now)
+    service.recent[stored_user].extend([held, later])
+    service.swap(state)
+    assert list(service.recent[stored_user]) == [later]
+    service.prune(now + timedelta(days=horizon_days(config) - 1))
+    assert list(service.recent[stored_user]) == [later]
+    service.prune(now + timedelta(days=horizon_days(config) + 1))
+    assert stored_user not in service.recent
 
 
 def _run(root: Path, *extra: str) -> int:

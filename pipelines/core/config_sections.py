@@ -294,6 +294,8 @@ class ServeConfig(Section):
     flush_every_seconds: float = Field(5.0, gt=0)  # accepted events are appended to the landing table this often
     flush_max_events: int = Field(1000, ge=1)  # ... or as soon as this many wait, whichever comes first
     reload_every_seconds: float = Field(60.0, gt=0)  # how often it checks for a newly published run to swap to
+    max_batch: int = Field(64, ge=1, le=4096)  # at most this many re-ranked requests share one kernel call
+    batch_wait_ms: float = Field(0.0, ge=0, le=100)  # hold a batch open this long to gather more (0: run at once)
 
 
 class PrivacyConfig(Section):

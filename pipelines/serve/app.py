@@ -22,8 +22,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.core.config import ShelfConfig
+from pipelines.serve.batching import Batcher
 from pipelines.serve.metrics import Metrics
-from pipelines.serve.ranking import Event, recommend
+from pipelines.serve.ranking import Ask, Event, Ranked, held_by_run, horizon_days, published_list, recommend_many
 from pipelines.serve.state import ServingState
 
 MAX_K = 100
@@ -53,6 +54,23 @@ class SessionIn(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
 
 
+class ItemOut(BaseModel):
+    item_id: str
+    rank: int
+    score: float
+    reasons: list[str]
+
+
+class ListOut(BaseModel):
+    """A user's list (documentation only: answers are written with json.dumps, skipping FastAPI's encoder)."""
+
+    user_id: str
+    run_id: str
+    source: str = Field(description="published | reranked | cold_start")
+    items: list[ItemOut]
+
+
+LIST_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"model": ListOut}}
 Clock = Callable[[], datetime]
 UserId = Annotated[str, Path(pattern=ID_PATTERN, description="the user id, as the source names it")]
 K = Annotated[int, Query(ge=1, le=MAX_K, description="list length")]
@@ -71,10 +89,38 @@ class Service:
         self.recent: dict[str, deque[Event]] = defaultdict(lambda: deque(maxlen=config.rerank.max_fresh_events))
         self.buffered: list[EventIn] = []  # accepted, not yet appended to the landing table
         self.metrics = Metrics()
+        self.batcher = Batcher(self.rank_many, config.serve.max_batch, config.serve.batch_wait_ms / 1000.0)
+
+    def rank_many(self, asks: list[Ask]) -> list[Ranked]:
+        """One batch's lists, all on the state serving when the batch starts."""
+        return recommend_many(self.state, self.config, asks)
 
     def swap(self, state: ServingState) -> None:
-        """Serve `state` from the next request on (requests in flight finish on the one they started with)."""
+        """Serve `state` from the next request on (requests in flight finish on the one they started with), and
+        forget the posted events the new run already holds, so none counts twice."""
         self.state = state
+        with self.lock:
+            posted = {user: list(events) for user, events in self.recent.items()}
+        held = {user: held_by_run(state, self.config, user, events) for user, events in posted.items()}
+        self._forget(held)
+
+    def prune(self, now: datetime) -> None:
+        """Forget posted events past the fresh horizon at `now` (the kernel would drop them), and empty users."""
+        horizon = timedelta(days=horizon_days(self.config))
+        with self.lock:
+            posted = {user: list(events) for user, events in self.recent.items()}
+        self._forget({user: {e for e in events if e.event_ts < now - horizon} for user, events in posted.items()})
+
+    def _forget(self, gone: dict[str, set[Event]]) -> None:
+        with self.lock:
+            for user, events in gone.items():
+                if not events:
+                    continue
+                kept = [e for e in self.recent.get(user, ()) if e not in events]
+                if kept:
+                    self.recent[user] = deque(kept, maxlen=self.config.rerank.max_fresh_events)
+                else:
+                    self.recent.pop(user, None)
 
     def validate(self, event: EventIn, now: datetime) -> str | None:
         """The reason code ingest would give this event, or None when it is accepted."""
@@ -130,20 +176,20 @@ def create_app(service: Service, flush: Callable[[], int] | None = None) -> Fast
 
 
 def _routes(app: FastAPI, service: Service, flush: Callable[[], int] | None) -> None:
-    @app.get("/v1/users/{user_id}/recommendations")
-    def get_list(user_id: UserId, k: K = 10) -> dict[str, Any]:
+    @app.get("/v1/users/{user_id}/recommendations", responses=LIST_RESPONSES)
+    async def get_list(user_id: UserId, k: K = 10) -> Response:
         with service.lock:
             known = list(service.recent.get(user_id, ()))
-        return _answer(service, user_id, known, k)
+        return await _answer(service, user_id, known, k)
 
-    @app.post("/v1/users/{user_id}/recommendations")
-    def post_session(user_id: UserId, body: SessionIn) -> Any:
+    @app.post("/v1/users/{user_id}/recommendations", responses=LIST_RESPONSES)
+    async def post_session(user_id: UserId, body: SessionIn) -> Response:
         events = [e.model_copy(update={"user_id": user_id}) for e in body.events]
         now = service.clock()
         bad = [{"index": i, "reason": r} for i, e in enumerate(events) if (r := service.validate(e, now))]
         if bad:
             return _error(422, f"Event {bad[0]['index']} of the session was rejected ({bad[0]['reason']}); fix it.")
-        return _answer(service, user_id, [service.to_event(e) for e in events], body.k)
+        return await _answer(service, user_id, [service.to_event(e) for e in events], body.k)
 
     @app.post("/v1/events")
     def post_events(body: EventsIn) -> dict[str, Any]:
@@ -163,11 +209,15 @@ def _routes(app: FastAPI, service: Service, flush: Callable[[], int] | None) -> 
         return service.metrics.render(service.state.run_id, len(service.buffered))
 
 
-def _answer(service: Service, user_id: str, events: list[Event], k: int) -> dict[str, Any]:
-    state, started = service.state, time.perf_counter()
-    ranked = recommend(state, service.config, user_id, events, k, service.clock())
+async def _answer(service: Service, user_id: str, events: list[Event], k: int) -> Response:
+    """The published list straight away when no event is new, else the kernel's list from the next batch."""
+    started = time.perf_counter()
+    ranked = published_list(service.state, user_id, k) if not events else None
+    if ranked is None:
+        ranked = await service.batcher.rank(Ask(user_id, tuple(events), k, service.clock()))
     service.metrics.observe(ranked.source, time.perf_counter() - started)
-    return {"user_id": user_id, "run_id": state.run_id, "source": ranked.source, "items": ranked.items}
+    body = {"user_id": user_id, "run_id": ranked.run_id, "source": ranked.source, "items": ranked.items}
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
 def _errors(app: FastAPI, service: Service) -> None:

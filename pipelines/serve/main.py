@@ -87,6 +87,7 @@ def build(config: ShelfConfig) -> FastAPI:
             waited += 0.2
             if len(service.buffered) >= config.serve.flush_max_events or waited >= config.serve.flush_every_seconds:
                 flush()
+                service.prune(service.clock())
                 waited = 0.0
 
     def watch() -> None:

@@ -5,7 +5,8 @@ user: factors, candidate arrays, fresh-event arrays with ages as of the run's as
 item side: factors and business attributes), and the service builds the kernel's ItemTable from the latter with
 the same function the batch uses (`kernel_frames.item_table_from_pandas`). The published lists come from
 gold.recommendations as written. Nothing is held as a Python object per user: user ids are one pandas Index
-(hash lookups), the lists and the kernel inputs stay Arrow columns sliced per request.
+(hash lookups), the lists stay Arrow columns sliced per request, and the kernel inputs become numpy value and
+offset arrays per column (pipelines/serve/rows.py), sliced per request without copying.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pipelines.core.columns import (
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.kernel_frames import ItemIds, item_table_from_pandas, params_from
+from pipelines.serve.rows import StoredRows, UserRow
 from udfs.rerank import ItemTable, RerankParams
 
 LIST_COLUMNS = (ITEM_ID, RANK, SCORE, "reasons")
@@ -88,26 +90,25 @@ class ServingState:
     list_offsets: np.ndarray  # (users + 1,): rows of `lists` per user, in rank order
     lists: pa.Table  # item_id, rank, score, reasons of every published list
     input_users: pd.Index  # user_id of each gold.rerank_inputs row
-    inputs: pa.Table  # the kernel's user rows (reranking.to_user_rows' columns)
+    rows: StoredRows  # the kernel's user rows (reranking.to_user_rows' columns) as numpy arrays
+    item_index: dict[str, int]  # item_id -> item_idx (catalogue-sized): posted item ids looked up
 
     def published(self, user_id: str) -> pa.Table | None:
         """The user's published list as written, or None when the run has no list for them."""
-        at = self.listed.get_indexer([user_id])[0]
+        at = _position(self.listed, user_id)
         if at < 0:
             return None
         start, end = int(self.list_offsets[at]), int(self.list_offsets[at + 1])
         return self.lists.slice(start, end - start)
 
-    def kernel_row(self, user_id: str) -> pd.DataFrame | None:
-        """The user's kernel input row (one-row pandas frame, to_user_rows' columns), or None for a new user."""
-        at = self.input_users.get_indexer([user_id])[0]
-        return None if at < 0 else self.inputs.slice(int(at), 1).to_pandas()
+    def user_row(self, user_id: str) -> UserRow | None:
+        """The user's stored kernel input (views into the run's arrays), or None for a user the run does not know."""
+        at = _position(self.input_users, user_id)
+        return None if at < 0 else self.rows.row(at)
 
     def item_idx(self, item_ids: list[str]) -> np.ndarray:
         """Dense ids of `item_ids` (-1 for an item the run does not know)."""
-        known = pd.Index(self.item_ids.ids)
-        at = known.get_indexer(item_ids)
-        return np.where(at >= 0, self.item_ids.idx[np.maximum(at, 0)], -1).astype(np.int64)
+        return np.fromiter((self.item_index.get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
 
 
 def load_state(config: ShelfConfig, run_id: str | None = None) -> ServingState:
@@ -116,9 +117,9 @@ def load_state(config: ShelfConfig, run_id: str | None = None) -> ServingState:
         run_id, as_of = serving_run(config)
     else:
         as_of = _as_of_of(config, run_id)
-    items = read_table(config, "silver", "item_index", [ITEM_ID, ITEM_IDX]).to_pandas()
-    order = np.argsort(items[ITEM_IDX].to_numpy(dtype=np.int64), kind="stable")
-    item_ids = ItemIds(items[ITEM_IDX].to_numpy(dtype=np.int64)[order], items[ITEM_ID].to_numpy(dtype=object)[order])
+    index = read_table(config, "silver", "item_index", [ITEM_ID, ITEM_IDX]).to_pandas()
+    order = np.argsort(index[ITEM_IDX].to_numpy(dtype=np.int64), kind="stable")
+    item_ids = ItemIds(index[ITEM_IDX].to_numpy(dtype=np.int64)[order], index[ITEM_ID].to_numpy(dtype=object)[order])
     lists = read_table(config, "gold", "recommendations", [USER_ID, *LIST_COLUMNS], run_id)
     lists = lists.sort_by([(USER_ID, "ascending"), (RANK, "ascending")])
     listed, offsets = _offsets(lists.column(USER_ID))
@@ -127,21 +128,22 @@ def load_state(config: ShelfConfig, run_id: str | None = None) -> ServingState:
         raise InputDataError(
             f"gold.rerank_inputs has no rows of run {run_id}; rerun 'shelf rerank' with this version of shelf."
         )
-    inputs = inputs.drop_columns([RUN_ID]) if RUN_ID in inputs.column_names else inputs
     users = read_table(config, "silver", "user_index", [USER_ID, USER_IDX]).to_pandas()
     by_idx = pd.Series(users[USER_ID].to_numpy(dtype=object), index=users[USER_IDX].to_numpy(dtype=np.int64))
     input_users = pd.Index(by_idx.reindex(inputs.column(USER_IDX).to_numpy()).to_numpy(dtype=object))
+    items = _item_table(config, run_id)
     return ServingState(
         run_id=run_id,
         as_of=as_of,
         params=params_from(config.rerank),
-        items=_item_table(config, run_id),
+        items=items,
         item_ids=item_ids,
         listed=listed,
         list_offsets=offsets,
         lists=lists.select(list(LIST_COLUMNS)),
         input_users=input_users,
-        inputs=inputs,
+        rows=StoredRows.from_arrow(inputs, items.factors.shape[1]),
+        item_index=dict(zip(item_ids.ids.tolist(), item_ids.idx.tolist(), strict=True)),
     )
 
 
@@ -159,6 +161,15 @@ def utc_naive(value: object) -> datetime:
         stamp = stamp.tz_convert("UTC").tz_localize(None)
     moment: datetime = stamp.to_pydatetime()
     return moment
+
+
+def _position(index: pd.Index, user_id: str) -> int:
+    """The user's position in a unique index, or -1 (one hash lookup; get_indexer would build an Index per call)."""
+    try:
+        at = index.get_loc(user_id)
+    except KeyError:
+        return -1
+    return int(at)  # type: ignore[arg-type]
 
 
 def _offsets(users: pa.ChunkedArray) -> tuple[pd.Index, np.ndarray]:
