@@ -166,8 +166,23 @@ def scaled(state: ServingState, users: int) -> ServingState:
     if users <= len(state.input_users):
         return state
     base = len(state.input_users)
-    ids = [f"{state.input_users[n % base]}~{n // base}" if n >= base else str(state.input_users[n]) for n in range(users)]
-    return replace(state, rows=state.rows.take(np.arange(users) % base), input_users=pd.Index(ids, dtype=object))
+    ids = [
+        f"{state.input_users[n % base]}~{n // base}" if n >= base else str(state.input_users[n]) for n in range(users)
+    ]
+    copies = np.arange(users) % base
+    listed = state.listed.get_indexer(state.input_users[copies])  # each copy's published list is its original's
+    assert (listed >= 0).all(), "every user with kernel inputs has a published list"
+    lengths = np.diff(state.list_offsets)[listed]
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    rows = np.repeat(state.list_offsets[listed] - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
+    return replace(
+        state,
+        rows=state.rows.take(copies),
+        input_users=pd.Index(ids, dtype=object),
+        listed=pd.Index(ids, dtype=object),
+        list_offsets=offsets,
+        lists=state.lists.take(rows),
+    )
 
 
 def main() -> None:

@@ -147,6 +147,7 @@ def check_http_contract(client: Any, state: ServingState, user: str, now: dateti
     assert cold["source"] == "cold_start" and len(cold["items"]) == 10
     metrics = client.get("/metrics").text
     assert 'shelf_requests_total{source="published"} 1' in metrics and "shelf_buffered_events 3" in metrics
+    assert "shelf_kernel_calls_total 2" in metrics and "shelf_kernel_requests_total 2" in metrics  # re-ranked, cold
     assert client.get("/healthz").json() == {"status": "ok", "run_id": state.run_id}
 
 

@@ -206,7 +206,8 @@ def _routes(app: FastAPI, service: Service, flush: Callable[[], int] | None) -> 
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> str:
-        return service.metrics.render(service.state.run_id, len(service.buffered))
+        batcher = service.batcher
+        return service.metrics.render(service.state.run_id, len(service.buffered), batcher.batches, batcher.batched)
 
 
 async def _answer(service: Service, user_id: str, events: list[Event], k: int) -> Response:

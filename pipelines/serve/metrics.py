@@ -1,5 +1,5 @@
 """Prometheus text for `GET /metrics`: requests by list source, a latency histogram, accepted and rejected
-events, the serving run and the events waiting for the landing table."""
+events, the serving run, the events waiting for the landing table and the kernel's batches."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ class Metrics:
             self.buckets[bisect.bisect_left(BUCKETS_S, seconds)] += 1
             self.seconds += seconds
 
-    def render(self, run_id: str, buffered: int) -> str:
+    def render(self, run_id: str, buffered: int, kernel_calls: int = 0, kernel_requests: int = 0) -> str:
+        """The exposition text; `kernel_calls` / `kernel_requests`: the dynamic batcher's calls and the requests
+        they answered (their ratio is the mean batch size)."""
         with self.lock:
             lines = ["# TYPE shelf_requests_total counter"]
             lines += [f'shelf_requests_total{{source="{s}"}} {n}' for s, n in sorted(self.requests.items())]
@@ -40,5 +42,7 @@ class Metrics:
             lines += ["# TYPE shelf_events_total counter", f'shelf_events_total{{outcome="accepted"}} {self.accepted}']
             lines.append(f'shelf_events_total{{outcome="rejected"}} {self.rejected}')
             lines += ["# TYPE shelf_buffered_events gauge", f"shelf_buffered_events {buffered}"]
+            lines += ["# TYPE shelf_kernel_calls_total counter", f"shelf_kernel_calls_total {kernel_calls}"]
+            lines += ["# TYPE shelf_kernel_requests_total counter", f"shelf_kernel_requests_total {kernel_requests}"]
             lines += ["# TYPE shelf_serving_run gauge", f'shelf_serving_run{{run_id="{run_id}"}} 1']
         return "\n".join(lines) + "\n"
