@@ -17,13 +17,14 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import reranking, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.kernel_frames import rerank_frame
 from pipelines.core.schemas import ITEM_IDX, RUN_ID, USER_ID, USER_IDX
+from pipelines.serve.app import EventIn
 from pipelines.serve.ranking import Ask, Event, rank_rows, recommend, recommend_many, with_events
 from pipelines.serve.state import ServingState
 from tests.conftest import REPO
@@ -118,6 +119,31 @@ def check_batches_answer_as_single_requests(state: ServingState, config: ShelfCo
     assert together == alone
     assert [a.source for a in together] == ["reranked"] * 4 + ["cold_start", "published"]
     assert [len(a.items) for a in together] == [5, 10, 5, 10, 10, 10]
+
+
+def check_serves_the_lists_from_a_bucket(
+    config: ShelfConfig, local: DataFrame, victim: str, s3: Any, bucket: str
+) -> None:
+    """The serving state loaded from an s3a:// root holds the local run's published lists for every user but the
+    forgotten one; a flush appends to the bucket's landing table."""
+    from deltalake import DeltaTable
+
+    from pipelines.serve.app import Service
+    from pipelines.serve.main import flusher
+    from pipelines.serve.state import load_state
+
+    state = load_state(config)
+    expected: dict[str, list[str]] = {}
+    for row in local.orderBy(USER_ID, "rank").select(USER_ID, "item_id").collect():
+        expected.setdefault(row[USER_ID], []).append(row["item_id"])
+    served = {str(u): state.published(str(u)).column("item_id").to_pylist() for u in state.listed}  # type: ignore[union-attr]
+    assert victim not in served and served == {u: items for u, items in expected.items() if u != victim}
+    service = Service(config, state)
+    user = next(iter(served))
+    service.accept([EventIn(user_id=user, item_id=served[user][0], event_type="view", event_ts=state.as_of)])
+    assert flusher(service)() == 1
+    landed = DeltaTable(f"s3://{bucket}/shelf/landing/events", storage_options=s3.delta_rs_options()).to_pandas()
+    assert landed["user_id"].tolist() == [user]
 
 
 def check_http_contract(client: Any, state: ServingState, user: str, now: datetime) -> None:

@@ -437,6 +437,13 @@ def test_a_run_on_an_s3_root_equals_the_local_run_and_the_admin_commands_work_th
     local_metrics = demo_run.read(spark, "gold", "metrics").filter(F.col(RUN_ID) == DEMO_RUN_ID)
     assert metrics.filter(F.col(RUN_ID) == DEMO_RUN_ID).count() == local_metrics.count() > 0
 
+    # shelf serve on the s3a:// root: delta-rs finds the tables from the same S3A settings, serves the local run's
+    # lists (but for the forgotten user) and appends posted events to the bucket's landing table.
+    from tests import serve_checks
+
+    local = demo_run.read(spark, "gold", "recommendations").filter(F.col(RUN_ID) == DEMO_RUN_ID)
+    serve_checks.check_serves_the_lists_from_a_bucket(load_config(conf, []), local, victim, s3, bucket)
+
 
 def test_shelf_serve_swaps_to_a_new_run_under_load_and_flushes_on_sigterm(
     spark: SparkSession, demo_run: DemoRun, tmp_path: Path

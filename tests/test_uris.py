@@ -56,3 +56,36 @@ def test_the_session_keeps_its_own_files_local_for_a_remote_root(tmp_path: Path)
     assert driver_folder(make_test_config(tmp_path, f"storage.root=file:{tmp_path}")) == tmp_path.resolve()
     remote = driver_folder(make_test_config(tmp_path, "storage.root=s3a://bucket/shelf"))
     assert remote == Path(".shelf").resolve() and "s3a" not in str(remote)
+
+
+def test_shelf_serve_opens_spark_s3a_locations_with_delta_rs_options() -> None:
+    """`s3a://` is Hadoop's name: delta-rs opens `s3://` with the S3A settings translated; other URIs pass."""
+    from pipelines.serve.storage import delta_rs_location
+
+    s3a = {
+        "spark.hadoop.fs.s3a.endpoint": "minio.local:9000",
+        "spark.hadoop.fs.s3a.connection.ssl.enabled": "false",
+        "spark.hadoop.fs.s3a.path.style.access": "true",
+        "spark.hadoop.fs.s3a.endpoint.region": "eu-west-1",
+        "spark.hadoop.fs.s3a.access.key": "AK",
+        "spark.hadoop.fs.s3a.secret.key": "SK",
+        "spark.sql.shuffle.partitions": "4",
+    }
+    assert delta_rs_location("s3a://bucket/shelf/gold/recommendations", s3a) == (
+        "s3://bucket/shelf/gold/recommendations",
+        {
+            "AWS_ENDPOINT_URL": "http://minio.local:9000",
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_REGION": "eu-west-1",
+            "AWS_ACCESS_KEY_ID": "AK",
+            "AWS_SECRET_ACCESS_KEY": "SK",
+        },
+    )
+    assert delta_rs_location("s3a://bucket/t", {}) == ("s3://bucket/t", {})  # credentials from the environment
+    hosted = {"spark.hadoop.fs.s3a.endpoint": "https://s3.example.com"}
+    assert delta_rs_location("s3a://b/t", hosted)[1] == {
+        "AWS_ENDPOINT_URL": "https://s3.example.com",
+        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "true",
+    }
+    for uri in ("/data/shelf/t", "abfss://c@a.dfs.core.windows.net/t", "gs://b/t"):
+        assert delta_rs_location(uri, s3a) == (uri, {})

@@ -16,6 +16,7 @@ from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
 from pipelines.serve.app import EventIn, Service, create_app
 from pipelines.serve.state import load_state, serving_run
+from pipelines.serve.storage import delta_rs_location
 
 log = logging.getLogger("shelf.serve")
 
@@ -47,12 +48,12 @@ def to_landing(config: ShelfConfig, events: list[EventIn]) -> pa.Table:
 
 def flusher(service: Service) -> Callable[[], int]:
     """A function that appends the buffered events to the landing table as one Delta commit; returns how many."""
-    target = landing_uri(service.config)
+    target, options = delta_rs_location(landing_uri(service.config), service.config.spark.extra)
 
     def flush() -> int:
         events = service.drain()
         if events:
-            write_deltalake(target, to_landing(service.config, events), mode="append")
+            write_deltalake(target, to_landing(service.config, events), mode="append", storage_options=options or None)
             log.info("[serve] appended %d events to %s", len(events), target)
         return len(events)
 

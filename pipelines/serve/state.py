@@ -38,6 +38,7 @@ from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.kernel_frames import ItemIds, item_table_from_pandas, params_from
 from pipelines.serve.rows import StoredRows, UserRow
+from pipelines.serve.storage import delta_rs_location
 from udfs.rerank import ItemTable, RerankParams
 
 LIST_COLUMNS = (ITEM_ID, RANK, SCORE, "reasons")
@@ -59,7 +60,8 @@ def read_table(
     """The columns (None: all) of a Delta table (of one run when `run_id` is given), read by delta-rs into Arrow."""
     uri = table_uri(config, layer, name)
     try:
-        dataset = DeltaTable(uri).to_pyarrow_dataset()
+        location, options = delta_rs_location(uri, config.spark.extra)
+        dataset = DeltaTable(location, storage_options=options or None).to_pyarrow_dataset()
     except Exception as exc:  # delta-rs raises its own TableNotFoundError; its message names the path
         raise InputDataError(f"{layer}.{name} is not a Delta table at {uri} ({exc}); run 'shelf run' first.") from exc
     wanted = dataset.schema.names if columns is None else [c for c in columns if c in dataset.schema.names]
