@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
+import json
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,17 +108,43 @@ class DemoRun:
 
 
 @pytest.fixture(scope="session")
-def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
-    """The local run shared by the end-to-end test and the runs on other engines that must equal it."""
+def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> DemoRun:
+    """The local run shared by the end-to-end test and the runs on other engines that must equal it: one run per
+    `pytest` invocation, whichever xdist worker asks first makes it while the other waits (test_end_to_end.py
+    and test_clusters.py run on different workers; each used to make its own, ~7 minutes of a busy CI machine).
+    Tests change its tables later (a gated run, forget without VACUUM, ...); `DemoRun.read` pins each compared
+    table's version as it was right after the run."""
     from pipelines import cli
 
-    root = tmp_path_factory.mktemp("demo-run")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert cli.main(demo_run_args(root)) == 0
-    config = make_test_config(root)
-    versions = {t: tables.latest_version(spark, config, *t) for t in (*COMPARED_TABLES, ("gold", "metrics"))}
-    return DemoRun(root, config, versions, printed.getvalue())
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent  # pytest-N/, the workers' common base
+    root = shared / "demo-run"
+    with _exclusive(shared / "demo-run.lock"):
+        made = shared / "demo-run.json"
+        if not made.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert cli.main(demo_run_args(root)) == 0
+            config = make_test_config(root)
+            versions = [[*t, tables.latest_version(spark, config, *t)] for t in (*COMPARED_TABLES, ("gold", "metrics"))]
+            made.write_text(json.dumps({"versions": versions, "printed": printed.getvalue()}))
+    state = json.loads(made.read_text())
+    versions = {(layer, name): int(v) for layer, name, v in state["versions"]}
+    return DemoRun(root, make_test_config(root), versions, state["printed"])
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (created if absent) while the block runs: xdist workers are
+    processes."""
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

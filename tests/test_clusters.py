@@ -107,7 +107,9 @@ def test_shelf_run_submitted_from_the_wheel_to_a_standalone_cluster_equals_a_loc
         "--conf", f"spark.pyspark.python={sys.executable}",
         "--py-files", str(shelf_wheel),
         str(entry),
-        *demo_run_args(tmp_path, "--set", "spark.master=null"),
+        # evaluate scores ALS and popularity without the holdout rehearsal of the publishing steps (the Connect run
+        # above covers evaluate and the publish gate on a remote engine; the rehearsal was ~40% of this run)
+        *demo_run_args(tmp_path, "--set", "spark.master=null", "--set", "evaluate.models=[popularity, als]"),
     ]  # fmt: skip
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
     done = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -115,5 +117,5 @@ def test_shelf_run_submitted_from_the_wheel_to_a_standalone_cluster_equals_a_loc
     assert done.returncode == 0, out[-6000:]
     assert f"shelf package from {shelf_wheel}" in out  # the wheel's code, not this checkout's
     assert f"master {standalone_cluster}," in out  # the session log line: it ran on the cluster
-    assert "[gate] passed" in out and "[rerank] done" in out
+    assert "[evaluate] done" in out and "[rerank] done" in out
     assert_tables_equal_the_local_run(spark, demo_run, tmp_path)

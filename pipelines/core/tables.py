@@ -77,13 +77,14 @@ def exists(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> b
 
 
 def is_delta(spark: SparkSession, path: str) -> bool:
-    """Whether `path` holds a Delta table, asked in SQL (`DESCRIBE DETAIL`): Delta's Python `isDeltaTable` needs a
-    Delta Connect handler on a Spark Connect server, SQL does not. Driver-side only, no Spark job."""
+    """Whether `path` holds a Delta table: its schema resolves from a Delta log. Driver-side only, no Spark job; works
+    on Spark Connect (Delta's Python `isDeltaTable` needs a Delta Connect handler there). Cheaper than `DESCRIBE
+    DETAIL`, which also sums the files' sizes: 40 against 95 ms on local[2], and a run asks about 150 times."""
     try:
-        row = spark.sql(f"DESCRIBE DETAIL {uris.sql_path(path)}").select("format").first()
-    except AnalysisException:  # DELTA_MISSING_DELTA_TABLE: absent, empty, or another format
+        spark.read.format("delta").load(path).schema  # noqa: B018  (Connect resolves the schema only when asked)
+    except AnalysisException:  # DELTA_MISSING_DELTA_TABLE / PATH_NOT_FOUND: absent, empty, or another format
         return False
-    return row is not None and row["format"] == "delta"
+    return True
 
 
 def delta_table(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> DeltaTable:
@@ -105,16 +106,20 @@ def read(spark: SparkSession, config: ShelfConfig, layer: str, name: str, versio
     Raises:
         InputDataError: the table does not exist yet (its step has not run).
     """
-    if not exists(spark, config, layer, name):
-        raise InputDataError(
-            f"Table {layer}.{name} does not exist at {location(config, layer, name)}; run the step that "
-            "writes it first (or 'shelf run')."
-        )
     where = location(config, layer, name)
     reader = spark.read.format("delta")
     if version is not None:
         reader = reader.option("versionAsOf", version)
-    return reader.load(where) if _is_path(config) else reader.table(where)
+    try:  # one snapshot lookup, not an existence check and then the read's own
+        frame = reader.load(where) if _is_path(config) else reader.table(where)
+        frame.schema  # noqa: B018  (Connect resolves the table only when asked; classic already has)
+    except AnalysisException:
+        if exists(spark, config, layer, name):
+            raise  # the table is there: a bad version, a corrupt log, ... is not "run the step first"
+        raise InputDataError(
+            f"Table {layer}.{name} does not exist at {where}; run the step that writes it first (or 'shelf run')."
+        ) from None
+    return frame
 
 
 def write(
