@@ -55,10 +55,10 @@ demo: setup
 test: setup airflow s3a
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
-# The inner loop: unit tests, kernels, config, the layer and size rules, single steps on tiny data (no end-to-end
-# runs, no servers, no Airflow or S3A set-up). docs/DEVELOPMENT.md has the measured time.
+# The inner loop: unit tests, kernels, config, the layer and size rules, small Spark checks (no whole steps, no
+# end-to-end runs, no servers, no Airflow or S3A set-up). docs/DEVELOPMENT.md has the measured time.
 test-fast: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not servers"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not servers and not steps"
 
 lint: setup
 	$(BIN)/ruff check pipelines udfs tests

@@ -41,8 +41,17 @@ SLOWEST_FILES = (
 )
 
 
+# Module fixtures that build whole runs (a nightly publish, a streamed day, a re-rank world): every test that uses
+# one is in the `steps` tier, whatever it does itself.
+RUN_FIXTURES = frozenset({"nightly", "streamed", "world", "per_user", "demo_run", "prefix"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slowest files first, every file's tests in their own order."""
+    """The slowest files first, every file's tests in their own order; tests on run-building fixtures marked
+    `steps` (make test-fast leaves them out)."""
+    for item in items:
+        if RUN_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.steps)
     rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))
 

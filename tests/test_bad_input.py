@@ -56,6 +56,7 @@ def write_source(folder: Path, lines: list[bytes]) -> Path:
     return folder
 
 
+@pytest.mark.steps
 def test_every_malformed_row_is_quarantined_with_its_reason_and_counts_reconcile(
     spark: SparkSession, tmp_path: Path
 ) -> None:

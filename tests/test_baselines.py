@@ -35,6 +35,7 @@ def test_item_knn_scores_are_summed_cosines_to_the_users_recent_items(spark: Spa
     assert got[(2, 1)] == (pytest.approx(expected), 1)
 
 
+@pytest.mark.steps
 def test_unseen_relevance_and_the_baselines_leave_out_what_the_user_owned_not_what_they_viewed(
     spark: SparkSession, config: ShelfConfig
 ) -> None:

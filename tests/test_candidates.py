@@ -27,6 +27,7 @@ def factors_df(spark: SparkSession, key: str, ids: np.ndarray, factors: np.ndarr
     return spark.createDataFrame(rows, f"{key} int, features array<float>, run_id string")
 
 
+@pytest.mark.steps
 def test_candidates_step(spark: SparkSession, config: ShelfConfig) -> None:
     rng = np.random.default_rng(11)
     n_items, n_users, k = 40, 12, 6
@@ -155,6 +156,7 @@ def test_cap_keeps_the_best_per_user(spark: SparkSession) -> None:
 @pytest.mark.parametrize(
     ("preset", "consumed", "kept"), [("movielens", "rating", "purchase"), ("synthetic", "purchase", "rating")]
 )
+@pytest.mark.steps
 def test_consumed_items_are_never_candidates_per_preset(
     spark: SparkSession, tmp_path: Path, preset: str, consumed: str, kept: str
 ) -> None:
@@ -184,6 +186,7 @@ def test_consumed_items_are_never_candidates_per_preset(
     assert by_type[kept] <= got
 
 
+@pytest.mark.steps
 def test_buy_again_offers_consumed_items_scored_by_how_often_and_how_lately(
     spark: SparkSession, tmp_path: Path
 ) -> None:

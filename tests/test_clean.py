@@ -101,6 +101,7 @@ BASE_ROWS = [
 ]
 
 
+@pytest.mark.steps
 def test_clean_run_reconciles_writes_silver_and_quality_json(spark: SparkSession, tmp_path: Path) -> None:
     config = loose_config(tmp_path, "clean.bot_max_events_per_day=10")
     catalog = Path(config.source.catalog_path or "") / "catalog.csv"
@@ -152,6 +153,7 @@ def test_clean_run_reconciles_writes_silver_and_quality_json(spark: SparkSession
     assert (cat["i2"].price, cat["i2"].in_stock, cat["i2"].promo) == (None, False, True)
 
 
+@pytest.mark.steps
 def test_rerun_same_run_id_identical_and_ids_stable_across_runs(spark: SparkSession, tmp_path: Path) -> None:
     config = loose_config(tmp_path)
     rows = [
@@ -172,6 +174,7 @@ def test_rerun_same_run_id_identical_and_ids_stable_across_runs(spark: SparkSess
     assert index(spark, config, "item_index") == {"x": 0, "y": 1, "z": 2}
 
 
+@pytest.mark.steps
 def test_failing_gate_blocks_the_write_and_keeps_previous_silver(spark: SparkSession, tmp_path: Path) -> None:
     config = loose_config(tmp_path)
     rows = [

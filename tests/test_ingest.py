@@ -69,6 +69,7 @@ DIRTY_LINES = [
 ]
 
 
+@pytest.mark.steps
 def test_every_ingest_reason_code_reconciliation_and_rerun(spark: SparkSession, tmp_path: Path) -> None:
     config = make_config(tmp_path)
     write_text(Path(config.source.path) / "part-0.csv", DIRTY_LINES)
@@ -111,6 +112,7 @@ def test_every_ingest_reason_code_reconciliation_and_rerun(spark: SparkSession, 
     assert tables.read(spark, config, "ops", "run_metrics").filter("metric = 'input_rows'").count() == 1
 
 
+@pytest.mark.steps
 def test_generic_mapping_delimiter_no_header_and_timestamp_format(spark: SparkSession, tmp_path: Path) -> None:
     config = make_config(
         tmp_path,
@@ -134,6 +136,7 @@ def test_generic_mapping_delimiter_no_header_and_timestamp_format(spark: SparkSe
     assert [r.reason for r in quarantine(spark, config).collect()] == ["unknown_event_type"]
 
 
+@pytest.mark.steps
 def test_a_generic_csv_without_the_optional_session_id_column(spark: SparkSession, tmp_path: Path) -> None:
     """session_id is mapped by default but optional: a file without it ingests, its rows without a session; a
     missing required column still stops with the key to fix."""
@@ -157,6 +160,7 @@ def test_a_generic_csv_without_the_optional_session_id_column(spark: SparkSessio
         run_ingest(spark, no_item)
 
 
+@pytest.mark.steps
 def test_a_source_whose_every_row_is_quarantined_stops_ingest_with_its_reasons(
     spark: SparkSession, tmp_path: Path
 ) -> None:
@@ -176,6 +180,7 @@ def test_a_source_whose_every_row_is_quarantined_stops_ingest_with_its_reasons(
     assert Counter(r.reason for r in quarantine(spark, config).collect()) == {"future_timestamp": 2, "null_item": 1}
 
 
+@pytest.mark.steps
 def test_doubled_quotes_inside_a_quoted_csv_field_are_one_quote(spark: SparkSession, tmp_path: Path) -> None:
     """RFC 4180: "a ""b"" c" is the value a "b" c, delimiters inside quotes included."""
     config = make_config(tmp_path, "source.preset=generic")
@@ -187,6 +192,7 @@ def test_doubled_quotes_inside_a_quoted_csv_field_are_one_quote(spark: SparkSess
     assert [(r[0], r[1]) for r in bronze_rows(spark, config)] == [('u "2"', "i2"), ("u1", 'lamp "7", white')]
 
 
+@pytest.mark.steps
 def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> None:
     config = make_config(tmp_path / "json", "source.format=json")
     write_text(
@@ -214,6 +220,7 @@ def test_json_lines_and_parquet_sources(spark: SparkSession, tmp_path: Path) -> 
     assert bad.reason == "unknown_event_type" and '"event_type":"click"' in bad.raw
 
 
+@pytest.mark.steps
 def test_a_catalog_table_source_is_read_by_name(spark: SparkSession, tmp_path: Path) -> None:
     config = make_config(tmp_path, "source.preset=generic", "source.table=shelf_source_events")
     rows = [
@@ -247,6 +254,7 @@ def test_source_table_needs_the_generic_preset(tmp_path: Path) -> None:
         ("ratings.csv", ["userId,movieId,rating,timestamp", "196,242,3,881250949", "186,302,3.5,891717742"]),
     ],
 )
+@pytest.mark.steps
 def test_movielens_layouts(spark: SparkSession, tmp_path: Path, name: str, lines: list[str]) -> None:
     path = write_text(tmp_path / "ml" / name, lines)
     config = make_config(tmp_path, "source.preset=movielens", f"source.path={path}", "clean.window_days=20000")
@@ -279,6 +287,7 @@ RATINGS_OF_MOVIES = {"movies.csv": "ratings.csv", "movies.dat": "ratings.dat", "
 
 
 @pytest.mark.parametrize("movies", sorted(MOVIES_FILES))
+@pytest.mark.steps
 def test_movielens_titles_and_genres_from_the_movies_file(spark: SparkSession, tmp_path: Path, movies: str) -> None:
     ratings = RATINGS_OF_MOVIES[movies]
     sep = {"ratings.csv": ",", "ratings.dat": "::", "u.data": "\t"}[ratings]
@@ -327,6 +336,7 @@ RETAIL_LINES = [
 ]
 
 
+@pytest.mark.steps
 def test_online_retail_cancellations_net_out_and_quarantine_codes(spark: SparkSession, tmp_path: Path) -> None:
     path = write_text(tmp_path / "retail" / "online_retail.csv", RETAIL_LINES)
     config = make_config(tmp_path, "source.preset=online_retail", f"source.path={path}")

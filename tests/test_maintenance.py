@@ -44,6 +44,7 @@ CSV = [
 ]
 
 
+@pytest.mark.steps
 def test_pseudonymised_ingest_writes_no_clear_user_id(
     spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -93,6 +94,7 @@ def _rollback(config: ShelfConfig, *args: str) -> int:
     )
 
 
+@pytest.mark.steps
 def test_rollback_to_run_and_to_version(
     spark: SparkSession, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -141,6 +143,7 @@ spark.stop()
 """
 
 
+@pytest.mark.steps
 def test_the_key_appears_in_no_plan_and_no_event_log(spark: SparkSession, tmp_path: Path) -> None:
     key = b"k3y-that-must-not-leak"
     events = tmp_path / "events"
@@ -168,6 +171,7 @@ def test_the_key_appears_in_no_plan_and_no_event_log(spark: SparkSession, tmp_pa
     }
 
 
+@pytest.mark.steps
 def test_prune_keeps_the_runs_written_last_and_vacuums(
     spark: SparkSession, config: ShelfConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -35,6 +35,7 @@ def per_user(spark: SparkSession) -> dict[tuple[int, int], dict[str, float]]:
     return {(r.user_idx, r.k): r.asDict() for r in rows}
 
 
+@pytest.mark.steps
 def test_metrics_for_a_user_with_as_many_relevant_as_k(per_user: dict) -> None:
     at3, at4 = per_user[(1, 3)], per_user[(1, 4)]
     # k=3: one hit at rank 2.
@@ -115,6 +116,7 @@ def test_coverage_and_novelty(spark: SparkSession) -> None:
     assert rows[2].novelty == pytest.approx(1.0)
 
 
+@pytest.mark.steps
 def test_ranking_metrics_averages_over_users_with_relevant_items(spark: SparkSession) -> None:
     recs = _recs(spark, {1: [10, 11], 2: [20, 21]})
     relevant = _pairs(spark, {1: [11], 2: [99], 3: [10]})  # user 3 got no list: counts as a zero
@@ -127,6 +129,7 @@ def test_ranking_metrics_averages_over_users_with_relevant_items(spark: SparkSes
     assert {m for m, _ in table} == {*metrics.PER_USER_METRICS, *metrics.CATALOG_METRICS}
 
 
+@pytest.mark.steps
 def test_ranking_metrics_scores_several_models_in_one_pass(spark: SparkSession) -> None:
     # Model "a" ranks user 1's relevant item first; model "b" second and has no list for user 2.
     recs = _recs(spark, {1: [11, 10], 2: [20, 21]}).withColumn("model", F.lit("a"))
@@ -143,6 +146,7 @@ def test_ranking_metrics_scores_several_models_in_one_pass(spark: SparkSession) 
     assert table[("b", "coverage", 2)] == pytest.approx(2 / 4)
 
 
+@pytest.mark.steps
 def test_ranking_metrics_scores_a_named_model_with_no_list_at_all_as_zero(spark: SparkSession) -> None:
     # Model "empty" returned nothing for anybody: without `groups` it would silently vanish from the table.
     recs = _recs(spark, {1: [11, 10]}).withColumn("model", F.lit("a"))
@@ -191,6 +195,7 @@ def test_intra_list_diversity_needs_a_similarity_source(spark: SparkSession) -> 
         metrics.intra_list_diversity(_recs(spark, {1: [1, 2]}), [2])
 
 
+@pytest.mark.steps
 def test_ranking_metrics_uses_item_factors_for_diversity_when_given(spark: SparkSession) -> None:
     recs = _recs(spark, {1: [1, 2]})
     relevant = _pairs(spark, {1: [2]})

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -56,6 +57,7 @@ def expected_counts(
     }
 
 
+@pytest.mark.steps
 def test_generated_dirt_is_quarantined_by_reason_and_every_row_reconciles(spark: SparkSession, tmp_path: Path) -> None:
     config = make_test_config(tmp_path)
     as_of = datetime.fromisoformat(config.generate.end)

@@ -96,6 +96,7 @@ def test_cuts_put_the_test_window_at_the_end() -> None:
     assert replay.replay_cuts(config.evaluate, AS_OF) == (datetime(2026, 10, 25), datetime(2026, 10, 27))
 
 
+@pytest.mark.steps
 def test_als_rerank_lists_exclude_items_seen_before_the_end_of_the_fresh_window(
     spark: SparkSession, shop: tuple[ShelfConfig, list[Event]]
 ) -> None:
@@ -153,6 +154,7 @@ def test_als_rerank_lists_exclude_items_seen_before_the_end_of_the_fresh_window(
     assert (als_lists != rerank_lists.reindex(als_lists.index)).any()
 
 
+@pytest.mark.steps
 def test_replay_run_scores_every_model_and_reports_the_lift(
     spark: SparkSession, shop: tuple[ShelfConfig, list[Event]]
 ) -> None:
@@ -247,6 +249,7 @@ def test_data_argument_takes_an_optional_number_of_test_windows() -> None:
     assert data.config.storage.root == "/tmp/x"
 
 
+@pytest.mark.steps
 def test_each_test_window_scores_its_own_users_and_the_paired_values_match_the_table(
     spark: SparkSession, shop: tuple[ShelfConfig, list[Event]]
 ) -> None:
@@ -274,6 +277,7 @@ def test_each_test_window_scores_its_own_users_and_the_paired_values_match_the_t
             assert wide[model].mean() == pytest.approx(values[(model, "ndcg")])
 
 
+@pytest.mark.steps
 def test_shelf_tune_records_every_trial_and_its_grid_pass_agrees_with_the_regular_replay(
     spark: SparkSession, shop: tuple[ShelfConfig, list[Event]]
 ) -> None:

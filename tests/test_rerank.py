@@ -127,6 +127,7 @@ def published(spark: SparkSession, config: ShelfConfig) -> DataFrame:
     return tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == RUN)
 
 
+@pytest.mark.steps
 def test_spark_kernel_equals_in_process_kernel_and_rules_hold(spark: SparkSession, world: ShelfConfig) -> None:
     cfg = world
     got = published(spark, cfg)
@@ -202,6 +203,7 @@ def test_user_without_candidates_gets_the_popularity_fallback(spark: SparkSessio
     assert not any("popular" in r for r in rows[rows["user_id"] != user_id(4)]["reasons"])
 
 
+@pytest.mark.steps
 def test_publish_twice_with_the_same_run_id_is_identical(spark: SparkSession, world: ShelfConfig) -> None:
     cfg = world  # already published once by the fixture
     first_version = tables.history(spark, cfg, "gold", "recommendations").agg(F.max("version")).first()[0]
@@ -214,6 +216,7 @@ def test_publish_twice_with_the_same_run_id_is_identical(spark: SparkSession, wo
     assert_df_equality(first, second, ignore_row_order=True, ignore_nullable=True)
 
 
+@pytest.mark.steps
 def test_rerank_without_a_catalog_applies_no_business_rule(spark: SparkSession, tmp_path: Path) -> None:
     cfg = with_rerank(make_config(tmp_path), top_k=4, category_cap=1, mmr_lambda=1.0, buckets=2)
     write_world(spark, cfg, catalog=False)

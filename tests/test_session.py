@@ -14,6 +14,7 @@ def test_session_is_utc_with_delta(spark: SparkSession) -> None:
     assert "DeltaSparkSessionExtension" in spark.conf.get("spark.sql.extensions")
 
 
+@pytest.mark.steps
 def test_delta_write_overwrite_and_time_travel(spark: SparkSession, config: ShelfConfig, tmp_path: Path) -> None:
     first = spark.createDataFrame([(1, "a", "r1"), (2, "b", "r1")], "id int, v string, run_id string")
     second = spark.createDataFrame([(3, "c", "r2")], "id int, v string, run_id string")
@@ -24,6 +25,7 @@ def test_delta_write_overwrite_and_time_travel(spark: SparkSession, config: Shel
     assert Path(tables.location(config, "gold", "probe")).parent.name == "gold"
 
 
+@pytest.mark.steps
 def test_run_mode_is_idempotent_per_run_id(spark: SparkSession, config: ShelfConfig) -> None:
     r1 = spark.createDataFrame([(1, "r1")], "id int, run_id string")
     r2 = spark.createDataFrame([(2, "r2"), (3, "r2")], "id int, run_id string")

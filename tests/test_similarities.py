@@ -32,6 +32,7 @@ def interactions_df(spark: SparkSession, events: list[tuple[int, int, str, int]]
     return spark.createDataFrame(rows, INTERACTIONS_SCHEMA)
 
 
+@pytest.mark.steps
 def test_als_neighbours_equal_the_kernel(spark: SparkSession, config: ShelfConfig) -> None:
     rng = np.random.default_rng(7)
     ids = rng.permutation(np.arange(0, 120, 2))  # 60 items, sparse ids, unordered
@@ -92,6 +93,7 @@ def test_cooccurrence_is_bounded_by_each_users_recent_items(spark: SparkSession,
 
 
 @pytest.mark.parametrize(("method", "sources"), [("blend", {"blend"}), ("both", {"als", "cooccurrence"})])
+@pytest.mark.steps
 def test_method_selects_or_blends_sources(spark: SparkSession, config: ShelfConfig, method: str, sources: set) -> None:
     rng = np.random.default_rng(3)
     factors = spark.createDataFrame(

@@ -189,6 +189,7 @@ def lists(spark: SparkSession, config: ShelfConfig, version: int | None = None) 
     return {u: [i for _, i in sorted(v)] for u, v in found.items()}
 
 
+@pytest.mark.steps
 def test_affected_lists_follow_the_new_events(spark: SparkSession, nightly: Path, streamed: ShelfConfig) -> None:
     before = lists(spark, make_test_config(nightly, *OVERRIDES))
     after = lists(spark, streamed)
@@ -248,6 +249,7 @@ def test_bad_rows_are_quarantined_and_counts_reconcile(spark: SparkSession, stre
     assert metrics["cold_users"] == 2
 
 
+@pytest.mark.steps
 def test_replaying_a_batch_id_changes_nothing(
     spark: SparkSession, streamed: ShelfConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -385,6 +387,7 @@ def republish_while_the_merge_waits(spark: SparkSession, config: ShelfConfig, ga
         (gate / "released").touch()
 
 
+@pytest.mark.steps
 def test_stream_merge_racing_the_nightly_publish_retries_and_newer_information_wins(
     spark: SparkSession, nightly: Path, streamed: ShelfConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -434,6 +437,7 @@ def test_shelf_stream_without_a_landing_table_says_what_to_do(
     assert "is not a Delta table; point stream.source_path at the table the tracker appends to" in err
 
 
+@pytest.mark.steps
 def test_next_nightly_takes_over_and_the_newer_information_wins(
     spark: SparkSession, streamed: ShelfConfig, tmp_path: Path
 ) -> None:
@@ -466,6 +470,7 @@ def lists_of_run(spark: SparkSession, config: ShelfConfig, run_id: str) -> dict[
     return {u: [i for _, i in sorted(v)] for u, v in found.items()}
 
 
+@pytest.mark.steps
 def test_vacuum_after_a_delete_removes_rows_physically_despite_deletion_vectors(
     spark: SparkSession, streamed: ShelfConfig, tmp_path: Path
 ) -> None:
@@ -504,6 +509,7 @@ def nightly_list(user: str, length: int) -> list[ListRow]:
     return [(user, r, f"{user}-night-{r}", None, None) for r in range(1, length + 1)]
 
 
+@pytest.mark.steps
 def test_a_commit_between_the_gate_read_and_the_merge_cannot_make_older_lists_win(
     spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -567,6 +573,7 @@ def publish_counting_reads(
         monkeypatch.undo()
 
 
+@pytest.mark.steps
 def test_the_gate_reads_the_table_only_after_another_writer_committed(
     spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -591,6 +598,7 @@ def test_the_gate_reads_the_table_only_after_another_writer_committed(
 
 
 @pytest.mark.parametrize("merge_broadcast_mb", [0, 10])
+@pytest.mark.steps
 def test_a_shorter_list_deletes_the_whole_tail_of_a_longer_one_without_a_gate_read(
     spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merge_broadcast_mb: int
 ) -> None:
@@ -614,6 +622,7 @@ def test_a_shorter_list_deletes_the_whole_tail_of_a_longer_one_without_a_gate_re
     assert lists(spark, config) == {"u-a": ["u-a-batch6-1", "u-a-batch6-2"], "u-b": ["u-b-night-1", "u-b-night-2"]}
 
 
+@pytest.mark.steps
 def test_auto_compaction_keeps_the_stream_files_few_without_forcing_gate_reads(
     spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

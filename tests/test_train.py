@@ -50,6 +50,7 @@ def planted(spark: SparkSession, config: ShelfConfig) -> ShelfConfig:
     return _with(config, "train", rank=8, max_iter=5)
 
 
+@pytest.mark.steps
 def test_train_writes_factors_that_the_saved_model_reproduces(spark: SparkSession, planted: ShelfConfig) -> None:
     ctx = RunContext(run_id="r1", as_of=AS_OF)
     train.run(spark, planted, ctx)
@@ -81,6 +82,7 @@ def test_train_writes_factors_that_the_saved_model_reproduces(spark: SparkSessio
     ]
 
 
+@pytest.mark.steps
 def test_als_beats_popularity_on_a_temporal_split(spark: SparkSession, planted: ShelfConfig, tmp_path: Path) -> None:
     models = ["popularity", "recent_popularity", "item_knn", "als"]  # baselines: the holdout rehearsal trains only
     config = _with(planted, "evaluate", k=5, ks=[5, 10], holdout_days=7.0, models=models)
@@ -113,6 +115,7 @@ def test_als_beats_popularity_on_a_temporal_split(spark: SparkSession, planted: 
         reports.read(spark, config, "nope")
 
 
+@pytest.mark.steps
 def test_tuning_keeps_the_grid_point_with_the_best_validation_ndcg(spark: SparkSession, planted: ShelfConfig) -> None:
     update = {"rank": [8], "reg_param": [0.1], "alpha": [20.0], "half_life_days": [0.5, None, 30.0]}
     grid = planted.train.grid.model_copy(update=update)
@@ -157,6 +160,7 @@ def test_fit_als_is_deterministic_for_a_seed(spark: SparkSession, planted: Shelf
     assert all(np.allclose(first[i], again[i], atol=1e-6) for i in first)
 
 
+@pytest.mark.steps
 def test_evaluate_reports_diversity_and_novelty_per_model(
     spark: SparkSession, planted: ShelfConfig, tmp_path: Path
 ) -> None:

@@ -77,9 +77,8 @@ def exists(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> b
 
 
 def is_delta(spark: SparkSession, path: str) -> bool:
-    """Whether `path` holds a Delta table: its schema resolves from a Delta log. Driver-side only, no Spark job; works
-    on Spark Connect (Delta's Python `isDeltaTable` needs a Delta Connect handler there). Cheaper than `DESCRIBE
-    DETAIL`, which also sums the files' sizes: 40 against 95 ms on local[2], and a run asks about 150 times."""
+    """Whether `path` holds a Delta table (its schema resolves from a Delta log; no Spark job). Works on Spark Connect,
+    where Delta's `isDeltaTable` needs a Delta Connect handler; cheaper than `DESCRIBE DETAIL` (40 vs 95 ms)."""
     try:
         spark.read.format("delta").load(path).schema  # noqa: B018  (Connect resolves the schema only when asked)
     except AnalysisException:  # DELTA_MISSING_DELTA_TABLE / PATH_NOT_FOUND: absent, empty, or another format
@@ -110,9 +109,9 @@ def read(spark: SparkSession, config: ShelfConfig, layer: str, name: str, versio
     reader = spark.read.format("delta")
     if version is not None:
         reader = reader.option("versionAsOf", version)
-    try:  # one snapshot lookup, not an existence check and then the read's own
+    try:  # one snapshot lookup, not an existence check and then the read's own; Connect resolves only when asked
         frame = reader.load(where) if _is_path(config) else reader.table(where)
-        frame.schema  # noqa: B018  (Connect resolves the table only when asked; classic already has)
+        frame.schema  # noqa: B018
     except AnalysisException:
         if exists(spark, config, layer, name):
             raise  # the table is there: a bad version, a corrupt log, ... is not "run the step first"
@@ -178,14 +177,8 @@ def _commit_with_retry(commit: Callable[[], None], layer: str, name: str, run_id
             pause = COMMIT_BACKOFF_SECONDS[attempt - 1]
             log.warning(
                 "commit to %s.%s (run %s) lost to a concurrent writer (%s), attempt %d of %d; retrying in %.0fs",
-                layer,
-                name,
-                run_id,
-                exc.__class__.__name__,
-                attempt,
-                COMMIT_ATTEMPTS,
-                pause,
-            )
+                layer, name, run_id, exc.__class__.__name__, attempt, COMMIT_ATTEMPTS, pause,
+            )  # fmt: skip
             time.sleep(pause)
 
 
