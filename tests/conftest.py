@@ -30,11 +30,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # The files that take longest (minutes each: real servers, whole runs), longest first. make test's two workers
 # take files in collection order (pytest-xdist --dist loadfile --no-loadscope-reorder), so these start first
 # and the short files fill in around them; ordered by test count instead, they came last and one worker ran
-# them alone for 26 minutes.
+# them alone for 26 minutes. xdist hands each worker two files to start with (the 1st and 3rd to one, the 2nd
+# and 4th to the other): test_clusters and test_end_to_end, which share `demo_run`, go to the same worker, so
+# the other does not wait for that run.
 SLOWEST_FILES = (
     "test_clusters.py",
-    "test_end_to_end.py",
     "test_airflow.py",
+    "test_end_to_end.py",
     "test_stream.py",
     "test_faults.py",
     "test_notebooks.py",
