@@ -121,8 +121,8 @@ class DemoRun:
 @pytest.fixture(scope="session")
 def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> DemoRun:
     """The local run shared by the end-to-end test and the runs on other engines that must equal it: one run per
-    `pytest` invocation, whichever xdist worker asks first makes it while the other waits (test_end_to_end.py
-    and test_clusters.py run on different workers; each used to make its own, ~7 minutes of a busy CI machine).
+    `pytest` invocation, whichever xdist worker asks first makes it while another waits (each worker that ran
+    test_end_to_end.py or test_clusters.py used to make its own, ~7 minutes of a busy CI machine).
     Tests change its tables later (a gated run, forget without VACUUM, ...); `DemoRun.read` pins each compared
     table's version as it was right after the run."""
     from pipelines import cli
