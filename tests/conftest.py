@@ -130,6 +130,7 @@ def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory, work
     shared = tmp_path_factory.getbasetemp()
     shared = shared if worker_id == "master" else shared.parent  # pytest-N/, the workers' common base
     root = shared / "demo-run"
+    config = make_test_config(root)
     with _exclusive(shared / "demo-run.lock"):
         made = shared / "demo-run.json"
         if not made.exists():
@@ -138,12 +139,11 @@ def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory, work
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
                 assert cli.main(demo_run_args(root)) == 0
-            config = make_test_config(root)
             versions = [[*t, tables.latest_version(spark, config, *t)] for t in (*COMPARED_TABLES, ("gold", "metrics"))]
             made.write_text(json.dumps({"versions": versions, "printed": printed.getvalue()}))
     state = json.loads(made.read_text())
     versions = {(layer, name): int(v) for layer, name, v in state["versions"]}
-    return DemoRun(root, make_test_config(root), versions, state["printed"])
+    return DemoRun(root, config, versions, state["printed"])
 
 
 @contextlib.contextmanager

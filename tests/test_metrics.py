@@ -35,7 +35,6 @@ def per_user(spark: SparkSession) -> dict[tuple[int, int], dict[str, float]]:
     return {(r.user_idx, r.k): r.asDict() for r in rows}
 
 
-@pytest.mark.steps
 def test_metrics_for_a_user_with_as_many_relevant_as_k(per_user: dict) -> None:
     at3, at4 = per_user[(1, 3)], per_user[(1, 4)]
     # k=3: one hit at rank 2.

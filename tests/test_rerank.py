@@ -127,7 +127,6 @@ def published(spark: SparkSession, config: ShelfConfig) -> DataFrame:
     return tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == RUN)
 
 
-@pytest.mark.steps
 def test_spark_kernel_equals_in_process_kernel_and_rules_hold(spark: SparkSession, world: ShelfConfig) -> None:
     cfg = world
     got = published(spark, cfg)
@@ -203,7 +202,6 @@ def test_user_without_candidates_gets_the_popularity_fallback(spark: SparkSessio
     assert not any("popular" in r for r in rows[rows["user_id"] != user_id(4)]["reasons"])
 
 
-@pytest.mark.steps
 def test_publish_twice_with_the_same_run_id_is_identical(spark: SparkSession, world: ShelfConfig) -> None:
     cfg = world  # already published once by the fixture
     first_version = tables.history(spark, cfg, "gold", "recommendations").agg(F.max("version")).first()[0]

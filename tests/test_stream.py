@@ -189,7 +189,6 @@ def lists(spark: SparkSession, config: ShelfConfig, version: int | None = None) 
     return {u: [i for _, i in sorted(v)] for u, v in found.items()}
 
 
-@pytest.mark.steps
 def test_affected_lists_follow_the_new_events(spark: SparkSession, nightly: Path, streamed: ShelfConfig) -> None:
     before = lists(spark, make_test_config(nightly, *OVERRIDES))
     after = lists(spark, streamed)
@@ -249,7 +248,6 @@ def test_bad_rows_are_quarantined_and_counts_reconcile(spark: SparkSession, stre
     assert metrics["cold_users"] == 2
 
 
-@pytest.mark.steps
 def test_replaying_a_batch_id_changes_nothing(
     spark: SparkSession, streamed: ShelfConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -387,7 +385,6 @@ def republish_while_the_merge_waits(spark: SparkSession, config: ShelfConfig, ga
         (gate / "released").touch()
 
 
-@pytest.mark.steps
 def test_stream_merge_racing_the_nightly_publish_retries_and_newer_information_wins(
     spark: SparkSession, nightly: Path, streamed: ShelfConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -437,7 +434,6 @@ def test_shelf_stream_without_a_landing_table_says_what_to_do(
     assert "is not a Delta table; point stream.source_path at the table the tracker appends to" in err
 
 
-@pytest.mark.steps
 def test_next_nightly_takes_over_and_the_newer_information_wins(
     spark: SparkSession, streamed: ShelfConfig, tmp_path: Path
 ) -> None:
@@ -470,7 +466,6 @@ def lists_of_run(spark: SparkSession, config: ShelfConfig, run_id: str) -> dict[
     return {u: [i for _, i in sorted(v)] for u, v in found.items()}
 
 
-@pytest.mark.steps
 def test_vacuum_after_a_delete_removes_rows_physically_despite_deletion_vectors(
     spark: SparkSession, streamed: ShelfConfig, tmp_path: Path
 ) -> None:
