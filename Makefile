@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint blas clean airflow s3a
+.PHONY: setup demo test test-fast lint blas clean airflow s3a kafka
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch .jars/.s3a
 
 s3a: .jars/.s3a
+
+# Spark's Kafka source (stream.source: kafka) and an Apache Kafka broker for the tests (~45 MB once).
+.jars/.kafka: .jars/.done
+	$(BIN)/python -m pipelines.core.jars .jars --kafka --kafka-broker
+	touch .jars/.kafka
+
+kafka: .jars/.kafka
 
 # Native BLAS for MLlib ALS (about 5x faster iterations); best effort: needs root on Debian/Ubuntu.
 blas:
@@ -52,7 +59,7 @@ demo: setup
 # Two pytest workers, one test file each at a time (--dist loadfile: a file's session fixtures are built once):
 # Spark tests on small data wait on the driver more than they compute, so two use 2 cores better than one.
 # --no-loadscope-reorder keeps tests/conftest.py's order: the slowest files first.
-test: setup airflow s3a
+test: setup airflow s3a kafka
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The inner loop: unit tests, kernels, config, the layer and size rules, small Spark checks (no whole steps, no

@@ -18,10 +18,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
+from pipelines.core.jars import KAFKA_BROKER_FOLDER, kafka_jars
 from pipelines.core.session import get_spark
 
 if TYPE_CHECKING:
-    from tests.servers import S3
+    from tests.servers import S3, Kafka
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -40,6 +41,7 @@ SLOWEST_FILES = (
     "test_stream.py",
     "test_faults.py",
     "test_notebooks.py",
+    "test_kafka.py",
 )
 
 
@@ -75,7 +77,9 @@ def make_test_config(tmp_path: Path, *overrides: str) -> ShelfConfig:
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
     root = tmp_path_factory.mktemp("spark")
-    session = get_spark(make_test_config(root))
+    # With Spark's Kafka source fetched (make test does), the shared session loads it, for tests/test_kafka.py.
+    kafka_source = ["stream.source=kafka"] if kafka_jars(REPO / ".jars") else []
+    session = get_spark(make_test_config(root, *kafka_source))
     yield session
     session.stop()
 
@@ -216,3 +220,13 @@ def write_factor_tables(
     for name, idx, factors in (("user_factors", "user_idx", user_factors), ("item_factors", "item_idx", item_factors)):
         rows = [(i, [float(v) for v in vec], run_id) for i, vec in sorted(factors.items())]
         tables.write(spark.createDataFrame(rows, f"{idx} int, {schema}"), config, "gold", name, run_id)
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kafka]:
+    """An Apache Kafka broker (KRaft, own JVM) on 127.0.0.1 for the whole session; stopped when it ends."""
+    from tests.servers import start_kafka_broker
+
+    broker = start_kafka_broker(tmp_path_factory.mktemp("kafka"), REPO / ".jars" / KAFKA_BROKER_FOLDER)
+    yield broker
+    broker.server.stop()

@@ -1,5 +1,6 @@
 """Real servers the tests start and stop themselves, each a separate JVM bound to 127.0.0.1: a Spark Connect
-server (with Delta's jars and SQL extensions) and a standalone cluster (one master, one worker).
+server (with Delta's jars and SQL extensions), a standalone cluster (one master, one worker), an S3 API (moto) and
+an Apache Kafka broker (KRaft mode).
 
 Each is started once per test session by a fixture in tests/conftest.py and stopped (its process group
 killed) when the session ends, so every test that needs one shares it.
@@ -198,3 +199,66 @@ def start_s3_server(workdir: Path) -> S3:
     server = start("s3-server", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], workdir)
     server.wait_for_port(port)
     return S3(server, f"http://127.0.0.1:{port}")
+
+
+@dataclass
+class Kafka:
+    """An Apache Kafka broker in KRaft mode (one JVM, broker and controller) on 127.0.0.1."""
+
+    server: Server
+    bootstrap: str
+
+    def create_topic(self, name: str, partitions: int = 2) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})  # kept alive until the futures resolve
+        futures = admin.create_topics([NewTopic(name, partitions, 1)])
+        for future in futures.values():
+            future.result(timeout=60)
+
+    def produce(self, topic: str, values: list[bytes | None], partition: int = 0) -> list[tuple[int, int]]:
+        """Send `values` to one partition in order; returns each one's (partition, offset), from the broker's
+        delivery reports."""
+        from confluent_kafka import Producer
+
+        delivered: list[tuple[int, int]] = []
+
+        def report(error, message) -> None:  # type: ignore[no-untyped-def]
+            assert error is None, f"Kafka did not take a message: {error}"
+            delivered.append((message.partition(), message.offset()))
+
+        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True})
+        for value in values:
+            producer.produce(topic, value=value, partition=partition, on_delivery=report)
+        assert producer.flush(60) == 0, "Kafka did not acknowledge every message in 60 s"
+        return delivered
+
+
+def start_kafka_broker(workdir: Path, jars: Path) -> Kafka:
+    """Apache Kafka (the jars `python -m pipelines.core.jars .jars --kafka-broker` fetched to `jars`) as one KRaft
+    node on two free 127.0.0.1 ports: its storage formatted, then the broker started; returns it and its address."""
+    if not any(jars.glob("kafka_2.13-*.jar")):
+        pytest.fail(f"No Kafka broker jars in {jars}: run `python -m pipelines.core.jars .jars --kafka-broker`.")
+    port, controller = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    properties = workdir / "server.properties"
+    properties.write_text(
+        "\n".join([
+            "process.roles=broker,controller", "node.id=1", f"controller.quorum.voters=1@127.0.0.1:{controller}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}", "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT", f"log.dirs={workdir / 'data'}", "num.partitions=2",
+            "offsets.topic.replication.factor=1", "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1", "group.initial.rebalance.delay.ms=0",
+        ]) + "\n"
+    )  # fmt: skip
+    java = ["java", "-Xmx512m", "-cp", f"{jars}/*"]
+    cluster_id = "c2hlbGYtdGVzdC1rYWZrYQ"  # any 16 bytes, base64url: the broker's storage is new each session
+    subprocess.run(
+        [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties)],
+        cwd=workdir, check=True, capture_output=True,
+    )  # fmt: skip
+    server = start("kafka", [*java, "kafka.Kafka", str(properties)], workdir)
+    server.wait_for_port(port)
+    return Kafka(server, f"127.0.0.1:{port}")

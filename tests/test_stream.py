@@ -284,12 +284,27 @@ def test_replaying_a_batch_id_changes_nothing(
 STREAM_TABLES = (("gold", "recommendations"), ("quarantine", "events"), ("bronze", "stream_events"))
 
 
-def stream_cli(config: ShelfConfig, pause_after: str) -> list[str]:
-    """`shelf stream` as a subprocess command line on `config`'s tables (conf/test.yaml: available_now), stopping at
-    batch N's after_batch_writes hook (`pause_after` = "N:<marker file>"; tests/stream_child.py)."""
-    sets = [f"storage.root={config.storage.root}", f"spark.jars_dir={REPO / '.jars'}", *OVERRIDES]
+def stream_cli(config: ShelfConfig, pause_after: str, *extra: str) -> list[str]:
+    """`shelf stream` as a subprocess command line on `config`'s tables (conf/test.yaml: available_now; `extra`
+    overrides after OVERRIDES), stopping at batch N's after_batch_writes hook (`pause_after` = "N:<marker file>";
+    tests/stream_child.py)."""
+    sets = [f"storage.root={config.storage.root}", f"spark.jars_dir={REPO / '.jars'}", *OVERRIDES, *extra]
     command = [sys.executable, "-m", "tests.stream_child", "--conf", str(REPO / "conf" / "test.yaml")]
     return [*command, *[arg for value in sets for arg in ("--set", value)], "--pause-after", pause_after]
+
+
+def kill_at_marker(command: list[str], marker: Path, log: Path) -> None:
+    """Run `command` (tests/stream_child.py) until it writes `marker`, then SIGKILL its process group (its JVM too)."""
+    with log.open("wb") as err:
+        proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=err, stderr=err)
+        try:
+            deadline = time.monotonic() + 900  # a loaded 2-core machine: minutes to start a JVM and serve
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert marker.exists(), f"shelf stream never reached the marked batch's writes: {log.read_text()[-2000:]}"
 
 
 @pytest.mark.slow
@@ -304,19 +319,7 @@ def test_sigkill_after_the_merge_then_restart_from_checkpoint_equals_uninterrupt
     # StreamJob's after_batch_writes hook (tests/stream_child.py): batch 1 writes the marker once its MERGE and its
     # side writes (quarantine, bronze.stream_events, run metrics: blind appends, batch 1 runs for the first time)
     # are done, then waits before it ends; the process (and its JVM: its own process group) is killed there.
-    log = tmp_path / "stream.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            stream_cli(config, f"1:{marker}"), cwd=REPO, start_new_session=True, stdout=err, stderr=err
-        )
-        try:
-            deadline = time.monotonic() + 900  # a loaded 2-core machine: minutes to start a JVM and serve
-            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert marker.exists(), f"shelf stream never reached batch 1's MERGE: {log.read_text()[-2000:]}"
+    kill_at_marker(stream_cli(config, f"1:{marker}"), marker, tmp_path / "stream.log")
     # Killed after batch 1's writes, before the batch ended: u03's new list is readable, batch 1's events are in
     # bronze.stream_events, and the checkpoint has batch 1's offsets but not its commit, so Spark replays it.
     assert lists(spark, config)[user_id(3)] == lists(spark, streamed)[user_id(3)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -262,9 +262,44 @@ class RerankConfig(Section):
     tune_rounds: int = Field(3, ge=1)  # shelf tune: rounds of the greedy coordinate search over its grid
 
 
+class KafkaConfig(Section):
+    """`stream.source: kafka`: the topic a tracker publishes events to, read with Spark's Kafka source
+    (pipelines/stream/kafka.py; jars: `python -m pipelines.core.jars .jars --kafka`)."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"  # host:port[,host:port...] of the brokers (kafka.bootstrap.servers)
+    topic: str = "shelf-events"  # the topic the stream subscribes to
+    # json: each message value is one JSON object whose keys are source.columns' names; csv: one delimited line
+    # (source.delimiter) whose fields are csv_columns, in order
+    format: Literal["json", "csv"] = "json"
+    csv_columns: list[str] | None = None  # csv: the field names of a value, in order (then mapped by source.columns)
+    # where a new query starts (one with no checkpoint yet): earliest (the topic's retained events) or latest
+    starting_offsets: Literal["earliest", "latest"] = "earliest"
+    max_offsets_per_trigger: int | None = Field(None, ge=1)  # at most this many messages per micro-batch; None: all
+    # true: the query stops when offsets it has not read are gone (retention deleted them): nothing is lost silently
+    fail_on_data_loss: bool = True
+    # further consumer settings without secrets (security.protocol, sasl.mechanism, ssl.truststore.location, ...);
+    # each is passed as kafka.<name>
+    options: dict[str, str] = {}
+    # consumer settings read from environment variables, for secrets: {sasl.jaas.config: SHELF_KAFKA_JAAS} sets
+    # kafka.sasl.jaas.config to $SHELF_KAFKA_JAAS at start (never written to config files or logs)
+    secret_options_env: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _csv_needs_columns(self) -> KafkaConfig:
+        if self.format == "csv" and not self.csv_columns:
+            raise ValueError(
+                "stream.kafka.format is csv but stream.kafka.csv_columns is empty; list the field names of a "
+                "message value in order (e.g. [user_id, item_id, event_type, event_ts, value, session_id])."
+            )
+        return self
+
+
 class StreamConfig(Section):
     """`shelf stream`: near-real-time re-ranking of the users with new events (pipelines/stream)."""
 
+    # where events come from: delta (the landing table at source_path) or kafka (the topic in stream.kafka)
+    source: Literal["delta", "kafka"] = "delta"
+    kafka: KafkaConfig = KafkaConfig()  # the topic, when source is kafka
     # Delta table the tracker appends raw events to; None: <storage.root>/landing/events
     source_path: str | None = None
     checkpoint: str | None = None  # None: <storage.root>/_checkpoints/stream

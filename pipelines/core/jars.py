@@ -8,6 +8,11 @@ the session builder then points `spark.jars` at the folder.
 the AWS SDK bundle that Hadoop release was built against (read from its `hadoop-project` pom), so a local
 session can read and write `s3a://` roots; the S3A settings (endpoint, credentials provider, path-style
 access) go in `spark.extra` (see docs/DEPLOYMENT.md, "Remote storage from a local session").
+
+`--kafka` fetches Spark's Kafka source (spark-sql-kafka-0-10 at pyspark's version, or the newest earlier patch
+release Maven Central serves, and the jars it needs that pyspark lacks: kafka-clients, the token provider,
+commons-pool2) for `stream.source: kafka`; `--kafka-broker` fetches an Apache Kafka broker (KRaft mode, its jars
+only: `java -cp '<folder>/kafka-broker/*' kafka.Kafka server.properties`) for the tests and benchmarks/stream.py.
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ from pathlib import Path
 from pipelines.core.errors import EnvironmentSetupError
 
 SCALA_VERSION = "2.13"
+KAFKA_BROKER = "org.apache.kafka:kafka_2.13:4.1.1"  # KRaft broker for tests and benchmarks (Java 17)
+KAFKA_BROKER_FOLDER = "kafka-broker"
+# Spark's own Kafka source; the jars its pom brings that pyspark already ships are left out.
+_KAFKA_SOURCE = ("spark-sql-kafka-0-10", "spark-token-provider-kafka-0-10", "kafka-clients", "commons-pool2")
+# Maven Central serves a mirror list in Spark's parent pom that this network may not reach: ask Central only.
+_CENTRAL_ONLY = (
+    "<settings><mirrors><mirror><id>central-only</id><mirrorOf>*</mirrorOf>"
+    "<url>https://repo.maven.apache.org/maven2</url></mirror></mirrors></settings>"
+)
 
 
 def delta_artifacts() -> list[str]:
@@ -118,46 +132,126 @@ def fetch_s3a_jars(jars_dir: str | Path) -> list[Path]:
     return s3a_jars(folder)
 
 
-def session_jars(jars_dir: str | Path, s3a: bool) -> list[Path] | None:
+def kafka_jars(jars_dir: str | Path) -> list[Path]:
+    """Spark's Kafka source and the jars it needs in `jars_dir`, or [] when not fetched."""
+    folder = Path(jars_dir)
+    found = [p for name in _KAFKA_SOURCE for p in sorted(folder.glob(f"{name}*.jar"))[-1:]]
+    return found if len(found) == len(_KAFKA_SOURCE) else []
+
+
+def fetch_kafka_jars(jars_dir: str | Path) -> list[Path]:
+    """Copy Spark's Kafka source into `jars_dir`: the newest spark-sql-kafka-0-10 of pyspark's minor release up to
+    its own patch that Central serves (4.1.3 with pyspark 4.1.4: it fixes SPARK-57438, a restart from a checkpoint
+    failing in 4.1.1's source metrics), and the jars it needs from the newest patch whose whole tree resolves.
+
+    Raises:
+        EnvironmentSetupError: Maven is missing or no patch release of this Spark minor could be downloaded.
+    """
+    import pyspark
+
+    found = kafka_jars(jars_dir)
+    if found:
+        return found
+    major, minor, patch = (int(re.sub(r"\D.*", "", p)) for p in pyspark.__version__.split(".")[:3])
+    versions = [f"{major}.{minor}.{p}" for p in range(patch, -1, -1)]
+    folder = Path(jars_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        newest = next((v for v in versions if _maven_copy(_kafka_source(v), Path(scratch), required=False)), None)
+        tree = next((v for v in versions if _maven_copy_with_dependencies(_kafka_source(v), Path(scratch) / "tree",
+                                                                          required=False)), None)  # fmt: skip
+        if newest is None or tree is None:
+            raise EnvironmentSetupError(
+                f"Maven could not download spark-sql-kafka-0-10 for Spark {major}.{minor} from Maven Central; check "
+                'the network, or put the jars in spark.jars_dir by hand (docs/STREAMING.md, "Kafka").'
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(scratch) / jar_name(_kafka_source(newest)), folder)
+        for jar in (Path(scratch) / "tree").glob("*.jar"):
+            if jar.name.startswith(_KAFKA_SOURCE[1:]):
+                shutil.copy2(jar, folder / jar.name)
+    return kafka_jars(folder)
+
+
+def _kafka_source(version: str) -> str:
+    return f"org.apache.spark:spark-sql-kafka-0-10_{SCALA_VERSION}:{version}"
+
+
+def fetch_kafka_broker(jars_dir: str | Path) -> Path:
+    """Copy an Apache Kafka broker's jars (KAFKA_BROKER with its dependencies) into `<jars_dir>/kafka-broker`."""
+    folder = Path(jars_dir) / KAFKA_BROKER_FOLDER
+    if not (folder / f"{jar_name(KAFKA_BROKER)}").is_file():
+        _maven_copy_with_dependencies(KAFKA_BROKER, folder, required=True)
+    return folder
+
+
+def session_jars(jars_dir: str | Path, s3a: bool, kafka: bool = False) -> list[Path] | None:
     """The jars a local session loads from `jars_dir`: Delta's, plus S3A's when `s3a` (the config names an
-    s3a:// location) and they were fetched; None without Delta's."""
+    s3a:// location) and Kafka's when `kafka` (stream.source is kafka), each when fetched; None without Delta's."""
     delta = delta_jars(jars_dir)
-    return None if delta is None else delta + (s3a_jars(jars_dir) if s3a else [])
+    if delta is None:
+        return None
+    return delta + (s3a_jars(jars_dir) if s3a else []) + (kafka_jars(jars_dir) if kafka else [])
 
 
-def _maven_copy(coordinate: str, folder: Path) -> None:
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise EnvironmentSetupError(
-            f"Maven (mvn) is not installed, so {coordinate} cannot be fetched; install it "
-            "(apt-get install maven) or set spark.jars_dir to a folder holding "
-            + ", ".join(jar_name(c) for c in delta_artifacts())
-            + "."
-        )
+def _maven_copy(coordinate: str, folder: Path, required: bool = True) -> bool:
+    """`coordinate` alone into `folder`; False when Maven could not fetch it and not `required`."""
     folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        [mvn, "-q", "-B", "dependency:copy", f"-Dartifact={coordinate}", f"-DoutputDirectory={folder}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
+    done = _mvn(coordinate, ["dependency:copy", f"-Dartifact={coordinate}", f"-DoutputDirectory={folder}"])
+    if done.returncode != 0 and required:
         raise EnvironmentSetupError(
             f"Maven could not download {coordinate} from Maven Central; check the network or "
             "proxy settings in ~/.m2/settings.xml and rerun the set-up command."
         )
+    return done.returncode == 0
+
+
+def _maven_copy_with_dependencies(coordinate: str, folder: Path, required: bool) -> bool:
+    """`coordinate` and its runtime dependencies into `folder` (a throwaway pom, Central only); False when
+    Maven could not resolve them and not `required`."""
+    group, artifact, version = coordinate.split(":")
+    with tempfile.TemporaryDirectory() as scratch:
+        pom, settings = Path(scratch) / "pom.xml", Path(scratch) / "settings.xml"
+        pom.write_text(
+            '<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>'
+            "<groupId>shelf</groupId><artifactId>fetch</artifactId><version>1</version><dependencies><dependency>"
+            f"<groupId>{group}</groupId><artifactId>{artifact}</artifactId><version>{version}</version>"
+            "</dependency></dependencies></project>"
+        )
+        settings.write_text(_CENTRAL_ONLY)
+        goal = ["dependency:copy-dependencies", f"-DoutputDirectory={folder.resolve()}", "-DincludeScope=runtime"]
+        done = _mvn(coordinate, ["-s", str(settings), "-f", str(pom), *goal])
+    if done.returncode != 0 and required:
+        raise EnvironmentSetupError(
+            f"Maven could not download {coordinate} and its dependencies from Maven Central; check the network "
+            "or proxy settings in ~/.m2/settings.xml and rerun the set-up command."
+        )
+    return done.returncode == 0
+
+
+def _mvn(coordinate: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise EnvironmentSetupError(
+            f"Maven (mvn) is not installed, so {coordinate} cannot be fetched; install it (apt-get install maven) "
+            "or put the jars in spark.jars_dir by hand."
+        )
+    return subprocess.run([mvn, "-q", "-B", *args], capture_output=True, text=True, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    s3a = "--s3a" in args
-    folders = [a for a in args if a != "--s3a"]
+    flags = {"--s3a", "--kafka", "--kafka-broker"}
+    folders = [a for a in args if a not in flags]
     folder = folders[0] if folders else ".jars"
     try:
         for path in fetch_delta_jars(folder):
             print(f"delta jar: {path}")
-        for path in fetch_s3a_jars(folder) if s3a else []:
+        for path in fetch_s3a_jars(folder) if "--s3a" in args else []:
             print(f"s3a jar: {path}")
+        for path in fetch_kafka_jars(folder) if "--kafka" in args else []:
+            print(f"kafka jar: {path}")
+        if "--kafka-broker" in args:
+            print(f"kafka broker: {fetch_kafka_broker(folder)}")
     except EnvironmentSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

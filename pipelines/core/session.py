@@ -134,7 +134,7 @@ def _local(config: ShelfConfig) -> SparkSession:
     builder = SparkSession.builder.master(config.spark.master or "local[*]").appName(config.spark.app_name)
     for key, value in {**_local_conf(config), **config.spark.extra}.items():
         builder = builder.config(key, value)
-    jars = session_jars(config.spark.jars_dir, s3a=_uses_s3a(config))
+    jars = session_jars(config.spark.jars_dir, s3a=_uses_s3a(config), kafka=config.stream.source == "kafka")
     if jars:
         builder = builder.config("spark.jars", ",".join(str(p.resolve()) for p in jars))
     else:

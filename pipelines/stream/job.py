@@ -20,6 +20,7 @@ from pipelines.core.quality import ts_lit, write_run_metrics
 from pipelines.core.runs import RunContext
 from pipelines.core.schemas import AS_OF, REASON, RUN_ID, STEP, USER_IDX
 from pipelines.core.session import is_connect, parallelism, session_conf
+from pipelines.stream import kafka
 from pipelines.stream.merge import GateState, MergeOptions, prepare_recommendations, publish
 from pipelines.stream.recent import STREAMED_COLUMNS, RecentEvents, release
 from pipelines.stream.serving import (
@@ -346,9 +347,20 @@ class StreamJob:
 def start(
     spark: SparkSession, config: ShelfConfig, job: StreamJob, available_now: bool | None = None
 ) -> Any:  # StreamingQuery
-    """Start the query: landing table -> `job` per micro-batch, checkpointed; returns the StreamingQuery."""
+    """Start the query: landing table or Kafka topic -> `job` per micro-batch, checkpointed; returns the
+    StreamingQuery."""
     stream = config.stream
-    source = sources.read_stream(spark, landing_path(config), SOURCE_KEY, stream.max_files_per_trigger)
+    log.info(
+        "[%s] start: %s -> gold.recommendations, checkpoint %s, trigger %s",
+        STEP_NAME,
+        kafka.describe(config) if stream.source == "kafka" else landing_path(config),
+        checkpoint_path(config),
+        "available_now" if available_now else stream.trigger,
+    )
+    if stream.source == "kafka":
+        source = kafka.read_stream(spark, config)
+    else:
+        source = sources.read_stream(spark, landing_path(config), SOURCE_KEY, stream.max_files_per_trigger)
     writer = source.writeStream.foreachBatch(job).option("checkpointLocation", checkpoint_path(config))
     once = stream.trigger == "available_now" if available_now is None else available_now
     if once:
@@ -372,13 +384,6 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             "through Delta's Python API), so it cannot run over Spark Connect; unset spark.remote and run it "
             "with spark.master or on a classic (dedicated access mode) cluster."
         )
-    log.info(
-        "[%s] start: %s -> gold.recommendations, checkpoint %s, trigger %s",
-        STEP_NAME,
-        landing_path(config),
-        checkpoint_path(config),
-        config.stream.trigger,
-    )
     job = StreamJob(spark, config)
     query = start(spark, config, job)
     try:

@@ -12,15 +12,19 @@ from pipelines.core.config import ShelfConfig
 from pipelines.core.privacy import key_from_env, with_pseudonymous_users
 from pipelines.core.quality import reconcile
 from pipelines.core.schemas import EVENT_TS, RAW, REASON, UNPARSEABLE_ROW, USER_ID
+from pipelines.stream import kafka
 from pipelines.stream.serving import STEP_NAME
 
 
 def to_classified(batch: DataFrame, config: ShelfConfig, reference: datetime) -> DataFrame:
-    """Raw landing rows -> ingest's classified rows (typed columns and a reason, null = accepted).
+    """Raw landing rows or Kafka messages -> ingest's classified rows (typed columns and a reason, null = accepted).
 
     `reference` plays ingest's as_of: events after it (+ clean.future_tolerance_hours) are future_timestamp.
     """
-    canonical = events.to_canonical_from_table(batch.withColumn("_source_file", F.input_file_name()), config.source)
+    if config.stream.source == "kafka":
+        canonical = kafka.to_canonical(batch, config)
+    else:
+        canonical = events.to_canonical_from_table(batch.withColumn("_source_file", F.input_file_name()), config.source)
     classified = events.classify(canonical, events.rules_for(config, reference))
     if config.privacy.pseudonymize_users:
         classified = with_pseudonymous_users(
