@@ -1,7 +1,7 @@
 """`shelf stream` latency: from an event's append to its user's updated list being readable.
 
     .venv/bin/python -u -m benchmarks.stream [--rates 100 1000 10000] [--seconds 60] [--warmup 30] [--interval 1]
-        [--users 2000] [--items 800] [--rank 32] [--candidates 100] [--append-with delta-rs|spark]
+        [--users 2000] [--items 800] [--rank 32] [--candidates 100] [--append-with delta-rs|spark|kafka]
 
 Set-up (in a temp dir, conf/local.yaml with local[2]): a synthetic nightly run (random ALS factors,
 each user's `--candidates` best items by ALS score as gold.candidates, factor-cosine neighbours as
@@ -10,7 +10,11 @@ gold.item_similarities, two weeks of silver views) published by the real `shelf 
 Per rate: a writer process appends events to a fresh landing Delta table at a steady rate, through delta-rs
 (`deltalake`, no JVM: `pip install '.[bench]'`) or, with `--append-with spark`, its own Spark session
 (local[1], the earlier rounds' writer: its JVM shares the two cores with the stream), one small commit every
-0.5 s (90% known users, 10% users first seen today; 80% views, 15% add-to-cart, 5% purchases), for `--warmup`
+0.5 s. With `--append-with kafka` (stream.source: kafka) the writer is a tracker publishing to Kafka instead: an
+Apache Kafka broker (KRaft, the jars `make kafka` fetched) is started on 127.0.0.1 for the run, each rate gets a
+topic of its own, and every 0.5 s the writer sends that chunk's events as JSON messages (confluent-kafka) and
+logs the time the broker acknowledged the last of them (the "append"). The events: 90% known users, 10% users
+first seen today; 80% views, 15% add-to-cart, 5% purchases; sent for `--warmup`
 + `--seconds`; this process runs the stream with a `--interval` s processingTime trigger on a fresh
 checkpoint. Each commit carries its number in session_id; the writer logs the wall-clock time each commit
 returned, the batch function logs the time its MERGE committed. Latency of an event = its batch's MERGE commit
@@ -194,6 +198,8 @@ def _appender(args: argparse.Namespace) -> Callable[[dict[str, list[str]]], None
     """One landing-table commit per call, by `--append-with`: delta-rs (`deltalake`, no JVM: what a tracker's
     ingest service would run) or a Spark session of its own (local[1]: the earlier rounds' writer, which shares
     the two cores with the stream's JVM). Warmed up with one empty commit."""
+    if args.append_with == "kafka":
+        return _kafka_appender(args)
     if args.append_with == "spark":
         config = bench_config(
             Path(args.root), "spark.master=local[1]", "spark.driver_memory=1g", f"stream.source_path={args.source}"
@@ -222,6 +228,22 @@ def _appender(args: argparse.Namespace) -> Callable[[dict[str, list[str]]], None
 
     append_delta_rs({name: [] for name in LANDING_NAMES})
     return append_delta_rs
+
+
+def _kafka_appender(args: argparse.Namespace) -> Callable[[dict[str, list[str]]], None]:
+    """One chunk of JSON messages per call to topic `args.source`, returning when the broker acknowledged all."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 5, "enable.idempotence": True})
+
+    def produce(columns: dict[str, list[str]]) -> None:
+        for row in zip(*columns.values(), strict=True):
+            producer.produce(args.source, value=json.dumps(dict(zip(columns, row, strict=True))).encode())
+        if producer.flush(60) != 0:
+            raise RuntimeError("Kafka did not acknowledge a chunk in 60 s")
+
+    produce({name: [] for name in LANDING_NAMES})
+    return produce
 
 
 # ---------------------------------------------------------------- the stream side
@@ -307,8 +329,11 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
     # there, so the gate (GateState) would read gold.recommendations every batch, which a steady stream does not.
     storage = root / f"tables-{rate}"
     shutil.copytree(root / "tables", storage)
+    kafka = args.kafka_bootstrap is not None
+    source = f"bench-{rate}" if kafka else str(sub / "landing")
     config = bench_config(
         root,
+        *kafka_settings(args, source),
         f"storage.root={storage}",
         f"stream.source_path={sub / 'landing'}",
         f"stream.checkpoint={sub / 'checkpoint'}",
@@ -316,7 +341,8 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
         "stream.trigger=processing_time",
         *args.set,
     )
-    spark.createDataFrame([], LANDING).write.format("delta").mode("append").save(landing_path(config))
+    if not kafka:
+        spark.createDataFrame([], LANDING).write.format("delta").mode("append").save(landing_path(config))
     job = RecordingJob(spark, config)
     started = time.time()
     job.serving_for()  # the model loads once per nightly run: not part of an event's latency
@@ -325,7 +351,7 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
     cmd = [sys.executable, "-m", "benchmarks.stream", "--writer", "--root", str(root), "--log", str(log)]
     total = args.warmup + args.seconds
     cmd += ["--rate", str(rate), "--seconds", str(total), "--users", str(args.users), "--items", str(args.items)]
-    cmd += ["--source", str(sub / "landing"), "--append-with", args.append_with]
+    cmd += ["--source", source, "--append-with", args.append_with, "--bootstrap", str(args.kafka_bootstrap)]
     writer = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
     try:
         while not Path(str(log) + ".ready").exists():
@@ -356,6 +382,22 @@ def run_rate(spark: SparkSession, root: Path, args: argparse.Namespace, rate: in
     scored_from = min(a["appended"] for a in appended) + args.warmup if appended else 0.0
     scored = [a for a in appended if a["appended"] >= scored_from]
     return summarise(rate, scored, job.batches, merge_metrics(spark, config), config.stream.name)
+
+
+def kafka_settings(args: argparse.Namespace, topic: str) -> list[str]:
+    """The stream's settings for `--append-with kafka` (topic `topic`, created here); [] otherwise."""
+    if args.kafka_bootstrap is None:
+        return []
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": args.kafka_bootstrap})
+    for future in admin.create_topics([NewTopic(topic, 2, 1)]).values():
+        future.result(timeout=60)
+    return [
+        "stream.source=kafka",
+        f"stream.kafka.bootstrap_servers={args.kafka_bootstrap}",
+        f"stream.kafka.topic={topic}",
+    ]
 
 
 ENGINE_PHASES = ("latestOffset", "walCommit", "getBatch", "queryPlanning", "commitOffsets")
@@ -469,21 +511,31 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for the stream")
     p.add_argument(
         "--append-with",
-        choices=["delta-rs", "spark"],
+        choices=["delta-rs", "spark", "kafka"],
         default="delta-rs",
-        help="what the writer process appends with: delta-rs (no JVM) or its own Spark session (earlier rounds)",
+        help="what the writer process appends with: delta-rs (no JVM), its own Spark session (earlier rounds), "
+        "or Kafka (a broker started here; the stream reads the topic)",
     )
     p.add_argument("--writer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--log", help=argparse.SUPPRESS)
     p.add_argument("--rate", type=int, help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
+    p.add_argument("--bootstrap", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.kafka_bootstrap = None
     if args.writer:
         return writer_main(args)
     with tempfile.TemporaryDirectory(prefix="shelf-stream-bench-") as tmp:
         root = Path(tmp)
-        config = bench_config(root)
+        if args.append_with == "kafka":
+            from tests.servers import start_kafka_broker
+
+            broker = start_kafka_broker(root / "kafka", REPO / ".jars" / "kafka-broker")
+            atexit.register(broker.server.stop)
+            args.kafka_bootstrap = broker.bootstrap
+            print(f"Kafka broker (KRaft) on {broker.bootstrap}")
+        config = bench_config(root, *(["stream.source=kafka"] if args.kafka_bootstrap else []))
         spark = get_spark(config)
         started = time.perf_counter()
         write_nightly(spark, config, args)

@@ -200,3 +200,21 @@ def test_csv_messages_map_by_position_and_every_bad_message_gets_a_reason(spark:
         "kafka:t:3:43": ("bad_encoding", "u\ufffd2", "sku-2"),
         "kafka:t:3:44": ("unparseable_row", None, None),
     }
+
+
+def test_json_messages_take_numbers_as_well_as_strings_and_ignore_unmapped_keys(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    config = make_test_config(tmp_path, "stream.source=kafka")
+    values = [
+        b'{"user_id": 7, "item_id": "sku-1", "event_type": "view", "event_ts": "2026-11-01 01:00:00", "value": 2,'
+        b' "page": {"url": "/p/1"}}',
+        b'[{"user_id": "u1"}]',
+    ]
+    batch = spark.createDataFrame(
+        [(v, "t", 0, n) for n, v in enumerate(values)], "value binary, topic string, partition int, offset long"
+    )
+    rows = {r["source_file"]: r for r in to_classified(batch, config, datetime(2026, 11, 2)).collect()}
+    first = rows["kafka:t:0:0"]
+    assert (first["reason"], first["user_id"], first["item_id"], first["value"]) == (None, "7", "sku-1", 2.0)
+    assert rows["kafka:t:0:1"]["reason"] == "unparseable_row"  # an array is not one event
