@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from pipelines.stream import kafka as kafka_source
 from pipelines.stream.job import StreamJob, start
 from pipelines.stream.serving import checkpoint_path
 from pipelines.stream.validate import to_classified
-from tests.conftest import make_test_config
+from tests.conftest import DemoRun, make_test_config
 from tests.servers import Kafka
 from tests.test_stream import (
     BATCH_0,
@@ -218,3 +219,44 @@ def test_json_messages_take_numbers_as_well_as_strings_and_ignore_unmapped_keys(
     first = rows["kafka:t:0:0"]
     assert (first["reason"], first["user_id"], first["item_id"], first["value"]) == (None, "7", "sku-1", 2.0)
     assert rows["kafka:t:0:1"]["reason"] == "unparseable_row"  # an array is not one event
+
+
+@pytest.mark.servers
+def test_shelf_serve_consumes_the_topic_so_a_list_follows_events_it_was_not_sent(
+    demo_run: DemoRun, kafka: Kafka, tmp_path: Path
+) -> None:
+    """`shelf serve` with serve.kafka_consume: events produced to the topic (never posted to the service) make the
+    user's GET answer the kernel's list for them: the same list a POST of the same session gives."""
+    import httpx
+
+    from tests import serve_checks
+    from tests.servers import free_port
+
+    topic = "events-serve"
+    kafka.create_topic(topic)
+    shutil.copytree(demo_run.root / "tables", tmp_path / "tables")
+    shutil.rmtree(tmp_path / "tables" / "landing", ignore_errors=True)
+    port, log = free_port(), tmp_path / "serve.log"
+    sets = ("serve.kafka_consume=true", "serve.kafka_offset_reset=earliest", "serve.flush_every_seconds=600",
+            f"stream.kafka.bootstrap_servers={kafka.bootstrap}", f"stream.kafka.topic={topic}")  # fmt: skip
+    with serve_checks.running_server(tmp_path / "tables", port, log, *sets):
+        base = f"http://127.0.0.1:{port}/v1/users/u000001/recommendations"
+        published = httpx.get(base).json()
+        assert published["source"] == "published"
+        session = [
+            {"user_id": "u000001", "item_id": f"i0000{n}", "event_type": "view", "event_ts": f"2026-11-01 0{n}:00:00"}
+            for n in (1, 2, 3)
+        ]
+        bad = [b"not json", json.dumps({**session[0], "event_type": "wink"}).encode()]
+        kafka.produce(topic, [json.dumps(e).encode() for e in session] + bad)
+        deadline = time.monotonic() + 60
+        while (got := httpx.get(base).json())["source"] != "reranked":
+            assert time.monotonic() < deadline, f"the service never saw the topic's events: {log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        posted = httpx.post(base, json={"events": session}).json()
+        assert [i["item_id"] for i in got["items"]] == [i["item_id"] for i in posted["items"]]
+        assert [i["item_id"] for i in got["items"]] != [i["item_id"] for i in published["items"]]
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'shelf_events_total{outcome="accepted"} 3' in metrics
+        assert 'shelf_events_total{outcome="rejected"} 2' in metrics
+        assert "shelf_buffered_events 0" in metrics  # the topic's events are not appended to the landing table

@@ -331,6 +331,12 @@ class ServeConfig(Section):
     reload_every_seconds: float = Field(60.0, gt=0)  # how often it checks for a newly published run to swap to
     max_batch: int = Field(64, ge=1, le=4096)  # at most this many re-ranked requests share one kernel call
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # hold a batch open this long to gather more (0: run at once)
+    # true: also consume stream.kafka.topic (JSON values) in consumer group kafka_group, so the lists reflect events
+    # the service was not sent; those events are not appended to the landing table (shelf stream reads the topic)
+    kafka_consume: bool = False
+    kafka_group: str = "shelf-serve"  # the service's own consumer group (each replica of the service: its own)
+    # where a new consumer group starts: latest (what happens from now on) or earliest (what the topic retains)
+    kafka_offset_reset: Literal["latest", "earliest"] = "latest"
 
 
 class PrivacyConfig(Section):

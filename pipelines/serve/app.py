@@ -140,8 +140,9 @@ class Service:
             return "future_timestamp"
         return None
 
-    def accept(self, events: list[EventIn]) -> list[dict[str, object]]:
-        """Validate a batch; accepted events join their user's recent events and the landing buffer at once."""
+    def accept(self, events: list[EventIn], land: bool = True) -> list[dict[str, object]]:
+        """Validate a batch; accepted events join their user's recent events and, when `land`, the landing buffer
+        at once (events consumed from Kafka do not: shelf stream reads them from the topic)."""
         now = self.clock()
         rejected = []
         with self.lock:
@@ -151,7 +152,8 @@ class Service:
                     rejected.append({"index": at, "reason": reason})
                     continue
                 self.recent[str(event.user_id)].append(self.to_event(event))
-                self.buffered.append(event)
+                if land:
+                    self.buffered.append(event)
         self.metrics.accepted += len(events) - len(rejected)
         self.metrics.rejected += len(rejected)
         return rejected

@@ -79,6 +79,10 @@ def build(config: ShelfConfig) -> FastAPI:
     look for a new run every serve.reload_every_seconds, flush once more on shutdown."""
     state = load_state(config)
     service = Service(config, state)
+    if config.serve.kafka_consume:
+        from pipelines.serve.consumer import consumer_settings
+
+        consumer_settings(config)  # a missing secret stops the start here, with the variable's name
     flush, reload = flusher(service), reloader(service)
     stop = threading.Event()
 
@@ -98,9 +102,18 @@ def build(config: ShelfConfig) -> FastAPI:
             except Exception:  # a half-written run or a storage hiccup: keep serving the current one
                 log.exception("[serve] reload failed; still serving run %s", service.state.run_id)
 
+    def kafka() -> None:
+        from pipelines.serve.consumer import consume
+
+        try:
+            consume(service, stop)
+        except Exception:  # the service still answers from the published lists and POST /v1/events
+            log.exception("[serve] the Kafka consumer stopped; lists no longer follow the topic")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        threads = [threading.Thread(target=f, daemon=True, name=f"shelf-{f.__name__}") for f in (loop, watch)]
+        loops = [loop, watch] + ([kafka] if config.serve.kafka_consume else [])
+        threads = [threading.Thread(target=f, daemon=True, name=f"shelf-{f.__name__}") for f in loops]
         for thread in threads:
             thread.start()
         log.info("[serve] serving run %s (as_of %s)", state.run_id, state.as_of.isoformat())
