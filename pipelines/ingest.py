@@ -10,6 +10,9 @@ Reads `source.path` with the preset's layout and writes
   beside the ratings file); a snapshot per run. clean turns it into silver.catalog when no catalog
   input is configured.
 Input rows must equal accepted + quarantined (ingest removes no duplicates), else ReconciliationError.
+With source.include_stream_events, bronze.events also gets the events `shelf stream` accepted
+(bronze.stream_events) inside this run's window, already validated by the stream, counted as `stream_events`
+(for a tracker that publishes to Kafka only; docs/STREAMING.md, "Kafka").
 
 Text sources (csv and json lines) are read as lines and parsed with `from_csv` / `from_json`, so
 every row keeps its raw text and a line with the wrong number of fields is quarantined as
@@ -42,9 +45,21 @@ from pipelines.core.config import ShelfConfig, SourceConfig
 from pipelines.core.errors import InputDataError
 from pipelines.core.events import classify, rules_for, to_bronze, to_canonical, to_canonical_from_table, to_quarantine
 from pipelines.core.privacy import key_from_env, with_pseudonymous_users
-from pipelines.core.quality import reconcile, write_run_metrics
+from pipelines.core.quality import reconcile, ts_lit, window, write_run_metrics
 from pipelines.core.runs import RunContext, step_log
-from pipelines.core.schemas import FUTURE_TIMESTAMP, RAW, REASON, RUN_ID, SOURCE_FILE, STEP, UNPARSEABLE_ROW, USER_ID
+from pipelines.core.schemas import (
+    AS_OF,
+    BRONZE_EVENTS_SCHEMA,
+    EVENT_TS,
+    FUTURE_TIMESTAMP,
+    RAW,
+    REASON,
+    RUN_ID,
+    SOURCE_FILE,
+    STEP,
+    UNPARSEABLE_ROW,
+    USER_ID,
+)
 from pipelines.source_presets import (
     PATH_KEY,
     filter_header_lines,
@@ -58,10 +73,12 @@ from pipelines.source_presets import (
     with_csv_fields,
     with_json_fields,
 )
+from pipelines.stream.serving import STREAM_EVENTS
 
 log = logging.getLogger("shelf.ingest")
 
 STEP_NAME = "ingest"
+
 TABLE_KEY = "source.table"
 
 
@@ -132,7 +149,10 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
             )
             counts.update({f"quarantined.{reason}": n for reason, n in by_reason.items()})
             reconcile(STEP_NAME, input_rows, accepted, quarantined, 0)
-            tables.write(to_bronze(classified, ctx.run_id, ctx.as_of), config, "bronze", "events", ctx.run_id)
+            bronze = to_bronze(classified, ctx.run_id, ctx.as_of)
+            if config.source.include_stream_events:
+                bronze = bronze.unionByName(stream_events(spark, config, ctx, counts))
+            tables.write(bronze, config, "bronze", "events", ctx.run_id)
             items = to_source_items(spark, config.source, classified)
             if items is not None:
                 tables.write(items.withColumn(RUN_ID, F.lit(ctx.run_id)), config, "bronze", "items", ctx.run_id)
@@ -149,6 +169,24 @@ def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
                 raise all_quarantined(config.source.table or config.source.path, ctx.run_id, by_reason)
         finally:
             classified.unpersist()
+
+
+def stream_events(spark: SparkSession, config: ShelfConfig, ctx: RunContext, counts: dict[str, float]) -> DataFrame:
+    """The events `shelf stream` accepted (bronze.stream_events) in this run's window, as this run's bronze rows
+    (source.include_stream_events). They were validated by the stream; counted as `stream_events` (one job)."""
+    earliest, latest = window(ctx.as_of, config.clean.window_days, config.clean.future_tolerance_hours)
+    if not tables.exists(spark, config, *STREAM_EVENTS):
+        counts["stream_events"] = 0
+        return spark.createDataFrame([], BRONZE_EVENTS_SCHEMA)
+    rows = (
+        tables.read(spark, config, *STREAM_EVENTS)
+        .filter((F.col(EVENT_TS) >= ts_lit(earliest)) & (F.col(EVENT_TS) <= ts_lit(latest)))
+        .withColumn(RUN_ID, F.lit(ctx.run_id))
+        .withColumn(AS_OF, ts_lit(ctx.as_of))
+        .select(*[F.col(f.name).cast(f.dataType) for f in BRONZE_EVENTS_SCHEMA.fields])
+    )
+    counts["stream_events"] = rows.count()
+    return rows
 
 
 def all_quarantined(source: str, run_id: str, by_reason: dict[str, int]) -> InputDataError:

@@ -16,6 +16,7 @@ from pipelines.core import sources, tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.errors import ConfigError, InputDataError
 from pipelines.core.runs import RunContext
+from pipelines.core.schemas import BRONZE_EVENTS_SCHEMA
 from pipelines.source_presets import movielens_items_path
 from tests.conftest import make_test_config as make_config
 
@@ -158,6 +159,30 @@ def test_a_generic_csv_without_the_optional_session_id_column(spark: SparkSessio
     write_text(Path(no_item.source.path) / "a.csv", ["user_id,event_type,event_ts,value", "u1,view,2026-10-01,1"])
     with pytest.raises(InputDataError, match="item_id.*source.columns"):
         run_ingest(spark, no_item)
+
+
+def test_include_stream_events_adds_the_streams_accepted_events_inside_the_window(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """source.include_stream_events (a tracker on Kafka only): bronze.events gets the events shelf stream accepted,
+    those inside the run's window; without it, the source's alone."""
+    config = make_config(tmp_path, "source.preset=generic", "source.include_stream_events=true")
+    write_text(Path(config.source.path) / "a.csv", [HEADER, "u1,i1,view,2026-10-01 10:00:00,1,s1"])
+    streamed = [
+        ("u2", "i2", "purchase", datetime(2026, 10, 31, 9), 1.0, "s2", "kafka:t:0:7", "stream-0", AS_OF),
+        ("u3", "i3", "view", datetime(2026, 11, 5), 1.0, "s3", "kafka:t:0:8", "stream-1", AS_OF),  # after as_of
+    ]
+    tables.write(spark.createDataFrame(streamed, BRONZE_EVENTS_SCHEMA), config, "bronze", "stream_events", "stream-0")
+    run_ingest(spark, config)
+    assert bronze_rows(spark, config) == [
+        ("u1", "i1", "view", datetime(2026, 10, 1, 10), 1.0, "s1"),
+        ("u2", "i2", "purchase", datetime(2026, 10, 31, 9), 1.0, "s2"),
+    ]
+    got = metrics(spark, config, "ingest")
+    assert (got["input_rows"], got["accepted"], got["stream_events"]) == (1, 1, 1)
+    without = make_config(tmp_path, "source.preset=generic")
+    run_ingest(spark, without, "r2")
+    assert tables.read(spark, without, "bronze", "events").filter(F.col("run_id") == "r2").count() == 1
 
 
 @pytest.mark.steps

@@ -89,6 +89,9 @@ class SourceConfig(Section):
     path: str = ".data/demo/events"  # the events' file or folder: a local path or a URI
     # a catalog table (cat.schema.events) read instead of path; generic preset only (columns by source.columns)
     table: str | None = None
+    # true: ingest also takes the events `shelf stream` accepted (bronze.stream_events, in this run's window), e.g.
+    # when the tracker publishes to Kafka only; false when source.path already holds them (the landing table)
+    include_stream_events: bool = False
     format: Literal["csv", "json", "parquet", "delta"] = "csv"  # the events' format (generic, synthetic presets)
     header: bool = True  # CSV: the first line names the columns (events and catalogue)
     delimiter: str = ","  # CSV: the field separator (events and catalogue)

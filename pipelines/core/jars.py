@@ -11,7 +11,7 @@ access) go in `spark.extra` (see docs/DEPLOYMENT.md, "Remote storage from a loca
 
 `--kafka` fetches Spark's Kafka source (spark-sql-kafka-0-10 at pyspark's version, or the newest earlier patch
 release Maven Central serves, and the jars it needs that pyspark lacks: kafka-clients, the token provider,
-commons-pool2) for `stream.source: kafka`; `--kafka-broker` fetches an Apache Kafka broker (KRaft mode, its jars
+commons-pool2: see fetch_kafka_jars) for `stream.source: kafka`; `--kafka-broker` fetches an Apache Kafka broker (KRaft mode, its jars
 only: `java -cp '<folder>/kafka-broker/*' kafka.Kafka server.properties`) for the tests and benchmarks/stream.py.
 """
 
@@ -32,7 +32,7 @@ KAFKA_BROKER = "org.apache.kafka:kafka_2.13:4.1.1"  # KRaft broker for tests and
 KAFKA_BROKER_FOLDER = "kafka-broker"
 # Spark's own Kafka source; the jars its pom brings that pyspark already ships are left out.
 _KAFKA_SOURCE = ("spark-sql-kafka-0-10", "spark-token-provider-kafka-0-10", "kafka-clients", "commons-pool2")
-# Maven Central serves a mirror list in Spark's parent pom that this network may not reach: ask Central only.
+# Spark's parent pom lists a mirror of Central (Google's) that some networks cannot reach: ask Central only.
 _CENTRAL_ONLY = (
     "<settings><mirrors><mirror><id>central-only</id><mirrorOf>*</mirrorOf>"
     "<url>https://repo.maven.apache.org/maven2</url></mirror></mirrors></settings>"
@@ -218,8 +218,10 @@ def _maven_copy_with_dependencies(coordinate: str, folder: Path, required: bool)
             "</dependency></dependencies></project>"
         )
         settings.write_text(_CENTRAL_ONLY)
+        # A user's own ~/.m2/settings.xml (a proxy, a company mirror) is kept; without one, Central only.
+        own = (Path.home() / ".m2" / "settings.xml").is_file()
         goal = ["dependency:copy-dependencies", f"-DoutputDirectory={folder.resolve()}", "-DincludeScope=runtime"]
-        done = _mvn(coordinate, ["-s", str(settings), "-f", str(pom), *goal])
+        done = _mvn(coordinate, [*([] if own else ["-s", str(settings)]), "-f", str(pom), *goal])
     if done.returncode != 0 and required:
         raise EnvironmentSetupError(
             f"Maven could not download {coordinate} and its dependencies from Maven Central; check the network "

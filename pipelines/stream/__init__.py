@@ -1,7 +1,8 @@
 """`shelf stream`: new events -> the affected users' lists in gold.recommendations, within seconds.
 
 A Structured Streaming query reads the Delta table a tracker appends raw events to (`stream.source_path`,
-default `<storage.root>/landing/events`; the columns batch ingest reads, mapped by `source.columns`), with
+default `<storage.root>/landing/events`; the columns batch ingest reads, mapped by `source.columns`), or with
+`stream.source: kafka` the topic it publishes them to (pipelines/stream/kafka.py: JSON or CSV values), with
 its checkpoint at `stream.checkpoint` and a `processing_time` (every `stream.interval_seconds`) or
 `available_now` trigger. Each micro-batch (`foreachBatch`, batch id N, tag `<stream.name>-<N>`), with
 `stream.shuffle_partitions` shuffle partitions:
@@ -58,8 +59,8 @@ Hooks: StreamJob's no-op methods before_merge_attempt, merge_source and after_ba
 step in (subclasses force a MERGE conflict, pause the MERGE's source inside its transaction, stop a batch after
 its writes for a SIGKILL); production code reads no test switch.
 
-Modules: serving (names, paths, the serving run and its cached model), validate (ingest's rules on a batch,
-counts), recent (the stream's recent events, local checkpoints), users (a batch's users, events, candidates and the
+Modules: serving (names, paths, the serving run and its cached model), kafka (the Kafka source and its messages
+as canonical rows), validate (ingest's rules on a batch, counts), recent (the stream's recent events, local checkpoints), users (a batch's users, events, candidates and the
 kernel pass), merge (the newer-wins MERGE and its gate state), side (side-write threads), job (StreamJob, the
 query, `run`).
 
