@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -30,7 +33,7 @@ from pipelines.stream import kafka as kafka_source
 from pipelines.stream.job import StreamJob, start
 from pipelines.stream.serving import checkpoint_path
 from pipelines.stream.validate import to_classified
-from tests.conftest import DemoRun, make_test_config
+from tests.conftest import REPO, DemoRun, make_test_config
 from tests.servers import Kafka
 from tests.test_stream import (
     BATCH_0,
@@ -260,3 +263,21 @@ def test_shelf_serve_consumes_the_topic_so_a_list_follows_events_it_was_not_sent
         assert 'shelf_events_total{outcome="accepted"} 3' in metrics
         assert 'shelf_events_total{outcome="rejected"} 2' in metrics
         assert "shelf_buffered_events 0" in metrics  # the topic's events are not appended to the landing table
+
+
+@pytest.mark.steps
+def test_without_the_kafka_jars_shelf_stream_says_how_to_fetch_them(tmp_path: Path) -> None:
+    jars = tmp_path / "jars"
+    jars.mkdir()
+    for jar in (REPO / ".jars").glob("delta-*.jar"):
+        shutil.copy2(jar, jars)
+    sets = [f"storage.root={tmp_path / 'tables'}", f"spark.jars_dir={jars}", "stream.source=kafka"]
+    command = [str(Path(sys.executable).parent / "shelf"), "stream", "--conf", str(REPO / "conf" / "test.yaml")]
+    done = subprocess.run(
+        [*command, *[arg for value in sets for arg in ("--set", value)]],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"Kafka source is not on the session's classpath; run 'python -m pipelines.core.jars {jars} --kafka'" in (
+        done.stderr
+    ), done.stderr[-2000:]

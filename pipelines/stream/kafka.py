@@ -85,7 +85,9 @@ def read_stream(spark: SparkSession, config: ShelfConfig) -> DataFrame:
         frame = spark.readStream.format("kafka").options(**reader_options(config)).load()
         frame.schema  # noqa: B018 - resolves the source now, so a missing jar fails here
     except AnalysisException as exc:
-        if "kafka" not in str(exc).lower() or "DATA_SOURCE_NOT_FOUND" not in (exc.getCondition() or ""):
+        # Spark 4.1 raises it as _LEGACY_ERROR_TEMP_1140 ("Failed to find data source: kafka. ...")
+        missing = exc.getCondition() == "DATA_SOURCE_NOT_FOUND" or "failed to find data source" in str(exc).lower()
+        if not missing:
             raise
         raise EnvironmentSetupError(
             "Spark's Kafka source is not on the session's classpath; run "
