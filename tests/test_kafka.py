@@ -28,6 +28,7 @@ from pyspark.sql import functions as F
 
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
+from pipelines.core.errors import InputDataError
 from pipelines.core.schemas import STEP
 from pipelines.stream import kafka as kafka_source
 from pipelines.stream.job import StreamJob, start
@@ -281,3 +282,11 @@ def test_without_the_kafka_jars_shelf_stream_says_how_to_fetch_them(tmp_path: Pa
     assert f"Kafka source is not on the session's classpath; run 'python -m pipelines.core.jars {jars} --kafka'" in (
         done.stderr
     ), done.stderr[-2000:]
+
+
+def test_csv_columns_without_a_mapped_column_name_the_key_to_fix(spark: SparkSession, tmp_path: Path) -> None:
+    config = make_test_config(
+        tmp_path, "stream.source=kafka", "stream.kafka.format=csv", "stream.kafka.csv_columns=[user_id, item_id]"
+    )
+    with pytest.raises(InputDataError, match="kafka topic shelf-events has no column 'event_type'.*csv_columns"):
+        kafka_source.read_stream(spark, config)

@@ -35,8 +35,6 @@ from pipelines.source_presets import (
     with_json_fields,
 )
 
-TOPIC_KEY = "stream.kafka.topic"
-
 
 def describe(config: ShelfConfig) -> str:
     """Where the stream reads, for logs (no option values: they may hold secrets)."""
@@ -79,8 +77,8 @@ def read_stream(spark: SparkSession, config: ShelfConfig) -> DataFrame:
     """
     kafka, source = config.stream.kafka, config.source
     if kafka.format == "csv":
-        require_columns(tuple(kafka.csv_columns or ()), mapped_columns(source, optional=False), TOPIC_KEY,
-                        "stream.kafka.csv_columns")  # fmt: skip
+        require_columns(tuple(kafka.csv_columns or ()), mapped_columns(source, optional=False),
+                        f"kafka topic {kafka.topic}", "stream.kafka.csv_columns")  # fmt: skip
     try:
         frame = spark.readStream.format("kafka").options(**reader_options(config)).load()
         frame.schema  # noqa: B018 - resolves the source now, so a missing jar fails here
