@@ -78,7 +78,6 @@ from pipelines.stream.serving import STREAM_EVENTS
 log = logging.getLogger("shelf.ingest")
 
 STEP_NAME = "ingest"
-
 TABLE_KEY = "source.table"
 
 

@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
-from pipelines.core.errors import InputDataError
+from pipelines.core.errors import EnvironmentSetupError, InputDataError
 from pipelines.core.schemas import STEP
 from pipelines.stream import kafka as kafka_source
 from pipelines.stream.job import StreamJob, start
@@ -290,3 +290,19 @@ def test_csv_columns_without_a_mapped_column_name_the_key_to_fix(spark: SparkSes
     )
     with pytest.raises(InputDataError, match="kafka topic shelf-events has no column 'event_type'.*csv_columns"):
         kafka_source.read_stream(spark, config)
+
+
+def test_a_secret_reaches_both_consumers_from_the_environment_or_stops_their_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream's Kafka options and shelf serve's consumer settings take secret_options_env the same way."""
+    from pipelines.serve.consumer import consumer_settings
+
+    config = make_test_config(tmp_path, "stream.kafka.secret_options_env={sasl.password: SHELF_TEST_KAFKA_PASSWORD}")
+    monkeypatch.delenv("SHELF_TEST_KAFKA_PASSWORD", raising=False)
+    for settings in (kafka_source.reader_options, consumer_settings):
+        with pytest.raises(EnvironmentSetupError, match="names SHELF_TEST_KAFKA_PASSWORD for sasl.password"):
+            settings(config)
+    monkeypatch.setenv("SHELF_TEST_KAFKA_PASSWORD", SECRET)
+    assert kafka_source.reader_options(config)["kafka.sasl.password"] == SECRET
+    assert consumer_settings(config)["sasl.password"] == SECRET

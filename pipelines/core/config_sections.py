@@ -8,9 +8,12 @@ sections (spark, storage, source) and the source presets' defaults are pipelines
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.core.errors import EnvironmentSetupError
 
 
 class Section(BaseModel):
@@ -283,6 +286,21 @@ class KafkaConfig(Section):
     # consumer settings read from environment variables, for secrets: {sasl.jaas.config: SHELF_KAFKA_JAAS} sets
     # kafka.sasl.jaas.config to $SHELF_KAFKA_JAAS at start (never written to config files or logs)
     secret_options_env: dict[str, str] = {}
+
+    def secret_options(self) -> dict[str, str]:
+        """The consumer settings named in secret_options_env, with their values from the environment (read when a
+        consumer starts: the stream's Kafka source and shelf serve's consumer).
+
+        Raises:
+            EnvironmentSetupError: a named variable is not set.
+        """
+        for name, variable in self.secret_options_env.items():
+            if not os.environ.get(variable):
+                raise EnvironmentSetupError(
+                    f"stream.kafka.secret_options_env names {variable} for {name}, but it is not set; export it in "
+                    "the consumer's environment (a secret scope or vault on a cluster)."
+                )
+        return {name: os.environ[variable] for name, variable in self.secret_options_env.items()}
 
     @model_validator(mode="after")
     def _csv_needs_columns(self) -> KafkaConfig:

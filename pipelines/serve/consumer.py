@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from typing import Any
 
 from pydantic import ValidationError
 
 from pipelines.core.config import ShelfConfig
-from pipelines.core.errors import EnvironmentSetupError
 from pipelines.serve.app import EventIn, Service
 
 log = logging.getLogger("shelf.serve")
@@ -42,26 +40,25 @@ def consumer_settings(config: ShelfConfig) -> dict[str, Any]:
         "enable.auto.commit": True,
     }
     settings.update(kafka.options)
-    for name, variable in kafka.secret_options_env.items():
-        if not os.environ.get(variable):
-            raise EnvironmentSetupError(
-                f"stream.kafka.secret_options_env names {variable} for {name}, but it is not set; export it in the "
-                "service's environment."
-            )
-        settings[name] = os.environ[variable]
+    settings.update(kafka.secret_options())
     return settings
 
 
-def to_event(value: bytes | None, config: ShelfConfig) -> EventIn | None:
-    """A message value as a POST /v1/events event (keys renamed by source.columns), or None when it is not one."""
+def field_names(config: ShelfConfig) -> dict[str, str]:
+    """POST /v1/events field -> the message's key for it (source.columns), for the mapped fields."""
     names = config.source.columns
     fields = {"user_id": names.user_id, "item_id": names.item_id, "event_type": names.event_type,
               "event_ts": names.event_ts, "value": names.value, "session_id": names.session_id}  # fmt: skip
+    return {ours: theirs for ours, theirs in fields.items() if theirs is not None}
+
+
+def to_event(value: bytes | None, fields: dict[str, str]) -> EventIn | None:
+    """A message value as a POST /v1/events event (keys renamed by `fields`), or None when it is not one."""
     try:
         record = json.loads(value or b"")
         if not isinstance(record, dict):
             return None
-        found = {ours: record.get(theirs) for ours, theirs in fields.items() if theirs is not None}
+        found = {ours: record.get(theirs) for ours, theirs in fields.items()}
         ids = {k: str(v) for k, v in found.items() if k.endswith(("_id", "_type")) and isinstance(v, int | float)}
         return EventIn(**{**found, **ids})
     except (ValueError, ValidationError):  # not JSON, not UTF-8, or a field of the wrong kind
@@ -73,13 +70,14 @@ def consume(service: Service, stop: threading.Event) -> None:
     from confluent_kafka import Consumer
 
     config = service.config
+    fields = field_names(config)
     consumer = Consumer(consumer_settings(config))
     consumer.subscribe([config.stream.kafka.topic])
     log.info("[serve] consuming kafka topic %s as group %s", config.stream.kafka.topic, config.serve.kafka_group)
     try:
         while not stop.is_set():
             messages = [m for m in consumer.consume(POLL_MAX_MESSAGES, POLL_SECONDS) if m.error() is None]
-            events = [to_event(m.value(), config) for m in messages]
+            events = [to_event(m.value(), fields) for m in messages]
             parsed = [e for e in events if e is not None]
             rejected = len(service.accept(parsed, land=False)) if parsed else 0
             service.metrics.rejected += len(events) - len(parsed)

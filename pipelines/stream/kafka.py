@@ -16,8 +16,6 @@ starts; their values are in no config file and no log line.
 
 from __future__ import annotations
 
-import os
-
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -58,13 +56,7 @@ def reader_options(config: ShelfConfig) -> dict[str, str]:
     if kafka.max_offsets_per_trigger is not None:
         options["maxOffsetsPerTrigger"] = str(kafka.max_offsets_per_trigger)
     options.update({f"kafka.{name}": value for name, value in kafka.options.items()})
-    for name, variable in kafka.secret_options_env.items():
-        if not os.environ.get(variable):
-            raise EnvironmentSetupError(
-                f"stream.kafka.secret_options_env names {variable} for kafka.{name}, but it is not set; export it "
-                "in the stream's environment (a secret scope or vault on a cluster)."
-            )
-        options[f"kafka.{name}"] = os.environ[variable]
+    options.update({f"kafka.{name}": value for name, value in kafka.secret_options().items()})
     return options
 
 
