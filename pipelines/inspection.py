@@ -80,15 +80,10 @@ def run_tables(spark: SparkSession, config: ShelfConfig, run_id: str) -> pd.Data
     for layer, name in tables.KNOWN_TABLES:
         if not tables.exists(spark, config, layer, name):
             continue
-        commit = (
-            tables.history(spark, config, layer, name)
-            .filter(F.col("userMetadata") == f"run_id={run_id}")
-            .orderBy(F.col("version").desc())
-            .select("version", F.col("operationMetrics")["numOutputRows"].alias("rows"))
-            .first()
-        )
+        commit = tables.last_commit_of_run(spark, config, layer, name, run_id)
         if commit is not None:
-            written = None if commit["rows"] is None else int(commit["rows"])
+            rows_out = (commit["operationMetrics"] or {}).get("numOutputRows")
+            written = None if rows_out is None else int(rows_out)
             rows.append({"table": f"{layer}.{name}", "version": int(commit["version"]), "rows written": written})
     return pd.DataFrame(rows, columns=["table", "version", "rows written"])
 

@@ -321,50 +321,42 @@ def merge(
 
 # ------------------------------------- maintenance: every table shelf writes (what `shelf forget` scans), rollback
 KNOWN_TABLES: tuple[tuple[str, str], ...] = (
-    ("bronze", "events"),
-    ("bronze", "items"),
-    ("quarantine", "events"),
-    ("silver", "interactions"),
-    ("silver", "user_index"),
-    ("silver", "item_index"),
-    ("silver", "catalog"),
-    ("gold", "user_factors"),
-    ("gold", "item_factors"),
-    ("gold", "item_similarities"),
-    ("gold", "candidates"),
-    ("gold", "recommendations"),
-    ("bronze", "stream_events"),
-    ("gold", "metrics"),
-    ("gold", "tuning"),
-    ("gold", "training_runs"),
-    ("gold", "ease_neighbours"),
-    ("gold", "rerank_tuning"),
-    ("gold", "rerank_inputs"),
-    ("gold", "rerank_items"),
-    ("ops", "run_metrics"),
-    ("ops", "quality_gates"),
-    ("ops", "reports"),
-)
+    ("bronze", "events"), ("bronze", "items"), ("quarantine", "events"), ("silver", "interactions"),
+    ("silver", "user_index"), ("silver", "item_index"), ("silver", "catalog"), ("gold", "user_factors"),
+    ("gold", "item_factors"), ("gold", "item_similarities"), ("gold", "candidates"), ("gold", "recommendations"),
+    ("bronze", "stream_events"), ("gold", "metrics"), ("gold", "tuning"), ("gold", "training_runs"),
+    ("gold", "ease_neighbours"), ("gold", "rerank_tuning"), ("gold", "rerank_inputs"), ("gold", "rerank_items"),
+    ("ops", "run_metrics"), ("ops", "quality_gates"), ("ops", "reports"),
+)  # fmt: skip
+
+
+WRITES = ("WRITE", "CREATE OR REPLACE TABLE AS SELECT", "CREATE TABLE AS SELECT", "REPLACE TABLE AS SELECT")
+
+
+def last_commit_of_run(
+    spark: SparkSession, config: ShelfConfig, layer: str, name: str, run_id: str, operations: tuple[str, ...] = ()
+) -> Row | None:
+    """The newest commit of `run_id` (one of `operations`, when given) to the table, or None. The last
+    HISTORY_LOOKBACK commits are looked at first (no Spark job), the whole history only when they hold none: the
+    cost does not grow with the history (a nightly adds commits every day)."""
+    cols, tag = ("version", "operation", "userMetadata", "operationMetrics"), f"run_id={run_id}"
+    mine = (F.col("userMetadata") == tag) & (F.col("operation").isin(*operations) if operations else F.lit(True))
+    recent = history(spark, config, layer, name, HISTORY_LOOKBACK).select(*cols).collect()
+    found = [r for r in recent if r["userMetadata"] == tag and (not operations or r["operation"] in operations)]
+    if found or len(recent) < HISTORY_LOOKBACK:  # found, or the lookback was the whole history
+        return max(found, key=lambda r: int(r["version"]), default=None)
+    return history(spark, config, layer, name).select(*cols).filter(mine).orderBy(F.col("version").desc()).first()
 
 
 def version_of_run(spark: SparkSession, config: ShelfConfig, layer: str, name: str, run_id: str) -> int | None:
     """The latest version of a table written by `run_id` (its commits carry userMetadata run_id=...)."""
-    found = (
-        history(spark, config, layer, name)
-        .filter(
-            (F.col("userMetadata") == f"run_id={run_id}")
-            & F.col("operation").isin(
-                "WRITE", "CREATE OR REPLACE TABLE AS SELECT", "CREATE TABLE AS SELECT", "REPLACE TABLE AS SELECT"
-            )
-        )
-        .agg(F.max("version").alias("v"))
-        .first()
-    )
-    return None if found is None or found["v"] is None else int(found["v"])
+    found = last_commit_of_run(spark, config, layer, name, run_id, WRITES)
+    return None if found is None else int(found["version"])
 
 
 def latest_version(spark: SparkSession, config: ShelfConfig, layer: str, name: str) -> int:
-    row = history(spark, config, layer, name).agg(F.max("version")).first()
+    """The table's current version: its newest commit (one entry of the log's history, newest first)."""
+    row = history(spark, config, layer, name, 1).select("version").first()
     if row is None or row[0] is None:
         raise InputDataError(f"Table {layer}.{name} has no history at {location(config, layer, name)}.")
     return int(row[0])
