@@ -198,3 +198,21 @@ def test_prune_keeps_the_runs_written_last_and_vacuums(
     on_disk = {p.name for p in folder.glob("*.parquet")}
     live = {Path(f).name for f in spark.read.format("delta").load(str(folder)).inputFiles()}
     assert on_disk == live
+
+
+def test_last_commit_of_run_looks_past_the_lookback_and_latest_version_is_the_newest(
+    spark: SparkSession, config: ShelfConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's last commit is found in the recent history, or in the whole history when more commits followed it
+    than the lookback holds (a stream MERGEs often); a run that never wrote the table has none."""
+    monkeypatch.setattr(tables, "HISTORY_LOOKBACK", 2)
+    for run, rows in (("a", 1), ("a", 2), ("b", 3), ("c", 4), ("d", 5)):  # versions 0 .. 4
+        frame = spark.range(rows).withColumn("run_id", F.lit(run))
+        tables.write(frame, config, "gold", "metrics", run, mode="run")
+    found = {run: tables.last_commit_of_run(spark, config, "gold", "metrics", run) for run in "abcdz"}
+    assert {run: None if c is None else int(c["version"]) for run, c in found.items()} == {
+        "a": 1, "b": 2, "c": 3, "d": 4, "z": None,
+    }  # fmt: skip
+    assert found["a"] is not None and found["a"]["operationMetrics"]["numOutputRows"] == "2"
+    assert tables.version_of_run(spark, config, "gold", "metrics", "a") == 1
+    assert tables.latest_version(spark, config, "gold", "metrics") == 4
