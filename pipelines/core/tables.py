@@ -340,12 +340,15 @@ def last_commit_of_run(
     HISTORY_LOOKBACK commits are looked at first (no Spark job), the whole history only when they hold none: the
     cost does not grow with the history (a nightly adds commits every day)."""
     cols, tag = ("version", "operation", "userMetadata", "operationMetrics"), f"run_id={run_id}"
-    mine = (F.col("userMetadata") == tag) & (F.col("operation").isin(*operations) if operations else F.lit(True))
+
+    def of_run(rows: list[Row]) -> list[Row]:
+        return [r for r in rows if r["userMetadata"] == tag and (not operations or r["operation"] in operations)]
+
     recent = history(spark, config, layer, name, HISTORY_LOOKBACK).select(*cols).collect()
-    found = [r for r in recent if r["userMetadata"] == tag and (not operations or r["operation"] in operations)]
-    if found or len(recent) < HISTORY_LOOKBACK:  # found, or the lookback was the whole history
-        return max(found, key=lambda r: int(r["version"]), default=None)
-    return history(spark, config, layer, name).select(*cols).filter(mine).orderBy(F.col("version").desc()).first()
+    found = of_run(recent)
+    if not found and len(recent) == HISTORY_LOOKBACK:  # older than the lookback: that run's few commits, all
+        found = of_run(history(spark, config, layer, name).select(*cols).filter(F.col("userMetadata") == tag).collect())
+    return max(found, key=lambda r: int(r["version"]), default=None)
 
 
 def version_of_run(spark: SparkSession, config: ShelfConfig, layer: str, name: str, run_id: str) -> int | None:
