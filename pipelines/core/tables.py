@@ -273,7 +273,7 @@ def _alter(spark: SparkSession, config: ShelfConfig, layer: str, name: str, clau
     _commit_with_retry(commit, layer, name, what)
 
 
-HISTORY_LOOKBACK = 100  # commits commits_since reads from the log at most
+HISTORY_LOOKBACK = 100  # commits commits_since and last_commit_of_run read from the log first (no Spark job)
 # Operations that never change a table's rows (compaction, vacuum): commits_since does not count them.
 NO_DATA_CHANGE = ("OPTIMIZE", "VACUUM START", "VACUUM END")
 
