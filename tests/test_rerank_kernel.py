@@ -452,6 +452,45 @@ def test_cooccurrence_matches_its_definition_per_user(seed: int, half_life: floa
             np.testing.assert_allclose(feats["cooc_max"][c], max(sims.values(), default=0.0))
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), threshold=st.sampled_from([-1.0, 0.0, 0.5]))
+def test_cosine_features_match_their_definition_per_user(seed: int, threshold: float) -> None:
+    """max / mean cosine of each candidate to its user's distinct fresh items other than itself, and the
+    `similar_to` item by cosine (the highest, ties to the lower id), pair by pair in plain Python."""
+    items, batch = make_case(seed)
+    params = RerankParams(fresh_days=20.0, similar_threshold=threshold, cooc_threshold=2.0)  # no cooc reason
+    feats = features(items, batch, params)
+    unit = dict(zip(items.ids.tolist(), items.padded[1], strict=False))  # the kernel's unit rows (float32 norms)
+    for r in range(batch.cand_indptr.size - 1):
+        e = slice(batch.event_indptr[r], batch.event_indptr[r + 1])
+        fresh = {int(i) for i, age in zip(batch.event_items[e], batch.event_ages[e], strict=True) if age <= 20.0}
+        for c in range(batch.cand_indptr[r], batch.cand_indptr[r + 1]):
+            cand = int(batch.cand_items[c])
+            cos = {j: float(unit[cand] @ unit[j]) for j in sorted(fresh) if j != cand}
+            best = max(cos.values(), default=None)
+            np.testing.assert_allclose(feats["max_cosine"][c], 0.0 if best is None else best, atol=1e-12)
+            np.testing.assert_allclose(feats["mean_cosine"][c], np.mean(list(cos.values())) if cos else 0.0, atol=1e-12)
+            nearest = min((j for j, v in cos.items() if v >= best - 1e-12), default=-1) if best is not None else -1
+            assert feats["_similar_to"][c] == (nearest if best is not None and best >= threshold else -1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_a_candidate_listed_twice_gets_the_same_features_twice(seed: int) -> None:
+    """Each user's first candidate repeated in place: both copies carry the features the single one had."""
+    items, batch = make_case(seed)
+    first = batch.cand_indptr[:-1][np.diff(batch.cand_indptr) > 0]
+    at = np.sort(np.r_[np.arange(batch.cand_items.size), first])  # each first candidate twice, in place
+    extra = np.cumsum(np.r_[0, np.diff(batch.cand_indptr) > 0])
+    twice = batch._replace(
+        cand_indptr=batch.cand_indptr + extra, cand_items=batch.cand_items[at], cand_als=batch.cand_als[at]
+    )
+    params = RerankParams(fresh_days=20.0, similar_threshold=0.0, cooc_threshold=0.0)
+    once, again = features(items, batch, params), features(items, twice, params)
+    for name in (*FEATURES, "_similar_to"):
+        np.testing.assert_allclose(again[name], once[name][at], rtol=0, atol=1e-12, err_msg=name)
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000))
 def test_ease_feature_alone_ranks_by_the_candidates_ease_scores(seed: int) -> None:

@@ -39,7 +39,6 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
-PAIR_CHUNK = 1 << 15  # (candidate, fresh item) pairs per cosine block
 FEATURES = (
     "als",
     "session",
@@ -64,13 +63,14 @@ class _FreshEvents(NamedTuple):
     pull: FloatArray  # w * 2^(-age / half_life)
 
 
-class _FreshPairs(NamedTuple):
-    """(candidate, distinct fresh item of its user) pairs, by candidate then fresh item row."""
+class _Recent(NamedTuple):
+    """Each user's distinct fresh items (pulls summed per item), by user row then catalogue row: user r owns
+    entries `ptr[r]:ptr[r + 1]`."""
 
-    cand: IntArray  # index into the batch's candidates
-    recent: IntArray  # catalogue row of the fresh item
-    pull: FloatArray  # the user's summed pull on the fresh item; NaN on a self pair
-    self_pair: BoolArray  # the fresh item is the candidate itself (not its own neighbour)
+    row: IntArray
+    col: IntArray  # catalogue row of the fresh item
+    pull: FloatArray  # the user's summed pull on the item
+    ptr: IntArray  # (m + 1,)
 
 
 def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[str, npt.NDArray[Any]]:
@@ -84,9 +84,11 @@ def features(items: ItemTable, batch: UserBatch, params: RerankParams) -> dict[s
 
     fresh = _fresh_events(items, batch, params)
     p, session = _user_vectors(items, batch, fresh, params.alpha)
-    pairs = _fresh_pairs(items, fresh, cand_row, cand_col, m)
-    max_cos, mean_cos, similar_to = _cosine_features(items, pairs, cand_col, params.similar_threshold)
-    cooc_sum, cooc_max, cooc_to = _cooccurrence(items, pairs.cand, pairs.recent, pairs.pull, cand_col, cand_row.size)
+    recent = _recent_items(items, fresh, m)
+    max_cos, mean_cos, similar_to = _cosine_features(
+        items, recent, batch.cand_indptr, cand_col, params.similar_threshold
+    )
+    cooc_sum, cooc_max, cooc_to = _cooccurrence(items, recent, cand_row, cand_col)
     similar_to = np.where((cooc_to >= 0) & (cooc_max >= params.cooc_threshold), cooc_to, similar_to)
     price_fit = _price_fit(items, cand_row, cand_col, fresh.row, fresh.col, fresh.pull, m)
 
@@ -146,88 +148,88 @@ def _fold_in(q: FloatArray, ev_row: IntArray, ev_col: IntArray, pull: FloatArray
     return np.divide(total, mass, out=np.zeros_like(total), where=mass > 0)
 
 
-def _fresh_pairs(items: ItemTable, fresh: _FreshEvents, cand_row: IntArray, cand_col: IntArray, m: int) -> _FreshPairs:
-    """Every candidate paired with each distinct fresh item of its user (pulls summed per item)."""
+def _recent_items(items: ItemTable, fresh: _FreshEvents, m: int) -> _Recent:
+    """Each user's distinct fresh items with the pulls of their events on it summed."""
     n = items.factors.shape[0]
     key, inverse = np.unique(fresh.row * (n + 1) + fresh.col, return_inverse=True)  # by (row, col)
-    recent_row, recent_col = key // (n + 1), key % (n + 1)
-    recent_pull = np.bincount(inverse.reshape(-1), weights=fresh.pull, minlength=key.size)
-    recent_ptr = np.searchsorted(recent_row, np.arange(m + 1))
-    per_cand = np.diff(recent_ptr)[cand_row]
-    pair_cand = np.repeat(np.arange(cand_row.size), per_cand)
-    first = np.repeat(recent_ptr[cand_row], per_cand)
-    offset = np.arange(pair_cand.size) - np.repeat(np.cumsum(per_cand) - per_cand, per_cand)
-    pair_recent = recent_col[first + offset]
-    pair_slot = first + offset
-    self_pair = pair_recent == cand_col[pair_cand]  # a candidate the user touched: not its own neighbour
-    pull = np.where(~self_pair, recent_pull[pair_slot], np.nan)
-    return _FreshPairs(pair_cand, pair_recent, pull, self_pair)
-
-
-def _pair_cosines(unit: FloatArray, cand_col: IntArray, pc: IntArray, pr: IntArray) -> FloatArray:
-    """(P,) cosine of each (candidate, fresh item) pair, in blocks of PAIR_CHUNK pairs (bounded memory)."""
-    cos = np.empty(pc.size)
-    for start in range(0, pc.size, PAIR_CHUNK):  # bounded memory: PAIR_CHUNK x d floats at a time
-        stop = min(start + PAIR_CHUNK, pc.size)
-        cos[start:stop] = np.einsum("pd,pd->p", unit[cand_col[pc[start:stop]]], unit[pr[start:stop]])
-    return cos
+    pull = np.bincount(inverse.reshape(-1), weights=fresh.pull, minlength=key.size)
+    row = key // (n + 1)
+    return _Recent(row, key % (n + 1), pull, np.searchsorted(row, np.arange(m + 1)).astype(np.int64))
 
 
 def _cosine_features(
-    items: ItemTable, pairs: _FreshPairs, cand_col: IntArray, similar_threshold: float
+    items: ItemTable, recent: _Recent, cand_indptr: IntArray, cand_col: IntArray, similar_threshold: float
 ) -> tuple[FloatArray, FloatArray, IntArray]:
-    """(max_cosine, mean_cosine, similar_to by cosine or -1), each (C,), over the non-self pairs."""
-    n = items.factors.shape[0]
+    """(max_cosine, mean_cosine, similar_to by cosine or -1), each (C,), over each candidate's pairs with its
+    user's distinct fresh items other than itself.
+
+    One (candidates x fresh items) matrix product per user with fresh items: the pairs of a user are a dense
+    block, and gathering both factor vectors of every pair instead cost ~240 ns a pair (a served user has ~300
+    candidates x 20 fresh items); the loop is over users of the batch, each iteration a handful of array calls.
+    """
     n_cands = cand_col.size
     _, unit = items.padded
-    pc, pr = pairs.cand, pairs.recent
-    cos = _pair_cosines(unit, cand_col, pc, pr)
-    cos[pairs.self_pair] = np.nan
-    valid = ~pairs.self_pair
-    count = np.bincount(pc, weights=valid, minlength=n_cands)
-    max_cos = segment_reduce(np.where(valid, cos, -np.inf), pc, n_cands, np.maximum, -np.inf)
-    mean_cos: FloatArray = np.divide(
-        np.bincount(pc, weights=np.where(valid, cos, 0.0), minlength=n_cands),
-        count,
-        out=np.zeros(n_cands),
-        where=count > 0,
-    )
-    at_best = np.flatnonzero(cos >= max_cos[pc])  # NaN (self) pairs never compare true
-    best_ids = (items.ids[pr[at_best]] if n else pr[at_best]).astype(np.float64)
-    nearest = segment_reduce(best_ids, pc[at_best], n_cands, np.minimum, np.inf)
-    has_similar = np.isfinite(max_cos) & (max_cos >= similar_threshold)
-    similar_to = np.where(has_similar, np.nan_to_num(nearest, posinf=-1), -1).astype(np.int64)
-    max_cos = np.where(np.isfinite(max_cos), max_cos, 0.0)
+    max_cos, mean_cos = np.zeros(n_cands), np.zeros(n_cands)
+    similar_to = np.full(n_cands, -1, dtype=np.int64)
+    users = np.flatnonzero((np.diff(recent.ptr) > 0) & (np.diff(cand_indptr) > 0))
+    for u in users.tolist():
+        cands = slice(int(cand_indptr[u]), int(cand_indptr[u + 1]))
+        cols, near = cand_col[cands], recent.col[recent.ptr[u] : recent.ptr[u + 1]]
+        cos = unit[cols] @ unit[near].T  # unknown candidates (-1) read row n: zeros
+        own = cols[:, None] == near[None, :]  # a candidate the user touched is not its own neighbour
+        count = near.size - own.sum(axis=1)
+        cos[own] = 0.0
+        mean_cos[cands] = np.divide(cos.sum(axis=1), count, out=np.zeros(cols.size), where=count > 0)
+        cos[own] = -np.inf
+        best = cos.max(axis=1)
+        nearest = items.ids[near[np.argmax(cos >= best[:, None], axis=1)]]  # ascending rows: the lower id on ties
+        found = np.isfinite(best)
+        similar_to[cands] = np.where(found & (best >= similar_threshold), nearest, -1)
+        max_cos[cands] = np.where(found, best, 0.0)
     return max_cos, mean_cos, similar_to
 
 
 def _cooccurrence(
-    items: ItemTable, pc: IntArray, pr: IntArray, pull: FloatArray, cand_col: IntArray, n_cands: int
+    items: ItemTable, recent: _Recent, cand_row: IntArray, cand_col: IntArray
 ) -> tuple[FloatArray, FloatArray, IntArray]:
-    """(cooc_sum, cooc_max, the fresh item id at the max or -1), each (C,), over (candidate, fresh row, pull) pairs.
+    """(cooc_sum, cooc_max, the fresh item id at the max or -1), each (C,).
 
-    sim(j, c) is found by binary search of the pair key j * (n + 1) + c in the sorted neighbour keys.
+    Each distinct fresh item j's neighbour list is expanded to (user, neighbour c, sim(j, c)) and matched to
+    the user's candidates by binary search of the key row * (n + 1) + col: the work grows with fresh items x
+    list length, not with candidates x fresh items. Matches are summed in (candidate, fresh item row) order.
     """
-    n = items.ids.size
-    keys, scores = items.neighbour_keys()
-    if not (keys.size and pc.size):
-        zeros = np.zeros(n_cands)
-        return zeros, zeros.copy(), np.full(n_cands, -1, dtype=np.int64)
-    want = pr * (n + 1) + cand_col[pc]
-    pos = np.minimum(np.searchsorted(keys, want), keys.size - 1)
-    hit = np.flatnonzero((keys[pos] == want) & (cand_col[pc] >= 0) & ~np.isnan(pull))  # NaN pull: excluded pair
-    hc, sim = pc[hit], scores[pos[hit]]
-    cooc_sum = np.bincount(hc, weights=pull[hit] * sim, minlength=n_cands).astype(np.float64)
+    n, n_cands = items.ids.size, cand_col.size
+    zeros = np.zeros(n_cands)
+    none = (zeros, zeros.copy(), np.full(n_cands, -1, dtype=np.int64))
+    if items.nb_indptr is None or items.nb_cols is None or items.nb_scores is None or not (recent.col.size and n_cands):
+        return none
+    starts, lengths = items.nb_indptr[recent.col], np.diff(items.nb_indptr)[recent.col]
+    src = np.repeat(np.arange(recent.col.size), lengths)  # index into recent
+    entry = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(src.size)
+    cand_key = np.where(cand_col >= 0, cand_row * (n + 1) + cand_col, -1)
+    order = np.argsort(cand_key, kind="stable")
+    sorted_key = cand_key[order]
+    want = recent.row[src] * (n + 1) + items.nb_cols[entry]
+    lo, hi = np.searchsorted(sorted_key, want, "left"), np.searchsorted(sorted_key, want, "right")
+    per = hi - lo  # a user's candidate listed twice is matched twice
+    hit_src, hit_entry = np.repeat(src, per), np.repeat(entry, per)
+    hit_cand = order[np.repeat(lo - np.cumsum(per) + per, per) + np.arange(hit_src.size)]
+    keep = recent.col[hit_src] != cand_col[hit_cand]  # a fresh item is not its own neighbour
+    by = np.lexsort((recent.col[hit_src[keep]], hit_cand[keep]))
+    hc, hs, sim = hit_cand[keep][by], hit_src[keep][by], items.nb_scores[hit_entry[keep][by]]
+    if not hc.size:
+        return none
+    cooc_sum = np.bincount(hc, weights=recent.pull[hs] * sim, minlength=n_cands).astype(np.float64)
     cooc_max: FloatArray = np.maximum(segment_reduce(sim, hc, n_cands, np.maximum, 0.0), 0.0)
     top = np.flatnonzero((sim > 0) & (sim >= cooc_max[hc]))
-    best = segment_reduce(items.ids[pr[hit[top]]].astype(np.float64), hc[top], n_cands, np.minimum, np.inf)
+    best = segment_reduce(items.ids[recent.col[hs[top]]].astype(np.float64), hc[top], n_cands, np.minimum, np.inf)
     cooc_to = np.where((cooc_max > 0) & np.isfinite(best), best, -1.0).astype(np.int64)
     return cooc_sum, cooc_max, cooc_to
 
 
 def _log_prices(items: ItemTable) -> FloatArray:
     """(n + 1,) log price per catalogue row, NaN when unknown; row n (unknown items) is NaN."""
-    price = np.r_[items.price.astype(np.float64), np.nan]
+    price = np.append(items.price.astype(np.float64), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(price > 0, np.log(np.where(price > 0, price, 1.0)), np.nan)
 

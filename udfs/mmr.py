@@ -129,8 +129,8 @@ def _length_groups(lengths: IntArray) -> list[tuple[IntArray, int]]:
     """(users with that pool length, length) for every non-zero length, users ascending."""
     by_length = np.argsort(lengths, kind="stable")
     sorted_lengths = lengths[by_length]
-    starts = np.flatnonzero(np.r_[True, sorted_lengths[1:] != sorted_lengths[:-1]])
-    stops = np.r_[starts[1:], sorted_lengths.size]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_lengths[1:] != sorted_lengths[:-1])))
+    stops = np.append(starts[1:], sorted_lengths.size)
     return [
         (by_length[a:b], int(sorted_lengths[a])) for a, b in zip(starts, stops, strict=True) if sorted_lengths[a] > 0
     ]

@@ -3,9 +3,10 @@
 No pyspark import: runs inside `mapInPandas` on the executors and in plain unit tests. One call
 handles a whole batch of users; per-user data are segments of flat arrays (CSR / indptr style:
 user row r owns entries `indptr[r]:indptr[r + 1]`, helpers in `udfs.segments`). No step loops over users:
-the features are computed for all candidates at once (`udfs.features.features`) and the MMR selection runs
-for all users at once (`udfs.mmr.mmr_batch`, `top_k` vectorised steps; `udfs.mmr.mmr_select` is its per-user
-reference).
+the features are computed for all candidates at once (`udfs.features.features`; only the factor cosines take
+one small matrix product per user with fresh items, the cheapest way to read each factor row once) and the MMR
+selection runs for all users at once (`udfs.mmr.mmr_batch`, `top_k` vectorised steps; `udfs.mmr.mmr_select` is
+its per-user reference).
 
 Shapes (n catalogue items, d factor rank, m users in the batch, C candidates, E fresh events):
 

@@ -38,8 +38,8 @@ def group_rank(*keys: npt.NDArray[Any]) -> IntArray:
     change = np.zeros(n - 1, dtype=bool)
     for key in keys:
         change |= key[1:] != key[:-1]
-    starts = np.r_[0, np.flatnonzero(change) + 1]
-    lengths = np.diff(np.r_[starts, n])
+    starts = np.concatenate(([0], np.flatnonzero(change) + 1))  # not np.r_: ~20 us a call, on the serving path
+    lengths = np.diff(np.append(starts, n))
     return np.asarray(np.arange(n, dtype=np.int64) - np.repeat(starts, lengths), dtype=np.int64)
 
 
@@ -49,6 +49,6 @@ def segment_reduce(
     """ufunc.reduceat along axis 0 over sorted segment ids; segments with no entry get `empty`."""
     out = np.full((n_segments, *values.shape[1:]), empty, dtype=np.float64)
     if values.shape[0]:
-        starts = np.r_[0, np.flatnonzero(segments[1:] != segments[:-1]) + 1]
+        starts = np.concatenate(([0], np.flatnonzero(segments[1:] != segments[:-1]) + 1))
         out[segments[starts]] = ufunc.reduceat(values, starts, axis=0)
     return out

@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -20,6 +20,7 @@ from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipelines.core.config import ShelfConfig
 from pipelines.serve.batching import Batcher
@@ -232,15 +233,29 @@ def _errors(app: FastAPI, service: Service) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "the body"
         return _error(422, f"{where}: {first.get('msg', 'invalid')}; see /docs for the request's schema.")
 
-    @app.middleware("http")
-    async def bounded(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limit):
-            return _error(413, f"The request body is over {limit} bytes; send fewer events per request.")
+    app.add_middleware(BoundedBody, limit=limit)
+
+
+class BoundedBody:
+    """ASGI middleware: a body declared over `limit` bytes (or with a Content-Length that is not a number) is
+    refused with 413 before it is read, and a body a route fails to parse as JSON answers 400. A plain ASGI
+    class, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps every request and response in
+    extra tasks and streams, about half the HTTP cost of a published list (docs/BENCHMARKS.md, "Serving")."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length")
+            if size is not None and (not size.isdigit() or int(size) > self.limit):
+                refused = _error(413, f"The request body is over {self.limit} bytes; send fewer events per request.")
+                await refused(scope, receive, send)
+                return
         try:
-            return await call_next(request)
+            await self.app(scope, receive, send)
         except json.JSONDecodeError:
-            return _error(400, "The request body is not valid JSON; send a JSON object.")
+            await _error(400, "The request body is not valid JSON; send a JSON object.")(scope, receive, send)
 
 
 def _error(status: int, sentence: str) -> JSONResponse:

@@ -120,11 +120,13 @@ def with_events(row: UserRow, state: ServingState, config: ShelfConfig, events: 
     """The kernel input at `now`: stored events aged, expired ones dropped, `events` added, capped, sorted as
     `reranking.to_event_lists` sorts (age, item, weight, bought)."""
     shift = (now - state.as_of).total_seconds() / SECONDS_PER_DAY
-    ages = np.r_[row.ev_ages + shift, _new_ages(events, now)]
-    items = np.r_[row.ev_items, state.item_idx([e.item_id for e in events])]
-    weights = np.r_[row.ev_weights, [config.rerank.event_weights.get(e.event_type, 0.0) for e in events]]
     consumed = set(config.consumed_event_types)
-    bought = np.r_[row.ev_bought, [e.event_type in consumed for e in events]].astype(bool)
+    new_weights = np.array([config.rerank.event_weights.get(e.event_type, 0.0) for e in events], dtype=np.float64)
+    new_bought = np.array([e.event_type in consumed for e in events], dtype=bool)
+    ages = np.concatenate((row.ev_ages + shift, _new_ages(events, now)))  # not np.r_: ~20 us a call
+    items = np.concatenate((row.ev_items, state.item_idx([e.item_id for e in events])))
+    weights = np.concatenate((row.ev_weights, new_weights))
+    bought = np.concatenate((row.ev_bought, new_bought)).astype(bool)
     horizon = horizon_days(config)
     keep = (items >= 0) & (ages > 0) & (ages <= horizon)
     items, ages, weights, bought = items[keep], ages[keep], weights[keep], bought[keep]

@@ -115,7 +115,7 @@ def user_batch(rows: list[UserRow], rank: int) -> UserBatch:
         return np.concatenate([getattr(r, field) for r in rows])
 
     def indptr(field: str) -> np.ndarray:
-        return np.r_[0, np.cumsum([len(getattr(r, field)) for r in rows])].astype(np.int64)
+        return np.concatenate(([0], np.cumsum([len(getattr(r, field)) for r in rows]))).astype(np.int64)
 
     return UserBatch(
         factors,
