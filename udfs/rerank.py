@@ -172,13 +172,6 @@ class ItemTable:
         unit = np.vstack([normalise_rows(self.factors).astype(np.float64), np.zeros((1, d))])
         return q, unit
 
-    def neighbour_keys(self) -> tuple[IntArray, FloatArray]:
-        """(sorted pair keys row * (n + 1) + col, their scores) of the neighbour lists; empty without lists."""
-        if self.nb_indptr is None or self.nb_cols is None or self.nb_scores is None:
-            return np.zeros(0, dtype=np.int64), np.zeros(0)
-        n = self.ids.size
-        return segment_rows(self.nb_indptr) * (n + 1) + self.nb_cols, self.nb_scores
-
 
 def neighbour_csr(
     ids: IntArray, items: npt.ArrayLike, neighbours: npt.ArrayLike, scores: npt.ArrayLike
