@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
+from pipelines.core import kernel_frames
 from pipelines.core import reranking as step
 from pipelines.core.config_loading import load_config
 from pipelines.core.schemas import USER_IDX
@@ -97,7 +98,7 @@ def per_user_frame(spark: SparkSession, frame: DataFrame, items: ItemTable, para
     model = spark.sparkContext.broadcast(items)
 
     def one(pdf_user: pd.DataFrame) -> pd.DataFrame:
-        return step.rerank_frame(pdf_user, model.value, params)
+        return kernel_frames.rerank_frame(pdf_user, model.value, params)
 
     return frame.groupBy(USER_IDX).applyInPandas(one, step.KERNEL_SCHEMA)
 
@@ -106,8 +107,8 @@ def in_process_seconds(rows: pa.Table, items: ItemTable, params: RerankParams) -
     """Seconds of `rerank_frame` over all rows in kernel-sized runs, one process (pandas conversion excluded)."""
     pdf = rows.to_pandas()
     started = time.perf_counter()
-    for chunk in step.kernel_chunks(pdf):
-        step.rerank_frame(chunk, items, params)
+    for chunk in kernel_frames.kernel_chunks(pdf):
+        kernel_frames.rerank_frame(chunk, items, params)
     return time.perf_counter() - started
 
 
@@ -141,7 +142,7 @@ def main() -> None:
     print(
         f"# {spark.sparkContext.defaultParallelism} cores, {buckets} user buckets, "
         f"arrow maxRecordsPerBatch {spark.conf.get('spark.sql.execution.arrow.maxRecordsPerBatch')}, "
-        f"<= {step.KERNEL_CANDIDATES} candidates per kernel call; {args.candidates} candidates per user, "
+        f"<= {kernel_frames.KERNEL_CANDIDATES} candidates per kernel call; {args.candidates} candidates per user, "
         f"{args.items} items, rank {args.rank}, mmr_lambda {params.mmr_lambda}, mmr_pool {params.mmr_pool}, "
         f"top_k {params.top_k}, category_cap {params.category_cap}",
         flush=True,
