@@ -152,7 +152,7 @@ def _recent_items(items: ItemTable, fresh: _FreshEvents, m: int) -> _Recent:
     """Each user's distinct fresh items with the pulls of their events on it summed."""
     n = items.factors.shape[0]
     key, inverse = np.unique(fresh.row * (n + 1) + fresh.col, return_inverse=True)  # by (row, col)
-    pull = np.bincount(inverse.reshape(-1), weights=fresh.pull, minlength=key.size)
+    pull = np.asarray(np.bincount(inverse.reshape(-1), weights=fresh.pull, minlength=key.size), dtype=np.float64)
     row = key // (n + 1)
     return _Recent(row, key % (n + 1), pull, np.searchsorted(row, np.arange(m + 1)).astype(np.int64))
 

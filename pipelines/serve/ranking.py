@@ -182,7 +182,8 @@ def held_by_run(state: ServingState, config: ShelfConfig, user_id: str, events: 
 
 
 def _seconds(ages_in_days: np.ndarray) -> list[int]:
-    return np.rint(np.asarray(ages_in_days, dtype=np.float64) * SECONDS_PER_DAY).astype(np.int64).tolist()
+    seconds: list[int] = np.rint(np.asarray(ages_in_days, dtype=np.float64) * SECONDS_PER_DAY).astype(np.int64).tolist()
+    return seconds
 
 
 def _new_ages(events: list[Event], now: datetime) -> np.ndarray:

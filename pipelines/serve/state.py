@@ -171,7 +171,7 @@ def _position(index: pd.Index, user_id: str) -> int:
         at = index.get_loc(user_id)
     except KeyError:
         return -1
-    return int(at)  # type: ignore[arg-type]
+    return int(at)
 
 
 def _offsets(users: pa.ChunkedArray) -> tuple[pd.Index, np.ndarray]:
