@@ -184,6 +184,7 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("get", "/v1/users/bad%01id/recommendations", {}, 422),
     ("get", "/v1/users/u1/recommendations?k=%C2%B2", {}, 422),  # "²": a digit to str.isdigit, not to int()
     ("get", f"/v1/users/{'x' * 257}/recommendations", {}, 422),
+    ("get", "/v1/users/u1%0A/recommendations", {}, 422),  # a final newline: `$` would match before it
     ("post", "/v1/events", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422),
     ("post", "/v1/events", {"json": {"events": "many"}}, 422),
     ("post", "/v1/events", {"json": {"events": [{"user_id": 5, "extra": 1}]}}, 422),

@@ -203,7 +203,7 @@ def _routes(app: FastAPI, service: Service, flush: Callable[[], int] | None) -> 
         # The hot path parses its two parameters itself: FastAPI's parameter validation cost ~0.27 ms a request,
         # more than the HTTP stack around it (docs/BENCHMARKS.md, "Serving"). Same rules as `UserId` and `K`.
         user_id, k_text = request.path_params["user_id"], request.query_params.get("k", "10")
-        if not ID_RE.match(user_id):
+        if not ID_RE.fullmatch(user_id):  # not match: `$` also matches before a final newline
             return _error(422, "user_id: must be 1-256 characters, none a control character; see /docs.")
         if not (k_text.isascii() and k_text.isdigit() and 1 <= int(k_text) <= MAX_K):
             return _error(422, f"k: must be a whole number from 1 to {MAX_K}; see /docs for the request's schema.")
