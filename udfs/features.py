@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from udfs.segments import catalogue_columns, segment_reduce, segment_rows
+from udfs.segments import catalogue_columns, range_positions, segment_reduce, segment_rows
 
 if TYPE_CHECKING:  # udfs.rerank imports this module; the types are only annotations here
     from udfs.rerank import ItemTable, RerankParams, UserBatch
@@ -205,15 +205,18 @@ def _cooccurrence(
         return none
     starts, lengths = items.nb_indptr[recent.col], np.diff(items.nb_indptr)[recent.col]
     src = np.repeat(np.arange(recent.col.size), lengths)  # index into recent
-    entry = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(src.size)
+    entry = range_positions(starts, lengths)
     cand_key = np.where(cand_col >= 0, cand_row * (n + 1) + cand_col, -1)
     order = np.argsort(cand_key, kind="stable")
     sorted_key = cand_key[order]
     want = recent.row[src] * (n + 1) + items.nb_cols[entry]
-    lo, hi = np.searchsorted(sorted_key, want, "left"), np.searchsorted(sorted_key, want, "right")
-    per = hi - lo  # a user's candidate listed twice is matched twice
+    lo = np.searchsorted(sorted_key, want, "left")
+    if ((sorted_key[1:] == sorted_key[:-1]) & (sorted_key[1:] >= 0)).any():  # a candidate listed twice: matched twice
+        per = np.searchsorted(sorted_key, want, "right") - lo
+    else:  # distinct candidates (the usual batch): one binary search
+        per = (sorted_key[np.minimum(lo, sorted_key.size - 1)] == want).astype(np.int64)
     hit_src, hit_entry = np.repeat(src, per), np.repeat(entry, per)
-    hit_cand = order[np.repeat(lo - np.cumsum(per) + per, per) + np.arange(hit_src.size)]
+    hit_cand = order[range_positions(lo, per)]
     keep = recent.col[hit_src] != cand_col[hit_cand]  # a fresh item is not its own neighbour
     by = np.lexsort((recent.col[hit_src[keep]], hit_cand[keep]))
     hc, hs, sim = hit_cand[keep][by], hit_src[keep][by], items.nb_scores[hit_entry[keep][by]]

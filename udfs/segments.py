@@ -30,6 +30,11 @@ def segment_rows(indptr: IntArray) -> IntArray:
     return np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
 
 
+def range_positions(starts: IntArray, lengths: IntArray) -> IntArray:
+    """Positions of the ranges [starts[i], starts[i] + lengths[i]) one after the other (a CSR gather)."""
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+
+
 def group_rank(*keys: npt.NDArray[Any]) -> IntArray:
     """0-based position of each entry within its run of equal consecutive key tuples (keys sorted)."""
     n = keys[0].size

@@ -27,6 +27,7 @@ from pipelines.core.kernel_frames import (
     EV_WEIGHTS,
 )
 from udfs.rerank import UserBatch
+from udfs.segments import range_positions
 
 LIST_COLUMNS = {
     CAND_ITEMS: np.int64,
@@ -98,7 +99,7 @@ class StoredRows:
         for name, ptr in self.offsets.items():
             lengths = np.diff(ptr)[positions]
             new = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-            source = np.repeat(ptr[positions] - new[:-1], lengths) + np.arange(int(new[-1]))
+            source = range_positions(ptr[positions], lengths)
             offsets[name], values[name] = new, self.values[name][source]
         return StoredRows(self.factors[positions], self.has[positions], offsets, values)
 
