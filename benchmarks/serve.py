@@ -101,8 +101,7 @@ async def load(base: str, users: list[str], clients: int, seconds: float) -> tup
 
 def with_events(service: Service, users: list[str], events: int, rng: np.random.Generator) -> None:
     """Each user has posted `events` events (held by the service, as POST /v1/events leaves them)."""
-    for user in users:
-        service.recent[user].extend(session(service.state, user, events, rng))
+    service.posted.add(e for user in users for e in session(service.state, user, events, rng))
 
 
 def run_wrk(base: str, users: list[str], clients: int, seconds: float) -> tuple[float, float, float, int]:

@@ -173,14 +173,14 @@ def test_shelf_serve_answers_the_published_lists_and_re_ranks_with_fresh_events(
     # A run that holds a posted event: the swap forgets it (it would count twice), not the later one; past the
     # fresh horizon the later one goes too, and the user with it.
     stored_user, held, later = serve_checks.stored_and_new_event(state, now)
-    kept = [*service.recent.get(stored_user, ()), later]  # with what the contract check posted for them
-    service.recent[stored_user].extend([held, later])
+    kept = [*service.posted.of(stored_user), later]  # with what the contract check posted for them
+    service.posted.add([held, later])
     service.swap(state)
-    assert list(service.recent[stored_user]) == kept
+    assert service.posted.of(stored_user) == kept
     service.prune(now + timedelta(days=horizon_days(config) - 1))
-    assert list(service.recent[stored_user]) == kept
+    assert service.posted.of(stored_user) == kept
     service.prune(now + timedelta(days=horizon_days(config) + 1))
-    assert stored_user not in service.recent
+    assert service.posted.of(stored_user) == []
 
 
 def _run(root: Path, *extra: str) -> int:
@@ -450,8 +450,9 @@ def test_a_run_on_an_s3_root_equals_the_local_run_and_the_admin_commands_work_th
 def test_shelf_serve_swaps_to_a_new_run_under_load_and_flushes_on_sigterm(
     spark: SparkSession, demo_run: DemoRun, tmp_path: Path
 ) -> None:
-    """`shelf serve` in its own process, on a copy of the run's tables: GETs running while a new run is published
-    all succeed and move from the old run to the new one; events posted before a SIGTERM reach the landing table."""
+    """`shelf serve` in its own process with two workers, on a copy of the run's tables: GETs running while a new run
+    is published all succeed and move from the old run to the new one; events posted to one worker count in every
+    GET, /metrics sums both workers, and the events posted before a SIGTERM reach the landing table."""
     import shutil
     import signal
     import threading
@@ -467,7 +468,7 @@ def test_shelf_serve_swaps_to_a_new_run_under_load_and_flushes_on_sigterm(
     config = make_test_config(tmp_path)
     port = free_port()
     log = tmp_path / "serve.log"
-    sets = ("serve.reload_every_seconds=0.5", "serve.flush_every_seconds=600")
+    sets = ("serve.reload_every_seconds=0.5", "serve.flush_every_seconds=600", "serve.workers=2")
     with serve_checks.running_server(tmp_path / "tables", port, log, *sets) as server:
         base = f"http://127.0.0.1:{port}"
         user = httpx.get(f"{base}/v1/users/u000001/recommendations").json()["user_id"]
@@ -500,8 +501,17 @@ def test_shelf_serve_swaps_to_a_new_run_under_load_and_flushes_on_sigterm(
             for n in (1, 2, 3)
         ]
         assert httpx.post(f"{base}/v1/events", json={"events": events}).json()["accepted"] == 3
+        # Every GET reflects the posted events, whichever of the two workers takes its connection (a new one each).
+        after = [httpx.get(f"{base}/v1/users/{user}/recommendations").json()["source"] for _ in range(12)]
+        assert after == ["reranked"] * 12
+        time.sleep(1.5)  # each worker stores its metrics every second; /metrics sums them
+        shown = httpx.get(f"{base}/metrics").text.splitlines()
+        assert "shelf_workers 2" in shown and 'shelf_events_total{outcome="accepted"} 3' in shown
+        served = sum(int(line.rsplit(" ", 1)[1]) for line in shown if line.startswith("shelf_requests_total"))
+        assert served == len(answers) + 14, (served, len(answers))  # the load, the first GET, and the 12 above
         server.send_signal(signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal: exit -15 or 0
         assert server.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()[-3000:]
-        assert "shut down: 3 buffered events appended" in log.read_text()
+        shut = re.findall(r"shut down: (\d+) buffered events appended", log.read_text())
+        assert sorted(shut) == ["0", "3"], shut  # each worker flushes what it accepted
     landed = DeltaTable(str(tmp_path / "tables" / "landing" / "events")).to_pandas()
     assert sorted(landed["item_id"]) == ["i00001", "i00002", "i00003"] and set(landed["user_id"]) == {user}

@@ -347,6 +347,9 @@ class ServeConfig(Section):
     flush_every_seconds: float = Field(5.0, gt=0)  # accepted events are appended to the landing table this often
     flush_max_events: int = Field(1000, ge=1)  # ... or as soon as this many wait, whichever comes first
     reload_every_seconds: float = Field(60.0, gt=0)  # how often it checks for a newly published run to swap to
+    # worker processes on the port, each with its own copy of the serving run (memory x workers); they share the
+    # events posted to any of them and their metrics through SQLite in a temporary folder (docs/SERVING.md)
+    workers: int = Field(1, ge=1, le=64)
     max_batch: int = Field(64, ge=1, le=4096)  # at most this many re-ranked requests share one kernel call
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # hold a batch open this long to gather more (0: run at once)
     # true: also consume stream.kafka.topic (JSON values) in consumer group kafka_group, so the lists reflect events

@@ -9,12 +9,13 @@ characters and unknown event types are rejected by field. The state is one refer
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
-from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path as LocalPath
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Request
@@ -25,7 +26,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipelines.core.config import ShelfConfig
 from pipelines.serve.batching import Batcher
-from pipelines.serve.metrics import Metrics
+from pipelines.serve.metrics import Metrics, render
+from pipelines.serve.posted import PostedEvents
 from pipelines.serve.ranking import Ask, Event, Ranked, held_by_run, horizon_days, published_list, recommend_many
 from pipelines.serve.state import ServingState
 
@@ -103,13 +105,24 @@ def utc_now() -> datetime:
 class Service:
     """The serving state, the events posted per user (bounded), the landing buffer and the metrics."""
 
-    def __init__(self, config: ShelfConfig, state: ServingState, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, config: ShelfConfig, state: ServingState, clock: Clock = utc_now, shared: LocalPath | None = None
+    ) -> None:
+        """`shared`: the SQLite file the workers of one replica share their posted events in (None: one worker,
+        in memory)."""
         self.config, self.state, self.clock = config, state, clock
         self.lock = threading.Lock()
-        self.recent: dict[str, deque[Event]] = defaultdict(lambda: deque(maxlen=config.rerank.max_fresh_events))
-        self.buffered: list[EventIn] = []  # accepted, not yet appended to the landing table
-        self.metrics = Metrics()
+        self.posted = PostedEvents(config.rerank.max_fresh_events, shared)
+        self.buffered: list[EventIn] = []  # accepted by this worker, not yet appended to the landing table
+        self.metrics, self.worker = Metrics(), str(os.getpid())
         self.batcher = Batcher(self.rank_many, config.serve.max_batch, config.serve.batch_wait_ms / 1000.0)
+
+    def snapshot(self) -> dict[str, Any]:
+        """This worker's metrics; `share_metrics` stores them for the replica's other workers."""
+        return self.metrics.snapshot(len(self.buffered), self.batcher.batches, self.batcher.batched)
+
+    def share_metrics(self) -> None:
+        self.posted.put_snapshot(self.worker, json.dumps(self.snapshot()))
 
     def rank_many(self, asks: list[Ask]) -> list[Ranked]:
         """One batch's lists, all on the state serving when the batch starts."""
@@ -119,28 +132,12 @@ class Service:
         """Serve `state` from the next request on (requests in flight finish on the one they started with), and
         forget the posted events the new run already holds, so none counts twice."""
         self.state = state
-        with self.lock:
-            posted = {user: list(events) for user, events in self.recent.items()}
-        held = {user: held_by_run(state, self.config, user, events) for user, events in posted.items()}
-        self._forget(held)
+        posted = self.posted.by_user()
+        self.posted.forget({user: held_by_run(state, self.config, user, events) for user, events in posted.items()})
 
     def prune(self, now: datetime) -> None:
-        """Forget posted events past the fresh horizon at `now` (the kernel would drop them), and empty users."""
-        horizon = timedelta(days=horizon_days(self.config))
-        with self.lock:
-            posted = {user: list(events) for user, events in self.recent.items()}
-        self._forget({user: {e for e in events if e.event_ts < now - horizon} for user, events in posted.items()})
-
-    def _forget(self, gone: dict[str, set[Event]]) -> None:
-        with self.lock:
-            for user, events in gone.items():
-                if not events:
-                    continue
-                kept = [e for e in self.recent.get(user, ()) if e not in events]
-                if kept:
-                    self.recent[user] = deque(kept, maxlen=self.config.rerank.max_fresh_events)
-                else:
-                    self.recent.pop(user, None)
+        """Forget posted events past the fresh horizon at `now` (the kernel would drop them)."""
+        self.posted.forget_before(now - timedelta(days=horizon_days(self.config)))
 
     def validate(self, event: EventIn, now: datetime) -> str | None:
         """The reason code ingest would give this event, or None when it is accepted."""
@@ -164,16 +161,17 @@ class Service:
         """Validate a batch; accepted events join their user's recent events and, when `land`, the landing buffer
         at once (events consumed from Kafka do not: shelf stream reads them from the topic)."""
         now = self.clock()
-        rejected = []
-        with self.lock:
-            for at, event in enumerate(events):
-                reason = self.validate(event, now)
-                if reason is not None:
-                    rejected.append({"index": at, "reason": reason})
-                    continue
-                self.recent[str(event.user_id)].append(self.to_event(event))
-                if land:
-                    self.buffered.append(event)
+        rejected, accepted = [], []
+        for at, event in enumerate(events):
+            reason = self.validate(event, now)
+            if reason is not None:
+                rejected.append({"index": at, "reason": reason})
+                continue
+            accepted.append(event)
+        self.posted.add(self.to_event(e) for e in accepted)
+        if land:
+            with self.lock:
+                self.buffered.extend(accepted)
         self.metrics.accepted += len(events) - len(rejected)
         self.metrics.rejected += len(rejected)
         return rejected
@@ -207,9 +205,7 @@ def _routes(app: FastAPI, service: Service, flush: Callable[[], int] | None) -> 
             return _error(422, "user_id: must be 1-256 characters, none a control character; see /docs.")
         if not (k_text.isascii() and k_text.isdigit() and 1 <= int(k_text) <= MAX_K):
             return _error(422, f"k: must be a whole number from 1 to {MAX_K}; see /docs for the request's schema.")
-        with service.lock:
-            known = list(service.recent.get(user_id, ()))
-        return await _answer(service, user_id, known, int(k_text))
+        return await _answer(service, user_id, service.posted.of(user_id), int(k_text))
 
     @app.post("/v1/users/{user_id}/recommendations", responses=LIST_RESPONSES)
     async def post_session(user_id: UserId, body: SessionIn) -> Response:
@@ -235,8 +231,8 @@ def _routes(app: FastAPI, service: Service, flush: Callable[[], int] | None) -> 
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> str:
-        batcher = service.batcher
-        return service.metrics.render(service.state.run_id, len(service.buffered), batcher.batches, batcher.batched)
+        others = [json.loads(s) for s in service.posted.snapshots(but=service.worker)]
+        return render(service.state.run_id, [service.snapshot(), *others])
 
 
 async def _answer(service: Service, user_id: str, events: list[Event], k: int) -> Response:

@@ -3,10 +3,14 @@ micro-batches (delta-rs), swap to a newly published run when one appears, and fl
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path as LocalPath
 
 import pyarrow as pa
 from deltalake import write_deltalake
@@ -15,10 +19,12 @@ from fastapi import FastAPI
 from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
 from pipelines.serve.app import EventIn, Service, create_app
-from pipelines.serve.state import load_state, serving_run
+from pipelines.serve.posted import PostedEvents
+from pipelines.serve.state import ServingState, load_state, serving_run
 from pipelines.serve.storage import delta_rs_location
 
 log = logging.getLogger("shelf.serve")
+WORKER_ENV = "SHELF_SERVE_WORKER"  # serve -> its worker processes: the config and the shared SQLite file
 
 
 def landing_uri(config: ShelfConfig) -> str:
@@ -74,11 +80,13 @@ def reloader(service: Service) -> Callable[[], bool]:
     return reload
 
 
-def build(config: ShelfConfig) -> FastAPI:
+def build(config: ShelfConfig, shared: LocalPath | None = None, state: ServingState | None = None) -> FastAPI:
     """The app with its background loops: flush every serve.flush_every_seconds (or at serve.flush_max_events),
-    look for a new run every serve.reload_every_seconds, flush once more on shutdown."""
-    state = load_state(config)
-    service = Service(config, state)
+    look for a new run every serve.reload_every_seconds, flush once more on shutdown; with `shared` (the SQLite
+    file of a replica's workers) also store this worker's metrics there every second. `state`: serve this one
+    (benchmarks) instead of loading the serving run."""
+    state = state or load_state(config)
+    service = Service(config, state, shared=shared)
     if config.serve.kafka_consume:
         from pipelines.serve.consumer import consumer_settings
 
@@ -87,9 +95,11 @@ def build(config: ShelfConfig) -> FastAPI:
     stop = threading.Event()
 
     def loop() -> None:
-        waited = 0.0
+        waited, ticks = 0.0, 0
         while not stop.wait(0.2):
-            waited += 0.2
+            waited, ticks = waited + 0.2, ticks + 1
+            if shared is not None and ticks % 5 == 0:
+                service.share_metrics()
             if len(service.buffered) >= config.serve.flush_max_events or waited >= config.serve.flush_every_seconds:
                 flush()
                 service.prune(service.clock())
@@ -127,7 +137,35 @@ def build(config: ShelfConfig) -> FastAPI:
     return app
 
 
-def serve(config: ShelfConfig) -> None:
+def serve(config: ShelfConfig, factory: str = "pipelines.serve.main:worker_app") -> None:
+    """Run the service: one process, or `serve.workers` uvicorn worker processes on one port, each with its own copy
+    of the serving run, sharing their posted events and metrics through a SQLite file in a temporary folder that
+    lives as long as this process. `factory`: the import path of the workers' app factory (benchmarks pass theirs).
+    """
     import uvicorn
 
-    uvicorn.run(build(config), host=config.serve.host, port=config.serve.port, log_level="info")
+    where = {"host": config.serve.host, "port": config.serve.port, "log_level": "info"}
+    if config.serve.workers == 1:
+        uvicorn.run(build(config), **where)  # type: ignore[arg-type]
+        return
+    with tempfile.TemporaryDirectory(prefix="shelf-serve-") as folder:
+        shared = LocalPath(folder) / "posted.sqlite"
+        PostedEvents(config.rerank.max_fresh_events, shared).close()  # the schema and WAL mode, before the workers
+        os.environ[WORKER_ENV] = json.dumps({"config": config.model_dump(mode="json"), "shared": str(shared)})
+        log.info("[serve] starting %d workers sharing %s", config.serve.workers, shared)
+        uvicorn.run(factory, factory=True, workers=config.serve.workers, **where)  # type: ignore[arg-type]
+
+
+def worker_context() -> tuple[ShelfConfig, LocalPath]:
+    """In a worker process: the config and shared SQLite file `serve` left in the environment."""
+    from pipelines.cli import setup_logging
+
+    setup_logging()
+    given = json.loads(os.environ[WORKER_ENV])
+    return ShelfConfig.model_validate(given["config"]), LocalPath(given["shared"])
+
+
+def worker_app() -> FastAPI:
+    """The app of one of `serve.workers` worker processes (uvicorn calls this in each)."""
+    config, shared = worker_context()
+    return build(config, shared)
