@@ -1,7 +1,9 @@
 """Benchmark: `shelf serve` on a finished run: load time and memory, one user's list in process (the published
 lookup against the kernel re-run with 20 fresh events, alone and in batches), and HTTP through uvicorn on
 127.0.0.1 at 1, 16 and 64 concurrent connections (GETs of users who posted 20 events, so every answer runs the
-kernel), with dynamic batching off (`serve.max_batch` 1: the baseline) and on, in the same run.
+kernel), with dynamic batching off (`serve.max_batch` 1: the baseline) and on, in the same run; then the same load
+against `--workers N` worker processes (`serve.workers`: each loads and tiles the run itself; the sessions are
+POSTed to /v1/events first, so they reach every worker through the shared store), against the one process.
 
     make demo   # or any shelf run; then:
     .venv/bin/python -u -m benchmarks.serve --root .data/tables --users 200000 --seconds 10
@@ -16,26 +18,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import re
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 import numpy as np
 import pandas as pd
 
+from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.serve.app import Service, create_app
+from pipelines.serve.main import build, serve, worker_context
 from pipelines.serve.ranking import Ask, Event, recommend, recommend_many
 from pipelines.serve.state import ServingState, load_state
+
+BENCH_ENV = "SHELF_BENCH_SERVE"  # this benchmark -> its multi-worker server: the config and the users to tile to
 
 
 def rss_mb() -> float:
@@ -160,6 +170,79 @@ def over_http(service: Service, users: list[str], seconds: float) -> dict[int, f
     return rates
 
 
+def bench_worker() -> Any:
+    """uvicorn's app factory in each worker of the multi-worker server: the parent's tiled state, its clock."""
+    config, shared = worker_context()
+    state = scaled(load_state(config), int(json.loads(os.environ[BENCH_ENV])["users"]))
+    return build(config, shared, state, clock=lambda: state.as_of)
+
+
+def workers_server() -> None:
+    """In a child process: `shelf serve` with serve.workers processes whose app is `bench_worker`'s."""
+    serve(ShelfConfig.model_validate(json.loads(os.environ[BENCH_ENV])["config"]), "benchmarks.serve:bench_worker")
+
+
+def over_workers(
+    config: ShelfConfig, state: ServingState, users: list[str], events: int, seconds: float
+) -> dict[int, float]:
+    """Requests/s at 1, 16, 64 connections against `serve.workers` processes; prints each level."""
+    from tests.servers import free_port
+
+    port, landing = free_port(), tempfile.mkdtemp(prefix="shelf-bench-landing-")
+    tuned = config.model_copy(update={"serve": config.serve.model_copy(update={"port": port}),
+                                      "stream": config.stream.model_copy(update={"source_path": landing})})  # fmt: skip
+    given = {"config": tuned.model_dump(mode="json"), "users": len(state.input_users)}
+    code = "from benchmarks.serve import workers_server; workers_server()"
+    server = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, BENCH_ENV: json.dumps(given)})
+    base, rates = f"http://127.0.0.1:{port}", {}
+    try:
+        wait_for_workers(base, config.serve.workers, server)
+        post_sessions(base, config, state, users, events)
+        for clients in (1, 16, 64):
+            rate, p50, p99, errors = run_wrk(base, users, clients, seconds)
+            rates[clients] = rate
+            print(f"HTTP, {config.serve.workers} workers, {clients:>2} connections, {seconds:.0f} s: {rate:,.0f} "
+                  f"requests/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, {errors} errors")  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+        shutil.rmtree(landing, ignore_errors=True)
+    return rates
+
+
+def wait_for_workers(base: str, workers: int, server: subprocess.Popen[bytes]) -> None:
+    """Until /metrics counts every worker (each stores its metrics a second after it has loaded the run)."""
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            if f"shelf_workers {workers}" in httpx.get(f"{base}/metrics").text.splitlines():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"the {workers} workers did not all start (exit code {server.poll()})")
+
+
+def post_sessions(base: str, config: ShelfConfig, state: ServingState, users: list[str], events: int) -> None:
+    """Each user's session through POST /v1/events (in the source's event type names), as a tracker sends them."""
+    source_type = {kind: name for name, kind in config.source.event_types.items()}
+    rng = np.random.default_rng(7)
+    posted = [
+        {
+            "user_id": e.user_id,
+            "item_id": e.item_id,
+            "event_type": source_type[e.event_type],
+            "event_ts": e.event_ts.isoformat(),
+        }  # fmt: skip
+        for user in users
+        for e in session(state, user, events, rng)
+    ]
+    with httpx.Client(base_url=base, timeout=60) as client:
+        for at in range(0, len(posted), 1000):
+            answer = client.post("/v1/events", json={"events": posted[at : at + 1000]}).json()
+            assert answer["rejected"] == [], answer["rejected"][:3]
+
+
 def scaled(state: ServingState, users: int) -> ServingState:
     """The state with its kernel inputs tiled to `users` rows (copies get new ids: '<id>~<copy>')."""
     if users <= len(state.input_users):
@@ -192,6 +275,7 @@ def main() -> None:
     p.add_argument("--events", type=int, default=20, help="fresh events per user")
     p.add_argument("--seconds", type=float, default=10.0, help="load per concurrency level")
     p.add_argument("--users", type=int, default=0, help="tile the kernel inputs to this many users (0: as run)")
+    p.add_argument("--workers", type=int, default=2, help="also measure this many worker processes (1: not)")
     args = p.parse_args()
     config = load_config(args.conf, [f"storage.root={args.root}"])
     before, started = rss_mb(), time.perf_counter()
@@ -221,6 +305,13 @@ def main() -> None:
         "dynamic batching / none, requests/s: "
         + ", ".join(f"{c} connections {batched[c] / rates[1][c]:.2f}x" for c in batched)
     )
+    if args.workers > 1 and shutil.which("wrk"):
+        spread = config.model_copy(update={"serve": config.serve.model_copy(update={"workers": args.workers})})
+        several = over_workers(spread, state, sample, args.events, args.seconds)
+        print(
+            f"{args.workers} workers / one process (both batching), requests/s: "
+            + ", ".join(f"{c} connections {several[c] / batched[c]:.2f}x" for c in several)
+        )
 
 
 if __name__ == "__main__":

@@ -508,7 +508,7 @@ def test_shelf_serve_swaps_to_a_new_run_under_load_and_flushes_on_sigterm(
         shown = httpx.get(f"{base}/metrics").text.splitlines()
         assert "shelf_workers 2" in shown and 'shelf_events_total{outcome="accepted"} 3' in shown
         served = sum(int(line.rsplit(" ", 1)[1]) for line in shown if line.startswith("shelf_requests_total"))
-        assert served == len(answers) + 14, (served, len(answers))  # the load, the first GET, and the 12 above
+        assert served == len(answers) + 13, (served, len(answers))  # the load, the first GET, and the 12 above
         server.send_signal(signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal: exit -15 or 0
         assert server.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()[-3000:]
         shut = re.findall(r"shut down: (\d+) buffered events appended", log.read_text())

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
-from pipelines.serve.app import EventIn, Service, create_app
+from pipelines.serve.app import Clock, EventIn, Service, create_app, utc_now
 from pipelines.serve.posted import PostedEvents
 from pipelines.serve.state import ServingState, load_state, serving_run
 from pipelines.serve.storage import delta_rs_location
@@ -80,13 +80,15 @@ def reloader(service: Service) -> Callable[[], bool]:
     return reload
 
 
-def build(config: ShelfConfig, shared: LocalPath | None = None, state: ServingState | None = None) -> FastAPI:
+def build(
+    config: ShelfConfig, shared: LocalPath | None = None, state: ServingState | None = None, clock: Clock = utc_now
+) -> FastAPI:
     """The app with its background loops: flush every serve.flush_every_seconds (or at serve.flush_max_events),
     look for a new run every serve.reload_every_seconds, flush once more on shutdown; with `shared` (the SQLite
-    file of a replica's workers) also store this worker's metrics there every second. `state`: serve this one
-    (benchmarks) instead of loading the serving run."""
+    file of a replica's workers) also store this worker's metrics there every second. `state` and `clock`: serve
+    this state at this time (benchmarks) instead of the serving run now."""
     state = state or load_state(config)
-    service = Service(config, state, shared=shared)
+    service = Service(config, state, clock, shared)
     if config.serve.kafka_consume:
         from pipelines.serve.consumer import consumer_settings
 
