@@ -189,7 +189,8 @@ def over_workers(
     from tests.servers import free_port
 
     port, landing = free_port(), tempfile.mkdtemp(prefix="shelf-bench-landing-")
-    tuned = config.model_copy(update={"serve": config.serve.model_copy(update={"port": port}),
+    quiet = {"port": port, "access_log": False}  # as the in-process server, which logs warnings only
+    tuned = config.model_copy(update={"serve": config.serve.model_copy(update=quiet),
                                       "stream": config.stream.model_copy(update={"source_path": landing})})  # fmt: skip
     given = {"config": tuned.model_dump(mode="json"), "users": len(state.input_users)}
     code = "from benchmarks.serve import workers_server; workers_server()"

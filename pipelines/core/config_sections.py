@@ -350,6 +350,7 @@ class ServeConfig(Section):
     # worker processes on the port, each with its own copy of the serving run (memory x workers); they share the
     # events posted to any of them and their metrics through SQLite in a temporary folder (docs/SERVING.md)
     workers: int = Field(1, ge=1, le=64)
+    access_log: bool = True  # uvicorn's line per request (false: none, e.g. when the load balancer logs them)
     max_batch: int = Field(64, ge=1, le=4096)  # at most this many re-ranked requests share one kernel call
     batch_wait_ms: float = Field(0.0, ge=0, le=100)  # hold a batch open this long to gather more (0: run at once)
     # true: also consume stream.kafka.topic (JSON values) in consumer group kafka_group, so the lists reflect events

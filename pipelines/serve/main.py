@@ -146,7 +146,8 @@ def serve(config: ShelfConfig, factory: str = "pipelines.serve.main:worker_app")
     """
     import uvicorn
 
-    where = {"host": config.serve.host, "port": config.serve.port, "log_level": "info"}
+    where = {"host": config.serve.host, "port": config.serve.port, "log_level": "info",
+             "access_log": config.serve.access_log}  # fmt: skip
     if config.serve.workers == 1:
         uvicorn.run(build(config), **where)  # type: ignore[arg-type]
         return
