@@ -107,12 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--user", required=True, help="the user id, as in the source data")
     sub.add_parser("tables", parents=[common], help="every table with its version, last run and row count")
-    sub.add_parser(
+    serve = sub.add_parser(
         "serve", parents=[common], help="re-rank the published lists at request time over HTTP (needs .[serve])"
     )
+    serve.add_argument("--port", type=int, default=None, help="the port to listen on (serve.port; default 8000)")
+    serve.add_argument("--workers", type=int, default=None, help="worker processes (serve.workers; default 1)")
     report = sub.add_parser("report", parents=[common], help="print a run's evaluation report (ops.reports)")
     report.add_argument("--out", default=None, help="also write summary.md and the PNG plots into this local folder")
     return parser
+
+
+def serve_overrides(args: argparse.Namespace) -> list[str]:
+    """`shelf serve --port/--workers` as the config keys they stand for (they win over --set)."""
+    given = {"port": getattr(args, "port", None), "workers": getattr(args, "workers", None)}
+    return [f"serve.{key}={value}" for key, value in given.items() if value is not None]
 
 
 def setup_logging() -> None:
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     try:
-        config = load_config(args.conf, args.overrides)
+        config = load_config(args.conf, [*args.overrides, *serve_overrides(args)])
         if args.command in ADMIN:
             return execute_admin(args, config)
         if args.command in ("show", "tables"):

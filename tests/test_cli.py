@@ -34,6 +34,17 @@ def test_bad_as_of_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 7 and "--as-of 'tomorrow' is not an ISO date" in capsys.readouterr().err
 
 
+def test_serve_port_and_workers_flags_are_the_config_keys_and_win_over_set(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.core.config_loading import load_config
+
+    args = cli.build_parser().parse_args(["serve", "--port", "8123", "--workers", "2", "--set", "serve.port=9000"])
+    config = load_config(None, [*args.overrides, *cli.serve_overrides(args)])
+    assert (config.serve.port, config.serve.workers) == (8123, 2)
+    assert cli.serve_overrides(cli.build_parser().parse_args(["serve"])) == []
+    assert cli.main(["serve", "--workers", "0"]) == 7
+    assert "serve.workers" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_run_id_defaults_from_as_of_so_reruns_are_idempotent() -> None:
     assert make_context(None, "2026-11-01", "2026-01-01").run_id == "run-20261101T000000"
     assert make_context("nightly-7", None, "2026-01-01T06:00:00+02:00").as_of.hour == 4
