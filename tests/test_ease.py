@@ -163,6 +163,21 @@ def test_spark_gram_matrix_equals_numpy(spark: SparkSession) -> None:
     assert ease.gram_matrix(x, max_items=2) is None
 
 
+def test_spark_gram_matrix_equals_numpy_on_random_users_spread_over_partitions(spark: SparkSession) -> None:
+    rng = np.random.default_rng(3)
+    pairs = {(int(u), int(i)) for u, i in zip(rng.integers(0, 300, 4000), rng.integers(0, 60, 4000), strict=True)}
+    rows = [(u, 1000 + 7 * i, float(rng.choice([1.0, 0.5, 2.25]))) for u, i in sorted(pairs)]
+    x = spark.createDataFrame(rows, "user_idx int, item_idx int, x double").repartition(7)  # users split apart
+    got = ease.gram_matrix(x, max_items=60)
+    assert got is not None
+    ids, gram = got
+    dense = np.zeros((300, ids.size))
+    for u, i, v in rows:
+        dense[u, np.searchsorted(ids, i)] = v
+    assert ids.tolist() == sorted({i for _, i, _ in rows})
+    np.testing.assert_allclose(gram, dense.T @ dense, rtol=1e-12)
+
+
 def test_spark_ease_input_aggregates_events(spark: SparkSession) -> None:
     events = spark.createDataFrame([(1, 5), (1, 5), (1, 5), (1, 6), (2, 5)], "user_idx int, item_idx int")
     binary = sorted(tuple(r) for r in ease.to_ease_input(events, "binary").collect())

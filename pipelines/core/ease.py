@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,7 @@ X = "x"
 ITEMS = "_items"
 VALUES = "_values"
 EXCLUDED = "_excluded"
+GRAM_CHUNK = 1 << 20  # rows per frame a Gram task yields
 
 
 NEIGHBOURS_SCHEMA = f"{ITEM_IDX} int, {NEIGHBOUR_IDX} int, {WEIGHT} float, {RANK} int, {RUN_ID} string"
@@ -101,8 +102,10 @@ def to_ease_input(interactions: DataFrame, values: EaseValues) -> DataFrame:
 def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
     """XᵀX over the items of `x`, dense on the driver, or None when there are more than `max_items` items.
 
-    The self-join on user costs Σ_u (items of u)², but its aggregate, the only thing collected, has at
-    most n² rows: the model's size, not the users'.
+    Each task holds whole users (`x` repartitioned by user) and multiplies its users' sparse rows (scipy's
+    sparse product in C, Σ_u (items of u)² multiply-adds) into a partial Gram matrix, of which it emits the upper
+    triangle's non-zeros; Spark sums the partials per (a, b). So no (user, item, item) row is ever built: the
+    shuffle and the collect are bounded by tasks x n² / 2 and n² / 2 rows, the model's size, not the users'.
 
     Args:
         x: user_idx, item_idx, x (one row per pair, see `to_ease_input`).
@@ -111,24 +114,39 @@ def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], np
     Returns:
         (ids (n,) int64 ascending, gram (n, n) float64), or None above `max_items`.
     """
-    n = x.select(ITEM_IDX).distinct().count()
-    if n > max_items:
+    items = x.select(ITEM_IDX).distinct()
+    if items.count() > max_items:
         return None
-    a = x.select(USER_IDX, F.col(ITEM_IDX).alias("_a"), F.col(X).alias("_xa"))
-    b = x.select(USER_IDX, F.col(ITEM_IDX).alias("_b"), F.col(X).alias("_xb"))
-    pairs = (
-        a.join(b, on=USER_IDX, how="inner")
-        .groupBy("_a", "_b")
-        .agg(F.sum(F.col("_xa") * F.col("_xb")).alias("_g"))
-        .select("_a", "_b", "_g")
-    )
-    pdf = pd.DataFrame(pairs.toPandas())  # bounded by max_items² rows; no orderBy: the fill is by position
-    item_a = pdf["_a"].to_numpy(dtype=np.int64)
-    item_b = pdf["_b"].to_numpy(dtype=np.int64)
-    ids = np.unique(item_a)  # every item pairs with itself, so the diagonal lists the catalogue
+    ids = np.sort(pd.DataFrame(items.toPandas())[ITEM_IDX].to_numpy(dtype=np.int64))  # at most max_items
+    partials = x.repartition(USER_IDX).mapInPandas(_partial_grams(ids), "_a int, _b int, _g double")
+    pdf = pd.DataFrame(partials.groupBy("_a", "_b").agg(F.sum("_g").alias("_g")).toPandas())
+    a, b = pdf["_a"].to_numpy(dtype=np.int64), pdf["_b"].to_numpy(dtype=np.int64)
     gram = np.zeros((ids.size, ids.size), dtype=np.float64)
-    gram[np.searchsorted(ids, item_a), np.searchsorted(ids, item_b)] = pdf["_g"].to_numpy(dtype=np.float64)
+    gram[a, b] = gram[b, a] = pdf["_g"].to_numpy(dtype=np.float64)  # positions in ids; symmetric
     return ids, gram
+
+
+def _partial_grams(ids: npt.NDArray[np.int64]) -> Callable[[Iterable[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """The per-task function of `gram_matrix`: this task's users' XᵀX, upper triangle, as (a, b, g) rows of
+    positions in `ids`, in chunks of `GRAM_CHUNK` rows."""
+
+    def partial(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from scipy import sparse
+
+        frames = [f for f in batches if len(f)]
+        if not frames:
+            return
+        rows = pd.concat(frames, ignore_index=True)
+        users = pd.factorize(rows[USER_IDX])[0]
+        cols = np.searchsorted(ids, rows[ITEM_IDX].to_numpy(dtype=np.int64))
+        xs = sparse.csr_matrix((rows[X].to_numpy(dtype=np.float64), (users, cols)), shape=(users.max() + 1, ids.size))
+        gram = sparse.triu(xs.T.tocsr() @ xs, format="coo")
+        for at in range(0, gram.nnz, GRAM_CHUNK):
+            part = slice(at, at + GRAM_CHUNK)
+            yield pd.DataFrame({"_a": gram.row[part].astype(np.int32), "_b": gram.col[part].astype(np.int32),
+                                "_g": gram.data[part]})  # fmt: skip
+
+    return partial
 
 
 def spd_inverse(matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
