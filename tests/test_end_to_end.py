@@ -447,6 +447,47 @@ def test_a_run_on_an_s3_root_equals_the_local_run_and_the_admin_commands_work_th
     serve_checks.check_serves_the_lists_from_a_bucket(load_config(conf, []), local, victim, s3, bucket)
 
 
+def test_shelf_serve_workers_stop_when_the_serve_process_is_killed(demo_run: DemoRun, tmp_path: Path) -> None:
+    """`shelf serve --workers 2` killed with SIGKILL (no shutdown of its own): its two workers notice they lost their
+    parent and shut down, instead of serving on the port forever."""
+    import signal
+
+    from tests import serve_checks
+    from tests.servers import free_port
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+        return found
+
+    port, log = free_port(), tmp_path / "serve.log"
+    sets = ("serve.workers=2", f"stream.source_path={tmp_path / 'landing'}")
+    with serve_checks.running_server(demo_run.root / "tables", port, log, *sets) as server:
+        deadline = time.monotonic() + 60
+        while len(workers := [w for w in children(server.pid) if "spawn_main" in _cmdline(w)]) < 2:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while alive := [w for w in workers if Path(f"/proc/{w}").exists() and "spawn_main" in _cmdline(w)]:
+            assert time.monotonic() < deadline, (alive, log.read_text()[-3000:])
+            time.sleep(0.2)
+    assert log.read_text().count("is gone; this worker shuts down") == 2
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_shelf_serve_swaps_to_a_new_run_under_load_and_flushes_on_sigterm(
     spark: SparkSession, demo_run: DemoRun, tmp_path: Path
 ) -> None:

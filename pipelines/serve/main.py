@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -96,10 +97,16 @@ def build(
     flush, reload = flusher(service), reloader(service)
     stop = threading.Event()
 
+    parent = os.getppid()
+
     def loop() -> None:
         waited, ticks = 0.0, 0
         while not stop.wait(0.2):
             waited, ticks = waited + 0.2, ticks + 1
+            if shared is not None and os.getppid() != parent:  # `shelf serve` was killed (SIGKILL) under its workers
+                log.error("[serve] the serve process %d is gone; this worker shuts down", parent)
+                os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own shutdown: the lifespan flushes, then it exits
+                return
             if shared is not None and ticks % 5 == 0:
                 service.share_metrics()
             if len(service.buffered) >= config.serve.flush_max_events or waited >= config.serve.flush_every_seconds:
