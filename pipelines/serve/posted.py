@@ -3,7 +3,7 @@ user, in SQLite, so that every worker process of a replica (`serve.workers`) see
 
 One worker keeps the database in memory; several share a file under `serve.state_dir` in WAL mode (readers never
 wait for a writer; a write waits at most `BUSY_MS` for another worker's). A GET reads one user's rows by index
-(~20-40 us); a POST appends and trims that user to the newest `keep`. Times are stored as integer microseconds
+(~45 us for 20 events, with the Event objects); a POST appends and trims that user to the newest `keep`. Times are stored as integer microseconds
 since the epoch (naive UTC, as the tables hold them), so a stored event reads back equal to the one posted.
 """
 
