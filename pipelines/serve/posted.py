@@ -1,10 +1,11 @@
 """The events a replica was posted (or consumed from Kafka), per user: the newest `rerank.max_fresh_events` of each
 user, in SQLite, so that every worker process of a replica (`serve.workers`) sees what any of them accepted.
 
-One worker keeps the database in memory; several share a file under `serve.state_dir` in WAL mode (readers never
-wait for a writer; a write waits at most `BUSY_MS` for another worker's). A GET reads one user's rows by index
-(~45 us for 20 events, with the Event objects); a POST appends and trims that user to the newest `keep`. Times are stored as integer microseconds
-since the epoch (naive UTC, as the tables hold them), so a stored event reads back equal to the one posted.
+One worker keeps the database in memory; several share a file in the temporary folder `shelf serve` creates for
+them, in WAL mode (readers never wait for a writer; a write waits at most `BUSY_MS` for another worker's). A GET
+reads one user's rows by index (~45 us for 20 events, with the Event objects); a POST appends and trims that user
+to the newest `keep`. Times are stored as integer microseconds since the epoch (naive UTC, as the tables hold
+them), so a stored event reads back equal to the one posted.
 """
 
 from __future__ import annotations
