@@ -68,8 +68,8 @@ def handwritten(ratings: str, out: str) -> None:
 def without_evaluate(conf: list[str]) -> None:
     """`shelf run`'s steps but evaluate, in order, in one session (what `shelf run` does, minus evaluate)."""
     from pipelines import runner
-    from pipelines.cli import setup_logging
     from pipelines.core.config_loading import load_config
+    from pipelines.core.logs import setup_logging
     from pipelines.core.runs import make_context
     from pipelines.core.session import get_spark
     from pipelines.steps import STEPS

@@ -46,11 +46,11 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import baselines, replay
-from pipelines.cli import setup_logging
 from pipelines.core import metrics, schemas
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.config_sections import EvaluateConfig, RerankConfig
+from pipelines.core.logs import setup_logging
 from pipelines.core.runs import parse_as_of
 from pipelines.core.schemas import USER_IDX
 from pipelines.core.session import get_spark

@@ -172,9 +172,9 @@ def over_http(service: Service, users: list[str], seconds: float) -> dict[int, f
 
 def bench_worker() -> Any:
     """uvicorn's app factory in each worker of the multi-worker server: the parent's tiled state, its clock."""
-    config, shared = worker_context()
+    config, replica = worker_context()
     state = scaled(load_state(config), int(json.loads(os.environ[BENCH_ENV])["users"]))
-    return build(config, shared, state, clock=lambda: state.as_of)
+    return build(config, replica, state, clock=lambda: state.as_of)
 
 
 def workers_server() -> None:

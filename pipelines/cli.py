@@ -17,7 +17,6 @@ A user's mistake ends with one sentence and a non-zero exit code, never a JVM st
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Protocol
 
@@ -25,6 +24,7 @@ from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.errors import ShelfError
+from pipelines.core.logs import setup_logging
 from pipelines.core.runs import RunContext, make_context
 from pipelines.steps import ADMIN, ANALYSES, GATE, STEPS, STREAMING, TOOLS, step_function
 
@@ -121,12 +121,6 @@ def serve_overrides(args: argparse.Namespace) -> list[str]:
     """`shelf serve --port/--workers` as the config keys they stand for (they win over --set)."""
     given = {"port": getattr(args, "port", None), "workers": getattr(args, "workers", None)}
     return [f"serve.{key}={value}" for key, value in given.items() if value is not None]
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-    for noisy in ("py4j", "great_expectations", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pipelines
     from pipelines.cli import main as cli_main
-    from pipelines.cli import setup_logging
+    from pipelines.core.logs import setup_logging
 
     args = sys.argv[1:] if argv is None else argv
     setup_logging()

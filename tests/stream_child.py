@@ -15,9 +15,9 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from pipelines.cli import setup_logging
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
+from pipelines.core.logs import setup_logging
 from pipelines.core.session import get_spark
 from pipelines.stream.job import StreamJob, start
 

@@ -11,6 +11,7 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path as LocalPath
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 
 from pipelines.core import uris
 from pipelines.core.config import ShelfConfig
+from pipelines.core.logs import setup_logging
 from pipelines.serve.app import Clock, EventIn, Service, create_app, utc_now
 from pipelines.serve.posted import PostedEvents
 from pipelines.serve.state import ServingState, load_state, serving_run
@@ -81,15 +83,42 @@ def reloader(service: Service) -> Callable[[], bool]:
     return reload
 
 
+@dataclass(frozen=True)
+class Replica:
+    """What each worker of a multi-worker `shelf serve` gets from it: the SQLite file they share and the pid of
+    the `shelf serve` process (a worker whose parent is no longer that pid shuts down)."""
+
+    shared: LocalPath
+    parent: int
+
+
+def housekeeping(service: Service, replica: Replica | None, flush: Callable[[], int], stop: threading.Event) -> None:
+    """Every 0.2 s until `stop`: flush every serve.flush_every_seconds (or at serve.flush_max_events) and forget
+    events past the horizon; with a replica, store this worker's metrics every second, and shut down (SIGTERM to
+    itself: uvicorn's shutdown flushes, then exits) once `shelf serve` is gone (killed under its workers)."""
+    config, waited, ticks = service.config, 0.0, 0
+    while not stop.wait(0.2):
+        waited, ticks = waited + 0.2, ticks + 1
+        if replica is not None and os.getppid() != replica.parent:
+            log.error("[serve] the serve process %d is gone; this worker shuts down", replica.parent)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if replica is not None and ticks % 5 == 0:
+            service.share_metrics()
+        if len(service.buffered) >= config.serve.flush_max_events or waited >= config.serve.flush_every_seconds:
+            flush()
+            service.prune(service.clock())
+            waited = 0.0
+
+
 def build(
-    config: ShelfConfig, shared: LocalPath | None = None, state: ServingState | None = None, clock: Clock = utc_now
+    config: ShelfConfig, replica: Replica | None = None, state: ServingState | None = None, clock: Clock = utc_now
 ) -> FastAPI:
-    """The app with its background loops: flush every serve.flush_every_seconds (or at serve.flush_max_events),
-    look for a new run every serve.reload_every_seconds, flush once more on shutdown; with `shared` (the SQLite
-    file of a replica's workers) also store this worker's metrics there every second. `state` and `clock`: serve
-    this state at this time (benchmarks) instead of the serving run now."""
+    """The app with its background loops (`housekeeping`; a new run looked for every serve.reload_every_seconds;
+    the Kafka consumer), flushing once more on shutdown. `replica`: this is one of several workers. `state` and
+    `clock`: serve this state at this time (benchmarks) instead of the serving run now."""
     state = state or load_state(config)
-    service = Service(config, state, clock, shared)
+    service = Service(config, state, clock, replica.shared if replica else None)
     if config.serve.kafka_consume:
         from pipelines.serve.consumer import consumer_settings
 
@@ -97,22 +126,8 @@ def build(
     flush, reload = flusher(service), reloader(service)
     stop = threading.Event()
 
-    parent = os.getppid()
-
     def loop() -> None:
-        waited, ticks = 0.0, 0
-        while not stop.wait(0.2):
-            waited, ticks = waited + 0.2, ticks + 1
-            if shared is not None and os.getppid() != parent:  # `shelf serve` was killed (SIGKILL) under its workers
-                log.error("[serve] the serve process %d is gone; this worker shuts down", parent)
-                os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own shutdown: the lifespan flushes, then it exits
-                return
-            if shared is not None and ticks % 5 == 0:
-                service.share_metrics()
-            if len(service.buffered) >= config.serve.flush_max_events or waited >= config.serve.flush_every_seconds:
-                flush()
-                service.prune(service.clock())
-                waited = 0.0
+        housekeeping(service, replica, flush, stop)
 
     def watch() -> None:
         while not stop.wait(config.serve.reload_every_seconds):
@@ -161,21 +176,20 @@ def serve(config: ShelfConfig, factory: str = "pipelines.serve.main:worker_app")
     with tempfile.TemporaryDirectory(prefix="shelf-serve-") as folder:
         shared = LocalPath(folder) / "posted.sqlite"
         PostedEvents(config.rerank.max_fresh_events, shared).close()  # the schema and WAL mode, before the workers
-        os.environ[WORKER_ENV] = json.dumps({"config": config.model_dump(mode="json"), "shared": str(shared)})
+        given = {"config": config.model_dump(mode="json"), "shared": str(shared), "parent": os.getpid()}
+        os.environ[WORKER_ENV] = json.dumps(given)
         log.info("[serve] starting %d workers sharing %s", config.serve.workers, shared)
         uvicorn.run(factory, factory=True, workers=config.serve.workers, **where)  # type: ignore[arg-type]
 
 
-def worker_context() -> tuple[ShelfConfig, LocalPath]:
-    """In a worker process: the config and shared SQLite file `serve` left in the environment."""
-    from pipelines.cli import setup_logging
-
+def worker_context() -> tuple[ShelfConfig, Replica]:
+    """In a worker process: the config, the shared SQLite file and the parent `serve` left in the environment."""
     setup_logging()
     given = json.loads(os.environ[WORKER_ENV])
-    return ShelfConfig.model_validate(given["config"]), LocalPath(given["shared"])
+    return ShelfConfig.model_validate(given["config"]), Replica(LocalPath(given["shared"]), int(given["parent"]))
 
 
 def worker_app() -> FastAPI:
     """The app of one of `serve.workers` worker processes (uvicorn calls this in each)."""
-    config, shared = worker_context()
-    return build(config, shared)
+    config, replica = worker_context()
+    return build(config, replica)
