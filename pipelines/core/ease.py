@@ -114,10 +114,10 @@ def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], np
     Returns:
         (ids (n,) int64 ascending, gram (n, n) float64), or None above `max_items`.
     """
-    items = x.select(ITEM_IDX).distinct()
-    if items.count() > max_items:
+    found = pd.DataFrame(x.select(ITEM_IDX).distinct().limit(max_items + 1).toPandas())  # one job, bounded
+    if len(found) > max_items:
         return None
-    ids = np.sort(pd.DataFrame(items.toPandas())[ITEM_IDX].to_numpy(dtype=np.int64))  # at most max_items
+    ids = np.sort(found[ITEM_IDX].to_numpy(dtype=np.int64))
     partials = x.repartition(USER_IDX).mapInPandas(_partial_grams(ids), "_a int, _b int, _g double")
     pdf = pd.DataFrame(partials.groupBy("_a", "_b").agg(F.sum("_g").alias("_g")).toPandas())
     a, b = pdf["_a"].to_numpy(dtype=np.int64), pdf["_b"].to_numpy(dtype=np.int64)

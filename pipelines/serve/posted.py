@@ -96,10 +96,6 @@ class PostedEvents:
     def close(self) -> None:
         self.db.close()
 
-    def users(self) -> int:
-        with self.lock:
-            return int(self.db.execute("SELECT count(DISTINCT user_id) FROM posted").fetchone()[0])
-
     def put_snapshot(self, worker: str, snapshot: str) -> None:
         """This worker's metrics (JSON), for the others' GET /metrics."""
         with self.lock, self.db:
