@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType
 
-from pipelines.core import ease, metrics, tables
+from pipelines.core import ease, holdout, metrics, tables
 from pipelines.core.als import AlsParams, als_recommend, fit_als, num_blocks, save_model, to_pairs, with_half_life
 from pipelines.core.als import load_model as load_model  # re-exported
 from pipelines.core.als import model_path as model_path  # re-exported
@@ -36,7 +36,6 @@ from pipelines.core.schemas import AS_OF, FEATURES, ITEM_IDX, RUN_ID, USER_IDX
 from pipelines.core.splits import leave_last_n_split
 
 STEP = "train"
-TUNE_BUDGET_FITS = 4.0  # tuning's default budget: this many times the first grid point's ALS fit
 log = logging.getLogger("shelf.train")
 
 
@@ -56,24 +55,15 @@ def validation_ndcg(
     params: AlsParams,
     train: TrainConfig,
     k: int,
-) -> tuple[float, float]:
-    """Mean NDCG@k of ALS with `params` on the held-out pairs of users it trained on, and the fit's seconds."""
-    started = time.perf_counter()
+) -> float:
+    """Mean NDCG@k of ALS with `params` on the held-out pairs of users it trained on."""
     model = fit_als(spark, train_pairs, params, train)
-    fit_seconds = time.perf_counter() - started
     relevant = metrics.remove_seen(holdout, train_pairs).join(
         train_pairs.select(USER_IDX).distinct(), on=USER_IDX, how="inner"
     )
     recs = als_recommend(model, relevant.select(USER_IDX), train_pairs, k)
     row = metrics.per_user_metrics(recs, relevant, [k]).agg(F.avg("ndcg")).first()
-    return (float(row[0] or 0.0) if row is not None else 0.0), fit_seconds
-
-
-def over_budget(spent: float, first_fit: float, done: int, budget: float | None) -> bool:
-    """Whether one more grid point (at the mean point's time so far) would pass the budget (None:
-    TUNE_BUDGET_FITS x the first point's ALS fit, so tuning costs at most that many fits)."""
-    limit = TUNE_BUDGET_FITS * first_fit if budget is None else budget
-    return spent + spent / done > limit
+    return float(row[0] or 0.0) if row is not None else 0.0
 
 
 def half_lives(cleaned: float | None, grid: list[float | None]) -> list[float | None]:
@@ -91,9 +81,9 @@ def tune(
     spark: SparkSession, interactions: DataFrame, config: ShelfConfig, ctx: RunContext
 ) -> tuple[DataFrame, AlsParams]:
     """Grid search over rank/reg_param/alpha/confidence/half-life scored by NDCG@k on a per-user leave-last-N split
-    carved from the training data only. Returns one row per grid point and the best parameters (ties: the
-    earlier grid point; the half-life varies fastest, so the second point is the configured one with another
-    decay)."""
+    carved from the training data only, over the first train.tune_points points of the grid. Returns one row per
+    point tried and the best parameters (ties: the earlier point; the half-life varies fastest, so the second
+    point is the first one with the other decay)."""
     train, cleaned = config.train, config.clean.half_life_days
     grid = [
         AlsParams(rank=r, reg_param=reg, alpha=a, confidence=c, half_life_days=h)
@@ -107,19 +97,16 @@ def tune(
     ]
     splits: dict[float | None, tuple[DataFrame, DataFrame]] = {}  # per half-life: cached train and holdout pairs
     results: list[tuple[AlsParams, float, float]] = []
-    began, first_fit = time.perf_counter(), 0.0
-    for i, params in enumerate(grid):
-        if i and over_budget(time.perf_counter() - began, first_fit, i, train.tune_budget_seconds):
-            log.info("[%s] tuning stopped after %d of %d grid points: its time budget is spent", STEP, i, len(grid))
-            break
+    if train.tune_points < len(grid):
+        log.info("[%s] tuning tries %d of the grid's %d points (train.tune_points)", STEP, train.tune_points, len(grid))
+    for params in grid[: train.tune_points]:
         started = time.perf_counter()
         if params.half_life_days not in splits:
             pairs = to_ratings_input(interactions, params.half_life_days, cleaned)
             part, held = leave_last_n_split(pairs, n=train.validation_last_n)
             splits[params.half_life_days] = (part.cache(), held.cache())
         train_pairs, holdout = splits[params.half_life_days]
-        score, fit_seconds = validation_ndcg(spark, train_pairs, holdout, params, train, train.tune_k)
-        first_fit = first_fit or fit_seconds
+        score = validation_ndcg(spark, train_pairs, holdout, params, train, train.tune_k)
         results.append((params, score, round(time.perf_counter() - started, 3)))
         log.info("[%s] tune %s: validation NDCG@%d %.4f (%.1f s)", STEP, params, train.tune_k, score, results[-1][2])
     for frame in (f for pair in splits.values() for f in pair):
@@ -159,17 +146,53 @@ def fit_ease(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> int:
     return 0
 
 
+def rehearsed_params(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> AlsParams | None:
+    """The ALS parameters this run id's holdout rehearsal tuned (its row of the holdout's gold.training_runs), or
+    None: tuning is off, this train is the rehearsal, or no rehearsal of the run id tuned."""
+    if not config.train.tune or config.storage.namespace == holdout.NAMESPACE:
+        return None
+    held = holdout.holdout_config(config)
+    if not tables.exists(spark, held, "gold", "training_runs"):
+        return None
+    rows = (
+        tables.read(spark, held, "gold", "training_runs")
+        .filter((F.col(RUN_ID) == ctx.run_id) & F.col("tuned"))
+        .select("rank", "reg_param", "alpha", "confidence", "half_life_days")
+        .collect()  # at most one row: mode="run" keeps one per run id
+    )
+    if not rows:
+        return None
+    r = rows[0]
+    return AlsParams(
+        int(r["rank"]), float(r["reg_param"]), float(r["alpha"]), str(r["confidence"]), r["half_life_days"]
+    )
+
+
+def choose_params(
+    spark: SparkSession, interactions: DataFrame, config: ShelfConfig, ctx: RunContext, counts: dict[str, float]
+) -> AlsParams:
+    """The rehearsal's tuned parameters when it ran for this run id, else tuning's choice (train.tune, written to
+    gold.tuning), else the configured parameters."""
+    rehearsed = rehearsed_params(spark, config, ctx)
+    if rehearsed is not None:
+        log.info("[%s] fitting with what this run's holdout rehearsal tuned and evaluate measured: %s", STEP, rehearsed)
+        counts["rehearsed_params"] = 1
+        return rehearsed
+    if not config.train.tune:
+        return AlsParams.from_config(config.train, config.clean.half_life_days)
+    tuning, params = tune(spark, interactions, config, ctx)
+    tables.write(tuning, config, "gold", "tuning", ctx.run_id, mode="run")
+    counts["grid_points"] = tuning.count()
+    return params
+
+
 def run(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> None:
     """Train ALS (after tuning when train.tune) and write the model, factors and training record."""
     train = config.train
     with step_log(STEP, ctx) as counts:
         started = time.perf_counter()
         interactions = tables.read(spark, config, "silver", "interactions")
-        params = AlsParams.from_config(train, config.clean.half_life_days)
-        if train.tune:
-            tuning, params = tune(spark, interactions, config, ctx)
-            tables.write(tuning, config, "gold", "tuning", ctx.run_id, mode="run")
-            counts["grid_points"] = tuning.count()
+        params = choose_params(spark, interactions, config, ctx, counts)
         pairs = to_ratings_input(interactions, params.half_life_days, config.clean.half_life_days).cache()
         model = fit_als(spark, pairs, params, train)
         counts["ease_items"] = fit_ease(spark, config, ctx)

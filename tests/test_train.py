@@ -116,22 +116,38 @@ def test_als_beats_popularity_on_a_temporal_split(spark: SparkSession, planted: 
 
 
 @pytest.mark.steps
-def test_tuning_keeps_the_grid_point_with_the_best_validation_ndcg(spark: SparkSession, planted: ShelfConfig) -> None:
+def test_tuning_tries_its_points_in_the_rehearsal_and_the_publish_fits_what_it_chose(
+    spark: SparkSession, planted: ShelfConfig
+) -> None:
     update = {"rank": [8], "reg_param": [0.1], "alpha": [20.0], "half_life_days": [0.5, None, 30.0]}
     grid = planted.train.grid.model_copy(update=update)
-    config = _with(planted, "train", tune=True, grid=grid, max_iter=3, tune_k=5, tune_budget_seconds=1e6)
+    config = _with(planted, "train", tune=True, grid=grid, max_iter=3, tune_k=5, tune_points=2)
     config = _with(config, "clean", half_life_days=None)  # what planted silver holds (decay 1): tried first
-    train.run(spark, config, RunContext(run_id="t1", as_of=AS_OF))
+    held = holdout.holdout_config(config)
+    tables.write(tables.read(spark, config, "silver", "interactions"), held, "silver", "interactions", "clean-run")
+    ctx = RunContext(run_id="t1", as_of=AS_OF)
+    train.run(spark, held, ctx)  # the holdout rehearsal's train: it tunes
 
-    tuning = tables.read(spark, config, "gold", "tuning").collect()
-    assert sorted(r.half_life_days or 0.0 for r in tuning) == [0.0, 0.5, 30.0]
+    tuning = tables.read(spark, held, "gold", "tuning").collect()
+    assert sorted(r.half_life_days or 0.0 for r in tuning) == [0.0, 0.5]  # 2 of the 3 points, in grid order
     assert train.half_lives(None, [7.0, None, 30.0, 7.0]) == [None, 7.0, 30.0]  # silver's decay first, once each
     assert train.half_lives(30.0, [None, 30.0]) == [30.0, None]
     assert len({r.ndcg for r in tuning}) > 1, "the half-life must change what ALS learns"
     best = [r for r in tuning if r.best]
     assert len(best) == 1 and best[0].ndcg == max(r.ndcg for r in tuning)
-    record = tables.read(spark, config, "gold", "training_runs").collect()
+    record = tables.read(spark, held, "gold", "training_runs").collect()
     assert [(r.alpha, r.half_life_days, r.tuned) for r in record] == [(best[0].alpha, best[0].half_life_days, True)]
+
+    # The publishing train of the same run fits what the rehearsal chose (and evaluate measured): no second tuning.
+    shifted = _with(config, "train", grid=grid.model_copy(update={"alpha": [1.0]}))  # would tune to alpha 1
+    train.run(spark, shifted, ctx)
+    assert not tables.exists(spark, config, "gold", "tuning")
+    published = tables.read(spark, config, "gold", "training_runs").collect()
+    assert [(r.rank, r.alpha, r.half_life_days, r.tuned) for r in published] == [
+        (8, best[0].alpha, best[0].half_life_days, True)
+    ]
+    train.run(spark, shifted, RunContext(run_id="t2", as_of=AS_OF))  # no rehearsal of t2: it tunes itself
+    assert {r.alpha for r in tables.read(spark, config, "gold", "tuning").collect()} == {1.0}
 
 
 def test_a_half_life_in_train_decays_as_clean_does(spark: SparkSession) -> None:
@@ -178,12 +194,3 @@ def test_evaluate_reports_diversity_and_novelty_per_model(
     assert (
         "| model | precision | recall | ndcg | map | map_rel | hit_rate | coverage | novelty | diversity |" in summary
     )
-
-
-def test_tuning_stops_before_a_grid_point_would_pass_its_budget() -> None:
-    # default budget: 4 x the first point's ALS fit (10 s); points of 20 s (fit + validation lists): one more after
-    # the first (20 + 20 <= 40), none after the second
-    assert not train.over_budget(spent=20.0, first_fit=10.0, done=1, budget=None)
-    assert train.over_budget(spent=40.0, first_fit=10.0, done=2, budget=None)
-    assert train.over_budget(spent=10.0, first_fit=5.0, done=1, budget=15.0)
-    assert not train.over_budget(spent=10.0, first_fit=5.0, done=1, budget=20.0)

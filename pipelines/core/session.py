@@ -238,7 +238,7 @@ def _tune(spark: SparkSession, config: ShelfConfig) -> None:
     cores = parallelism(spark)
     partitions = config.spark.shuffle_partitions or max(2, 2 * cores)
     spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
-    _set_if_unset(spark, SNAPSHOT_PARTITIONS, str(min(50, 2 * cores)))
+    _set_if_unset(spark, SNAPSHOT_PARTITIONS, str(min(50, max(1, cores // 4))))
     log.info(
         "spark %s, master %s, %d cores, %d shuffle partitions",
         spark.version,
@@ -249,7 +249,9 @@ def _tune(spark: SparkSession, config: ShelfConfig) -> None:
 
 
 # Delta rebuilds a table's state from its log in this many partitions on every snapshot (default 50: a shelf run
-# takes hundreds of snapshots, so on 2 cores a demo run over Spark Connect spent ~40% of its time there).
+# takes hundreds of snapshots, so on 2 cores a demo run over Spark Connect spent ~40% of its time there). shelf
+# sets one per 4 cores, at least 1, at most 50: its tables' logs are small (checkpointed, pruned by retention),
+# and on 2 cores 1 partition instead of 4 took a demo run from 192 s to 163 s (docs/BENCHMARKS.md).
 SNAPSHOT_PARTITIONS = "spark.databricks.delta.snapshotPartitions"
 
 
