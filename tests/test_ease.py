@@ -163,7 +163,10 @@ def test_spark_gram_matrix_equals_numpy(spark: SparkSession) -> None:
     assert ease.gram_matrix(x, max_items=2) is None
 
 
-def test_spark_gram_matrix_equals_numpy_on_random_users_spread_over_partitions(spark: SparkSession) -> None:
+def test_spark_gram_matrix_equals_numpy_on_random_users_spread_over_partitions(
+    spark: SparkSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ease, "BAND_ENTRIES", 7 * 60)  # bands of 7 matrix rows: 9 bands, the last one short
     rng = np.random.default_rng(3)
     pairs = {(int(u), int(i)) for u, i in zip(rng.integers(0, 300, 4000), rng.integers(0, 60, 4000), strict=True)}
     rows = [(u, 1000 + 7 * i, float(rng.choice([1.0, 0.5, 2.25]))) for u, i in sorted(pairs)]

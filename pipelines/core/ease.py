@@ -32,6 +32,7 @@ from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_sections import EaseValues
 from pipelines.core.schemas import EASE_SCORE, ITEM_IDX, NEIGHBOUR_IDX, RANK, RUN_ID, USER_IDX, WEIGHT
+from pipelines.core.session import parallelism
 from udfs.ease import dense_peak_bytes, ease_csr, fit_ease, prune_top_n, top_n_sparse
 from udfs.topk import csr_from_lists, to_long
 
@@ -41,7 +42,9 @@ X = "x"
 ITEMS = "_items"
 VALUES = "_values"
 EXCLUDED = "_excluded"
-GRAM_CHUNK = 1 << 20  # rows per frame a Gram task yields
+BAND_ENTRIES = 1 << 18  # matrix entries per band of the Gram's partials at most (n x rows): 4 MB per binary row
+_BAND, _BLOB = "_band", "_entries"
+_BANDS_SCHEMA = f"{_BAND} int, {_BLOB} binary"
 
 
 NEIGHBOURS_SCHEMA = f"{ITEM_IDX} int, {NEIGHBOUR_IDX} int, {WEIGHT} float, {RANK} int, {RUN_ID} string"
@@ -102,10 +105,12 @@ def to_ease_input(interactions: DataFrame, values: EaseValues) -> DataFrame:
 def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
     """XᵀX over the items of `x`, dense on the driver, or None when there are more than `max_items` items.
 
-    Each task holds whole users (`x` repartitioned by user) and multiplies its users' sparse rows (scipy's
-    sparse product in C, Σ_u (items of u)² multiply-adds) into a partial Gram matrix, of which it emits the upper
-    triangle's non-zeros; Spark sums the partials per (a, b). So no (user, item, item) row is ever built: the
-    shuffle and the collect are bounded by tasks x n² / 2 and n² / 2 rows, the model's size, not the users'.
+    Each task holds whole users (`x` repartitioned by user into one partition per task slot) and multiplies its
+    users' sparse rows (scipy's sparse product in C, Σ_u (items of u)² multiply-adds) into a partial Gram matrix,
+    whose upper triangle it emits as one binary row per band of `BAND_ENTRIES` / n matrix rows. The bands are
+    summed in Spark (scipy per band), and the driver collects one row per band. So no (user, item, item) row is
+    ever built, and what crosses a shuffle or reaches the driver is bounded by the model's size (tasks x n² / 2 and
+    n² / 2 entries), never by the users'.
 
     Args:
         x: user_idx, item_idx, x (one row per pair, see `to_ease_input`).
@@ -118,17 +123,37 @@ def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], np
     if len(found) > max_items:
         return None
     ids = np.sort(found[ITEM_IDX].to_numpy(dtype=np.int64))
-    partials = x.repartition(USER_IDX).mapInPandas(_partial_grams(ids), "_a int, _b int, _g double")
-    pdf = pd.DataFrame(partials.groupBy("_a", "_b").agg(F.sum("_g").alias("_g")).toPandas())
-    a, b = pdf["_a"].to_numpy(dtype=np.int64), pdf["_b"].to_numpy(dtype=np.int64)
+    band_rows = max(1, BAND_ENTRIES // ids.size)
+    slots = parallelism(x.sparkSession)
+    partials = x.repartition(slots, USER_IDX).mapInPandas(_partial_bands(ids, band_rows), _BANDS_SCHEMA)
+    summed = pd.DataFrame(partials.groupBy(_BAND).applyInPandas(_summed_band(ids.size), _BANDS_SCHEMA).toPandas())
     gram = np.zeros((ids.size, ids.size), dtype=np.float64)
-    gram[a, b] = gram[b, a] = pdf["_g"].to_numpy(dtype=np.float64)  # positions in ids; symmetric
+    for blob in summed[_BLOB]:
+        a, b, g = _decode(blob)
+        gram[a, b] = gram[b, a] = g  # positions in ids; symmetric
     return ids, gram
 
 
-def _partial_grams(ids: npt.NDArray[np.int64]) -> Callable[[Iterable[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """The per-task function of `gram_matrix`: this task's users' XᵀX, upper triangle, as (a, b, g) rows of
-    positions in `ids`, in chunks of `GRAM_CHUNK` rows."""
+def _encode(a: npt.NDArray[np.integer], b: npt.NDArray[np.integer], g: npt.NDArray[np.floating]) -> bytes:
+    """Entries (row a, column b, value g) as one binary value: int32 a, int32 b, float64 g."""
+    return a.astype(np.int32).tobytes() + b.astype(np.int32).tobytes() + g.astype(np.float64).tobytes()
+
+
+def _decode(blob: bytes) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.float64]]:
+    m = len(blob) // 16
+    view = memoryview(blob)
+    return (
+        np.frombuffer(view[: 4 * m], dtype=np.int32),
+        np.frombuffer(view[4 * m : 8 * m], dtype=np.int32),
+        np.frombuffer(view[8 * m :], dtype=np.float64),
+    )
+
+
+def _partial_bands(
+    ids: npt.NDArray[np.int64], band_rows: int
+) -> Callable[[Iterable[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """The per-task function of `gram_matrix`: this task's users' XᵀX, upper triangle, as one (band, entries) row per
+    band of `band_rows` matrix rows (positions in `ids`)."""
 
     def partial(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from scipy import sparse
@@ -140,13 +165,34 @@ def _partial_grams(ids: npt.NDArray[np.int64]) -> Callable[[Iterable[pd.DataFram
         users = pd.factorize(rows[USER_IDX])[0]
         cols = np.searchsorted(ids, rows[ITEM_IDX].to_numpy(dtype=np.int64))
         xs = sparse.csr_matrix((rows[X].to_numpy(dtype=np.float64), (users, cols)), shape=(users.max() + 1, ids.size))
-        gram = sparse.triu(xs.T.tocsr() @ xs, format="coo")
-        for at in range(0, gram.nnz, GRAM_CHUNK):
-            part = slice(at, at + GRAM_CHUNK)
-            yield pd.DataFrame({"_a": gram.row[part].astype(np.int32), "_b": gram.col[part].astype(np.int32),
-                                "_g": gram.data[part]})  # fmt: skip
+        gram = sparse.triu(xs.T.tocsr() @ xs, format="csr")
+        bands, blobs = [], []
+        for top in range(0, ids.size, band_rows):
+            bottom = min(top + band_rows, ids.size)
+            lo, hi = gram.indptr[top], gram.indptr[bottom]
+            if hi > lo:
+                a = np.repeat(np.arange(top, bottom), np.diff(gram.indptr[top : bottom + 1]))
+                bands.append(top // band_rows)
+                blobs.append(_encode(a, gram.indices[lo:hi], gram.data[lo:hi]))
+        yield pd.DataFrame({_BAND: np.asarray(bands, dtype=np.int32), _BLOB: blobs})
 
     return partial
+
+
+def _summed_band(n: int) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """The per-band function of `gram_matrix`: the tasks' partial entries of one band, summed (one row)."""
+
+    def summed(band: pd.DataFrame) -> pd.DataFrame:
+        from scipy import sparse
+
+        a, b, g = (np.concatenate(parts) for parts in zip(*(_decode(blob) for blob in band[_BLOB]), strict=True))
+        total = sparse.coo_matrix((g, (a, b)), shape=(n, n)).tocsr()  # duplicates (a, b) summed
+        entries = total.tocoo()
+        return pd.DataFrame(
+            {_BAND: band[_BAND].iloc[:1].to_numpy(), _BLOB: [_encode(entries.row, entries.col, entries.data)]}
+        )
+
+    return summed
 
 
 def spd_inverse(matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
