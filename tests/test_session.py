@@ -71,9 +71,7 @@ def test_background_work_yields_the_cores_to_the_main_work(spark: SparkSession) 
     assert sc.getLocalProperty("spark.scheduler.pool") is None  # the batch's own thread keeps the default pool
 
 
-def test_delta_snapshot_partitions_follow_the_cores_unless_set(
-    spark: SparkSession, config: ShelfConfig
-) -> None:
+def test_delta_snapshot_partitions_follow_the_cores_unless_set(spark: SparkSession, config: ShelfConfig) -> None:
     """Every session shelf builds or joins gets Delta's snapshot partitions from its cores (one per 4, at least 1;
     Delta's own default is 50); a value the user or the platform set is kept."""
     from pipelines.core.session import SNAPSHOT_PARTITIONS, _tune, parallelism
