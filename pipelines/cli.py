@@ -117,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve_overrides(args: argparse.Namespace) -> list[str]:
-    """`shelf serve --port/--workers` as the config keys they stand for (they win over --set)."""
+def serve_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """`shelf serve --port/--workers` as the config overrides they stand for (they win over --set), each mapped to
+    the flag it came from (named in a config error)."""
     given = {"port": getattr(args, "port", None), "workers": getattr(args, "workers", None)}
-    return [f"serve.{key}={value}" for key, value in given.items() if value is not None]
+    return {f"serve.{key}={value}": f"--{key} {value}" for key, value in given.items() if value is not None}
 
 
 def execute(command: str, config: ShelfConfig, ctx: RunContext) -> int:
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     try:
-        config = load_config(args.conf, [*args.overrides, *serve_overrides(args)])
+        flags = serve_overrides(args)
+        config = load_config(args.conf, [*args.overrides, *flags], flags)
         if args.command in ADMIN:
             return execute_admin(args, config)
         if args.command in ("show", "tables"):

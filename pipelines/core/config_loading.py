@@ -106,7 +106,9 @@ def _file_layers(overlay_path: Path) -> list[tuple[str, dict[str, Any]]]:
     return layers
 
 
-def load_config(conf: str | Path | None = None, overrides: list[str] | None = None) -> ShelfConfig:
+def load_config(
+    conf: str | Path | None = None, overrides: list[str] | None = None, flags: dict[str, str] | None = None
+) -> ShelfConfig:
     """The packaged defaults (the config models), `conf/base.yaml` and the overlay `conf`, then `--set` overrides,
     validated into a ShelfConfig.
 
@@ -114,6 +116,7 @@ def load_config(conf: str | Path | None = None, overrides: list[str] | None = No
         conf: the overlay file (e.g. conf/local.yaml); a base.yaml in the same folder is read first. None: no
             file at all, the defaults alone (what a wheel installed outside a checkout runs with).
         overrides: `key.path=value` strings, applied last.
+        flags: override -> the command-line flag it came from (e.g. "--workers 0"), named in errors instead of --set.
 
     Raises:
         ConfigError: a file is missing or invalid, or a key is unknown or has the wrong type.
@@ -123,7 +126,7 @@ def load_config(conf: str | Path | None = None, overrides: list[str] | None = No
     layers = _file_layers(Path(conf)) if conf is not None else []
     for text in overrides or []:
         parts, value = parse_override(text)
-        layers.append((f"--set {text}", _nest(parts, value)))
+        layers.append(((flags or {}).get(text, f"--set {text}"), _nest(parts, value)))
     for origin, tree in layers:
         merged = deep_merge(merged, tree)
         origins.update(_origins(tree, origin))
