@@ -449,9 +449,13 @@ def test_a_run_on_an_s3_root_equals_the_local_run_and_the_admin_commands_work_th
 
 def test_shelf_serve_workers_stop_when_the_serve_process_is_killed(demo_run: DemoRun, tmp_path: Path) -> None:
     """`shelf serve --workers 2` killed with SIGKILL (no shutdown of its own): its two workers notice they lost their
-    parent and shut down, instead of serving on the port forever."""
+    parent and shut down, instead of serving on the port forever, and the last one removes the temporary folder.
+    The config (secrets included) reaches the workers in a file of that folder, not in their environment."""
+    import json
+    import re
     import signal
 
+    from pipelines.serve.main import WORKER_ENV
     from tests import serve_checks
     from tests.servers import free_port
 
@@ -472,6 +476,12 @@ def test_shelf_serve_workers_stop_when_the_serve_process_is_killed(demo_run: Dem
         while len(workers := [w for w in children(server.pid) if "spawn_main" in _cmdline(w)]) < 2:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
+        environ = dict(
+            v.split(b"=", 1) for v in Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0") if b"=" in v
+        )
+        assert set(json.loads(environ[WORKER_ENV.encode()])) == {"folder", "parent"}
+        folder = Path(json.loads(environ[WORKER_ENV.encode()])["folder"])
+        assert folder.is_dir() and (folder / "config.json").stat().st_mode & 0o077 == 0
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=30)
         deadline = time.monotonic() + 60
@@ -479,6 +489,7 @@ def test_shelf_serve_workers_stop_when_the_serve_process_is_killed(demo_run: Dem
             assert time.monotonic() < deadline, (alive, log.read_text()[-3000:])
             time.sleep(0.2)
     assert log.read_text().count("is gone; this worker shuts down") == 2
+    assert not folder.exists() and len(re.findall(r"removed .*shelf-serve-.*: the last worker", log.read_text())) == 1
 
 
 def _cmdline(pid: int) -> str:

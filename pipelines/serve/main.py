@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -27,7 +28,8 @@ from pipelines.serve.state import ServingState, load_state, serving_run
 from pipelines.serve.storage import delta_rs_location
 
 log = logging.getLogger("shelf.serve")
-WORKER_ENV = "SHELF_SERVE_WORKER"  # serve -> its worker processes: the config and the shared SQLite file
+WORKER_ENV = "SHELF_SERVE_WORKER"  # serve -> its worker processes: its temporary folder and its pid
+WORKER_CONFIG = "config.json"  # in that folder (mode 0600): the config, secrets included, never in the environment
 
 
 def landing_uri(config: ShelfConfig) -> str:
@@ -85,11 +87,45 @@ def reloader(service: Service) -> Callable[[], bool]:
 
 @dataclass(frozen=True)
 class Replica:
-    """What each worker of a multi-worker `shelf serve` gets from it: the SQLite file they share and the pid of
-    the `shelf serve` process (a worker whose parent is no longer that pid shuts down)."""
+    """What each worker of a multi-worker `shelf serve` gets from it: its temporary folder (the SQLite file they
+    share, the config) and the pid of the `shelf serve` process (a worker whose parent is no longer that pid shuts
+    down)."""
 
-    shared: LocalPath
+    folder: LocalPath
     parent: int
+
+    @property
+    def shared(self) -> LocalPath:
+        return self.folder / "posted.sqlite"
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.parent
+
+
+def leave_replica(service: Service, replica: Replica) -> None:
+    """A worker's last act when `shelf serve` was killed under it: the last worker alive removes the temporary folder
+    `shelf serve` could not (each first removes its own metrics snapshot, then looks for live others)."""
+    others = [int(w) for w in service.posted.leave(service.worker) if w.isdigit()]
+    if any(_alive(pid) for pid in others):
+        return
+    service.posted.close()
+    claimed = replica.folder.with_name(replica.folder.name + ".gone")
+    try:
+        replica.folder.rename(claimed)  # atomic: of two workers leaving at once, one removes it
+    except OSError:
+        return
+    shutil.rmtree(claimed, ignore_errors=True)
+    log.info("[serve] removed %s: the last worker of a killed serve process", replica.folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def housekeeping(service: Service, replica: Replica | None, flush: Callable[[], int], stop: threading.Event) -> None:
@@ -99,7 +135,7 @@ def housekeeping(service: Service, replica: Replica | None, flush: Callable[[], 
     config, waited, ticks = service.config, 0.0, 0
     while not stop.wait(0.2):
         waited, ticks = waited + 0.2, ticks + 1
-        if replica is not None and os.getppid() != replica.parent:
+        if replica is not None and replica.orphaned():
             log.error("[serve] the serve process %d is gone; this worker shuts down", replica.parent)
             os.kill(os.getpid(), signal.SIGTERM)
             return
@@ -155,6 +191,8 @@ def build(
         stop.set()
         appended = flush()
         log.info("[serve] shut down: %d buffered events appended", appended)
+        if replica is not None and replica.orphaned():
+            leave_replica(service, replica)
 
     app = create_app(service, flush)
     app.router.lifespan_context = lifespan
@@ -173,20 +211,25 @@ def serve(config: ShelfConfig, factory: str = "pipelines.serve.main:worker_app")
     if config.serve.workers == 1:
         uvicorn.run(build(config), **where)  # type: ignore[arg-type]
         return
-    with tempfile.TemporaryDirectory(prefix="shelf-serve-") as folder:
-        shared = LocalPath(folder) / "posted.sqlite"
-        PostedEvents(config.rerank.max_fresh_events, shared).close()  # the schema and WAL mode, before the workers
-        given = {"config": config.model_dump(mode="json"), "shared": str(shared), "parent": os.getpid()}
-        os.environ[WORKER_ENV] = json.dumps(given)
-        log.info("[serve] starting %d workers sharing %s", config.serve.workers, shared)
+    with tempfile.TemporaryDirectory(prefix="shelf-serve-") as folder:  # mode 0700
+        replica = Replica(LocalPath(folder), os.getpid())
+        PostedEvents(config.rerank.max_fresh_events, replica.shared).close()  # the schema and WAL mode, first
+        opened = os.open(replica.folder / WORKER_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(opened, "w") as out:
+            json.dump(config.model_dump(mode="json"), out)
+        os.environ[WORKER_ENV] = json.dumps({"folder": folder, "parent": replica.parent})
+        log.info("[serve] starting %d workers sharing %s", config.serve.workers, replica.shared)
         uvicorn.run(factory, factory=True, workers=config.serve.workers, **where)  # type: ignore[arg-type]
 
 
 def worker_context() -> tuple[ShelfConfig, Replica]:
-    """In a worker process: the config, the shared SQLite file and the parent `serve` left in the environment."""
+    """In a worker process: the config and the replica `shelf serve` handed over (its folder and pid in the
+    environment, the config in a file of that folder)."""
     setup_logging()
     given = json.loads(os.environ[WORKER_ENV])
-    return ShelfConfig.model_validate(given["config"]), Replica(LocalPath(given["shared"]), int(given["parent"]))
+    replica = Replica(LocalPath(given["folder"]), int(given["parent"]))
+    config = ShelfConfig.model_validate_json((replica.folder / WORKER_CONFIG).read_text())
+    return config, replica
 
 
 def worker_app() -> FastAPI:

@@ -101,6 +101,12 @@ class PostedEvents:
         with self.lock, self.db:
             self.db.execute("INSERT OR REPLACE INTO worker_metrics VALUES (?, ?)", (worker, snapshot))
 
+    def leave(self, worker: str) -> list[str]:
+        """Remove this worker's metrics snapshot; returns the workers whose snapshots remain."""
+        with self.lock, self.db:
+            self.db.execute("DELETE FROM worker_metrics WHERE worker = ?", (worker,))
+            return [w for (w,) in self.db.execute("SELECT worker FROM worker_metrics")]
+
     def snapshots(self, but: str) -> list[str]:
         """Every other worker's last metrics snapshot."""
         with self.lock:
