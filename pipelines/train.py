@@ -6,7 +6,8 @@ Reads silver.interactions (one row per event). Writes, for the run:
 - gold.user_factors: one row per user (user_idx, features array<float>, run_id), a snapshot per run
 - gold.item_factors: one row per item (item_idx, features array<float>, run_id), a snapshot per run
 - gold.training_runs: one row per run with the parameters used, the data sizes and the seconds taken
-- gold.tuning (with train.tune): one row per grid point with its validation NDCG@k
+- gold.tuning (with train.tune, unless this run id's holdout rehearsal tuned: then its parameters are fitted): one row
+  per grid point tried with its validation NDCG@k
 - gold.ease_neighbours (train.ease.enabled and at most train.ease.max_items items): EASE's item-item weights
   B, the top train.ease.top_n positive weights per item, one row per (item_idx, neighbour_idx) of the run
 
