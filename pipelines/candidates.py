@@ -66,6 +66,7 @@ OWNED = "owned"
 SIM_SCORE = "_sim"
 POP_RANK = "_pop_rank"
 NEW_RANK = "_new_rank"
+_OWNED = "_owned"  # the owned pairs' tag in the union (never a source of a written row)
 
 CANDIDATES_SCHEMA = StructType(
     [
@@ -187,15 +188,32 @@ def _tagged(frame: DataFrame, name: str, *present: str) -> DataFrame:
 
 
 def _merged_and_capped(tagged: DataFrame, max_candidates: int) -> DataFrame:
-    """One row per (user, item) with its best scores and sorted sources, the best `max_candidates` per user."""
-    merged = tagged.groupBy(USER_IDX, ITEM_IDX).agg(
-        F.max(ALS_SCORE).alias(ALS_SCORE),
-        F.max(EASE_SCORE).alias(EASE_SCORE),
-        F.max(REBUY_SCORE).alias(REBUY_SCORE),
-        F.max(SIM_SCORE).alias(SIM_SCORE),
-        F.min(POP_RANK).alias(POP_RANK),
-        F.min(NEW_RANK).alias(NEW_RANK),
-        F.array_sort(F.collect_set("_source")).alias(SOURCES),
+    """One row per (user, item) with its best scores and sorted sources, the best `max_candidates` per user. An item
+    the user owns (a row of the `_OWNED` source) stays only through buy_again, with its rebuy score alone.
+
+    `tagged` is partitioned by user once: the merge per (user, item), the owned check and the cap per user all run
+    on that one shuffle (an anti-join on (user, item), a group-by and a window had taken three)."""
+    merged = (
+        tagged.repartition(USER_IDX)
+        .groupBy(USER_IDX, ITEM_IDX)
+        .agg(
+            F.max(F.col("_source") == _OWNED).alias(_OWNED),
+            F.max(ALS_SCORE).alias(ALS_SCORE),
+            F.max(EASE_SCORE).alias(EASE_SCORE),
+            F.max(REBUY_SCORE).alias(REBUY_SCORE),
+            F.max(SIM_SCORE).alias(SIM_SCORE),
+            F.min(POP_RANK).alias(POP_RANK),
+            F.min(NEW_RANK).alias(NEW_RANK),
+            F.array_sort(F.collect_set("_source")).alias(SOURCES),
+        )
+    )
+    owned = F.col(_OWNED)
+    kept = merged.filter(~owned | F.col(REBUY_SCORE).isNotNull()).select(
+        USER_IDX,
+        ITEM_IDX,
+        *[F.when(~owned, F.col(c)).alias(c) for c in _SCORE_KINDS if c != REBUY_SCORE],
+        REBUY_SCORE,
+        F.when(owned, F.array(F.lit(BUY_AGAIN_SOURCE))).otherwise(F.col(SOURCES)).alias(SOURCES),
     )
     order = Window.partitionBy(USER_IDX).orderBy(
         F.col(REBUY_SCORE).isNotNull().desc(),  # at most recommend.buy_again_k per user: always kept
@@ -207,7 +225,7 @@ def _merged_and_capped(tagged: DataFrame, max_candidates: int) -> DataFrame:
         F.col(NEW_RANK).asc_nulls_last(),
         F.col(ITEM_IDX).asc(),
     )
-    return merged.withColumn("_n", F.row_number().over(order)).filter(F.col("_n") <= max_candidates)
+    return kept.withColumn("_n", F.row_number().over(order)).filter(F.col("_n") <= max_candidates)
 
 
 def to_candidates(
@@ -221,21 +239,21 @@ def to_candidates(
     ease: DataFrame | None = None,
     buy_again: DataFrame | None = None,
 ) -> DataFrame:
-    """Union the sources, drop owned items (except buy_again's, which are owned by design), tag, cap per user."""
-    keys = [USER_IDX, ITEM_IDX]
+    """Union the sources and the owned pairs, merge, drop owned items (except buy_again's, which are owned by
+    design), tag, cap per user."""
     tagged = (
         _tagged(als, ALS_SOURCE, ALS_SCORE)
         .unionByName(_tagged(neighbours, NEIGHBOURS_SOURCE, SIM_SCORE))
         .unionByName(_tagged(popular, POPULAR_SOURCE, POP_RANK))
+        .unionByName(_tagged(owned, _OWNED))
     )
     if new_arrivals is not None:
         tagged = tagged.unionByName(_tagged(new_arrivals, NEW_ARRIVAL_SOURCE, NEW_RANK))
     if ease is not None:
         tagged = tagged.unionByName(_tagged(ease, EASE_SOURCE, EASE_SCORE))
-    unowned = tagged.join(owned, on=keys, how="left_anti")
     if buy_again is not None:
-        unowned = unowned.unionByName(_tagged(buy_again, BUY_AGAIN_SOURCE, REBUY_SCORE))
-    capped = _merged_and_capped(unowned, max_candidates)
+        tagged = tagged.unionByName(_tagged(buy_again, BUY_AGAIN_SOURCE, REBUY_SCORE))
+    capped = _merged_and_capped(tagged, max_candidates)
     return capped.select(
         F.col(USER_IDX).cast("int"),
         F.col(ITEM_IDX).cast("int"),

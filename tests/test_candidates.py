@@ -153,6 +153,23 @@ def test_cap_keeps_the_best_per_user(spark: SparkSession) -> None:
     assert [list(s) for s in out["sources"]] == [["als", "neighbours"], ["als"], ["als"]]
 
 
+def test_an_owned_item_stays_through_buy_again_alone_in_one_shuffle(spark: SparkSession) -> None:
+    """Item 5 is owned and proposed by neighbours and buy_again: it stays as buy_again only (no similarity); item 6
+    is owned and proposed by neighbours alone: it goes. The merge, the owned check and the cap share one shuffle."""
+    als = spark.createDataFrame([(1, 7, 0.5)], "user_idx int, item_idx int, als_score double")
+    neighbours = spark.createDataFrame(
+        [(1, 5, 0.9), (1, 6, 0.8), (1, 7, 0.1)], "user_idx int, item_idx int, _sim double"
+    )
+    popular = spark.createDataFrame([], "user_idx int, item_idx int, _pop_rank int")
+    owned = spark.createDataFrame([(1, 5), (1, 6)], "user_idx int, item_idx int")
+    again = spark.createDataFrame([(1, 5, 0.25)], "user_idx int, item_idx int, rebuy_score double")
+    out = candidates.to_candidates(als, neighbours, popular, owned, 10, "r", buy_again=again)
+    plan = out._jdf.queryExecution().executedPlan().toString()  # classic session (the suite's); before it runs
+    assert plan.count("Exchange") == 1, plan
+    rows = {r.item_idx: (r.als_score, r.rebuy_score, list(r.sources)) for r in out.collect()}
+    assert rows == {5: (None, 0.25, ["buy_again"]), 7: (0.5, None, ["als", "neighbours"])}
+
+
 @pytest.mark.parametrize(
     ("preset", "consumed", "kept"), [("movielens", "rating", "purchase"), ("synthetic", "purchase", "rating")]
 )
