@@ -191,8 +191,10 @@ def to_capped_candidates(candidates: DataFrame, max_candidates: int) -> DataFram
         F.size(SOURCES).desc(),
         F.col(ITEM_IDX).asc(),
     )
+    # Partitioned by user once: this window and to_user_rows' lists per user then share the shuffle.
     return (
-        candidates.withColumn("_n", F.row_number().over(order))
+        candidates.repartition(USER_IDX)
+        .withColumn("_n", F.row_number().over(order))
         .filter(F.col("_n") <= max_candidates)
         .select(USER_IDX, ITEM_IDX, ALS_SCORE, *OPTIONAL_SCORES, SOURCES)
     )
