@@ -116,9 +116,13 @@ def with_support_flag(events: DataFrame, min_user_events: int, min_item_events: 
 
 
 def classify(bronze: DataFrame, clean: CleanConfig) -> DataFrame:
-    """Bronze rows -> distinct rows with a `_status` of accepted, bot or rare. Pure transform."""
+    """Bronze rows -> distinct rows with a `_status` of accepted, bot or rare. Pure transform.
+
+    Partitioned by user once: the duplicate check (its key holds the user), the bot check and the per-user support
+    count share that shuffle; only the per-item support count takes another."""
     return (
-        bronze.transform(filter_duplicates)
+        bronze.repartition(USER_ID)
+        .transform(filter_duplicates)
         .transform(lambda d: with_bot_flag(d, clean.bot_max_events_per_day))
         .transform(lambda d: with_support_flag(d, clean.min_user_events, clean.min_item_events))
     )

@@ -13,6 +13,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pipelines import clean
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
+from pipelines.core.config_sections import CleanConfig
 from pipelines.core.errors import InputDataError, QualityGateError
 from pipelines.core.quality import read_gate
 from pipelines.core.runs import RunContext
@@ -47,6 +48,21 @@ def test_filter_duplicates_keeps_one_row_per_key_with_the_largest_value(spark: S
     rows = [("a", "x", "rating", T0, 3.0), ("a", "x", "rating", T0, 4.0), ("a", "x", "view", T0, None)]
     out = bronze_frame(spark, rows, "r").transform(clean.filter_duplicates)
     assert sorted((r.event_type, r.value) for r in out.collect()) == [("rating", 4.0), ("view", None)]
+
+
+def test_classify_shuffles_by_user_once_and_by_item_once(spark: SparkSession) -> None:
+    rows = [("a", "x", "view", T0, None), ("a", "y", "view", T0, None), ("b", "x", "view", T0, None)]
+    settings = CleanConfig(min_user_events=2, min_item_events=1)
+    flagged = clean.classify(bronze_frame(spark, rows, "r"), settings)
+    plan = flagged._jdf.queryExecution().executedPlan().toString()  # classic session (the suite's)
+    exchanges = [line.strip() for line in plan.splitlines() if "Exchange" in line]
+    # by user (the duplicate check, the bot check's join sides: one exchange, reused) and by item (support)
+    assert len(exchanges) == 3 and sum("hashpartitioning(item_id" in e for e in exchanges) == 1, plan
+    assert {(r.user_id, r.item_id, r._status) for r in flagged.collect()} == {
+        ("a", "x", "accepted"),
+        ("a", "y", "accepted"),
+        ("b", "x", "rare"),  # one event, under min_user_events
+    }
 
 
 def test_bot_and_support_flags(spark: SparkSession) -> None:
