@@ -81,7 +81,8 @@ class CleanConfig(Section):
 
 
 class TuneGrid(Section):
-    """The values train's tuning tries (train.grid), in order; the configured parameters are always the first point."""
+    """The values train's tuning tries (train.grid), in order: the first point is each list's first value (not
+    train.rank / reg_param / alpha, which are fitted when train.tune is off)."""
 
     rank: list[int] = Field(default_factory=lambda: [32, 16])  # ALS ranks tried
     reg_param: list[float] = Field(default_factory=lambda: [0.1, 0.01])  # ALS regularisations tried
