@@ -62,11 +62,10 @@ from pipelines.core.schemas import (
 )
 
 STEP = "candidates"
-OWNED = "owned"
+OWNED = "owned"  # the owned pairs' tag in the sources' union (never a source of a written row)
 SIM_SCORE = "_sim"
 POP_RANK = "_pop_rank"
 NEW_RANK = "_new_rank"
-_OWNED = "_owned"  # the owned pairs' tag in the union (never a source of a written row)
 
 CANDIDATES_SCHEMA = StructType(
     [
@@ -189,7 +188,7 @@ def _tagged(frame: DataFrame, name: str, *present: str) -> DataFrame:
 
 def _merged_and_capped(tagged: DataFrame, max_candidates: int) -> DataFrame:
     """One row per (user, item) with its best scores and sorted sources, the best `max_candidates` per user. An item
-    the user owns (a row of the `_OWNED` source) stays only through buy_again, with its rebuy score alone.
+    the user owns (a row of the `OWNED` source) stays only through buy_again, with its rebuy score alone.
 
     `tagged` is partitioned by user once: the merge per (user, item), the owned check and the cap per user all run
     on that one shuffle (an anti-join on (user, item), a group-by and a window had taken three)."""
@@ -197,7 +196,7 @@ def _merged_and_capped(tagged: DataFrame, max_candidates: int) -> DataFrame:
         tagged.repartition(USER_IDX)
         .groupBy(USER_IDX, ITEM_IDX)
         .agg(
-            F.max(F.col("_source") == _OWNED).alias(_OWNED),
+            F.max(F.col("_source") == OWNED).alias(OWNED),
             F.max(ALS_SCORE).alias(ALS_SCORE),
             F.max(EASE_SCORE).alias(EASE_SCORE),
             F.max(REBUY_SCORE).alias(REBUY_SCORE),
@@ -207,7 +206,7 @@ def _merged_and_capped(tagged: DataFrame, max_candidates: int) -> DataFrame:
             F.array_sort(F.collect_set("_source")).alias(SOURCES),
         )
     )
-    owned = F.col(_OWNED)
+    owned = F.col(OWNED)
     kept = merged.filter(~owned | F.col(REBUY_SCORE).isNotNull()).select(
         USER_IDX,
         ITEM_IDX,
@@ -245,7 +244,7 @@ def to_candidates(
         _tagged(als, ALS_SOURCE, ALS_SCORE)
         .unionByName(_tagged(neighbours, NEIGHBOURS_SOURCE, SIM_SCORE))
         .unionByName(_tagged(popular, POPULAR_SOURCE, POP_RANK))
-        .unionByName(_tagged(owned, _OWNED))
+        .unionByName(_tagged(owned, OWNED))
     )
     if new_arrivals is not None:
         tagged = tagged.unionByName(_tagged(new_arrivals, NEW_ARRIVAL_SOURCE, NEW_RANK))
