@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -90,3 +91,21 @@ def test_metrics_are_summed_over_the_workers_snapshots(tmp_path: Path) -> None:
     }
     assert expected <= lines, sorted(expected - lines)
     assert store.snapshots(but="worker-2") == [] and len(store.snapshots(but="worker-1")) == 1
+
+
+def test_a_worker_starting_after_its_serve_process_and_folder_are_gone_exits_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The race of `shelf serve` SIGKILLed while a worker still starts: a sibling that left first removed the folder.
+    The late worker exits 0 with the orphan's line; a worker whose serve process lives gets the error."""
+    from pipelines.serve.main import WORKER_ENV, worker_app
+
+    gone = tmp_path / "shelf-serve-x"
+    monkeypatch.setenv(WORKER_ENV, json.dumps({"folder": str(gone), "parent": os.getpid()}))  # not our parent
+    with pytest.raises(SystemExit) as exited:
+        worker_app()
+    assert exited.value.code == 0
+    assert f"the serve process {os.getpid()} is gone; this worker shuts down" in caplog.text
+    monkeypatch.setenv(WORKER_ENV, json.dumps({"folder": str(gone), "parent": os.getppid()}))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        worker_app()

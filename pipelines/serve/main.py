@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +30,7 @@ from pipelines.serve.storage import delta_rs_location
 
 log = logging.getLogger("shelf.serve")
 WORKER_ENV = "SHELF_SERVE_WORKER"  # serve -> its worker processes: its temporary folder and its pid
+ORPHANED = "[serve] the serve process %d is gone; this worker shuts down"
 WORKER_CONFIG = "config.json"  # in that folder (mode 0600): the config, secrets included, never in the environment
 
 
@@ -105,7 +107,10 @@ class Replica:
 def leave_replica(service: Service, replica: Replica) -> None:
     """A worker's last act when `shelf serve` was killed under it: the last worker alive removes the temporary folder
     `shelf serve` could not (each first removes its own metrics snapshot, then looks for live others)."""
-    others = [int(w) for w in service.posted.leave(service.worker) if w.isdigit()]
+    try:
+        others = [int(w) for w in service.posted.leave(service.worker) if w.isdigit()]
+    except sqlite3.Error:  # the folder is already gone: a sibling left first
+        return
     if any(_alive(pid) for pid in others):
         return
     service.posted.close()
@@ -136,7 +141,7 @@ def housekeeping(service: Service, replica: Replica | None, flush: Callable[[], 
     while not stop.wait(0.2):
         waited, ticks = waited + 0.2, ticks + 1
         if replica is not None and replica.orphaned():
-            log.error("[serve] the serve process %d is gone; this worker shuts down", replica.parent)
+            log.error(ORPHANED, replica.parent)
             os.kill(os.getpid(), signal.SIGTERM)
             return
         if replica is not None and ticks % 5 == 0:
@@ -222,17 +227,28 @@ def serve(config: ShelfConfig, factory: str = "pipelines.serve.main:worker_app")
         uvicorn.run(factory, factory=True, workers=config.serve.workers, **where)  # type: ignore[arg-type]
 
 
-def worker_context() -> tuple[ShelfConfig, Replica]:
-    """In a worker process: the config and the replica `shelf serve` handed over (its folder and pid in the
-    environment, the config in a file of that folder)."""
-    setup_logging()
+def handed_over() -> Replica:
+    """In a worker process: the replica `shelf serve` handed over in the environment (its folder and its pid)."""
     given = json.loads(os.environ[WORKER_ENV])
-    replica = Replica(LocalPath(given["folder"]), int(given["parent"]))
-    config = ShelfConfig.model_validate_json((replica.folder / WORKER_CONFIG).read_text())
-    return config, replica
+    return Replica(LocalPath(given["folder"]), int(given["parent"]))
+
+
+def worker_context() -> tuple[ShelfConfig, Replica]:
+    """In a worker process: the config (in a file of the replica's folder) and the replica."""
+    setup_logging()
+    replica = handed_over()
+    return ShelfConfig.model_validate_json((replica.folder / WORKER_CONFIG).read_text()), replica
 
 
 def worker_app() -> FastAPI:
-    """The app of one of `serve.workers` worker processes (uvicorn calls this in each)."""
-    config, replica = worker_context()
-    return build(config, replica)
+    """The app of one of `serve.workers` worker processes (uvicorn calls this in each). A worker still starting when
+    `shelf serve` was killed may find the folder already removed by a sibling that left first: it then exits as an
+    orphaned worker does."""
+    try:
+        return build(*worker_context())
+    except (OSError, sqlite3.Error):
+        replica = handed_over()
+        if replica.orphaned() and not replica.folder.exists():
+            log.error(ORPHANED, replica.parent)
+            raise SystemExit(0) from None
+        raise
