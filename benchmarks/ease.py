@@ -4,7 +4,9 @@ Synthetic interactions (seed --seed): users = --users-per-item x items, each hol
 --items-per-user items drawn with a Zipf-like popularity, binary values. Per size, in this one
 process (no Spark: the driver-side part of `pipelines.core.ease.fit` is what is timed):
 - gram: XᵀX with scipy.sparse (for information; the product computes it in Spark),
-- fit: `udfs.ease.fit_ease(overwrite_gram=True)`, the float64 inverse and B,
+- fit: `udfs.ease.fit_ease(overwrite_gram=True)`, the inverse and B, three ways: numpy's general inverse in
+  float64 (the baseline), the driver's Cholesky (`pipelines.core.ease.spd_inverse`) in float64 and in float32
+  (`train.ease.precision`), with how far float32's B and its pruned neighbours are from float64's,
 - prune: `udfs.ease.prune_top_n` to --top-n neighbours per item,
 - peak RSS: the process's high-water mark during the fit (reset through /proc/self/clear_refs),
   beside `udfs.ease.dense_peak_bytes`, the estimate the pipeline logs.
@@ -15,7 +17,7 @@ that ratio; a Cholesky inverse, potrf + potri, would need about n³).
 At --candidates-size items it also times top-K candidates for all its users, their own items
 excluded: `udfs.ease.top_n_sparse` on the pruned model vs ALS-style `udfs.topk.top_n_dot` on random
 rank --rank factors, same users, same K. A size is skipped when its dense matrices would not fit in
-the available memory, or when its fit is predicted (n³ from the previous size) to take longer than
+the available memory, or when its three fits are predicted (n³ from the previous size) to take longer than
 --max-fit-seconds.
 
     .venv/bin/python -u -m benchmarks.ease --sizes 1000 5000 20000
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import numpy as np
 import psutil
 import scipy.sparse as sp
 
 from benchmarks._common import blas_threads, seconds, timed
+from pipelines.core.ease import spd_inverse
 from udfs.ease import dense_peak_bytes, ease_csr, fit_ease, prune_top_n, top_n_sparse
 from udfs.topk import top_n_dot
 
@@ -91,28 +95,53 @@ def rss_peak() -> int:
     return 0
 
 
+FITS = (  # (name, inverse, dtype): numpy's general inverse is the baseline; the pipeline runs the Cholesky
+    ("numpy inv float64", np.linalg.inv, np.float64),
+    ("cholesky float64", spd_inverse, np.float64),
+    ("cholesky float32", spd_inverse, np.float32),  # train.ease.precision's default
+)
+
+
+def one_fit(gram: np.ndarray, args: argparse.Namespace, inverse: Any, dtype: Any) -> tuple[float, np.ndarray, int]:
+    """(seconds, B, peak RSS bytes or 0) of `fit_ease` on a copy of `gram` in `dtype`."""
+    work = gram.astype(dtype)
+    can_peak = rss_peak_reset()
+    started = time.perf_counter()
+    b = fit_ease(work, args.lam, overwrite_gram=True, inverse=inverse, dtype=dtype)
+    elapsed = time.perf_counter() - started
+    return elapsed, b, rss_peak() if can_peak else 0
+
+
 def fit_size(n: int, x: sp.csr_matrix, args: argparse.Namespace, speed: float) -> tuple[float, np.ndarray]:
-    """Time gram, fit and prune at one size and print one line; returns (fit seconds, B)."""
+    """Time gram, the three fits of FITS and prune at one size, one line each, and how far float32's B and pruned
+    neighbours are from float64's; returns (the three fits' seconds, float32's B)."""
     started = time.perf_counter()
     gram = np.asarray((x.T @ x).toarray(), dtype=np.float64)
     t_gram = time.perf_counter() - started
-    base = psutil.Process().memory_info().rss
-    can_peak = rss_peak_reset()
-    started = time.perf_counter()
-    b = fit_ease(gram, args.lam, overwrite_gram=True)
-    t_fit = time.perf_counter() - started
-    peak = rss_peak() if can_peak else 0
+    ids = np.arange(n, dtype=np.int64)
+    print(f"{n:>6} items x {x.shape[0]:>6} users ({x.nnz / x.shape[0]:.1f} items/user) | gram {seconds(t_gram)}")
+    ideal, results = n**3 / 3 / (speed * GB), {}
+    for name, inverse, dtype in FITS:
+        t_fit, b, peak = one_fit(gram, args, inverse, dtype)
+        results[name] = (t_fit, b)
+        itemsize = np.dtype(dtype).itemsize
+        print(
+            f"  fit {name:<18} {seconds(t_fit)} ({results[FITS[0][0]][0] / t_fit:.2f}x numpy's) | "
+            f"peak RSS {peak / GB:.2f} GB, estimate {dense_peak_bytes(n, itemsize) / GB:.2f} GB | "
+            f"fit / (n³/3 at {speed:.1f} GFLOP/s) = {t_fit / ideal:.1f}",
+            flush=True,
+        )
     del gram
-    t_prune = timed(lambda: prune_top_n(b, np.arange(n, dtype=np.int64), args.top_n))
-    ideal = n**3 / 3 / (speed * GB)
-    peak_text = f"peak RSS {peak / GB:.2f} GB (+{(peak - base) / GB:.2f} GB over the gram)" if peak else "peak n/a"
+    b64, b32 = results["cholesky float64"][1], results["cholesky float32"][1]
+    t_prune = timed(lambda: prune_top_n(b32, ids, args.top_n))
+    kept64, kept32 = (set(zip(*prune_top_n(b, ids, args.top_n)[:2], strict=True)) for b in (b64, b32))
     print(
-        f"{n:>6} items x {x.shape[0]:>6} users ({x.nnz / x.shape[0]:.1f} items/user) | gram {seconds(t_gram)} | "
-        f"fit {seconds(t_fit)} | prune top-{args.top_n} {seconds(t_prune)} | {peak_text}, "
-        f"estimate {dense_peak_bytes(n) / GB:.2f} GB | fit / (n³/3 at {speed:.1f} GFLOP/s) = {t_fit / ideal:.1f}",
+        f"  prune top-{args.top_n} {seconds(t_prune)} | float32 vs float64: max |B diff| "
+        f"{np.abs(b32 - b64).max():.2e} (max |B| {np.abs(b64).max():.2e}), pruned pairs in common "
+        f"{len(kept64 & kept32) / max(len(kept64), 1):.2%}",
         flush=True,
     )
-    return t_fit, b
+    return sum(t for t, _ in results.values()), b32
 
 
 def compare_candidates(b: np.ndarray, x: sp.csr_matrix, args: argparse.Namespace, rng: np.random.Generator) -> None:

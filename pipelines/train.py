@@ -133,7 +133,7 @@ def fit_ease(spark: SparkSession, config: ShelfConfig, ctx: RunContext) -> int:
     model = None
     if settings.enabled:
         x = ease.to_ease_input(tables.read(spark, config, "silver", "interactions"), settings.values)
-        model = ease.fit(x, settings.l2, settings.max_items, settings.top_n)
+        model = ease.fit(x, settings.l2, settings.max_items, settings.top_n, settings.precision)
         if model is None:
             log.info(
                 "[%s] EASE skipped: the catalogue has more than train.ease.max_items=%d items", STEP, settings.max_items

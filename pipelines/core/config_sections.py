@@ -104,6 +104,9 @@ class EaseConfig(Section):
     l2: float = Field(500.0, gt=0)  # lambda in P = (X^T X + lambda I)^-1
     top_n: int = Field(200, ge=1)  # B's largest positive weights kept per item (gold.ease_neighbours)
     values: EaseValues = "binary"  # X: binary (touched or not) or log_count (log1p of the user's events on the item)
+    precision: Literal["float32", "float64"] = (
+        "float32"  # the driver's inverse: float32 halves float64's time and memory
+    )
 
 
 class TrainConfig(Section):

@@ -63,7 +63,7 @@ class EaseModel:
         src, dst, weight, rank: the pruned long arrays of `udfs.ease.prune_top_n`.
         items: n.
         gram_seconds: Spark job(s) computing XᵀX and bringing it to the driver.
-        inverse_seconds: the float64 inverse and B on the driver.
+        inverse_seconds: the inverse (train.ease.precision) and B on the driver.
         dense_bytes: estimated peak bytes of the dense n x n matrices during the fit.
     """
 
@@ -102,7 +102,9 @@ def to_ease_input(interactions: DataFrame, values: EaseValues) -> DataFrame:
     )
 
 
-def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
+def gram_matrix(
+    x: DataFrame, max_items: int, dtype: type[np.floating] = np.float64
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.floating]] | None:
     """XᵀX over the items of `x`, dense on the driver, or None when there are more than `max_items` items.
 
     Each task holds whole users (`x` repartitioned by user into one partition per task slot) and multiplies its
@@ -114,10 +116,11 @@ def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], np
 
     Args:
         x: user_idx, item_idx, x (one row per pair, see `to_ease_input`).
-        max_items: the largest catalogue fitted; n² float64 must fit the driver several times over.
+        max_items: the largest catalogue fitted; n² entries must fit the driver several times over.
+        dtype: of the dense matrix (the bands are summed in float64 either way).
 
     Returns:
-        (ids (n,) int64 ascending, gram (n, n) float64), or None above `max_items`.
+        (ids (n,) int64 ascending, gram (n, n) of `dtype`), or None above `max_items`.
     """
     found = pd.DataFrame(x.select(ITEM_IDX).distinct().limit(max_items + 1).toPandas())  # one job, bounded
     if len(found) > max_items:
@@ -127,7 +130,7 @@ def gram_matrix(x: DataFrame, max_items: int) -> tuple[npt.NDArray[np.int64], np
     slots = parallelism(x.sparkSession)
     partials = x.repartition(slots, USER_IDX).mapInPandas(_partial_bands(ids, band_rows), _BANDS_SCHEMA)
     summed = pd.DataFrame(partials.groupBy(_BAND).applyInPandas(_summed_band(ids.size), _BANDS_SCHEMA).toPandas())
-    gram = np.zeros((ids.size, ids.size), dtype=np.float64)
+    gram = np.zeros((ids.size, ids.size), dtype=dtype)
     for blob in summed[_BLOB]:
         a, b, g = _decode(blob)
         gram[a, b] = gram[b, a] = g  # positions in ids; symmetric
@@ -195,21 +198,23 @@ def _summed_band(n: int) -> Callable[[pd.DataFrame], pd.DataFrame]:
     return summed
 
 
-def spd_inverse(matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """The inverse of a symmetric positive definite float64 matrix by Cholesky (LAPACK potrf + potri: about n³
-    flops against 8n³/3 for a general inverse), computed in `matrix`'s own buffer where LAPACK allows."""
-    factor, info = lapack.dpotrf(matrix, lower=0, clean=0, overwrite_a=1)
+def spd_inverse(matrix: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
+    """The inverse of a symmetric positive definite float32 or float64 matrix, in its dtype, by Cholesky (LAPACK
+    potrf + potri: about n³ flops against 8n³/3 for a general inverse), in `matrix`'s own buffer where LAPACK
+    allows."""
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (matrix,))
+    factor, info = potrf(matrix, lower=0, clean=0, overwrite_a=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"G + lambda I is not positive definite (potrf info {info})")
-    inv, info = lapack.dpotri(factor, lower=0, overwrite_c=1)
+    inv, info = potri(factor, lower=0, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"the Cholesky inverse failed (potri info {info})")
     upper = np.triu_indices_from(inv, k=1)
     inv[(upper[1], upper[0])] = inv[upper]  # potri fills the upper triangle only
-    return np.asarray(inv, dtype=np.float64)
+    return np.asarray(inv, dtype=matrix.dtype)
 
 
-def fit(x: DataFrame, lam: float, max_items: int, top_n: int) -> EaseModel | None:
+def fit(x: DataFrame, lam: float, max_items: int, top_n: int, precision: str = "float64") -> EaseModel | None:
     """Fit EASE on `x` and prune it to each item's `top_n` positive weights; None above `max_items` items.
 
     Args:
@@ -217,12 +222,14 @@ def fit(x: DataFrame, lam: float, max_items: int, top_n: int) -> EaseModel | Non
         lam: L2 penalty λ, positive.
         max_items: largest catalogue fitted (see `gram_matrix`).
         top_n: neighbours kept per item.
+        precision: "float64" or "float32", the dtype of the Gram matrix and its inverse on the driver.
 
     Returns:
         The model with its fit diagnostics, or None (logged) when the catalogue is too large.
     """
     started = time.perf_counter()
-    got = gram_matrix(x, max_items)
+    dtype = np.float32 if precision == "float32" else np.float64
+    got = gram_matrix(x, max_items, dtype)
     gram_seconds = time.perf_counter() - started
     if got is None:
         log.info("ease: skipped, more than max_items=%d items", max_items)
@@ -230,20 +237,22 @@ def fit(x: DataFrame, lam: float, max_items: int, top_n: int) -> EaseModel | Non
     ids, gram = got
     del got  # fit_ease overwrites gram in place: no second n x n copy
     started = time.perf_counter()
-    b = fit_ease(gram, lam, overwrite_gram=True, inverse=spd_inverse)
+    b = fit_ease(gram, lam, overwrite_gram=True, inverse=spd_inverse, dtype=dtype)
     del gram
     inverse_seconds = time.perf_counter() - started
     src, dst, weight, rank = prune_top_n(b, ids, top_n)
     model = EaseModel(
-        ids, src, dst, weight, rank, int(ids.size), gram_seconds, inverse_seconds, dense_peak_bytes(ids.size)
-    )
+        ids, src, dst, weight, rank, int(ids.size), gram_seconds, inverse_seconds,
+        dense_peak_bytes(ids.size, np.dtype(dtype).itemsize),
+    )  # fmt: skip
     log.info(
-        "ease: %d items, lambda %g, %d neighbours kept (top %d), gram %.2fs, inverse %.2fs, dense peak %.1f MB",
+        "ease: %d items, lambda %g, %d neighbours kept (top %d), gram %.2fs, %s inverse %.2fs, dense peak %.1f MB",
         model.items,
         lam,
         src.size,
         top_n,
         gram_seconds,
+        np.dtype(dtype).name,
         inverse_seconds,
         model.dense_bytes / 1e6,
     )
