@@ -34,6 +34,9 @@ Writes gold.metrics, one row per (run_id, model, metric, k) (replaced per run id
 
 from __future__ import annotations
 
+import logging
+import time
+
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -47,6 +50,7 @@ from pipelines.evaluation_report import report_files
 from pipelines.replay import run_replay
 
 STEP = "evaluate"
+log = logging.getLogger("shelf.evaluate")
 
 
 def evaluate_models(
@@ -67,8 +71,10 @@ def evaluate_models(
         # Each model's lists are materialised once; all models are then scored in one metrics pass.
         excluded = owned if owned is not None else train.limit(0)
         recs = recommend(spark, name, train, users, config, max(ks), run_id, excluded)
+        started = time.perf_counter()
         recs = recs.withColumn(MODEL, F.lit(name)).cache()
-        recs.count()
+        rows = recs.count()
+        log.info("[%s] %s: %d list rows in %.1fs", STEP, name, rows, time.perf_counter() - started)
         lists.append(recs)
     combined = lists[0]
     for recs in lists[1:]:
@@ -77,7 +83,9 @@ def evaluate_models(
     named = spark.createDataFrame([(m,) for m in config.evaluate.models], f"{MODEL} string")
     scored = metrics.ranking_metrics(combined, relevant, train, ks, by=[MODEL], item_factors=factors, groups=named)
     # models x metrics x ks rows: small, brought back so the caches can be released.
+    started = time.perf_counter()
     table = spark.createDataFrame(scored.collect(), scored.schema)
+    log.info("[%s] metrics of %d models in %.1fs", STEP, len(lists), time.perf_counter() - started)
     for recs in lists:
         recs.unpersist()
     relevant.unpersist()

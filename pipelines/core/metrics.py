@@ -1,4 +1,5 @@
-"""Ranking metrics at k, in the DataFrame API (no RDD, no UDF, no collect of per-user rows).
+"""Ranking metrics at k, in the DataFrame API (no RDD, no row UDF, no collect of per-user rows; the factor
+cosines of intra-list diversity are computed per list in numpy, `udfs.diversity` inside `mapInPandas`).
 
 Inputs are long tables: recommendations are one row per (user, item) with a 1-based `rank`
 (`top_k` makes them from scores with a deterministic tie-break), relevant items are one row per
@@ -23,12 +24,16 @@ Definitions at k (hits = relevant items among the top k):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+import pandas as pd
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
 from pipelines.core.schemas import FEATURES, ITEM_IDX, RANK, SCORE, USER_IDX
+from udfs.diversity import list_diversity
 
 METRIC = "metric"
 K = "k"
@@ -196,20 +201,45 @@ def _unit(vector: Column) -> Column:
     return F.when(norm > 0, F.transform(vector, lambda x: x / norm))
 
 
-def _factor_cosine(pairs: DataFrame, item_factors: DataFrame, item_col: str) -> DataFrame:
-    """`pairs` (_a, _b) with `_cosine` of the two items' factor vectors (pairs without factors dropped)."""
-    units = item_factors.select(F.col(item_col).alias("_item"), _unit(F.col(FEATURES)).alias("_unit")).filter(
+def _diversity_batches(keys: list[str], ks: list[int]) -> Callable[[Iterable[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """mapInPandas: lists (`keys`, _ranks, _units) -> (`keys`, k, _diversity) for each list with a pair within k."""
+
+    def run(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            if batch.empty:
+                continue
+            lengths = batch["_ranks"].map(len).to_numpy(dtype=np.int64)
+            indptr = np.concatenate([[0], np.cumsum(lengths)])
+            ranks = np.concatenate(batch["_ranks"].to_list()).astype(np.int64)
+            units = np.stack(np.concatenate(batch["_units"].to_list())).astype(np.float64)
+            values = list_diversity(indptr, ranks, units, ks).ravel()
+            frame = pd.DataFrame({key: np.repeat(batch[key].to_numpy(), len(ks)) for key in keys})
+            frame[K] = np.tile(np.asarray(ks, dtype=np.int32), len(batch))
+            frame["_diversity"] = values
+            yield frame[~np.isnan(values)]
+
+    return run
+
+
+def _factor_diversity(
+    recs: DataFrame, ks: Sequence[int], item_factors: DataFrame, user_col: str, item_col: str, by: Sequence[str]
+) -> DataFrame:
+    """(by, user, k, _diversity) per list with a pair within k, by the cosine of the items' factor vectors (items
+    without one left out): one shuffle by list, then each list's pairs in numpy, never a row per pair."""
+    units = item_factors.select(F.col(item_col), _unit(F.col(FEATURES)).alias("_unit")).filter(
         F.col("_unit").isNotNull()
     )
-    side_a = units.select(F.col("_item").alias("_a"), F.col("_unit").alias("_ua"))
-    side_b = units.select(F.col("_item").alias("_b"), F.col("_unit").alias("_ub"))
-    dot = F.aggregate(F.zip_with("_ua", "_ub", lambda x, y: x * y), F.lit(0.0), lambda acc, v: acc + v)
-    return (
-        pairs.join(side_a, on="_a", how="inner")
-        .join(side_b, on="_b", how="inner")
-        .withColumn("_cosine", dot)
-        .drop("_ua", "_ub")
+    keys = [*by, user_col]
+    lists = (
+        recs.filter(F.col(RANK) <= max(ks))
+        .select(*keys, item_col, RANK)
+        .join(units, on=item_col, how="inner")
+        .groupBy(*keys)
+        .agg(F.collect_list(RANK).alias("_ranks"), F.collect_list("_unit").alias("_units"))
     )
+    fields = [StructField(c, recs.schema[c].dataType) for c in keys]
+    schema = StructType([*fields, StructField(K, IntegerType()), StructField("_diversity", DoubleType())])
+    return lists.mapInPandas(_diversity_batches(keys, sorted(set(ks))), schema)
 
 
 def _cooccurrence_cosine(pairs: DataFrame, train: DataFrame, user_col: str, item_col: str) -> DataFrame:
@@ -256,14 +286,13 @@ def intra_list_diversity(
     Raises:
         ValueError: neither item factors nor training pairs were given.
     """
-    pairs = _list_pairs(recs, ks, user_col, item_col, by)
     if item_factors is not None:
-        scored = _factor_cosine(pairs, item_factors, item_col)
+        per_user = _factor_diversity(recs, ks, item_factors, user_col, item_col, by)
     elif train is not None:
-        scored = _cooccurrence_cosine(pairs, train, user_col, item_col)
+        pairs = _cooccurrence_cosine(_list_pairs(recs, ks, user_col, item_col, by), train, user_col, item_col)
+        per_user = pairs.groupBy(*by, user_col, K).agg(F.avg(F.lit(1.0) - F.col("_cosine")).alias("_diversity"))
     else:
         raise ValueError("intra_list_diversity needs item_factors or train to measure item similarity.")
-    per_user = scored.groupBy(*by, user_col, K).agg(F.avg(F.lit(1.0) - F.col("_cosine")).alias("_diversity"))
     per_k = per_user.groupBy(*by, K).agg(F.avg("_diversity").alias("diversity"))
     cutoffs = _cutoffs(recs, ks)
     base = cutoffs.crossJoin(_groups(recs, by, groups)) if by else cutoffs
