@@ -178,6 +178,15 @@ def test_intra_list_diversity_from_item_factors(spark: SparkSession) -> None:
     assert rows[3] == pytest.approx((user_1_at_3 + 0.0) / 2)
 
 
+def test_an_item_without_factors_leaves_its_pairs_out_but_keeps_the_others_ranks(spark: SparkSession) -> None:
+    # Item 9 has no factor vector: at k = 2 the only pair is (1, 9), left out, so no list has a pair; at k = 3
+    # the pair (1, 2) counts, item 2 keeping its rank 3 (the cut-off is on the list's own ranks).
+    factors = spark.createDataFrame([(1, [1.0, 0.0]), (2, [0.0, 1.0])], "item_idx int, features array<float>")
+    recs = _recs(spark, {1: [1, 9, 2]}).withColumn("model", F.lit("m"))
+    rows = metrics.intra_list_diversity(recs, [2, 3], item_factors=factors, by=["model"]).collect()
+    assert {(r.model, r.k): r.diversity for r in rows} == {("m", 2): 0.0, ("m", 3): pytest.approx(1.0)}
+
+
 def test_intra_list_diversity_falls_back_to_cooccurrence_cosine(spark: SparkSession) -> None:
     # Training users: item 1 {a,b,c}, item 2 {a,b}, item 3 {c,d} -> cos(1,2) = 2/sqrt(6), cos(1,3) = 1/sqrt(6),
     # cos(2,3) = 0. Item 9 has no training user, so user 11's only pair is left out.
