@@ -16,19 +16,15 @@ import argparse
 import time
 
 import numpy as np
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from benchmarks._common import bench_session
 from pipelines.core import metrics
+from pipelines.core.metrics import _unit  # unchanged since the baseline: shared, not copied
 from pipelines.core.schemas import FEATURES, ITEM_IDX, MODEL, RANK, USER_IDX
 
 KS = [1, 5, 10, 20]
-
-
-def _unit(vector: Column) -> Column:
-    norm = F.sqrt(F.aggregate(vector, F.lit(0.0), lambda acc, x: acc + x * x))
-    return F.when(norm > 0, F.transform(vector, lambda x: x / norm))
 
 
 def pair_rows_diversity(recs: DataFrame, factors: DataFrame, ks: list[int]) -> DataFrame:
