@@ -117,6 +117,7 @@ class DemoRun:
     config: ShelfConfig
     versions: dict[tuple[str, str], int]
     printed: str  # what `shelf run` printed on stdout: its end-of-run summary
+    pristine: Path  # a copy of `root` (tables and source files) made right after the run, for tests to copy from
 
     def read(self, spark: SparkSession, layer: str, name: str) -> DataFrame:
         return tables.read(spark, self.config, layer, name, version=self.versions[(layer, name)])
@@ -128,26 +129,29 @@ def demo_run(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory, work
     `pytest` invocation, whichever xdist worker asks first makes it while another waits (each worker that ran
     test_end_to_end.py or test_clusters.py used to make its own, ~7 minutes of a busy CI machine).
     Tests change its tables later (a gated run, forget without VACUUM, ...); `DemoRun.read` pins each compared
-    table's version as it was right after the run."""
+    table's version as it was right after the run, and `DemoRun.pristine` is a copy of the whole run made then
+    (tests/test_faults.py starts its crashes from it instead of running the steps once more)."""
     from pipelines import cli
 
     shared = tmp_path_factory.getbasetemp()
     shared = shared if worker_id == "master" else shared.parent  # pytest-N/, the workers' common base
-    root = shared / "demo-run"
+    root, pristine = shared / "demo-run", shared / "demo-run-pristine"
     config = make_test_config(root)
     with _exclusive(shared / "demo-run.lock"):
         made = shared / "demo-run.json"
         if not made.exists():
-            shutil.rmtree(root, ignore_errors=True)
+            for folder in (root, pristine):
+                shutil.rmtree(folder, ignore_errors=True)
             root.mkdir()
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
                 assert cli.main(demo_run_args(root)) == 0
             versions = [[*t, tables.latest_version(spark, config, *t)] for t in (*COMPARED_TABLES, ("gold", "metrics"))]
+            shutil.copytree(root, pristine, dirs_exist_ok=True)
             made.write_text(json.dumps({"versions": versions, "printed": printed.getvalue()}))
     state = json.loads(made.read_text())
     versions = {(layer, name): int(v) for layer, name, v in state["versions"]}
-    return DemoRun(root, config, versions, state["printed"])
+    return DemoRun(root, config, versions, state["printed"], pristine)
 
 
 @contextlib.contextmanager

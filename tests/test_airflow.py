@@ -4,10 +4,11 @@ Airflow's python cannot import shelf's pyspark (its Spark provider installs pysp
 checks run as subprocesses of .venv-airflow/bin/python and airflow; the tables the DAG wrote are
 read back with this venv's Spark.
 
-The DAG run is also the deployment test: every step goes through pyspark's real spark-submit with the
-wheel built from this repo in --py-files, the entry file taken out of the wheel and a config without
-`spark.master` (the cluster code path), so the checks of what a submitted ingest and clean wrote read
-the same run.
+The DAG run is also the deployment test: every step goes through pyspark's real spark-submit to a standalone
+cluster (master, worker and executors in their own JVMs) with the wheel built from this repo in --py-files, the
+entry file taken out of the wheel and a config without `spark.master` (the cluster code path); the published
+tables must equal a local `shelf run`'s, and the checks of what a submitted ingest and clean wrote read the same
+run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from chispa import assert_approx_df_equality
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -30,7 +32,7 @@ from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.schemas import EVENT_TYPE, ITEM_ID, RUN_ID, SESSION_ID, STEP, USER_ID, USER_IDX
 from pipelines.steps import GATE, ORCHESTRATED
-from tests.conftest import REPO
+from tests.conftest import COMPARED_TABLES, DEMO_RUN_ID, REPO, DemoRun
 from tests.submitting import (
     delta_jar_list,
     extract_entry,
@@ -233,11 +235,14 @@ class DagRun:
     wheel: Path
     output: str  # `airflow dags test`: its log and every task's spark-submit output
     run_id: str
+    master: str  # the standalone cluster's spark:// URL the steps were submitted to
 
 
 @pytest.fixture(scope="module")
-def dag_run(tmp_path_factory: pytest.TempPathFactory, shelf_wheel: Path) -> DagRun:
-    """`airflow dags test shelf_daily 2026-11-01` on the demo shop, every step spark-submitted from the wheel."""
+def dag_run(tmp_path_factory: pytest.TempPathFactory, shelf_wheel: Path, standalone_cluster: str) -> DagRun:
+    """`airflow dags test shelf_daily 2026-11-01` on the demo shop, every step spark-submitted from the wheel to a
+    standalone cluster (master and worker in their own JVMs, tests/servers.py): the Airflow connection's host is
+    the cluster's spark:// URL, as a deployment's would be."""
     bin_dir = airflow_bin()
     tmp_path = tmp_path_factory.mktemp("airflow")
     wheel = shelf_wheel
@@ -250,13 +255,14 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, shelf_wheel: Path) -> DagR
     home = tmp_path / "airflow-home"
     env = airflow_env(
         home,
-        AIRFLOW_CONN_SHELF_SPARK=json.dumps({"conn_type": "spark", "host": "local[2]"}),
+        AIRFLOW_CONN_SHELF_SPARK=json.dumps({"conn_type": "spark", "host": standalone_cluster}),
         AIRFLOW_VAR_SHELF_ENTRY=str(entry),
         AIRFLOW_VAR_SHELF_WHEEL=str(wheel),
         AIRFLOW_VAR_SHELF_CONF_FILE=str(conf),
         AIRFLOW_VAR_SHELF_JARS=delta_jar_list(),
         PYSPARK_PYTHON=sys.executable,
         PYSPARK_DRIVER_PYTHON=sys.executable,
+        SPARK_LOCAL_IP="127.0.0.1",
         PATH=f"{spark_submit_on_path(tmp_path / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     migrate = subprocess.run(
@@ -285,7 +291,7 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, shelf_wheel: Path) -> DagR
     (table,) = [line for line in listed.stdout.splitlines() if line.startswith("[{")]  # after Airflow's log lines
     runs = json.loads(table)
     assert [r["state"] for r in runs] == ["success"], output[-6000:]
-    return DagRun(config, wheel, output, "daily-20261101")
+    return DagRun(config, wheel, output, "daily-20261101", standalone_cluster)
 
 
 @pytest.mark.slow
@@ -309,6 +315,21 @@ def test_the_steps_ran_from_the_wheel(dag_run: DagRun) -> None:
     for step in STEPS:
         done = "[gate] skipped" if step == GATE else f"[{step}] done"  # the test's models have no `published`
         assert done in logs, f"no '{done}' in the DAG run's output"
+
+
+@pytest.mark.slow
+def test_the_steps_ran_on_the_cluster_and_wrote_what_a_local_run_writes(
+    spark: SparkSession, dag_run: DagRun, demo_run: DemoRun
+) -> None:
+    """Executors in the standalone worker's JVMs (the session's log line names the cluster), and the tables equal
+    the session's local `shelf run` of the same shop, as_of and config (tests/conftest.py `demo_run`) but for the
+    run id: the cluster code path changes nothing that is published."""
+    assert dag_run.output.count(f"master {dag_run.master},") >= len(STEPS), "a step did not run on the cluster"
+    for layer, name in COMPARED_TABLES:
+        local = demo_run.read(spark, layer, name).filter(F.col(RUN_ID) == DEMO_RUN_ID).drop(RUN_ID)
+        submitted = tables.read(spark, dag_run.config, layer, name).filter(F.col(RUN_ID) == dag_run.run_id)
+        assert submitted.count() > 0, f"{layer}.{name} holds no row of run {dag_run.run_id}"
+        assert_approx_df_equality(local, submitted.drop(RUN_ID), 1e-6, ignore_nullable=True, ignore_row_order=True)
 
 
 @pytest.mark.slow

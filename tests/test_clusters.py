@@ -1,8 +1,7 @@
-"""`shelf run` where users run it: over Spark Connect (no SparkContext on the client: Databricks serverless,
-standard access mode) and spark-submitted from the wheel to a standalone cluster (master, worker and
-executors in their own JVMs). Each
-run's tables, read back by this session (a second client), equal the local run's (tests/conftest.py
-`demo_run`: same config, run id and as_of).
+"""`shelf run` over Spark Connect (no SparkContext on the client: Databricks serverless, standard access mode):
+its tables, read back by this session (a second client), equal the local run's (tests/conftest.py `demo_run`:
+same config, run id and as_of). The steps spark-submitted from the wheel to a standalone cluster are
+tests/test_airflow.py's DAG run (one run for both: the DAG is how a cluster deployment submits them).
 
 The Connect run is a separate client process started in a scratch working directory with relative paths, so
 they must resolve on the client, not in the server's working directory.
@@ -23,10 +22,9 @@ from pyspark.sql import functions as F
 from pipelines.core import tables
 from pipelines.core.schemas import RUN_ID, USER_ID, USER_IDX
 from tests.conftest import COMPARED_TABLES, DEMO_RUN_ID, REPO, DemoRun, demo_run_args, make_test_config
-from tests.submitting import delta_jar_list, extract_entry
 
-# About 15 minutes on 2 idle cores; in the default run (make test's second pytest worker takes this file
-# while the other runs the rest). `pytest -m 'not servers'` leaves them out of a fast local loop.
+# About 10 minutes on 2 idle cores (the shared demo run included). `pytest -m 'not servers'` leaves it out of a
+# fast local loop.
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
 RUN_TIMEOUT_S = 2400  # about 6 minutes on 2 idle cores; far more when they are shared
@@ -88,34 +86,3 @@ def assert_rollback_and_forget_run_over_connect(spark: SparkSession, common: lis
         assert left.count() > 0 and left.filter(hits).count() == 0, f"{layer}.{name} still holds {victim}"
     models = list((root / "tables").glob("*models/*/*/userFactors"))  # <ns>models/<run>/<model>/userFactors
     assert models and all(spark.read.parquet(str(m)).filter(F.col("id") == index).count() == 0 for m in models)
-
-
-def test_shelf_run_submitted_from_the_wheel_to_a_standalone_cluster_equals_a_local_run(
-    spark: SparkSession, demo_run: DemoRun, standalone_cluster: str, shelf_wheel: Path, tmp_path: Path
-) -> None:
-    """`spark-submit --master spark://... --py-files <wheel> submit.py run ...`: the entry file taken out of the
-    wheel, no spark.master in the config (the launcher's session, the cluster code path), executors in the
-    worker's JVMs."""
-    entry = extract_entry(shelf_wheel, tmp_path)
-    submit = [
-        str(Path(sys.executable).parent / "spark-submit"),
-        "--master", standalone_cluster,
-        "--jars", delta_jar_list(),
-        "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
-        "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
-        "--conf", "spark.sql.session.timeZone=UTC",
-        "--conf", f"spark.pyspark.python={sys.executable}",
-        "--py-files", str(shelf_wheel),
-        str(entry),
-        # evaluate scores ALS and popularity without the holdout rehearsal of the publishing steps (the Connect run
-        # above covers evaluate and the publish gate on a remote engine; the rehearsal was ~40% of this run)
-        *demo_run_args(tmp_path, "--set", "spark.master=null", "--set", "evaluate.models=[popularity, als]"),
-    ]  # fmt: skip
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    done = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-6000:]
-    assert f"shelf package from {shelf_wheel}" in out  # the wheel's code, not this checkout's
-    assert f"master {standalone_cluster}," in out  # the session log line: it ran on the cluster
-    assert "[evaluate] done" in out and "[rerank] done" in out
-    assert_tables_equal_the_local_run(spark, demo_run, tmp_path)

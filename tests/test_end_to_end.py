@@ -252,11 +252,10 @@ def test_run_end_to_end_is_complete_and_idempotent(
     assert not (tmp_path / "reports").exists()  # nothing else on the driver's disk
     assert cli.main([*report_args, "--run-id", "never-ran"]) == 7
     assert "has no evaluation report" in capsys.readouterr().err
-    # The publishing steps again, same run id and as_of: the same lists (ALS and EASE seeded, no wall clock).
-    ran = runner.run_steps(spark, config, RunContext(run_id="e2e", as_of=datetime(2026, 11, 1)), PUBLISHING)
-    assert ran == list(PUBLISHING)
-    after = tables.read(spark, config, "gold", "recommendations").filter(F.col("run_id") == "e2e")
-    assert_df_equality(before, after.orderBy("user_id", "rank"), ignore_row_order=True, ignore_nullable=True)
+    # The publishing steps again with the same run id and as_of write the same lists (ALS and EASE seeded, no wall
+    # clock): the runs over Spark Connect (tests/test_clusters.py) and the Airflow DAG's steps on a standalone
+    # cluster (tests/test_airflow.py) are that run again in other processes and must equal it; tests/test_faults.py
+    # reruns the publish on the same tables.
 
     # A feed that fails the quality gate stops the run before publish: exit 3, the failed expectation
     # named, and the served recommendations untouched (same latest version).
