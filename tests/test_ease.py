@@ -217,7 +217,7 @@ def test_spark_fit_equals_in_process(spark: SparkSession, caplog: pytest.LogCapt
     rows = [(int(u), int(ids[i]), 1.0) for u, i in zip(*np.nonzero(dense), strict=True)]
     x = spark.createDataFrame(rows, "user_idx int, item_idx int, x double")
     with caplog.at_level(logging.INFO, logger="shelf.ease"):
-        model = ease.fit(x, lam=3.0, max_items=8, top_n=3)
+        model = ease.fit(x, lam=3.0, max_items=8, top_n=3, precision="float64")
     assert model is not None and model.items == 8 and "8 items" in caplog.text
     expected = prune_top_n(fit_ease(dense.T @ dense, 3.0), ids, 3)
     np.testing.assert_array_equal(model.src, expected[0])
@@ -235,7 +235,7 @@ def test_spark_fit_equals_in_process(spark: SparkSession, caplog: pytest.LogCapt
     ref = top_n_sparse_reference(users, nbs, 2, [{i for i, _ in u} for u in users])
     want = sorted((u, i, pytest.approx(s, rel=1e-6)) for u, pairs in enumerate(ref) for s, i in pairs)
     assert got == want and len(got) > 0
-    assert ease.fit(x, lam=3.0, max_items=7, top_n=3) is None
+    assert ease.fit(x, lam=3.0, max_items=7, top_n=3, precision="float32") is None
     with caplog.at_level(logging.INFO, logger="shelf.ease"):
         single = ease.fit(x, lam=3.0, max_items=8, top_n=3, precision="float32")  # train.ease.precision's default
     assert single is not None and "float32 inverse" in caplog.text and single.dense_bytes * 2 == model.dense_bytes

@@ -214,7 +214,7 @@ def spd_inverse(matrix: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
     return np.asarray(inv, dtype=matrix.dtype)
 
 
-def fit(x: DataFrame, lam: float, max_items: int, top_n: int, precision: str = "float64") -> EaseModel | None:
+def fit(x: DataFrame, lam: float, max_items: int, top_n: int, precision: str) -> EaseModel | None:
     """Fit EASE on `x` and prune it to each item's `top_n` positive weights; None above `max_items` items.
 
     Args:
@@ -222,7 +222,8 @@ def fit(x: DataFrame, lam: float, max_items: int, top_n: int, precision: str = "
         lam: L2 penalty λ, positive.
         max_items: largest catalogue fitted (see `gram_matrix`).
         top_n: neighbours kept per item.
-        precision: "float64" or "float32", the dtype of the Gram matrix and its inverse on the driver.
+        precision: "float64" or "float32", the dtype of the Gram matrix and its inverse on the driver (no default
+            here: train.ease.precision is the one default, float32).
 
     Returns:
         The model with its fit diagnostics, or None (logged) when the catalogue is too large.
