@@ -6,9 +6,10 @@ process group: Python and the JVM) between a data file and its commit, and after
 commits through the same `tables` functions; the suite's 90-minute budget keeps the other steps out of the
 subprocess kills.) After each kill every table the step writes must be readable and hold exactly the
 rows of the uninterrupted run (no partial, missing or duplicated rows); a rerun then completes and its tables
-equal the uninterrupted run's (chispa). The rerun is two processes at once (concurrent writers, below). The crashed and rerun steps use the run id of the uninterrupted run,
-as a scheduler retrying the same night would, so "previous version" and "complete output" are the same rows
-and any partial write shows up as missing or extra rows.
+equal the uninterrupted run's (chispa). The rerun is two processes at once (concurrent writers, below). The
+crashed and rerun steps use the run id of the uninterrupted run, as a scheduler retrying the same night would, so
+"previous version" and "complete output" are the same rows and any partial write shows up as missing or extra
+rows.
 
 Concurrent writers: the rerun after the kills is two `shelf rerank` processes publishing gold.recommendations at
 the same time; the table must end equal to one complete run's output, with nothing mixed or duplicated (one test
