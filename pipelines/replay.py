@@ -25,7 +25,7 @@ from pipelines.baselines import (
     recommend_item_knn,
     recommend_popular,
 )
-from pipelines.core import metrics, reports, tables
+from pipelines.core import ease, metrics, reports, tables
 from pipelines.core.als import AlsParams, als_recommend, fit_als, to_pairs
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_sections import EvaluateConfig, RecommendConfig, RerankConfig
@@ -39,6 +39,8 @@ from pipelines.core.schemas import (
     ALS_RERANK,
     ALS_SCORE,
     EASE,
+    EASE_SCORE,
+    EASE_SOURCE,
     EVENT_TS,
     FEATURES,
     ITEM_IDX,
@@ -75,10 +77,13 @@ class ReplayWindow:
     users: DataFrame  # the users scored: those with a relevant item
     model: ALSModel
     neighbours: DataFrame  # co-occurrence top-N lists over the events before T + d: item_idx, neighbour_idx, score
+    # EASE fitted at T (`prepare_replay(with_ease=True)`): its candidates, user_idx, item_idx, ease_score; None: none
+    ease: DataFrame | None = None
 
     def release(self) -> None:
-        for frame in (self.train, self.seen, self.relevant, self.users, self.neighbours):
-            frame.unpersist()
+        for frame in (self.train, self.seen, self.relevant, self.users, self.neighbours, self.ease):
+            if frame is not None:
+                frame.unpersist()
 
 
 def replay_cuts(evaluate: EvaluateConfig, as_of: datetime) -> tuple[datetime, datetime]:
@@ -87,8 +92,11 @@ def replay_cuts(evaluate: EvaluateConfig, as_of: datetime) -> tuple[datetime, da
     return fresh_end - timedelta(days=evaluate.replay_fresh_days), fresh_end
 
 
-def prepare_replay(spark: SparkSession, interactions: DataFrame, config: ShelfConfig, as_of: datetime) -> ReplayWindow:
-    """Split silver.interactions at T and T + d, fit ALS on the events before T.
+def prepare_replay(
+    spark: SparkSession, interactions: DataFrame, config: ShelfConfig, as_of: datetime, with_ease: bool = False
+) -> ReplayWindow:
+    """Split silver.interactions at T and T + d, fit ALS on the events before T (and EASE, `with_ease`: see
+    `replay_ease`).
 
     Raises:
         InputDataError: no user trained on touches a new item in the test window.
@@ -112,7 +120,30 @@ def prepare_replay(spark: SparkSession, interactions: DataFrame, config: ShelfCo
         )
     model = fit_als(spark, train, AlsParams.from_config(config.train, config.clean.half_life_days), config.train)
     neighbours = to_cooccurrence_neighbours(history, config.similarities).select(ITEM_IDX, NEIGHBOUR_IDX, SCORE)
-    return ReplayWindow(cut, fresh_end, train, history, seen, relevant, users, model, neighbours.cache())
+    before = interactions.filter(ts < ts_lit(cut))
+    ease_rows = replay_ease(before, users, seen, config) if with_ease else None
+    return ReplayWindow(cut, fresh_end, train, history, seen, relevant, users, model, neighbours.cache(), ease_rows)
+
+
+def replay_ease(before: DataFrame, users: DataFrame, seen: DataFrame, config: ShelfConfig) -> DataFrame | None:
+    """EASE fitted at T as `shelf train` fits it (train.ease), and its recommend.candidates_k best items per scored
+    user as `shelf candidates` proposes them (x_u B over the user's events before T; nothing seen before T + d),
+    cached; None when EASE is disabled or the catalogue is over train.ease.max_items."""
+    settings = config.train.ease
+    if not settings.enabled:
+        return None
+    x = ease.to_ease_input(before, settings.values).cache()
+    try:
+        model = ease.fit(x, settings.l2, settings.max_items, settings.top_n, settings.precision)
+        if model is None:
+            return None
+        neighbours = ease.to_neighbour_frame(before.sparkSession, model, "replay")
+        scored = x.join(users, on=USER_IDX, how="inner")
+        rows = ease.ease_candidates(scored, neighbours, seen, config.recommend.candidates_k).cache()
+        rows.count()
+        return rows
+    finally:
+        x.unpersist()
 
 
 def replay_baseline(name: str, window: ReplayWindow, evaluate: EvaluateConfig, k: int) -> DataFrame:
@@ -132,13 +163,22 @@ def replay_baseline(name: str, window: ReplayWindow, evaluate: EvaluateConfig, k
 def replay_candidates(
     window: ReplayWindow, rerank_config: RerankConfig, recommend: RecommendConfig | None = None
 ) -> DataFrame:
-    """The re-rank's candidates (user_idx, item_idx, als_score, sources) for the scored users, as `shelf
-    candidates` builds them: ALS's rerank.max_candidates best unseen items and the top
-    recommend.neighbours_per_item co-occurrence neighbours of each user's recommend.recent_items most
-    recent items before T + d; nothing seen before T + d."""
+    """The re-rank's candidates (user_idx, item_idx, als_score, ease_score, sources) for the scored users, as `shelf
+    candidates` builds them: ALS's rerank.max_candidates best unseen items, the window's EASE candidates (when it
+    has them) and the top recommend.neighbours_per_item co-occurrence neighbours of each user's
+    recommend.recent_items most recent items before T + d; nothing seen before T + d."""
     rc = recommend or RecommendConfig()
+    none = F.lit(None).cast("double")
     pool = als_recommend(window.model, window.users, window.seen, rerank_config.max_candidates)
-    als = pool.select(USER_IDX, ITEM_IDX, F.col(SCORE).alias(ALS_SCORE), F.lit(ALS_MODEL).alias("_source"))
+    als = pool.select(
+        USER_IDX, ITEM_IDX, F.col(SCORE).alias(ALS_SCORE), none.alias(EASE_SCORE), F.lit(ALS_MODEL).alias("_source")
+    )
+    if window.ease is not None:
+        als = als.unionByName(
+            window.ease.select(
+                USER_IDX, ITEM_IDX, none.alias(ALS_SCORE), EASE_SCORE, F.lit(EASE_SOURCE).alias("_source")
+            )
+        )
     best = Window.partitionBy(ITEM_IDX).orderBy(F.col(SCORE).desc(), F.col(NEIGHBOUR_IDX).asc())
     lists = window.neighbours.withColumn("_r", F.row_number().over(best)).filter(F.col("_r") <= rc.neighbours_per_item)
     recent = with_recent_items(window.history, rc.recent_items).join(window.users, on=USER_IDX, how="inner")
@@ -148,13 +188,17 @@ def replay_candidates(
         .distinct()
         .join(window.seen, on=[USER_IDX, ITEM_IDX], how="left_anti")
         .select(
-            USER_IDX, ITEM_IDX, F.lit(None).cast("double").alias(ALS_SCORE), F.lit(NEIGHBOURS_SOURCE).alias("_source")
+            USER_IDX, ITEM_IDX, none.alias(ALS_SCORE), none.alias(EASE_SCORE), F.lit(NEIGHBOURS_SOURCE).alias("_source")
         )
     )
     return (
         als.unionByName(near)
         .groupBy(USER_IDX, ITEM_IDX)
-        .agg(F.max(ALS_SCORE).alias(ALS_SCORE), F.array_sort(F.collect_set("_source")).alias(SOURCES))
+        .agg(
+            F.max(ALS_SCORE).alias(ALS_SCORE),
+            F.max(EASE_SCORE).alias(EASE_SCORE),
+            F.array_sort(F.collect_set("_source")).alias(SOURCES),
+        )
     )
 
 

@@ -1,9 +1,11 @@
 """`shelf tune`: the re-rank's parameters tuned on replay validation windows of the run's own data.
 
 Validation window j (j = 0 .. rerank.tune_windows - 1) is the replay window (pipelines/replay.py) ending at
-as_of - j x evaluate.replay_horizon_days: ALS fitted before its T, the fresh behaviour the re-rank sees in
-[T, T + d), the scored days [T + d, end). Greedy coordinate search (`GRID`, rerank.tune_rounds rounds, each key's
-values tried in turn keeping the best so far) on the pooled NDCG@k(ALS + re-rank) / NDCG@k(ALS) over the windows.
+as_of - j x evaluate.replay_horizon_days: ALS and EASE (train.ease, when the catalogue fits) fitted before its T,
+the fresh behaviour the re-rank sees in [T, T + d), the scored days [T + d, end). Greedy coordinate search (`GRID`,
+rerank.tune_rounds rounds, each key's values tried in turn keeping the best so far; the first keys are the blend
+of the two model families, weights.ease and weights.als) on the pooled NDCG@k(ALS + re-rank) / NDCG@k(ALS) over
+the windows.
 Each window's kernel input (candidates, fresh events, item table with the co-occurrence lists: the frames
 `rerank_candidates` builds) is built and cached once with each user's relevant items, and all values of one key
 are scored in a single `mapInPandas` pass (kernel + NDCG@k per user, summed per value): a key costs one Spark job
@@ -46,6 +48,8 @@ STEP = "tune"
 TUNING = ("gold", "rerank_tuning")
 # Greedy coordinate search: each key's values are tried in turn, keeping the best so far.
 GRID: list[tuple[str, list[Any]]] = [
+    ("weights.ease", [0.0, 1.0, 2.0, 4.0, 8.0, 16.0]),  # the blend of the two model families, first
+    ("weights.als", [0.0, 0.5, 1.0, 2.0]),
     ("category_cap", [None, 3, 5]),
     ("mmr_lambda", [1.0, 0.9, 0.7]),
     ("weights.cooc_sum", [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]),
@@ -129,7 +133,7 @@ class TuningWindow:
     def __init__(self, spark: SparkSession, config: ShelfConfig, end: datetime, label: str, name: str = "") -> None:
         self.spark, self.config, self.label, self.name = spark, config, label, name
         interactions = tables.read(spark, config, "silver", "interactions")
-        self.window = replay.prepare_replay(spark, interactions, config, end)
+        self.window = replay.prepare_replay(spark, interactions, config, end, with_ease=True)
         self.item_index = tables.read(spark, config, "silver", "item_index")
         self.catalog = read_catalog(spark, config)
         self.users = self.window.users.count()

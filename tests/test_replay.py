@@ -305,3 +305,31 @@ def test_shelf_tune_records_every_trial_and_its_grid_pass_agrees_with_the_regula
         assert search.values([tuned])[0] == pytest.approx(best["ndcg_ratio"].iloc[-1], rel=1e-6)
     finally:
         window.release()
+
+
+@pytest.mark.steps
+def test_tuning_windows_fit_ease_at_t_and_its_scores_reach_the_re_rank(
+    spark: SparkSession, shop: tuple[ShelfConfig, list[Event]]
+) -> None:
+    """`shelf tune`'s windows fit EASE on the events before T as `shelf train` does: its candidates are unseen
+    items in each user's taste, with their EASE score, and weights.ease changes the re-rank's lists."""
+    config, events = shop
+    window = tune.TuningWindow(spark, config, AS_OF, "ease")
+    try:
+        scored = {r.user_idx for r in window.window.users.collect()}
+        cands = replay.replay_candidates(window.window, config.rerank, config.recommend).toPandas()
+        search = tune.Search([window], config.rerank, [])
+        off, heavy = search.values([tune.with_value(config.rerank, "weights.ease", v) for v in (0.0, 16.0)])
+    finally:
+        window.release()
+    seen = seen_before(events, FRESH_END)
+    by_ease = cands["sources"].map(lambda s: "ease" in s)
+    assert set(cands.loc[by_ease, "user_idx"]) == scored
+    assert (cands.loc[by_ease, "ease_score"] > 0).all() and cands.loc[~by_ease, "ease_score"].isna().all()
+    for u, group in cands.groupby("user_idx"):
+        assert not set(group["item_idx"]) & seen[int(u)], u
+    # Each user viewed 5 items of one category before T (and 3 at random): EASE's best 3 are mostly in it.
+    best = cands[by_ease].sort_values("ease_score", ascending=False).groupby("user_idx").head(3)
+    in_taste = (best["item_idx"] % N_CATS == best["user_idx"] % N_CATS).mean()
+    assert in_taste > 0.6, in_taste
+    assert off != pytest.approx(heavy, rel=1e-9)  # the EASE score is a feature of the kernel
