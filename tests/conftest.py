@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from chispa import assert_approx_df_equality
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from pipelines.core import tables
 from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.jars import KAFKA_BROKER_FOLDER, kafka_jars
+from pipelines.core.schemas import RUN_ID
 from pipelines.core.session import get_spark
 
 if TYPE_CHECKING:
@@ -121,6 +124,15 @@ class DemoRun:
 
     def read(self, spark: SparkSession, layer: str, name: str) -> DataFrame:
         return tables.read(spark, self.config, layer, name, version=self.versions[(layer, name)])
+
+    def assert_same_tables(self, spark: SparkSession, config: ShelfConfig, run_id: str) -> None:
+        """Run `run_id` of the tables `config` points at wrote what this run wrote to each of COMPARED_TABLES (chispa,
+        to 1e-6, in any row order; the run ids aside): another engine, process or cluster changed nothing."""
+        for layer, name in COMPARED_TABLES:
+            local = self.read(spark, layer, name).filter(F.col(RUN_ID) == DEMO_RUN_ID).drop(RUN_ID)
+            other = tables.read(spark, config, layer, name).filter(F.col(RUN_ID) == run_id)
+            assert other.count() > 0, f"{layer}.{name} holds no row of run {run_id}"
+            assert_approx_df_equality(local, other.drop(RUN_ID), 1e-6, ignore_nullable=True, ignore_row_order=True)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from chispa import assert_approx_df_equality
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -32,7 +31,7 @@ from pipelines.core.config import ShelfConfig
 from pipelines.core.config_loading import load_config
 from pipelines.core.schemas import EVENT_TYPE, ITEM_ID, RUN_ID, SESSION_ID, STEP, USER_ID, USER_IDX
 from pipelines.steps import GATE, ORCHESTRATED
-from tests.conftest import COMPARED_TABLES, DEMO_RUN_ID, REPO, DemoRun
+from tests.conftest import REPO, DemoRun
 from tests.submitting import (
     delta_jar_list,
     extract_entry,
@@ -325,11 +324,7 @@ def test_the_steps_ran_on_the_cluster_and_wrote_what_a_local_run_writes(
     the session's local `shelf run` of the same shop, as_of and config (tests/conftest.py `demo_run`) but for the
     run id: the cluster code path changes nothing that is published."""
     assert dag_run.output.count(f"master {dag_run.master},") >= len(STEPS), "a step did not run on the cluster"
-    for layer, name in COMPARED_TABLES:
-        local = demo_run.read(spark, layer, name).filter(F.col(RUN_ID) == DEMO_RUN_ID).drop(RUN_ID)
-        submitted = tables.read(spark, dag_run.config, layer, name).filter(F.col(RUN_ID) == dag_run.run_id)
-        assert submitted.count() > 0, f"{layer}.{name} holds no row of run {dag_run.run_id}"
-        assert_approx_df_equality(local, submitted.drop(RUN_ID), 1e-6, ignore_nullable=True, ignore_row_order=True)
+    demo_run.assert_same_tables(spark, dag_run.config, dag_run.run_id)
 
 
 @pytest.mark.slow

@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from chispa import assert_approx_df_equality
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.core import tables
-from pipelines.core.schemas import RUN_ID, USER_ID, USER_IDX
+from pipelines.core.schemas import USER_ID, USER_IDX
 from tests.conftest import COMPARED_TABLES, DEMO_RUN_ID, REPO, DemoRun, demo_run_args, make_test_config
 
 # About 10 minutes on 2 idle cores (the shared demo run included). `pytest -m 'not servers'` leaves it out of a
@@ -38,15 +37,6 @@ def shelf(args: list[str], cwd: Path) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
-def assert_tables_equal_the_local_run(spark: SparkSession, demo_run: DemoRun, root: Path) -> None:
-    config = make_test_config(root)
-    for layer, name in COMPARED_TABLES:
-        local = demo_run.read(spark, layer, name).filter(F.col(RUN_ID) == DEMO_RUN_ID)
-        other = tables.read(spark, config, layer, name).filter(F.col(RUN_ID) == DEMO_RUN_ID)
-        assert other.count() > 0, f"{layer}.{name} holds no row of run {DEMO_RUN_ID}"
-        assert_approx_df_equality(local, other, 1e-6, ignore_nullable=True, ignore_row_order=True)
-
-
 def test_shelf_run_over_spark_connect_equals_a_local_run(
     spark: SparkSession, demo_run: DemoRun, connect_url: str, tmp_path: Path
 ) -> None:
@@ -61,7 +51,7 @@ def test_shelf_run_over_spark_connect_equals_a_local_run(
     code, out = shelf(relative, cwd=tmp_path)
     assert code == 0, out[-6000:]
     assert "[gate] passed" in out and "[rerank] done" in out  # the whole run, publish included, over Connect
-    assert_tables_equal_the_local_run(spark, demo_run, tmp_path)
+    demo_run.assert_same_tables(spark, make_test_config(tmp_path), DEMO_RUN_ID)
     common = ["--conf", relative[2], "--set", "storage.root=tables", "--set", f"spark.remote={connect_url}"]
     assert_rollback_and_forget_run_over_connect(spark, common, tmp_path)
 
