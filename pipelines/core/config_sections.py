@@ -224,7 +224,9 @@ class RerankWeights(Section):
     price_fit: float = 0.1  # exp(-|log price - the user's fresh weighted mean log price|), 0 without prices
     cooc_sum: float = 0.5  # sum over fresh items j of pull_j * co-occurrence sim(j, c) (j's top-N neighbour list)
     cooc_max: float = 2.0  # max over fresh items j of co-occurrence sim(j, c)
-    ease: float = 4.0  # the candidate's EASE score (x_u B)_c; 4: best of 1, 2, 4, 8 on a MovieLens validation split
+    # the candidate's EASE score (x_u B)_c; 4: best of 1, 2, 4, 8 on a MovieLens validation split (shelf tune tries 0-16
+    # on your data; 0 on Online Retail: conf/online_retail.yaml)
+    ease: float = 4.0
     # the buy-again score of a consumed item (recommend.repeat_purchase), 0 otherwise; 8: best of 1, 4, 8 on an Online
     # Retail validation week (docs/EVALUATION.md "Buy again")
     buy_again: float = 8.0
