@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from udfs.ease import fit_ease
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "online-retail" / "online_retail.csv.gz"
 
 
@@ -65,10 +67,7 @@ def ease_figures(
     x: np.ndarray, pairs: pd.DataFrame, truth: dict[int, set[int]], lam: float, tie: np.ndarray
 ) -> dict[str, float]:
     """EASE alone, own history + EASE blends (any purchase), and EASE on items new to the user."""
-    inverse = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
-    b = -inverse / np.diag(inverse)
-    np.fill_diagonal(b, 0.0)
-    ease = x @ b
+    ease = x @ fit_ease(x.T @ x, lam).astype(np.float64)  # shelf's own EASE (udfs/ease.py), float64 inverse
     figures = {f"ease (lambda {lam:g}), any purchase": ndcg_at_10(ease + tie, truth)}
     own = np.zeros_like(x)
     own[pairs.u, pairs.i] = np.log1p(pairs.n) * 2 ** (-pairs.age.clip(lower=0) / 90)
